@@ -1,0 +1,63 @@
+# vmem_guest: every set-up step lives here or in scripts/.
+#   make demo   run the main job (see README)
+#   make test   lint, types, unit, fuzz and VM tests
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
+        kernel vm-deps test-vm bench-kernel-driver clean
+
+all: test
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vmem_guest tests scripts bench
+	$(VENV)/bin/ruff format --check vmem_guest tests scripts bench
+
+types: $(STAMP)
+	$(VENV)/bin/mypy --strict vmem_guest
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit tests/fuzz
+
+# The whole suite: lint and types run as tests too (tests/unit/test_quality.py).
+test: $(STAMP) vm-deps
+	$(PY) -m pytest -q tests
+
+# Everything that needs no VM.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit tests/fuzz
+
+fuzz: $(STAMP)
+	VMEM_FUZZ_PROFILE=deep $(PY) -m pytest -q tests/fuzz
+
+demo: $(STAMP)
+	$(PY) -m vmem_guest.cli sim --region 4G --block-size 2M --memory-block-size 128M \
+	    --resize 1G,3G,1000M,0
+
+bench-sim: $(STAMP)
+	$(PY) bench/bench_sim.py
+
+kernel:
+	bash scripts/build-kernel.sh
+
+vm-deps: kernel
+	bash scripts/install-vm-deps.sh
+
+test-vm: $(STAMP) vm-deps
+	$(PY) -m pytest -q tests/vm
+
+bench-kernel-driver: $(STAMP) vm-deps
+	$(PY) scripts/bench_kernel_driver.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,126 @@
+"""The one exception hierarchy of vmem_guest.
+
+Every error the package raises derives from :class:`VmemError` and carries
+structured fields (never only a message), so the CLI can print one line and
+the agent can decide what to do without parsing text::
+
+    VmemError
+     +-- UsageError            bad input from a user (CLI argument, size, address)
+     +-- DeviceError           the device, or what it told us, is unusable
+     |    +-- ConfigError      config space violates the spec (bounds, alignment)
+     |    +-- ResponseError    a response we cannot accept (unknown type, ERROR)
+     |    +-- DeviceBroken     the device is marked broken; stop touching it
+     |    +-- DeviceTimeout    no answer within the timeout
+     +-- TransportError        VFIO / virtio-pci / virtqueue plumbing failed
+     |    +-- IoctlError       one ioctl failed (name, errno)
+     +-- KernelError           a sysfs memory-hotplug write or read failed (block, errno)
+     |    +-- OfflineRefused   the kernel refused to offline a block (EBUSY and friends)
+     +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
+     |    +-- TrackerLocked    another process owns the tracker
+     +-- SafetyError           an action would break a safety invariant (DESIGN.md s.5)
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+
+
+class VmemError(Exception):
+    """Root of every vmem_guest error.
+
+    Attributes:
+        message: one human-readable line.
+        fields: structured context (addresses, errnos, names) for logs and ``--json``.
+    """
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields: dict[str, object] = fields
+
+    def __str__(self) -> str:
+        return self.message
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-friendly view: ``{"error": class, "message": ..., **fields}``."""
+        return {"error": type(self).__name__, "message": self.message, **self.fields}
+
+
+class UsageError(VmemError):
+    """Bad input from a user: the command cannot run as asked."""
+
+
+class DeviceError(VmemError):
+    """The device, or something it told us, cannot be used."""
+
+
+class ConfigError(DeviceError):
+    """The device config space violates the spec (bounds, alignment, power of two)."""
+
+
+class ResponseError(DeviceError):
+    """A response the driver cannot accept: unknown type, ERROR, bad length or id."""
+
+
+class DeviceBroken(DeviceError):
+    """The device was marked broken after an ERROR or a protocol violation."""
+
+
+class DeviceTimeout(DeviceError):
+    """The device did not answer a request within the timeout."""
+
+
+class TransportError(VmemError):
+    """VFIO, virtio-pci or virtqueue plumbing failed."""
+
+
+class IoctlError(TransportError):
+    """One ioctl failed.
+
+    Attributes (in ``fields``): ``ioctl`` (its name), ``errno``.
+    """
+
+    def __init__(self, ioctl: str, err: int, detail: str = "") -> None:
+        name = errno_mod.errorcode.get(err, str(err))
+        text = f"{ioctl} failed: {name} ({os.strerror(err)})"
+        if detail:
+            text = f"{text}: {detail}"
+        super().__init__(text, ioctl=ioctl, errno=err)
+        self.ioctl = ioctl
+        self.errno = err
+
+
+class KernelError(VmemError):
+    """A memory-hotplug operation through sysfs failed.
+
+    Attributes (in ``fields``): ``op``, ``block`` (memory block index or None),
+    ``errno``.
+    """
+
+    def __init__(self, op: str, block: int | None, err: int, detail: str = "") -> None:
+        where = f" memory{block}" if block is not None else ""
+        name = errno_mod.errorcode.get(err, str(err))
+        text = f"{op}{where} failed: {name} ({os.strerror(err)})"
+        if detail:
+            text = f"{text}: {detail}"
+        super().__init__(text, op=op, block=block, errno=err)
+        self.op = op
+        self.block = block
+        self.errno = err
+
+
+class OfflineRefused(KernelError):
+    """The kernel refused to offline a memory block (EBUSY, EAGAIN, ENOMEM...)."""
+
+
+class TrackerError(VmemError):
+    """The tracker file cannot be used: corrupt, from another device, or unsafe."""
+
+
+class TrackerLocked(TrackerError):
+    """Another process already owns the tracker (holds its exclusive lock)."""
+
+
+class SafetyError(VmemError):
+    """An action would break a safety invariant (DESIGN.md section 5)."""
