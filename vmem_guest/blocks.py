@@ -1,0 +1,152 @@
+"""Geometry of a device region and the per-memory-block state machine.
+
+Two granularities meet here (DESIGN.md section 2):
+
+* the *device block* (``block_size``), the unit of PLUG/UNPLUG; we call the
+  device blocks inside one memory block its *subblocks*;
+* the *memory block* (``block_size_bytes`` in sysfs), the unit of
+  probe/online/offline.
+
+In Sub Block Mode (device block < memory block) a memory block holds
+``memory_block_size // block_size`` subblocks. In Big Block Mode (device block
+>= memory block) one device block spans ``block_size // memory_block_size``
+memory blocks, and each memory block is covered by exactly one device block.
+
+The memory blocks we manage are those that lie wholly inside the region;
+a region edge that cuts a memory block leaves that part unusable.
+
+Per-memory-block states (the tracker stores them, the planner reads them)::
+
+                 plug all subblocks            probe (if absent) + online
+    UNPLUGGED ------------------------> PLUGGED --------------------------> ONLINE
+        ^   \\                            |  ^                                  |
+        |    \\ crash between requests    |  |            offline (EBUSY: stay) |
+        |     v                           |  +----------------------------------+
+        |   PARTIAL -- plug the rest --> PLUGGED
+        +----- unplug every plugged subblock (only when not ONLINE) ---------+
+
+Invariant (DESIGN.md 5.1): a block is ONLINE only if every subblock is plugged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class MemoryBlockState(enum.IntEnum):
+    """Where one memory block of a device region stands."""
+
+    UNPLUGGED = 0  # no subblock plugged; offline or absent in the kernel
+    PARTIAL = 1  # some, not all, subblocks plugged (interrupted plug/unplug)
+    PLUGGED = 2  # every subblock plugged; not online (absent or offline)
+    ONLINE = 3  # every subblock plugged and the block online in the kernel
+
+
+class Zone(enum.IntEnum):
+    """The zone a block was onlined to (what ``memoryN/state`` was written)."""
+
+    NONE = 0
+    MOVABLE = 1  # "online_movable"
+    KERNEL = 2  # "online_kernel"
+    AUTO = 3  # "online": the kernel chose
+
+    @property
+    def sysfs_word(self) -> str:
+        """The word written to ``memoryN/state`` to online into this zone."""
+        return {Zone.MOVABLE: "online_movable", Zone.KERNEL: "online_kernel"}.get(self, "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Address arithmetic for one device region; all sizes in bytes.
+
+    Memory block *indices* here are the kernel's (``memoryN``): physical
+    address // memory_block_size. Subblock (device block) indices count from
+    the start of the region.
+    """
+
+    addr: int
+    region_size: int
+    block_size: int
+    memory_block_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "memory_block_size"):
+            value = getattr(self, name)
+            if value <= 0 or value & (value - 1):
+                raise ValueError(f"{name} {value:#x} is not a power of two")
+        if self.addr % self.block_size or self.region_size % self.block_size:
+            raise ValueError("region is not aligned to the device block size")
+
+    @property
+    def big_block_mode(self) -> bool:
+        """True when one device block spans one or more whole memory blocks."""
+        return self.block_size >= self.memory_block_size
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.region_size
+
+    @property
+    def nr_subblocks(self) -> int:
+        """Device blocks in the region (bits in the tracker's bitmap)."""
+        return self.region_size // self.block_size
+
+    @property
+    def first_memory_block(self) -> int:
+        """Kernel index of the first memory block wholly inside the region."""
+        return -(-self.addr // self.memory_block_size)
+
+    @property
+    def nr_memory_blocks(self) -> int:
+        """Memory blocks wholly inside the region."""
+        last = self.end // self.memory_block_size
+        return max(0, last - self.first_memory_block)
+
+    @property
+    def subblocks_per_memory_block(self) -> int:
+        """Device blocks overlapping one memory block (1 in Big Block Mode)."""
+        return max(1, self.memory_block_size // self.block_size)
+
+    @property
+    def memory_blocks_per_device_block(self) -> int:
+        """Memory blocks one device block spans (1 in Sub Block Mode)."""
+        return max(1, self.block_size // self.memory_block_size)
+
+    def memory_block_addr(self, index: int) -> int:
+        """Physical address of memory block ``index``."""
+        return index * self.memory_block_size
+
+    def memory_blocks(self) -> range:
+        """Kernel indices of the memory blocks wholly inside the region."""
+        return range(self.first_memory_block, self.first_memory_block + self.nr_memory_blocks)
+
+    def subblock_index(self, addr: int) -> int:
+        """Index (from the region start) of the device block at ``addr``."""
+        return (addr - self.addr) // self.block_size
+
+    def subblock_addr(self, index: int) -> int:
+        return self.addr + index * self.block_size
+
+    def subblocks_of(self, mb_index: int) -> range:
+        """Subblock indices overlapping memory block ``mb_index``."""
+        start = self.memory_block_addr(mb_index)
+        first = self.subblock_index(start)
+        if self.big_block_mode:
+            return range(first, first + 1)
+        return range(first, first + self.subblocks_per_memory_block)
+
+    def memory_blocks_of(self, sb_index: int) -> range:
+        """Memory block indices (wholly inside the region) a device block overlaps."""
+        start = self.subblock_addr(sb_index)
+        first = start // self.memory_block_size
+        count = self.memory_blocks_per_device_block
+        lo = max(first, self.first_memory_block)
+        hi = min(first + count, self.first_memory_block + self.nr_memory_blocks)
+        if not self.big_block_mode:
+            return range(first, first + 1) if lo <= first < hi else range(0)
+        return range(lo, max(lo, hi))
+
+    def contains_memory_block(self, mb_index: int) -> bool:
+        return mb_index in self.memory_blocks()
