@@ -1,0 +1,357 @@
+"""The driver core: executes the planner's steps against a device, the kernel and the tracker.
+
+One :class:`DeviceDriver` per device. It is transport-agnostic: the same code
+runs over the device model (simulator, fuzzers) and over the real virtqueue
+(the agent). It never sleeps; :meth:`DeviceDriver.step` returns how long to
+wait instead, so the caller (a selector loop, or a virtual clock) owns time.
+
+Response handling (DESIGN.md section 5.6, spec 5.15.6):
+
+* ACK: record the new state in the tracker; reset the backoff.
+* NACK: the config changed under us; re-read it and plan again.
+* BUSY (device), EBUSY (kernel offline) and friends: exponential, bounded
+  backoff; a config change cuts the wait short.
+* ERROR: a driver bug or a broken device: mark it broken and stop.
+
+Every request is bracketed by the tracker's pending intent, so a crash at any
+point is resolved on restart by :meth:`DeviceDriver.start` with STATE requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+from vmem_guest import planner
+from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.device import DeviceConfig, Response, VirtioMemDevice
+from vmem_guest.errors import DeviceBroken, KernelError, OfflineRefused, SafetyError
+from vmem_guest.hotplug import KernelBlockState, KernelMemory
+from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
+from vmem_guest.tracker import Tracker
+
+#: Consecutive NACKs (each followed by a config re-read) before backing off.
+MAX_NACKS_BEFORE_BACKOFF = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class BackoffPolicy:
+    """Bounded exponential backoff (Linux uses 50 s doubling to 300 s; we retry sooner)."""
+
+    initial: float = 0.05
+    maximum: float = 30.0
+    factor: float = 2.0
+
+
+DEFAULT_BACKOFF = BackoffPolicy()
+
+
+class Backoff:
+    """The current delay of one retry sequence; reset by any success."""
+
+    def __init__(self, policy: BackoffPolicy) -> None:
+        self.policy = policy
+        self.delay = 0.0
+
+    def next_delay(self) -> float:
+        base = self.delay * self.policy.factor if self.delay else self.policy.initial
+        self.delay = min(base, self.policy.maximum)
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay = 0.0
+
+
+class Outcome(enum.Enum):
+    PROGRESS = "progress"  # a step was taken; call step() again
+    WAIT = "wait"  # call again after ``wait_seconds`` (or at a config change)
+    DONE = "done"  # converged as far as the guest can; wait for a config change
+    BROKEN = "broken"  # the device is broken; stop
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    outcome: Outcome
+    step: planner.Step | None = None
+    wait_seconds: float = 0.0
+    detail: str = ""
+
+
+class DeviceDriver:
+    """Keeps one device's plugged and onlined memory converging on ``requested_size``."""
+
+    def __init__(
+        self,
+        device: VirtioMemDevice,
+        tracker: Tracker,
+        kernel: KernelMemory,
+        policy: planner.Policy = planner.DEFAULT_POLICY,
+        *,
+        backoff: BackoffPolicy = DEFAULT_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device = device
+        self.tracker = tracker
+        self.kernel = kernel
+        self.policy = policy
+        self.clock = clock
+        self.backoff = Backoff(backoff)
+        self.geometry: Geometry = tracker.geometry
+        self.config: DeviceConfig = device.config()
+        self.log = logging.getLogger(f"vmem_guest.driver.{device.name}")
+        self.not_before = 0.0
+        self.avoid_until: dict[int, float] = {}
+        self.nacks_in_a_row = 0
+        self.last_done: planner.Done | None = None
+        self.broken_reason: str | None = None
+
+    # --- config ---------------------------------------------------------------
+
+    def refresh_config(self) -> DeviceConfig:
+        """Re-read the device config and publish it in the tracker."""
+        self.config = self.device.config()
+        self.tracker.set_device_info(
+            requested_size=self.config.requested_size,
+            usable_region_size=self.config.usable_region_size,
+            plugged_size=self.config.plugged_size,
+            node_id=self.config.node_id,
+        )
+        return self.config
+
+    def config_changed(self) -> None:
+        """A config-change interrupt: re-read, and cut any backoff short."""
+        self.refresh_config()
+        self.not_before = 0.0
+        self.avoid_until.clear()
+        self.last_done = None
+
+    # --- recovery -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Rebuild exact state from the device (STATE) and sysfs, then plan from there.
+
+        The tracker's content, and its pending intent, are only hints: the device
+        and the kernel are the truth after a crash (DESIGN.md section 5.3).
+        """
+        config = self.refresh_config()
+        self.tracker.clear_broken()
+        previous = self.tracker.snapshot()
+        if previous.intent is not None:
+            self.log.info("resolving pending %s from a previous run", previous.intent)
+        kernel_blocks = {mb: self.kernel.block(mb) for mb in self.geometry.memory_blocks()}
+        online = {
+            mb: kb.zone for mb, kb in kernel_blocks.items() if kb.state is KernelBlockState.ONLINE
+        }
+        present = [
+            mb for mb, kb in kernel_blocks.items() if kb.state is not KernelBlockState.ABSENT
+        ]
+        plugged: list[int] = []
+        if config.plugged_size and not online:
+            # Spec 5.15.5: plugged memory nobody uses is given back in one request.
+            response = self._request(RequestType.UNPLUG_ALL, 0, 0)
+            if response.type is ResponseType.ERROR:
+                raise DeviceBroken("UNPLUG_ALL answered ERROR")
+            if not response.acked:
+                plugged = self._scan_plugged()
+        elif config.plugged_size:
+            plugged = self._scan_plugged()
+        online = self._offline_unbacked(online, set(plugged))
+        self.tracker.rebuild_from_states(plugged=plugged, online=online, present=present)
+        self.tracker.clear_intent()
+        self.log.info(
+            "started: plugged %d blocks, %d memory blocks online", len(plugged), len(online)
+        )
+
+    def _scan_plugged(self) -> list[int]:
+        """Indices of plugged subblocks, by STATE over ranges, bisecting MIXED ones."""
+        usable_blocks = self.config.usable_region_size // self.geometry.block_size
+        pending = [
+            (first, min(MAX_BLOCKS_PER_REQUEST, usable_blocks - first))
+            for first in range(0, usable_blocks, MAX_BLOCKS_PER_REQUEST)
+        ]
+        plugged: list[int] = []
+        while pending:
+            first, count = pending.pop()
+            response = self._request(RequestType.STATE, self.geometry.subblock_addr(first), count)
+            if not response.acked:
+                raise DeviceBroken(f"STATE answered {response.type.name}", first=first)
+            if response.state is BlockState.PLUGGED:
+                plugged.extend(range(first, first + count))
+            elif response.state is BlockState.MIXED:
+                if count == 1:
+                    raise DeviceBroken("STATE of one block answered MIXED", first=first)
+                half = count // 2
+                pending += [(first, half), (first + half, count - half)]
+        return sorted(plugged)
+
+    def _offline_unbacked(self, online: dict[int, Zone], plugged: set[int]) -> dict[int, Zone]:
+        """Offline online blocks that are not fully plugged: the guest must not use them."""
+        kept = dict(online)
+        for mb, _zone in online.items():
+            if all(sb in plugged for sb in self.geometry.subblocks_of(mb)):
+                continue
+            self.log.error("memory%d is online over unplugged device blocks: offlining", mb)
+            try:
+                self.kernel.offline(mb)
+            except KernelError as exc:
+                raise SafetyError(
+                    f"memory{mb} is online over unplugged memory and cannot be offlined",
+                    block=mb,
+                    errno=exc.errno,
+                ) from exc
+            del kept[mb]
+        return kept
+
+    # --- the loop -------------------------------------------------------------
+
+    def plan_input(self) -> planner.PlanInput:
+        snap = self.tracker.snapshot()
+        blocks = {rec.index: planner.BlockInfo(rec.state, rec.zone) for rec in snap.blocks}
+        return planner.PlanInput(
+            config=self.config,
+            geometry=self.geometry,
+            blocks=blocks,
+            bitmap=snap.bitmap,
+            policy=self.policy,
+            avoid=frozenset(self.avoid_until),
+        )
+
+    def step(self) -> StepResult:
+        """Take the next step, or say how long to wait before the next one."""
+        if self.broken_reason is not None:
+            return StepResult(Outcome.BROKEN, detail=self.broken_reason)
+        now = self.clock()
+        if now < self.not_before:
+            return StepResult(Outcome.WAIT, wait_seconds=self.not_before - now)
+        self.avoid_until = {mb: t for mb, t in self.avoid_until.items() if t > now}
+        step = planner.next_step(self.plan_input())
+        try:
+            return self._execute(step)
+        except DeviceBroken as exc:
+            self.broken_reason = exc.message
+            self.tracker.set_broken(exc.message)
+            self.log.error("device broken: %s", exc.message)
+            return StepResult(Outcome.BROKEN, step, detail=exc.message)
+
+    def _execute(self, step: planner.Step) -> StepResult:
+        if isinstance(step, planner.PlugStep):
+            return self._plug(step)
+        if isinstance(step, planner.UnplugStep):
+            return self._unplug(step)
+        if isinstance(step, planner.OnlineStep):
+            return self._online(step)
+        if isinstance(step, planner.OfflineStep):
+            return self._offline(step)
+        return self._done(step)
+
+    def _done(self, step: planner.Done) -> StepResult:
+        if step != self.last_done:
+            self.tracker.set_remainder(step.remainder_bytes)
+            self.last_done = step
+        if not step.blocked:
+            self.backoff.reset()
+            return StepResult(Outcome.DONE, step)
+        now = self.clock()
+        wake = min(self.avoid_until.values(), default=now + self.backoff.next_delay())
+        return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
+
+    def _plug(self, step: planner.PlugStep) -> StepResult:
+        response = self._request(RequestType.PLUG, step.addr, step.nb_blocks)
+        return self._after_range_request(step, response)
+
+    def _unplug(self, step: planner.UnplugStep) -> StepResult:
+        response = self._request(RequestType.UNPLUG, step.addr, step.nb_blocks)
+        return self._after_range_request(step, response)
+
+    def _after_range_request(
+        self, step: planner.PlugStep | planner.UnplugStep, response: Response
+    ) -> StepResult:
+        if response.type is ResponseType.ACK:
+            self.nacks_in_a_row = 0
+            self.backoff.reset()
+            return StepResult(Outcome.PROGRESS, step)
+        if response.type is ResponseType.NACK:
+            self.nacks_in_a_row += 1
+            self.refresh_config()
+            if self.nacks_in_a_row <= MAX_NACKS_BEFORE_BACKOFF:
+                return StepResult(Outcome.PROGRESS, step, detail="NACK")
+            return self._wait(step, "NACK")
+        if response.type is ResponseType.BUSY:
+            return self._wait(step, "BUSY")
+        raise DeviceBroken(
+            f"{type(step).__name__} addr={step.addr:#x} nb_blocks={step.nb_blocks} answered ERROR",
+            addr=step.addr,
+            nb_blocks=step.nb_blocks,
+        )
+
+    def _wait(self, step: planner.Step, why: str) -> StepResult:
+        self.tracker.count_retry()
+        delay = self.backoff.next_delay()
+        self.not_before = self.clock() + delay
+        return StepResult(Outcome.WAIT, step, wait_seconds=delay, detail=why)
+
+    def _request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
+        """One request, bracketed by the tracker's intent; ACKs recorded before it clears."""
+        self.tracker.set_intent(req_type, addr, nb_blocks)
+        if req_type is RequestType.PLUG:
+            response = self.device.plug(addr, nb_blocks)
+        elif req_type is RequestType.UNPLUG:
+            response = self.device.unplug(addr, nb_blocks)
+        elif req_type is RequestType.STATE:
+            response = self.device.state(addr, nb_blocks)
+        else:
+            response = self.device.unplug_all()
+        self.tracker.count_requests(1)
+        if response.acked:
+            if req_type is RequestType.PLUG:
+                self.tracker.record_plugged(addr, nb_blocks)
+            elif req_type is RequestType.UNPLUG:
+                self.tracker.record_unplugged(addr, nb_blocks)
+            elif req_type is RequestType.UNPLUG_ALL:
+                self.tracker.record_unplug_all()
+        self.tracker.clear_intent()
+        return response
+
+    def _require_plugged(self, mb: int) -> None:
+        """Invariant 5.1/5.5: never probe or online a block that is not fully plugged."""
+        record = self.tracker.snapshot().block(mb)
+        if record.state not in (MemoryBlockState.PLUGGED, MemoryBlockState.ONLINE):
+            raise SafetyError(f"memory{mb} is not fully plugged ({record.state.name})", block=mb)
+
+    def _online(self, step: planner.OnlineStep) -> StepResult:
+        mb = step.memory_block
+        self._require_plugged(mb)
+        try:
+            current = self.kernel.block(mb)
+            if current.state is KernelBlockState.ABSENT:
+                self.kernel.probe(self.geometry.memory_block_addr(mb))
+                self.tracker.record_present(mb)
+                current = self.kernel.block(mb)
+            if current.state is not KernelBlockState.ONLINE:
+                self.kernel.online(mb, step.zone)
+                current = self.kernel.block(mb)
+        except KernelError as exc:
+            return self._avoid(step, mb, exc)
+        self.tracker.record_online(mb, current.zone, current.node)
+        self.backoff.reset()
+        return StepResult(Outcome.PROGRESS, step)
+
+    def _offline(self, step: planner.OfflineStep) -> StepResult:
+        mb = step.memory_block
+        try:
+            self.kernel.offline(mb)
+        except OfflineRefused as exc:
+            return self._avoid(step, mb, exc)
+        self.tracker.record_offline(mb)
+        self.backoff.reset()
+        return StepResult(Outcome.PROGRESS, step)
+
+    def _avoid(self, step: planner.Step, mb: int, exc: KernelError) -> StepResult:
+        """The kernel said no for this block: try others, come back to it later."""
+        self.tracker.count_retry()
+        self.avoid_until[mb] = self.clock() + self.backoff.next_delay()
+        self.log.info("%s; retrying memory%d later", exc.message, mb)
+        return StepResult(Outcome.PROGRESS, step, detail=exc.message)

@@ -1,0 +1,247 @@
+"""The kernel's memory-hotplug interface, as the agent needs it.
+
+:class:`KernelMemory` is the seam: :class:`SysfsMemory` is the real thing over
+``/sys/devices/system/memory`` (any root, so tests can point it at a fake
+tree), :class:`FakeKernelMemory` is an in-process model for the simulator and
+the fuzzers. Both map failures to :class:`~vmem_guest.errors.KernelError`;
+a refused offline is :class:`~vmem_guest.errors.OfflineRefused`.
+
+Facts (virtio-mem-facts.md section 4, Linux memory-hotplug.rst):
+
+* ``probe`` adds one memory block at a block-aligned physical address; EEXIST
+  means it is already present. The kernel checks nothing else.
+* ``memoryN/state`` takes ``online``, ``online_movable``, ``online_kernel``,
+  ``offline``; offlining may fail with EBUSY (unmovable pages).
+* there is no way to remove a memory block from userspace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from vmem_guest.blocks import Zone
+from vmem_guest.errors import KernelError, OfflineRefused
+
+SYSFS_MEMORY = Path("/sys/devices/system/memory")
+
+#: errnos with which the kernel refuses an offline that may succeed later.
+RETRYABLE_OFFLINE_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR})
+
+
+class KernelBlockState(enum.Enum):
+    """A memory block as the kernel sees it."""
+
+    ABSENT = "absent"  # no memoryN directory: never probed
+    OFFLINE = "offline"
+    ONLINE = "online"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBlock:
+    """What sysfs says about one memory block."""
+
+    index: int
+    state: KernelBlockState
+    zone: Zone = Zone.NONE
+    node: int = -1
+
+
+class KernelMemory(Protocol):
+    """Operations on Linux memory blocks (indices are the kernel's ``memoryN``)."""
+
+    def block_size(self) -> int:
+        """``block_size_bytes``: the memory block size in bytes."""
+
+    def auto_online_blocks(self) -> str:
+        """``auto_online_blocks``: what the kernel does with newly added blocks."""
+
+    def block(self, index: int) -> KernelBlock:
+        """The state of memory block ``index`` (ABSENT if not present)."""
+
+    def probe(self, phys_addr: int) -> bool:
+        """Add the memory block at ``phys_addr``; False if it was already present."""
+
+    def online(self, index: int, zone: Zone) -> None:
+        """Online block ``index`` into ``zone``."""
+
+    def offline(self, index: int) -> None:
+        """Offline block ``index``; OfflineRefused when the kernel says no."""
+
+
+def _zone_from_valid_zones(text: str) -> Zone:
+    """An online block's ``valid_zones`` names the one zone it is in."""
+    first = text.split()[0] if text.split() else ""
+    if first == "Movable":
+        return Zone.MOVABLE
+    if first in ("Normal", "DMA32", "DMA"):
+        return Zone.KERNEL
+    return Zone.AUTO
+
+
+class SysfsMemory:
+    """KernelMemory over a sysfs memory directory (``root``)."""
+
+    def __init__(self, root: Path = SYSFS_MEMORY) -> None:
+        self.root = root
+
+    def _read(self, rel: str, block: int | None = None) -> str:
+        try:
+            return (self.root / rel).read_text().strip()
+        except OSError as exc:
+            raise KernelError(f"read {rel}", block, exc.errno or errno.EIO) from exc
+
+    def _write(self, rel: str, text: str, op: str, block: int | None) -> None:
+        try:
+            # One write(2) of the whole word: sysfs stores act on each write.
+            fd = os.open(self.root / rel, os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            if op == "offline" and err in RETRYABLE_OFFLINE_ERRNOS:
+                raise OfflineRefused(op, block, err) from exc
+            raise KernelError(op, block, err) from exc
+
+    def block_size(self) -> int:
+        text = self._read("block_size_bytes")
+        try:
+            size = int(text, 16)
+        except ValueError:
+            raise KernelError("read block_size_bytes", None, errno.EINVAL, text) from None
+        if size <= 0 or size & (size - 1):
+            raise KernelError("read block_size_bytes", None, errno.EINVAL, f"{size:#x}")
+        return size
+
+    def auto_online_blocks(self) -> str:
+        return self._read("auto_online_blocks")
+
+    def has_probe(self) -> bool:
+        """True when the kernel has CONFIG_ARCH_MEMORY_PROBE (the ``probe`` file)."""
+        return (self.root / "probe").exists()
+
+    def block(self, index: int) -> KernelBlock:
+        name = f"memory{index}"
+        if not (self.root / name).is_dir():
+            return KernelBlock(index, KernelBlockState.ABSENT)
+        state_text = self._read(f"{name}/state", index)
+        if state_text != "online":
+            return KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self._node(index))
+        zone = _zone_from_valid_zones(self._read(f"{name}/valid_zones", index))
+        return KernelBlock(index, KernelBlockState.ONLINE, zone, self._node(index))
+
+    def _node(self, index: int) -> int:
+        for entry in (self.root / f"memory{index}").glob("node*"):
+            suffix = entry.name[4:]
+            if suffix.isdigit():
+                return int(suffix)
+        return -1
+
+    def probe(self, phys_addr: int) -> bool:
+        try:
+            self._write("probe", f"{phys_addr:#x}", "probe", phys_addr // self.block_size())
+        except KernelError as exc:
+            if exc.errno == errno.EEXIST:
+                return False
+            raise
+        return True
+
+    def online(self, index: int, zone: Zone) -> None:
+        self._write(f"memory{index}/state", zone.sysfs_word, "online", index)
+
+    def offline(self, index: int) -> None:
+        self._write(f"memory{index}/state", "offline", "offline", index)
+
+    def online_blocks(self) -> Iterable[int]:
+        """Indices of every online memory block (for status and checks)."""
+        for entry in self.root.glob("memory[0-9]*"):
+            index = int(entry.name[6:])
+            if self.block(index).state is KernelBlockState.ONLINE:
+                yield index
+
+
+class FakeKernelMemory:
+    """An in-process kernel for the simulator and the fuzzers.
+
+    It records every probe, online and offline, refuses offlines on chosen
+    blocks (``refuse_offline``) or at random (``offline_fail_rate``), and can
+    online new blocks on its own like ``auto_online_blocks`` would.
+    """
+
+    def __init__(
+        self,
+        memory_block_size: int = 128 << 20,
+        *,
+        auto_online: str = "offline",
+        offline_fail_rate: float = 0.0,
+        rng: random.Random | None = None,
+        node: int = 0,
+    ) -> None:
+        self.memory_block_size = memory_block_size
+        self.auto_online = auto_online
+        self.offline_fail_rate = offline_fail_rate
+        self.rng = rng or random.Random(0)
+        self.node = node
+        self.blocks: dict[int, KernelBlock] = {}
+        self.refuse_offline: set[int] = set()
+        self.offline_refusals = 0
+        self.probes: list[int] = []
+
+    def block_size(self) -> int:
+        return self.memory_block_size
+
+    def auto_online_blocks(self) -> str:
+        return self.auto_online
+
+    def block(self, index: int) -> KernelBlock:
+        return self.blocks.get(index, KernelBlock(index, KernelBlockState.ABSENT))
+
+    def probe(self, phys_addr: int) -> bool:
+        if phys_addr % self.memory_block_size:
+            raise KernelError("probe", None, errno.EINVAL, f"{phys_addr:#x} not block aligned")
+        index = phys_addr // self.memory_block_size
+        if index in self.blocks:
+            return False
+        self.probes.append(phys_addr)
+        state = KernelBlockState.OFFLINE
+        zone = Zone.NONE
+        if self.auto_online.startswith("online"):
+            state, zone = KernelBlockState.ONLINE, Zone.MOVABLE
+        self.blocks[index] = KernelBlock(index, state, zone, self.node)
+        return True
+
+    def online(self, index: int, zone: Zone) -> None:
+        current = self.block(index)
+        if current.state is KernelBlockState.ABSENT:
+            raise KernelError("online", index, errno.ENOENT)
+        if current.state is KernelBlockState.ONLINE:
+            raise KernelError("online", index, errno.EINVAL, "already online")
+        landed = Zone.MOVABLE if zone is Zone.AUTO else zone
+        self.blocks[index] = KernelBlock(index, KernelBlockState.ONLINE, landed, self.node)
+
+    def offline(self, index: int) -> None:
+        current = self.block(index)
+        if current.state is KernelBlockState.ABSENT:
+            raise KernelError("offline", index, errno.ENOENT)
+        if current.state is KernelBlockState.OFFLINE:
+            return
+        refused = index in self.refuse_offline or (
+            self.offline_fail_rate > 0 and self.rng.random() < self.offline_fail_rate
+        )
+        if refused:
+            self.offline_refusals += 1
+            raise OfflineRefused("offline", index, errno.EBUSY)
+        self.blocks[index] = KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.node)
+
+    def reboot(self) -> None:
+        """A guest reboot: hotplugged blocks are gone."""
+        self.blocks.clear()
+        self.refuse_offline.clear()
