@@ -1,0 +1,47 @@
+#!/bin/sh
+# vmem_guest test VM: PID 1 inside the guest (kernel command line `init=` points here).
+#
+# The root filesystem is the host's / shared read-only over 9p. This script mounts the
+# kernel filesystems and scratch space where they hide nothing of the host (NOT /tmp:
+# a CI checkout may live under /tmp), mounts the writable results share at its host
+# path, then runs the harness's command runner (scripts/vmharness/guest_runner.py),
+# which serves commands from the host over a virtio-serial port until power-off.
+#
+# Settings arrive as KEY=value words on the kernel command line (the kernel passes
+# unknown ones to init as environment):
+#   VMH_RUNNER  path of guest_runner.py      VMH_PYTHON  interpreter for it
+#   VMH_SHARE   host path of the writable results share (mount tag "results")
+#   VMH_MODE    "probe": print a marker and power off (accelerator probe)
+
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PYTHONDONTWRITEBYTECODE=1 HOME=/run/root TMPDIR=/run/tmp LANG=C.UTF-8
+
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/root /run/tmp && chmod 1777 /run/tmp
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+echo 1 > /proc/sys/kernel/sysrq
+
+if [ "${VMH_MODE:-}" = "probe" ]; then
+    echo "VMH_PROBE_OK"
+    echo o > /proc/sysrq-trigger
+    sleep 10
+fi
+
+if [ -n "${VMH_SHARE:-}" ]; then
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results "$VMH_SHARE" \
+        || echo "guest-init: cannot mount the results share at $VMH_SHARE"
+fi
+
+echo "guest-init: up; runner ${VMH_RUNNER:-unset}"
+# The runner should never exit; if it dies, restart it so the host can still talk to us.
+while :; do
+    "${VMH_PYTHON:-/usr/bin/python3}" -S "$VMH_RUNNER"
+    echo "guest-init: runner exited with $?; restarting in 1 s"
+    sleep 1
+done

@@ -1,0 +1,26 @@
+"""vmharness: the vmem_guest test VM (QEMU + virtio-mem + QMP + a guest command runner).
+
+Put ``scripts/`` on ``sys.path`` and ``from vmharness import TestVM, VMConfig, MemDevice``.
+See README "## The test VM".
+"""
+
+from .config import Dimm, MemDevice, VMConfig
+from .errors import GuestCommandError, HarnessError, HostUnavailable, VMError, VMTimeout
+from .sizes import GiB, MiB, fmt_size, parse_size
+from .vm import TestVM
+
+__all__ = [
+    "Dimm",
+    "GiB",
+    "GuestCommandError",
+    "HarnessError",
+    "HostUnavailable",
+    "MemDevice",
+    "MiB",
+    "TestVM",
+    "VMConfig",
+    "VMError",
+    "VMTimeout",
+    "fmt_size",
+    "parse_size",
+]

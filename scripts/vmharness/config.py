@@ -1,0 +1,212 @@
+"""What a test VM looks like: devices, memory, NUMA, IOMMU, kernel command line.
+
+:class:`VMConfig` is pure data; :func:`qemu_argv` and :func:`kernel_cmdline` turn it
+into QEMU's arguments. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .sizes import GiB, MiB, fmt_size, parse_size
+
+
+@dataclass(frozen=True)
+class MemDevice:
+    """One virtio-mem-pci device and its RAM backend."""
+
+    id: str = "vm0"
+    size: int = 4 * GiB  #: backend size = the device region
+    block_size: int = 2 * MiB
+    requested_size: int = 0
+    node: int | None = None  #: NUMA node (needs VMConfig.numa_nodes > node)
+    iommu_platform: bool = False  #: set automatically when the VM has a vIOMMU
+    memaddr: int | None = None  #: fix the region's guest-physical address
+
+
+@dataclass(frozen=True)
+class Dimm:
+    """A cold-plugged pc-dimm (fully backed memory; used by the benchmark's floor)."""
+
+    id: str = "dimm0"
+    size: int = 4 * GiB
+    node: int = 0
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """A test VM. Defaults: 2 vCPUs, 1 GiB boot memory, one 4 GiB virtio-mem device."""
+
+    name: str = "vm"
+    cpus: int = 2
+    memory: int = 1 * GiB  #: boot memory (split evenly over NUMA nodes)
+    devices: tuple[MemDevice, ...] = (MemDevice(),)
+    dimms: tuple[Dimm, ...] = ()
+    numa_nodes: int = 0  #: 0 = no -numa options
+    in_kernel_driver: bool = True  #: False adds initcall_blacklist=virtio_mem_driver_init
+    noiommu: bool = False  #: vfio.enable_unsafe_noiommu_mode=1
+    viommu: bool = False  #: -device intel-iommu,intremap=on and intel_iommu=on
+    #: pc-dimms cold-plugged but left alone by the guest (acpi_no_memhotplug).
+    acpi_memhotplug: bool = True
+    extra_cmdline: tuple[str, ...] = ()
+    extra_qemu_args: tuple[str, ...] = ()
+    maxmem: int | None = None  #: default: boot memory + all devices and dimms
+    slots: int | None = None  #: default: number of dimms, at least 1
+
+    def with_devices(self, *devices: MemDevice) -> VMConfig:
+        """A copy with other devices."""
+        return VMConfig(**{**self.__dict__, "devices": tuple(devices)})
+
+    def validate(self) -> None:
+        """Reject configurations QEMU would refuse with a less helpful message."""
+        ids = [d.id for d in self.devices] + [d.id for d in self.dimms]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate device ids: {ids}")
+        for d in self.devices:
+            if d.node is not None and d.node >= max(self.numa_nodes, 1):
+                raise ValueError(f"{d.id}: node {d.node} but only {self.numa_nodes} NUMA nodes")
+            if d.size % d.block_size or d.requested_size % d.block_size:
+                raise ValueError(f"{d.id}: sizes must be multiples of the block size")
+        if self.numa_nodes and self.memory % (self.numa_nodes * 128 * MiB):
+            raise ValueError("boot memory must split into 128 MiB multiples per node")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Host paths of one VM run."""
+
+    kernel: Path
+    run_dir: Path  #: results/vm/<run>/ : console.log, qemu.log
+    share: Path  #: writable 9p share, mounted at the same path in the guest
+    sock_dir: Path  #: short temp dir for the QMP and command sockets
+    guest_init: Path
+    guest_runner: Path
+    python: str = "/usr/bin/python3"
+    console_log: Path = field(init=False)
+    qemu_log: Path = field(init=False)
+    qmp_sock: Path = field(init=False)
+    cmd_sock: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "console_log", self.run_dir / "console.log")
+        object.__setattr__(self, "qemu_log", self.run_dir / "qemu.log")
+        object.__setattr__(self, "qmp_sock", self.sock_dir / "qmp.sock")
+        object.__setattr__(self, "cmd_sock", self.sock_dir / "cmd.sock")
+
+
+def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
+    """The guest kernel command line for cfg."""
+    words = [
+        "console=ttyS0",
+        "root=hostroot",
+        "rootfstype=9p",
+        "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose",
+        "ro",
+        f"init={paths.guest_init}",
+        "panic=-1",
+        "oops=panic",
+        "8250.nr_uarts=1",
+        f"VMH_RUNNER={paths.guest_runner}",
+        f"VMH_PYTHON={paths.python}",
+        f"VMH_SHARE={paths.share}",
+    ]
+    if mode:
+        words.append(f"VMH_MODE={mode}")
+    if cfg.in_kernel_driver:
+        words.append("memhp_default_state=online_movable")
+    else:
+        words.append("initcall_blacklist=virtio_mem_driver_init")
+    if cfg.noiommu:
+        words.append("vfio.enable_unsafe_noiommu_mode=1")
+    if cfg.viommu:
+        words.append("intel_iommu=on")
+    if cfg.dimms and not cfg.acpi_memhotplug:
+        words.append("acpi_no_memhotplug")
+    words.extend(cfg.extra_cmdline)
+    for w in words:
+        if " " in w:
+            raise ValueError(f"kernel command line word with a space: {w!r}")
+    return " ".join(words)
+
+
+def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str = "") -> list[str]:
+    """The full qemu-system-x86_64 command for cfg."""
+    cfg.validate()
+    hotplug = sum(d.size for d in cfg.devices) + sum(d.size for d in cfg.dimms)
+    maxmem = cfg.maxmem if cfg.maxmem is not None else cfg.memory + hotplug
+    slots = cfg.slots if cfg.slots is not None else max(1, len(cfg.dimms))
+    accel_args = (
+        ["-accel", "kvm", "-cpu", "host"]
+        if accel == "kvm"
+        else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    )
+    argv = [
+        qemu,
+        "-name", cfg.name,
+        "-machine", "q35" + (",kernel-irqchip=split" if cfg.viommu and accel == "kvm" else ""),
+        *accel_args,
+        "-smp", str(cfg.cpus),
+        "-m", f"{fmt_size(cfg.memory)},maxmem={fmt_size(maxmem)},slots={slots}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+        "-no-reboot",
+        "-kernel", str(paths.kernel),
+        "-append", kernel_cmdline(cfg, paths, mode),
+        "-chardev", f"file,id=con0,path={paths.console_log}",
+        "-serial", "chardev:con0",
+        "-qmp", f"unix:{paths.qmp_sock},server=on,wait=off",
+    ]  # fmt: skip
+    if cfg.numa_nodes:
+        per_node = cfg.memory // cfg.numa_nodes
+        for n in range(cfg.numa_nodes):
+            cpus = [c for c in range(cfg.cpus) if c % cfg.numa_nodes == n]
+            argv += ["-object", f"memory-backend-ram,id=ram-node{n},size={fmt_size(per_node)}"]
+            node = f"node,nodeid={n},memdev=ram-node{n}"
+            node += "".join(f",cpus={c}" for c in cpus)
+            argv += ["-numa", node]
+    if cfg.viommu:
+        argv += ["-device", "intel-iommu,intremap=on"]
+    argv += [
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        f"local,path={paths.share},mount_tag=results,security_model=none,multidevs=remap",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=cmd0,path={paths.cmd_sock},server=on,wait=off",
+        "-device", "virtserialport,bus=vser0.0,chardev=cmd0,name=vmharness.cmd",
+    ]  # fmt: skip
+    for d in cfg.devices:
+        argv += ["-object", f"memory-backend-ram,id=mem-{d.id},size={fmt_size(d.size)}"]
+        dev = (
+            f"virtio-mem-pci,id={d.id},memdev=mem-{d.id},"
+            f"requested-size={fmt_size(d.requested_size) if d.requested_size else 0},"
+            f"block-size={fmt_size(d.block_size)}"
+        )
+        if d.node is not None:
+            dev += f",node={d.node}"
+        if d.memaddr is not None:
+            dev += f",memaddr={d.memaddr:#x}"
+        if d.iommu_platform or cfg.viommu:
+            dev += ",iommu_platform=on"
+        argv += ["-device", dev]
+    for m in cfg.dimms:
+        argv += ["-object", f"memory-backend-ram,id=mem-{m.id},size={fmt_size(m.size)}"]
+        dimm = f"pc-dimm,id={m.id},memdev=mem-{m.id}"
+        if cfg.numa_nodes:
+            dimm += f",node={m.node}"
+        argv += ["-device", dimm]
+    argv += list(cfg.extra_qemu_args)
+    return argv
+
+
+def parse_device(spec: str) -> MemDevice:
+    """Parse a CLI device spec "id=vm0,size=4G,block=2M,requested=0,node=0,iommu=1"."""
+    kw: dict[str, str] = dict(p.split("=", 1) for p in spec.split(",") if p)
+    return MemDevice(
+        id=kw.get("id", "vm0"),
+        size=parse_size(kw.get("size", "4G")),
+        block_size=parse_size(kw.get("block", kw.get("block_size", "2M"))),
+        requested_size=parse_size(kw.get("requested", "0")),
+        node=int(kw["node"]) if "node" in kw else None,
+        iommu_platform=kw.get("iommu", "0") in ("1", "on", "true"),
+    )

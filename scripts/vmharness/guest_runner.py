@@ -1,0 +1,138 @@
+"""Guest side of the harness's command channel (runs inside the VM, stdlib only).
+
+Started by ``scripts/guest-init.sh`` as ``python3 -S guest_runner.py``. It opens the
+virtio-serial port named :data:`PORT_NAME` and serves JSON-lines requests from the host
+one at a time::
+
+    {"id": 7, "op": "sh", "cmd": "cat /proc/meminfo", "timeout": 60}
+    -> {"id": 7, "rc": 0, "out": "...", "timed_out": false, "elapsed": 0.01}
+
+Ops: ``sh`` runs ``/bin/sh -c cmd`` as root in its own session (stdout and stderr
+together, captured through a file so background children that keep the descriptors
+open cannot hang the reply); ``read`` returns a file's text without starting a process;
+``ping`` answers with the boot id (the host uses it to notice a reboot); ``poweroff``
+syncs and powers the guest off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PORT_NAME = "vmharness.cmd"
+MAX_OUT = 4 * 1024 * 1024
+
+
+def find_port() -> str:
+    """Return the /dev node of the virtio-serial port named PORT_NAME (waits for it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        for name_file in glob.glob("/sys/class/virtio-ports/*/name"):
+            if Path(name_file).read_text().strip() == PORT_NAME:
+                return "/dev/" + Path(name_file).parent.name
+        if time.monotonic() > deadline:
+            raise SystemExit(f"guest_runner: no virtio-serial port named {PORT_NAME}")
+        time.sleep(0.1)
+
+
+def boot_id() -> str:
+    """The kernel's random boot id: changes at every boot."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def run_shell(cmd: str, timeout: float) -> dict[str, Any]:
+    """Run cmd with /bin/sh -c; kill its whole session on timeout."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile(dir=os.environ.get("TMPDIR", "/run")) as out:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd="/",
+        )
+        timed_out = False
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+        out.seek(0, os.SEEK_END)
+        size = out.tell()
+        out.seek(max(0, size - MAX_OUT))
+        text = out.read().decode("utf-8", "replace")
+    return {"rc": rc, "out": text, "timed_out": timed_out, "elapsed": time.monotonic() - start}
+
+
+def handle(req: dict[str, Any]) -> dict[str, Any]:
+    """Serve one request."""
+    op = req.get("op", "sh")
+    if op == "ping":
+        return {"rc": 0, "out": "pong", "boot_id": boot_id()}
+    if op == "read":
+        try:
+            return {"rc": 0, "out": Path(req["path"]).read_text(errors="replace")}
+        except OSError as e:
+            return {"rc": 1, "out": f"{type(e).__name__}: {e}"}
+    if op == "poweroff":
+        os.sync()
+        Path("/proc/sysrq-trigger").write_text("o")
+        return {"rc": 0, "out": ""}
+    if op == "sh":
+        return run_shell(str(req["cmd"]), float(req.get("timeout", 60.0)))
+    return {"rc": 127, "out": f"unknown op {op!r}"}
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (the port may take less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def serve(path: str) -> None:
+    """Read requests line by line and answer each one, forever."""
+    fd = os.open(path, os.O_RDWR)
+    buf = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:  # host side not connected: wait for it
+            time.sleep(0.05)
+            continue
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                reply = handle(req)
+                reply["id"] = req.get("id")
+            except Exception as e:  # report, never die on a bad request
+                reply = {"id": None, "rc": 126, "out": f"runner error: {type(e).__name__}: {e}"}
+            write_all(fd, json.dumps(reply).encode() + b"\n")
+
+
+def main() -> None:
+    """Entry point inside the guest."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    port = find_port()
+    print(f"guest_runner: serving on {port} (boot {boot_id()})", file=sys.stderr, flush=True)
+    serve(port)
+
+
+if __name__ == "__main__":
+    main()

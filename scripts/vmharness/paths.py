@@ -1,0 +1,30 @@
+"""Where the harness finds its files and puts its artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: scripts/ (this package's parent).
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent
+#: The checkout.
+REPO_ROOT = SCRIPTS_DIR.parent
+GUEST_INIT = SCRIPTS_DIR / "guest-init.sh"
+GUEST_RUNNER = Path(__file__).resolve().parent / "guest_runner.py"
+BUILD_KERNEL = SCRIPTS_DIR / "build-kernel.sh"
+INSTALL_DEPS = SCRIPTS_DIR / "install-vm-deps.sh"
+
+
+def results_dir() -> Path:
+    """Run artifacts (console logs, results shares): $VMEM_GUEST_RESULTS or results/ in
+    the checkout (gitignored)."""
+    return Path(os.environ.get("VMEM_GUEST_RESULTS", REPO_ROOT / "results"))
+
+
+def cache_dir() -> Path:
+    """The kernel and accelerator-probe cache (same default as build-kernel.sh)."""
+    env = os.environ.get("VMEM_GUEST_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "vmem-guest"

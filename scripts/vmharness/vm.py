@@ -1,0 +1,352 @@
+"""TestVM: one QEMU guest with virtio-mem devices, QMP control and a command runner.
+
+Typical use::
+
+    cfg = VMConfig(devices=(MemDevice("vm0", size=4 * GiB),))
+    with TestVM(cfg) as vm:
+        vm.resize("vm0", 1 * GiB)
+        vm.wait_until(lambda: vm.plugged("vm0") == 1 * GiB, timeout=30)
+        rc, out = vm.guest("grep MemTotal /proc/meminfo")
+
+Everything a run leaves behind (console.log, qemu.log, the writable ``share/``) is in
+``results/vm/<time>-<name>-<pid>/`` of the checkout; sockets live in a temp dir that
+is removed on close. QEMU is killed on close, at interpreter exit, and (PDEATHSIG)
+when the Python process dies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from . import host, paths
+from .channel import ChannelTimeout, GuestChannel
+from .config import RunPaths, VMConfig, qemu_argv
+from .errors import GuestCommandError, HarnessError, VMError, VMTimeout
+
+T = TypeVar("T")
+
+#: Every VM not yet closed (the pytest plugin prints their console tails on failure).
+LIVE_VMS: set[TestVM] = set()
+KEEP_RUNS = 40  #: run directories kept under results/vm/
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _prune_runs(root: Path, keep: int) -> None:
+    runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
+    for old in runs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class TestVM:
+    """A running test VM; use as a context manager (or call start() and close())."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        config: VMConfig | None = None,
+        *,
+        boot_timeout: float = 120.0,
+        accel: str | None = None,
+    ) -> None:
+        self.config = config or VMConfig()
+        self.boot_timeout = boot_timeout
+        self._accel = accel
+        self.accel = ""
+        self.boot_id = ""
+        self.boot_seconds = 0.0
+        self.paths: RunPaths | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._chan: GuestChannel | None = None
+        self._qmp: Any = None
+
+    # ----- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> TestVM:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start QEMU and wait for the guest runner. Raises HostUnavailable when QEMU or
+        the kernel cannot be had, VMTimeout when the guest does not come up."""
+        qemu = host.find_qemu()
+        kernel = host.find_kernel()
+        self.accel = self._accel or host.choose_accel(qemu, kernel)
+        root = paths.results_dir() / "vm"
+        root.mkdir(parents=True, exist_ok=True)
+        _prune_runs(root, KEEP_RUNS)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = root / f"{stamp}-{self.config.name}-{os.getpid()}"
+        share = run_dir / "share"
+        share.mkdir(parents=True)
+        sock_dir = Path(tempfile.mkdtemp(prefix="vmh-", dir="/tmp"))
+        self.paths = RunPaths(
+            kernel=kernel,
+            run_dir=run_dir,
+            share=share,
+            sock_dir=sock_dir,
+            guest_init=paths.GUEST_INIT,
+            guest_runner=paths.GUEST_RUNNER,
+        )
+        argv = qemu_argv(self.config, self.paths, qemu, self.accel)
+        (run_dir / "qemu-cmdline.txt").write_text(" ".join(argv) + "\n")
+        LIVE_VMS.add(self)
+        t0 = time.monotonic()
+        with open(self.paths.qemu_log, "wb") as qlog:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        try:
+            self._connect()
+            self.boot_id = self.wait_ready(self.boot_timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.boot_seconds = time.monotonic() - t0
+
+    def _connect(self) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        assert self.paths is not None
+        deadline = time.monotonic() + 15
+        while not (self.paths.qmp_sock.exists() and self.paths.cmd_sock.exists()):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise VMTimeout("QEMU did not create its sockets", self.log_tail())
+            time.sleep(0.02)
+        self._qmp = QEMUMonitorProtocol(str(self.paths.qmp_sock))
+        self._qmp.connect()
+        self._qmp.settimeout(30)
+        self._chan = GuestChannel(self.paths.cmd_sock)
+
+    def _check_alive(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            rc = None if self._proc is None else self._proc.returncode
+            qlog = ""
+            if self.paths and self.paths.qemu_log.exists():
+                qlog = self.paths.qemu_log.read_text(errors="replace")[-2000:]
+            raise VMError(f"QEMU is not running (exit status {rc}); qemu.log:\n{qlog}",
+                          self.log_tail())  # fmt: skip
+
+    @property
+    def alive(self) -> bool:
+        """True while the QEMU process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_ready(self, timeout: float, not_boot: str = "") -> str:
+        """Wait until the guest runner answers (from a boot other than not_boot); return
+        the boot id."""
+        assert self._chan is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VMTimeout(f"guest runner not ready after {timeout:.0f} s", self.log_tail())
+            try:
+                r = self._chan.request({"op": "ping"}, timeout=min(left, 3.0))
+            except ChannelTimeout:
+                continue
+            bid = str(r.get("boot_id", ""))
+            if bid and bid != not_boot:
+                return bid
+            time.sleep(0.1)
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Power the guest off cleanly (sysrq o); QMP quit, then kill, if it lingers."""
+        if not self.alive:
+            return
+        if self._chan is not None:
+            with contextlib.suppress(HarnessError, OSError):
+                self._chan.request({"op": "poweroff"}, timeout=1.0)
+        if self._wait_exit(timeout):
+            return
+        with contextlib.suppress(Exception):
+            self._qmp.cmd("quit")
+        self._wait_exit(5.0)
+
+    def _wait_exit(self, timeout: float) -> bool:
+        assert self._proc is not None
+        try:
+            self._proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def close(self) -> None:
+        """Shut down (killing QEMU if it must), close sockets, remove the socket dir.
+        Safe to call twice, and on a VM that failed to start."""
+        try:
+            if self.alive:
+                self.shutdown()
+        except Exception:
+            pass
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+        if self.paths is not None:
+            shutil.rmtree(self.paths.sock_dir, ignore_errors=True)
+        LIVE_VMS.discard(self)
+
+    # ----- guest commands ------------------------------------------------------------
+    def guest(self, cmd: str, timeout: float = 60.0, check: bool = False) -> tuple[int, str]:
+        """Run ``/bin/sh -c cmd`` as root in the guest; return (rc, stdout+stderr).
+
+        rc is -9 when the command timed out (its session is killed). With check=True a
+        non-zero rc raises GuestCommandError, whose message ends with the console tail.
+        For a background daemon redirect its output and detach it, e.g.
+        ``setsid prog >/run/prog.log 2>&1 < /dev/null &``.
+        """
+        assert self._chan is not None, "VM not started"
+        self._check_alive()
+        try:
+            r = self._chan.request({"op": "sh", "cmd": cmd, "timeout": timeout}, timeout + 15)
+        except ChannelTimeout as e:
+            self._check_alive()
+            raise VMTimeout(f"{e} (command: {cmd})", self.log_tail()) from e
+        rc = int(r["rc"])
+        out = str(r["out"])
+        if r.get("timed_out"):
+            rc = -9
+            out += f"\n[harness: killed after {timeout} s]"
+        if check and rc != 0:
+            raise GuestCommandError(cmd, rc, out, self.log_tail())
+        return rc, out
+
+    def sh(self, cmd: str, timeout: float = 60.0) -> str:
+        """Run cmd in the guest, raise GuestCommandError (with console tail) unless rc is 0;
+        return its output."""
+        return self.guest(cmd, timeout, check=True)[1]
+
+    def read(self, path: str) -> str:
+        """A guest file's text, read by the runner itself (no process is started)."""
+        assert self._chan is not None, "VM not started"
+        self._check_alive()
+        r = self._chan.request({"op": "read", "path": path}, timeout=30)
+        if r["rc"] != 0:
+            raise GuestCommandError(f"read {path}", int(r["rc"]), str(r["out"]), self.log_tail())
+        return str(r["out"])
+
+    def meminfo(self) -> dict[str, int]:
+        """The guest's /proc/meminfo in bytes (kB fields converted)."""
+        info: dict[str, int] = {}
+        for line in self.read("/proc/meminfo").splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                info[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+        return info
+
+    def mem_total(self) -> int:
+        """The guest's MemTotal in bytes."""
+        return self.meminfo()["MemTotal"]
+
+    # ----- host control --------------------------------------------------------------
+    def qmp(self, command: str, **args: Any) -> Any:
+        """Run a QMP command; return its result (raises qemu.qmp.ExecuteError on error)."""
+        self._check_alive()
+        result = self._qmp.cmd(command, **args)
+        self._qmp.clear_events()
+        return result
+
+    def query(self) -> dict[str, dict[str, Any]]:
+        """QEMU's query-memory-devices, by device id: each dict has QEMU's keys (size,
+        requested-size, max-size, block-size, memaddr, node, memdev) plus "type"."""
+        out: dict[str, dict[str, Any]] = {}
+        for dev in self.qmp("query-memory-devices"):
+            data = dict(dev["data"])
+            data["type"] = dev["type"]
+            out[str(data.get("id"))] = data
+        return out
+
+    def plugged(self, device_id: str) -> int:
+        """QEMU's plugged size of a virtio-mem device (qom-get size)."""
+        return int(self.qmp("qom-get", path=f"/machine/peripheral/{device_id}", property="size"))
+
+    def resize(self, device_id: str, size: int) -> None:
+        """Set a virtio-mem device's requested-size (qom-set)."""
+        self.qmp(
+            "qom-set",
+            path=f"/machine/peripheral/{device_id}",
+            property="requested-size",
+            value=int(size),
+        )
+
+    def wait_until(
+        self,
+        predicate: Callable[[], T],
+        timeout: float = 30.0,
+        interval: float = 0.05,
+        what: str = "",
+    ) -> T:
+        """Call predicate until it returns something truthy and return that; raise
+        VMTimeout (with the console tail) after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                name = what or getattr(predicate, "__name__", "condition")
+                raise VMTimeout(f"timed out after {timeout} s waiting for {name}", self.log_tail())
+            self._check_alive()
+            time.sleep(interval)
+
+    def reset(self, timeout: float | None = None) -> None:
+        """QMP system_reset, then wait for the guest runner of the new boot."""
+        old = self.boot_id
+        self.qmp("system_reset")
+        self.boot_id = self.wait_ready(timeout or self.boot_timeout, not_boot=old)
+
+    # ----- logs ----------------------------------------------------------------------
+    def log_tail(self, lines: int = 60) -> str:
+        """The last lines of the guest's serial console."""
+        if self.paths is None or not self.paths.console_log.exists():
+            return ""
+        text = self.paths.console_log.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __repr__(self) -> str:
+        where = self.paths.run_dir if self.paths else "not started"
+        return f"TestVM({self.config.name!r}, {self.accel or '?'}, {where})"
+
+
+@atexit.register
+def _close_all() -> None:
+    for vm in list(LIVE_VMS):
+        vm.close()
