@@ -153,8 +153,9 @@ class TestVM:
             qlog = ""
             if self.paths and self.paths.qemu_log.exists():
                 qlog = self.paths.qemu_log.read_text(errors="replace")[-2000:]
-            raise VMError(f"QEMU is not running (exit status {rc}); qemu.log:\n{qlog}",
-                          self.log_tail())  # fmt: skip
+            raise VMError(
+                f"QEMU is not running (exit status {rc}); qemu.log:\n{qlog}", self.log_tail()
+            )
 
     @property
     def alive(self) -> bool:

@@ -1,0 +1,78 @@
+"""VM tests: boot real QEMU guests through scripts/vmharness.
+
+Every test here is marked ``vm``. When the host cannot run the VM (no qemu-system and
+no way to install it, or the guest kernel cannot be built) the tests skip, and one line
+in the summary says why. Each module boots one VM per configuration (module-scoped
+fixtures built with :func:`boot`); a failing test gets the console tail of every live
+VM attached to its report.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from vmharness import HostUnavailable, TestVM, VMConfig  # noqa: E402
+from vmharness import host as vmhost  # noqa: E402
+from vmharness.vm import LIVE_VMS  # noqa: E402
+
+_SKIP_REASON: list[str] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark everything under tests/vm with ``vm``."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.vm)
+
+
+def _host_ready() -> None:
+    """Find QEMU (installing it if needed) and the kernel (building it if needed) once;
+    skip with one clear line when either is impossible."""
+    if _SKIP_REASON:
+        pytest.skip(_SKIP_REASON[0])
+    try:
+        vmhost.find_qemu()
+        vmhost.find_kernel()
+    except HostUnavailable as e:
+        _SKIP_REASON.append(f"VM tests skipped: {e}")
+        pytest.skip(_SKIP_REASON[0])
+
+
+@contextmanager
+def boot(config: VMConfig) -> Iterator[TestVM]:
+    """Boot a VM for a module fixture (skips when the host cannot run VMs)."""
+    _host_ready()
+    with TestVM(config) as vm:
+        yield vm
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Attach the console tail of every live VM to a failing test's report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for vm in list(LIVE_VMS):
+            if vm.paths is not None:
+                report.sections.append(
+                    (
+                        f"guest console tail: {vm.config.name} ({vm.paths.console_log})",
+                        vm.log_tail(80),
+                    )
+                )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One clear line when the VM tests were skipped for a host reason."""
+    if _SKIP_REASON:
+        terminalreporter.write_line(_SKIP_REASON[0], yellow=True)

@@ -1,0 +1,86 @@
+"""The device seen from userspace: in-kernel driver blacklisted, bound to vfio-pci,
+in no-IOMMU mode and under a vIOMMU (type1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import boot
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+
+FIND_DEVICE = (
+    "for d in /sys/bus/pci/devices/*; do "
+    '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
+    "done"
+)
+
+
+def bind_vfio(vm: TestVM, bdf: str) -> None:
+    """Rebind a PCI device to vfio-pci the way the agent will."""
+    dev = f"/sys/bus/pci/devices/{bdf}"
+    vm.sh(
+        f"echo vfio-pci > {dev}/driver_override && "
+        f"if [ -e {dev}/driver ]; then echo {bdf} > {dev}/driver/unbind; fi && "
+        f"echo {bdf} > /sys/bus/pci/drivers_probe"
+    )
+    assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
+
+
+@pytest.fixture(scope="module")
+def noiommu_vm() -> Iterator[TestVM]:
+    cfg = VMConfig(
+        name="noiommu",
+        in_kernel_driver=False,
+        noiommu=True,
+        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB),),
+    )
+    with boot(cfg) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def viommu_vm() -> Iterator[TestVM]:
+    cfg = VMConfig(
+        name="viommu",
+        in_kernel_driver=False,
+        viommu=True,
+        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB, iommu_platform=True),),
+    )
+    with boot(cfg) as v:
+        yield v
+
+
+def test_noiommu_bind_and_probe_file(noiommu_vm: TestVM) -> None:
+    vm = noiommu_vm
+    assert "initcall_blacklist=virtio_mem_driver_init" in vm.read("/proc/cmdline")
+    bdfs = vm.sh(FIND_DEVICE).split()
+    assert len(bdfs) == 1, bdfs
+    bdf = bdfs[0]
+    # Blacklisted: virtio-pci holds the PCI device but no virtio_mem driver binds it.
+    assert vm.guest("ls /sys/bus/virtio/drivers/virtio_mem")[0] != 0
+    bind_vfio(vm, bdf)
+    vm.wait_until(
+        lambda: vm.guest("test -c /dev/vfio/noiommu-0")[0] == 0, 10, what="/dev/vfio/noiommu-0"
+    )
+    assert vm.guest("test -w /sys/devices/system/memory/probe")[0] == 0
+    assert vm.read("/sys/devices/system/memory/block_size_bytes").strip() == "8000000"
+    assert vm.read("/sys/devices/system/memory/auto_online_blocks").strip() == "offline"
+    # Nothing plugged: QEMU agrees.
+    assert vm.query()["vm0"]["size"] == 0
+
+
+def test_viommu_bind_gives_type1_group(viommu_vm: TestVM) -> None:
+    vm = viommu_vm
+    bdf = vm.sh(FIND_DEVICE).split()[0]
+    group = vm.sh(f"basename $(readlink /sys/bus/pci/devices/{bdf}/iommu_group)").strip()
+    assert group.isdigit(), group
+    bind_vfio(vm, bdf)
+    vm.wait_until(
+        lambda: vm.guest(f"test -c /dev/vfio/{group}")[0] == 0, 10, what=f"/dev/vfio/{group}"
+    )
+    assert vm.guest("ls /dev/vfio/noiommu-* 2>/dev/null")[0] != 0  # a real group, not no-IOMMU
+    assert (
+        "DMAR" in vm.sh("dmesg | grep -m1 DMAR || true")
+        or vm.guest("ls /sys/class/iommu/ | grep -q dmar")[0] == 0
+    )
