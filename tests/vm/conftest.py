@@ -10,8 +10,8 @@ VM attached to its report.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +57,12 @@ def boot(config: VMConfig) -> Iterator[TestVM]:
 
 
 @pytest.hookimpl(hookwrapper=True)
+@pytest.fixture(scope="session")
+def boot_vm() -> Callable[[VMConfig], AbstractContextManager[TestVM]]:
+    """``with boot_vm(VMConfig(...)) as vm:`` in a module-scoped fixture."""
+    return boot
+
+
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """Attach the console tail of every live VM to a failing test's report."""
     outcome = yield

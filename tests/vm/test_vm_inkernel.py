@@ -3,10 +3,10 @@ nodes, host-side resizes followed on both sides, and system_reset unplugging all
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import pytest
-from conftest import boot
 from vmharness import GiB, GuestCommandError, MemDevice, MiB, TestVM, VMConfig
 
 CONFIG = VMConfig(
@@ -24,9 +24,12 @@ STEPS = (1 * GiB, 2560 * MiB, 512 * MiB, 0)
 TIMEOUT = 90.0  # TCG; the in-kernel driver needs well under a second per GiB
 
 
+BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
+
+
 @pytest.fixture(scope="module")
-def vm() -> Iterator[TestVM]:
-    with boot(CONFIG) as v:
+def vm(boot_vm: BootVM) -> Iterator[TestVM]:
+    with boot_vm(CONFIG) as v:
         yield v
 
 

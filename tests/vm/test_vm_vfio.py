@@ -3,10 +3,10 @@ in no-IOMMU mode and under a vIOMMU (type1)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import pytest
-from conftest import boot
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
 
 FIND_DEVICE = (
@@ -27,27 +27,30 @@ def bind_vfio(vm: TestVM, bdf: str) -> None:
     assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
 
 
+BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
+
+
 @pytest.fixture(scope="module")
-def noiommu_vm() -> Iterator[TestVM]:
+def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
     cfg = VMConfig(
         name="noiommu",
         in_kernel_driver=False,
         noiommu=True,
         devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB),),
     )
-    with boot(cfg) as v:
+    with boot_vm(cfg) as v:
         yield v
 
 
 @pytest.fixture(scope="module")
-def viommu_vm() -> Iterator[TestVM]:
+def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
     cfg = VMConfig(
         name="viommu",
         in_kernel_driver=False,
         viommu=True,
         devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB, iommu_platform=True),),
     )
-    with boot(cfg) as v:
+    with boot_vm(cfg) as v:
         yield v
 
 
