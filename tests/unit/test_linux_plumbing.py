@@ -1,0 +1,111 @@
+"""pagemap decoding, eventfds and IOMMU group discovery against fake trees."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from vmem_guest._linux import pagemap
+from vmem_guest._linux.eventfd import EventFd
+from vmem_guest.errors import TransportError
+from vmem_guest.transport.vfio import check_bdf, find_group
+
+PAGE = 4096
+
+
+def _fake_pagemap(tmp_path: Path, entries: dict[int, int]) -> Path:
+    path = tmp_path / "pagemap"
+    data = bytearray(8 * (max(entries) + 1))
+    for page, entry in entries.items():
+        struct.pack_into("<Q", data, 8 * page, entry)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_physical_address_from_pagemap(tmp_path: Path) -> None:
+    path = _fake_pagemap(tmp_path, {5: pagemap.PM_PRESENT | 0x1234})
+    assert pagemap.physical_address(5 * PAGE + 0x10, path=path, page_size=PAGE) == (
+        0x1234 * PAGE + 0x10
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        (0x1234, "not present"),
+        (pagemap.PM_PRESENT, "CAP_SYS_ADMIN"),
+        (pagemap.PM_PRESENT | pagemap.PM_SWAPPED | 7, "swapped"),
+    ],
+)
+def test_pagemap_refuses_unusable_entries(tmp_path: Path, entry: int, why: str) -> None:
+    path = _fake_pagemap(tmp_path, {2: entry})
+    with pytest.raises(TransportError, match=why):
+        pagemap.physical_address(2 * PAGE, path=path, page_size=PAGE)
+
+
+def test_pagemap_pfn_uses_bits_0_to_54() -> None:
+    entry = pagemap.PM_PRESENT | (1 << 55) | ((1 << 55) - 1)
+    assert pagemap.pfn_of_entry(entry, 0) == (1 << 55) - 1
+
+
+def test_pagemap_short_file(tmp_path: Path) -> None:
+    path = _fake_pagemap(tmp_path, {0: pagemap.PM_PRESENT | 1})
+    with pytest.raises(TransportError, match="short read"):
+        pagemap.physical_address(9 * PAGE, path=path, page_size=PAGE)
+
+
+def test_eventfd_wait_and_drain() -> None:
+    with EventFd() as efd:
+        assert not efd.wait(0)
+        assert efd.drain() == 0
+        efd.signal(2)
+        assert efd.wait(0.5)
+        assert efd.drain() == 2
+        assert not efd.wait(0.01)
+    assert efd.fd == -1
+
+
+def _fake_sysfs(tmp_path: Path, bdf: str, group: int, name: str | None) -> tuple[Path, Path]:
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    group_dir = sysfs / "kernel/iommu_groups" / str(group)
+    group_dir.mkdir(parents=True)
+    if name is not None:
+        (group_dir / "name").write_text(name + "\n")
+    device = sysfs / "bus/pci/devices" / bdf
+    device.mkdir(parents=True)
+    os.symlink(f"../../../../kernel/iommu_groups/{group}", device / "iommu_group")
+    (dev / "vfio").mkdir(parents=True)
+    return sysfs, dev
+
+
+def test_find_group_type1(tmp_path: Path) -> None:
+    sysfs, dev = _fake_sysfs(tmp_path, "0000:00:03.0", 7, None)
+    group = find_group("0000:00:03.0", sysfs_root=sysfs, dev_root=dev)
+    assert (group.number, group.noiommu, group.dev_path) == (7, False, dev / "vfio/7")
+
+
+def test_find_group_noiommu_by_name(tmp_path: Path) -> None:
+    sysfs, dev = _fake_sysfs(tmp_path, "0000:00:03.0", 0, "vfio-noiommu")
+    group = find_group("0000:00:03.0", sysfs_root=sysfs, dev_root=dev)
+    assert (group.noiommu, group.dev_path) == (True, dev / "vfio/noiommu-0")
+
+
+def test_find_group_noiommu_by_node(tmp_path: Path) -> None:
+    sysfs, dev = _fake_sysfs(tmp_path, "0000:00:04.0", 3, None)
+    (dev / "vfio/noiommu-3").touch()
+    assert find_group("0000:00:04.0", sysfs_root=sysfs, dev_root=dev).noiommu
+
+
+def test_find_group_without_link(tmp_path: Path) -> None:
+    (tmp_path / "bus/pci/devices/0000:00:03.0").mkdir(parents=True)
+    with pytest.raises(TransportError, match="no IOMMU group"):
+        find_group("0000:00:03.0", sysfs_root=tmp_path, dev_root=tmp_path)
+
+
+@pytest.mark.parametrize("bdf", ["00:03.0", "0000:00:03.8", "../../etc", "0000:00:03.0/x"])
+def test_check_bdf_rejects(bdf: str) -> None:
+    with pytest.raises(TransportError):
+        check_bdf(bdf)

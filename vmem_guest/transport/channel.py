@@ -1,0 +1,322 @@
+"""PciChannel: a :class:`vmem_guest.device.RequestChannel` over VFIO and virtio-pci.
+
+It puts the pieces together in the order the spec asks (virtio spec 3.1.1,
+4.1.5.1): VFIO device, capability walk, BAR mappings, reset, ACKNOWLEDGE,
+DRIVER, features, FEATURES_OK, DMA memory, interrupts, queue 0, DRIVER_OK.
+
+Interrupts are eventfds. With INTx (all QEMU 7.2 offers for virtio-mem) one
+eventfd carries both causes: :meth:`PciChannel.handle_interrupt` reads the ISR
+byte (which clears it) and unmasks INTx. A config change that arrives while a
+request waits for its answer is remembered and the eventfd re-signalled once
+the request is done, so an outer selector loop never misses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import types
+from pathlib import Path
+
+from vmem_guest import spec
+from vmem_guest._linux import pagemap
+from vmem_guest._linux import vfio_uapi as uapi
+from vmem_guest._linux.eventfd import EventFd
+from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
+from vmem_guest.spec import Feature
+from vmem_guest.transport import virtio_pci as vp
+from vmem_guest.transport.dma import DmaBuffer, IovaBuffer, PhysBuffer
+from vmem_guest.transport.vfio import DEV_ROOT, SYSFS_ROOT, Mode, VfioDevice
+from vmem_guest.transport.virtqueue import RingLayout, Virtqueue
+
+#: Causes :meth:`PciChannel.handle_interrupt` reports.
+QUEUE = "queue"
+CONFIG = "config"
+
+#: Where the first DMA buffer goes in the IOMMU domain (type1). Below the x86
+#: MSI window (0xfee00000) and above the first 256 MiB.
+DEFAULT_IOVA = 0x1000_0000
+#: One request in flight needs two descriptors; a small ring fits in one page.
+DEFAULT_QUEUE_SIZE = 16
+DEFAULT_TIMEOUT = 5.0
+
+_OPTIONAL_FEATURES = (Feature.ACPI_PXM, Feature.UNPLUGGED_INACCESSIBLE, Feature.ACCESS_PLATFORM)
+
+
+def check_identity(config: bytes) -> None:
+    """A modern virtio-mem PCI function: 1af4:1058, revision >= 1 (spec 4.1.2.1)."""
+    vendor = int.from_bytes(config[vp.PCI_VENDOR_ID : vp.PCI_VENDOR_ID + 2], "little")
+    device = int.from_bytes(config[vp.PCI_DEVICE_ID : vp.PCI_DEVICE_ID + 2], "little")
+    revision = config[vp.PCI_REVISION_ID]
+    if (vendor, device) != (spec.PCI_VENDOR_ID, spec.PCI_DEVICE_ID) or revision < 1:
+        raise TransportError(
+            f"not a modern virtio-mem device: {vendor:04x}:{device:04x} rev {revision}",
+            vendor=vendor,
+            device=device,
+            revision=revision,
+        )
+
+
+def select_features(offered: int, *, mode: Mode) -> int:
+    """The features we accept from ``offered`` (virtio-mem-facts.md section 1).
+
+    VERSION_1 is required. ACPI_PXM and UNPLUGGED_INACCESSIBLE are accepted
+    when offered (QEMU refuses FEATURES_OK if the latter is offered and
+    declined). ACCESS_PLATFORM is accepted when offered (spec 6: a driver
+    SHOULD) and required under type1: without it the device would bypass the
+    IOMMU and our IOVAs would mean nothing. Everything else is declined.
+    """
+    if not offered & (1 << Feature.VERSION_1):
+        raise TransportError(f"device does not offer VERSION_1 ({offered:#x})", offered=offered)
+    if mode == "type1" and not offered & (1 << Feature.ACCESS_PLATFORM):
+        raise TransportError(
+            "type1 needs ACCESS_PLATFORM (QEMU: iommu_platform=on)", offered=offered
+        )
+    accepted = 1 << Feature.VERSION_1
+    for feature in _OPTIONAL_FEATURES:
+        accepted |= offered & (1 << feature)
+    return accepted
+
+
+def pick_queue_size(device_max: int, limit: int) -> int:
+    """The largest power of two <= min(device_max, limit)."""
+    top = min(device_max, limit)
+    if top < 2:
+        raise TransportError(f"queue size {device_max} cannot hold a two-descriptor chain")
+    return 1 << (top.bit_length() - 1)
+
+
+class PciChannel:
+    """One virtio-mem PCI function driven from userspace; see the module docstring.
+
+    Build it with :meth:`open`; it is a context manager.
+    """
+
+    def __init__(self, bdf: str, vfio: VfioDevice) -> None:
+        self.bdf = bdf
+        self.vfio = vfio
+        self.log = logging.getLogger(f"vmem_guest.channel.{bdf}")
+        self.timeout = DEFAULT_TIMEOUT
+        self.features = 0
+        self.msix = False
+        self.transport: vp.VirtioPciTransport | None = None
+        self.buffer: DmaBuffer | None = None
+        self.queue: Virtqueue | None = None
+        #: Physical ranges ([start, end)) the no-IOMMU DMA pages must stay out of.
+        self.guard_ranges: list[tuple[int, int]] = []
+        self._irq: EventFd | None = None  # INTx, or the MSI-X queue vector
+        self._config_irq: EventFd | None = None  # MSI-X config vector
+        self._pending: set[str] = set()
+
+    @classmethod
+    def open(
+        cls,
+        bdf: str,
+        *,
+        mode: Mode,
+        sysfs_root: Path = SYSFS_ROOT,
+        dev_root: Path = DEV_ROOT,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        iova: int = DEFAULT_IOVA,
+        pagemap_path: Path = pagemap.PAGEMAP,
+    ) -> PciChannel:
+        """Open ``bdf`` (bound to vfio-pci) and bring the device to DRIVER_OK."""
+        vfio = VfioDevice.open(bdf, mode=mode, sysfs_root=sysfs_root, dev_root=dev_root)
+        channel = cls(bdf, vfio)
+        channel.timeout = timeout
+        try:
+            channel._start(mode, queue_size, iova, pagemap_path)
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def _start(self, mode: Mode, queue_size: int, iova: int, pagemap_path: Path) -> None:
+        vfio = self.vfio
+        config = vfio.config_space()
+        check_identity(config)
+        caps = vp.parse_virtio_caps(
+            config, vfio.bar_sizes(), device_cfg_size=ctypes.sizeof(spec.VirtioMemConfig)
+        )
+        bars = {index: vfio.map_bar(index) for index in sorted(caps.bars())}
+        transport = vp.VirtioPciTransport(caps, bars, name=self.bdf)
+        self.transport = transport
+        transport.reset()
+        vfio.enable_bus_master()
+        transport.add_status(vp.Status.ACKNOWLEDGE)
+        transport.add_status(vp.Status.DRIVER)
+        offered = transport.device_features()
+        self.features = select_features(offered, mode=mode)
+        transport.negotiate(self.features)
+        self.log.info("features offered %#x, accepted %#x", offered, self.features)
+
+        size = pick_queue_size(transport.max_queue_size(spec.REQUEST_QUEUE), queue_size)
+        layout = RingLayout.for_size(
+            size,
+            request_len=ctypes.sizeof(spec.VirtioMemReq),
+            response_len=ctypes.sizeof(spec.VirtioMemResp),
+        )
+        if mode == "type1":
+            self.buffer = IovaBuffer(layout.total, vfio.container, iova)
+        else:
+            self.buffer = PhysBuffer(layout.total, pagemap_path=pagemap_path)
+        raw = spec.VirtioMemConfig.from_buffer_copy(transport.read_config(56))
+        if raw.region_size:
+            self.guard_ranges = [(raw.addr, raw.addr + raw.region_size)]
+        self.buffer.check_outside(self.guard_ranges)
+
+        queue_vector = self._setup_interrupts(transport)
+        self.queue = Virtqueue(
+            self.buffer,
+            layout,
+            notify=lambda: transport.notify(spec.REQUEST_QUEUE),
+            wait_for_interrupt=self._wait_for_queue,
+            name=self.bdf,
+        )
+        transport.setup_queue(
+            spec.REQUEST_QUEUE,
+            size=size,
+            desc=self.queue.desc_bus,
+            driver=self.queue.avail_bus,
+            device=self.queue.used_bus,
+            msix_vector=queue_vector,
+        )
+        transport.driver_ok()
+        self.log.info(
+            "DRIVER_OK: %s, queue size %d, ring at bus %#x, %s interrupts",
+            mode,
+            size,
+            self.queue.desc_bus,
+            "MSI-X" if self.msix else "INTx",
+        )
+
+    def _setup_interrupts(self, transport: vp.VirtioPciTransport) -> int | None:
+        """MSI-X with a config and a queue vector when there are two, else INTx."""
+        msix = self.vfio.irq_info(uapi.VFIO_PCI_MSIX_IRQ_INDEX)
+        if msix.count >= 2:
+            self._config_irq, self._irq = EventFd(), EventFd()
+            self.vfio.enable_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [self._config_irq, self._irq])
+            transport.set_config_vector(0)
+            self.msix = True
+            return 1
+        intx = self.vfio.irq_info(uapi.VFIO_PCI_INTX_IRQ_INDEX)
+        if intx.count < 1:
+            raise TransportError(f"{self.bdf} has neither MSI-X nor INTx", bdf=self.bdf)
+        self._irq = EventFd()
+        self.vfio.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [self._irq])
+        return None
+
+    # -- RequestChannel ------------------------------------------------------------
+
+    def _live(self) -> tuple[vp.VirtioPciTransport, Virtqueue, DmaBuffer]:
+        if self.transport is None or self.queue is None or self.buffer is None:
+            raise TransportError(f"channel {self.bdf} is closed", bdf=self.bdf)
+        return self.transport, self.queue, self.buffer
+
+    def read_config(self) -> bytes:
+        """The 56 config bytes, stable across ``config_generation``."""
+        transport, _, _ = self._live()
+        return transport.read_config(ctypes.sizeof(spec.VirtioMemConfig))
+
+    def submit(self, request: bytes) -> bytes:
+        """One request, one response; DeviceTimeout if the device stays silent."""
+        transport, queue, buffer = self._live()
+        if transport.needs_reset():
+            raise DeviceBroken(f"{self.bdf} signals DEVICE_NEEDS_RESET", bdf=self.bdf)
+        buffer.check_outside(self.guard_ranges)
+        try:
+            return queue.submit(request, self.timeout)
+        except DeviceTimeout as exc:
+            exc.fields["status"] = transport.status()
+            raise
+        finally:
+            if self._pending and self._irq is not None:
+                self._irq.signal()  # hand the outer loop what we saw while waiting
+
+    # -- interrupts -----------------------------------------------------------------
+
+    def interrupt_fd(self) -> int:
+        """The eventfd to poll for queue interrupts (with INTx: for everything)."""
+        if self._irq is None:
+            raise TransportError(f"channel {self.bdf} has no interrupt", bdf=self.bdf)
+        return self._irq.fd
+
+    def config_change_fd(self) -> int:
+        """The eventfd to poll for config changes (the INTx eventfd without MSI-X)."""
+        if self._config_irq is not None:
+            return self._config_irq.fd
+        return self.interrupt_fd()
+
+    def handle_interrupt(self) -> set[str]:
+        """Consume pending interrupts: a subset of {'queue', 'config'}.
+
+        With INTx: drain the eventfd, read ISR (clears it), unmask INTx.
+        """
+        causes, self._pending = self._pending, set()
+        if self.msix:
+            if self._config_irq is not None and self._config_irq.drain():
+                causes.add(CONFIG)
+            if self._irq is not None and self._irq.drain():
+                causes.add(QUEUE)
+            return causes
+        transport, _, _ = self._live()
+        if self._irq is not None:
+            self._irq.drain()
+        isr = transport.read_isr()
+        self.vfio.unmask_intx()
+        if isr & vp.ISR_QUEUE:
+            causes.add(QUEUE)
+        if isr & vp.ISR_CONFIG:
+            causes.add(CONFIG)
+        return causes
+
+    def _wait_for_queue(self, timeout: float) -> bool:
+        """Virtqueue seam: block on the interrupt eventfd, keep config causes for later."""
+        if self._irq is None or not self._irq.wait(timeout):
+            return False
+        causes = self.handle_interrupt()
+        if CONFIG in causes:
+            self._pending.add(CONFIG)
+        return True
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Interrupts off, device reset (block state survives it, spec 5.15.5), DMA unmapped."""
+        try:
+            self.vfio.disable_irqs()
+        except IoctlError as exc:
+            if exc.errno != errno.ENODEV:
+                self.log.warning("disabling interrupts: %s", exc)
+        if self.transport is not None:
+            try:
+                self.transport.reset()
+            except TransportError as exc:
+                self.log.warning("reset at close: %s", exc)
+        self.queue = None
+        self.transport = None
+        if self.buffer is not None:
+            try:
+                self.buffer.close()
+            except TransportError as exc:
+                self.log.warning("releasing DMA memory: %s", exc)
+            self.buffer = None
+        self.vfio.close()
+        for efd in (self._irq, self._config_irq):
+            if efd is not None:
+                efd.close()
+        self._irq = self._config_irq = None
+        self.log.info("closed")
+
+    def __enter__(self) -> PciChannel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.close()

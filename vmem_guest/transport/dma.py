@@ -1,0 +1,184 @@
+"""Pinned DMA buffers and the bus addresses the device uses for them.
+
+DESIGN.md section 7 and virtio-mem-facts.md section 3:
+
+* type1 (:class:`IovaBuffer`): the buffer is mapped into the container's
+  IOMMU domain at an IOVA we choose; VFIO pins the pages (and long-term pins
+  move them out of ZONE_MOVABLE), the device sees the IOVA.
+* no-IOMMU (:class:`PhysBuffer`): the device sees physical addresses, read
+  from ``/proc/self/pagemap``. ``MAP_LOCKED`` keeps the pages resident but does
+  not stop migration (compaction, memory offlining), so :meth:`PhysBuffer.check_outside`
+  re-reads them before every request, and :func:`no_unevictable_compaction` turns
+  off compaction of locked pages while the driver runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import mmap
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from vmem_guest._linux import pagemap
+from vmem_guest._linux.mman import map_locked
+from vmem_guest.errors import SafetyError, TransportError
+from vmem_guest.transport.vfio import VfioContainer
+
+PAGE_SIZE = mmap.PAGESIZE
+COMPACT_UNEVICTABLE = Path("/proc/sys/vm/compact_unevictable_allowed")
+
+log = logging.getLogger(__name__)
+
+
+class DmaBuffer:
+    """A page-aligned, locked, zeroed anonymous mapping.
+
+    :attr:`address` is its virtual address (for ctypes ``from_address``);
+    :meth:`bus_addr` is what the device must be told. Subclasses fill
+    :attr:`bus_pages` with one bus address per page.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"DMA buffer size {size}")
+        self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        try:
+            self._mapping = mmap.mmap(
+                -1,
+                self.size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE | map_locked(),
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OSError as exc:
+            raise TransportError(
+                f"cannot allocate {self.size} locked bytes: {exc.strerror} (RLIMIT_MEMLOCK?)",
+                size=self.size,
+            ) from None
+        self._anchor: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * self.size).from_buffer(
+            self._mapping
+        )
+        self.address = ctypes.addressof(self._anchor)
+        self.bus_pages: list[int] = []
+
+    def bus_addr(self, offset: int, length: int = 1) -> int:
+        """The bus address of ``[offset, offset + length)``, which must be bus-contiguous."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise ValueError(f"range {offset:#x}+{length:#x} outside a {self.size:#x} buffer")
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        base = self.bus_pages[first]
+        for page in range(first + 1, last + 1):
+            if self.bus_pages[page] != base + (page - first) * PAGE_SIZE:
+                raise TransportError(
+                    f"DMA range {offset:#x}+{length:#x} is not contiguous on the bus",
+                    offset=offset,
+                )
+        return base + offset % PAGE_SIZE
+
+    def check_outside(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Before each request: the buffer is still where the device expects it.
+
+        Nothing to do for an IOVA (the IOMMU translates, VFIO pins); see
+        :meth:`PhysBuffer.check_outside`.
+        """
+
+    def close(self) -> None:
+        if self._anchor is not None:
+            self._anchor = None
+            self._mapping.close()
+
+
+class IovaBuffer(DmaBuffer):
+    """A buffer mapped with VFIO_IOMMU_MAP_DMA at ``iova`` in ``container`` (type1)."""
+
+    def __init__(self, size: int, container: VfioContainer, iova: int) -> None:
+        if iova % PAGE_SIZE:
+            raise ValueError(f"IOVA {iova:#x} is not page-aligned")
+        super().__init__(size)
+        try:
+            container.map_dma(self.address, iova, self.size)
+        except BaseException:
+            super().close()
+            raise
+        self.container = container
+        self.iova = iova
+        self.bus_pages = [iova + i * PAGE_SIZE for i in range(self.size // PAGE_SIZE)]
+
+    def close(self) -> None:
+        if self._anchor is not None and self.container.fd >= 0:
+            self.container.unmap_dma(self.iova)
+        super().close()
+
+
+class PhysBuffer(DmaBuffer):
+    """A buffer whose bus addresses are its physical addresses (no-IOMMU)."""
+
+    def __init__(self, size: int, *, pagemap_path: Path = pagemap.PAGEMAP) -> None:
+        super().__init__(size)
+        self.pagemap_path = pagemap_path
+        try:
+            self.bus_pages = self._read_physical()
+        except BaseException:
+            super().close()
+            raise
+
+    def _read_physical(self) -> list[int]:
+        return [
+            pagemap.physical_address(self.address + i * PAGE_SIZE, path=self.pagemap_path)
+            for i in range(self.size // PAGE_SIZE)
+        ]
+
+    def check_outside(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Re-read the physical pages: unmoved, and outside every ``[start, end)`` range.
+
+        A page that moved means the device would DMA into someone else's
+        memory: TransportError, stop. A page inside a virtio-mem region could
+        be unplugged under us: SafetyError.
+        """
+        now = self._read_physical()
+        if now != self.bus_pages:
+            raise TransportError(
+                "a no-IOMMU DMA page moved since the device was told its address",
+                before=[hex(p) for p in self.bus_pages],
+                after=[hex(p) for p in now],
+            )
+        spans = list(ranges)
+        for phys in now:
+            for start, end in spans:
+                if phys < end and start < phys + PAGE_SIZE:
+                    raise SafetyError(
+                        f"DMA page {phys:#x} lies in virtio-mem region {start:#x}-{end:#x}",
+                        phys=phys,
+                        start=start,
+                        end=end,
+                    )
+
+
+@contextlib.contextmanager
+def no_unevictable_compaction(path: Path = COMPACT_UNEVICTABLE) -> Iterator[None]:
+    """Set ``vm.compact_unevictable_allowed`` to 0 while the block runs, then restore it.
+
+    Compaction would otherwise migrate our locked (no-IOMMU) DMA pages. Where
+    the knob does not exist (no CONFIG_COMPACTION) there is nothing to turn off.
+    """
+    try:
+        old = path.read_text().strip()
+    except FileNotFoundError:
+        log.info("%s does not exist: no compaction to turn off", path)
+        yield
+        return
+    except OSError as exc:
+        raise TransportError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
+    try:
+        path.write_text("0\n")
+    except OSError as exc:
+        raise TransportError(f"cannot write {path}: {exc.strerror}", path=str(path)) from None
+    log.debug("%s: %s -> 0", path, old)
+    try:
+        yield
+    finally:
+        try:
+            path.write_text(f"{old}\n")
+        except OSError as exc:
+            log.error("cannot restore %s to %s: %s", path, old, exc.strerror)

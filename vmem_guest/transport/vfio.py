@@ -1,0 +1,454 @@
+"""VFIO container, group and device for one PCI function.
+
+See linux ``Documentation/driver-api/vfio.rst`` and ``include/uapi/linux/vfio.h``.
+
+Two modes (virtio-mem-facts.md section 3):
+
+* ``type1``: ``/dev/vfio/N``, container IOMMU ``VFIO_TYPE1v2_IOMMU``, DMA
+  buffers mapped with ``VFIO_IOMMU_MAP_DMA`` at IOVAs we choose.
+* ``noiommu``: ``/dev/vfio/noiommu-N``, container type ``VFIO_NOIOMMU_IOMMU``;
+  no mapping, the device sees physical addresses.
+
+The sysfs and /dev roots are parameters so group discovery can be tested
+against fake trees. Every ioctl failure raises :class:`IoctlError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import logging
+import mmap
+import os
+import re
+import types
+from pathlib import Path
+from typing import Literal
+
+from vmem_guest._linux import vfio_uapi as uapi
+from vmem_guest._linux.eventfd import EventFd
+from vmem_guest._linux.ioctl import ioctl
+from vmem_guest.errors import IoctlError, TransportError
+
+Mode = Literal["type1", "noiommu"]
+
+SYSFS_ROOT = Path("/sys")
+DEV_ROOT = Path("/dev")
+
+#: PCI config space: Command register (PCI Local Bus spec 6.2.2) and its bits.
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 1 << 1
+PCI_COMMAND_MASTER = 1 << 2
+PCI_CONFIG_SIZE = 256
+
+_BDF_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_NOIOMMU_GROUP_NAME = "vfio-noiommu"
+
+
+def check_bdf(bdf: str) -> str:
+    """Validate a full PCI address (``0000:00:03.0``); return it."""
+    if not _BDF_RE.match(bdf):
+        raise TransportError(f"not a PCI address: {bdf!r}", bdf=bdf)
+    return bdf
+
+
+@dataclasses.dataclass(frozen=True)
+class IommuGroup:
+    """Where a device's VFIO group lives."""
+
+    number: int
+    noiommu: bool
+    dev_path: Path
+
+
+def find_group(bdf: str, *, sysfs_root: Path = SYSFS_ROOT, dev_root: Path = DEV_ROOT) -> IommuGroup:
+    """The IOMMU group of ``bdf`` from its ``iommu_group`` link.
+
+    A no-IOMMU group is recognised by the group's ``name`` file
+    (``vfio-noiommu``) or by a ``/dev/vfio/noiommu-N`` node.
+    """
+    link = sysfs_root / "bus/pci/devices" / check_bdf(bdf) / "iommu_group"
+    try:
+        target = os.readlink(link)
+    except OSError as exc:
+        raise TransportError(
+            f"{bdf} has no IOMMU group ({exc.strerror}); is it bound to vfio-pci?", bdf=bdf
+        ) from None
+    name = os.path.basename(target)
+    if not name.isdigit():
+        raise TransportError(f"{bdf}: unexpected iommu_group link {target!r}", bdf=bdf)
+    number = int(name)
+    group_name = ""
+    with contextlib.suppress(OSError):
+        group_name = (sysfs_root / "kernel/iommu_groups" / name / "name").read_text().strip()
+    noiommu_node = dev_root / "vfio" / f"noiommu-{number}"
+    if group_name == _NOIOMMU_GROUP_NAME or noiommu_node.exists():
+        return IommuGroup(number, True, noiommu_node)
+    return IommuGroup(number, False, dev_root / "vfio" / str(number))
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TransportError(f"cannot open {path}: {exc.strerror}", path=str(path)) from None
+
+
+class VfioContainer:
+    """``/dev/vfio/vfio``: the IOMMU context our DMA mappings live in."""
+
+    def __init__(self, *, dev_root: Path = DEV_ROOT) -> None:
+        self.fd = _open(dev_root / "vfio" / "vfio")
+        self.iommu_type: int | None = None
+        self._mappings: dict[int, int] = {}  # iova -> size
+        try:
+            version = ioctl(self.fd, "VFIO_GET_API_VERSION", uapi.VFIO_GET_API_VERSION)
+            if version != uapi.VFIO_API_VERSION:
+                raise TransportError(f"VFIO API version {version}, expected 0", version=version)
+        except BaseException:
+            self.close()
+            raise
+
+    def check_extension(self, extension: int) -> bool:
+        """VFIO_CHECK_EXTENSION: does the kernel support this IOMMU type?"""
+        return ioctl(self.fd, "VFIO_CHECK_EXTENSION", uapi.VFIO_CHECK_EXTENSION, extension) > 0
+
+    def set_iommu(self, iommu_type: int) -> None:
+        """VFIO_SET_IOMMU; valid once a group is attached."""
+        if not self.check_extension(iommu_type):
+            raise IoctlError("VFIO_CHECK_EXTENSION", errno.ENOTSUP, f"IOMMU type {iommu_type}")
+        ioctl(self.fd, "VFIO_SET_IOMMU", uapi.VFIO_SET_IOMMU, iommu_type)
+        self.iommu_type = iommu_type
+
+    def map_dma(self, vaddr: int, iova: int, size: int) -> None:
+        """Map ``size`` bytes at ``vaddr`` for device reads and writes at ``iova`` (pins them)."""
+        arg = uapi.vfio_iommu_type1_dma_map.new(
+            flags=uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr=vaddr,
+            iova=iova,
+            size=size,
+        )
+        ioctl(self.fd, "VFIO_IOMMU_MAP_DMA", uapi.VFIO_IOMMU_MAP_DMA, arg)
+        self._mappings[iova] = size
+
+    def unmap_dma(self, iova: int) -> None:
+        """Undo :meth:`map_dma` at ``iova``."""
+        size = self._mappings.pop(iova)
+        arg = uapi.vfio_iommu_type1_dma_unmap.new(iova=iova, size=size)
+        ioctl(self.fd, "VFIO_IOMMU_UNMAP_DMA", uapi.VFIO_IOMMU_UNMAP_DMA, arg)
+        if arg.size != size:
+            raise TransportError(
+                f"VFIO_IOMMU_UNMAP_DMA unmapped {arg.size:#x} of {size:#x} at {iova:#x}",
+                iova=iova,
+            )
+
+    def close(self) -> None:
+        """Unmap what is still mapped, then close (closing alone would also unmap)."""
+        if self.fd < 0:
+            return
+        for iova in list(self._mappings):
+            try:
+                self.unmap_dma(iova)
+            except TransportError:
+                logging.getLogger(__name__).warning("unmap of IOVA %#x failed", iova)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class VfioGroup:
+    """``/dev/vfio/N`` or ``/dev/vfio/noiommu-N``, attached to a container."""
+
+    def __init__(self, group: IommuGroup, container: VfioContainer) -> None:
+        self.group = group
+        self.fd = _open(group.dev_path)
+        try:
+            status = uapi.vfio_group_status.new()
+            ioctl(self.fd, "VFIO_GROUP_GET_STATUS", uapi.VFIO_GROUP_GET_STATUS, status)
+            if not status.flags & uapi.VFIO_GROUP_FLAGS_VIABLE:
+                raise TransportError(
+                    f"VFIO group {group.number} is not viable: bind every device in it to vfio-pci",
+                    group=group.number,
+                )
+            container_fd = ctypes.c_int32(container.fd)
+            ioctl(self.fd, "VFIO_GROUP_SET_CONTAINER", uapi.VFIO_GROUP_SET_CONTAINER, container_fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def device_fd(self, bdf: str) -> int:
+        """VFIO_GROUP_GET_DEVICE_FD for ``bdf`` (a new fd, owned by the caller)."""
+        name = bytearray(check_bdf(bdf).encode() + b"\0")
+        return ioctl(self.fd, "VFIO_GROUP_GET_DEVICE_FD", uapi.VFIO_GROUP_GET_DEVICE_FD, name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionInfo:
+    """``struct vfio_region_info``: where a region sits in the device fd."""
+
+    index: int
+    flags: int
+    size: int
+    offset: int
+
+    @property
+    def mappable(self) -> bool:
+        return bool(self.flags & uapi.VFIO_REGION_INFO_FLAG_MMAP)
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqInfo:
+    """``struct vfio_irq_info``."""
+
+    index: int
+    flags: int
+    count: int
+
+
+class MappedBar:
+    """A BAR mmap'd from the device fd, with its base virtual address.
+
+    Registers are accessed through ``ctypes`` at :attr:`address` (exact-width
+    loads and stores, see ``transport.virtio_pci.Mmio``), never through the
+    mmap object's slices: those reach the device as byte accesses.
+    """
+
+    def __init__(self, index: int, mapping: mmap.mmap) -> None:
+        self.index = index
+        self.size = len(mapping)
+        self._mapping = mapping
+        self._anchor: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * self.size).from_buffer(
+            mapping
+        )
+        self.address = ctypes.addressof(self._anchor)
+
+    def close(self) -> None:
+        if self._anchor is not None:
+            self._anchor = None
+            self._mapping.close()
+
+
+class VfioDevice:
+    """One PCI function through VFIO: its container, group and device fd.
+
+    Use :meth:`open`; :meth:`close` releases everything in reverse order.
+    """
+
+    def __init__(self, bdf: str, mode: Mode, container: VfioContainer, group: VfioGroup) -> None:
+        self.bdf = bdf
+        self.mode: Mode = mode
+        self.container = container
+        self.group = group
+        self.log = logging.getLogger(f"vmem_guest.vfio.{bdf}")
+        self.fd = -1
+        self._bars: list[MappedBar] = []
+        self._irq_index: int | None = None
+
+    @classmethod
+    def open(
+        cls,
+        bdf: str,
+        *,
+        mode: Mode,
+        sysfs_root: Path = SYSFS_ROOT,
+        dev_root: Path = DEV_ROOT,
+    ) -> VfioDevice:
+        """Open ``bdf`` (bound to vfio-pci) in ``mode``; the group must match the mode."""
+        group_info = find_group(bdf, sysfs_root=sysfs_root, dev_root=dev_root)
+        if group_info.noiommu != (mode == "noiommu"):
+            kind = "no-IOMMU" if group_info.noiommu else "IOMMU"
+            raise TransportError(
+                f"{bdf} is in {kind} group {group_info.number}, mode {mode!r} asked",
+                bdf=bdf,
+                group=group_info.number,
+            )
+        container = VfioContainer(dev_root=dev_root)
+        group: VfioGroup | None = None
+        try:
+            group = VfioGroup(group_info, container)
+            iommu = uapi.VFIO_NOIOMMU_IOMMU if mode == "noiommu" else uapi.VFIO_TYPE1v2_IOMMU
+            container.set_iommu(iommu)
+            device = cls(bdf, mode, container, group)
+            device.fd = group.device_fd(bdf)
+        except BaseException:
+            if group is not None:
+                group.close()
+            container.close()
+            raise
+        try:
+            device._check_info()
+        except BaseException:
+            device.close()
+            raise
+        device.log.info("opened %s (group %d, %s)", bdf, group_info.number, mode)
+        return device
+
+    def _check_info(self) -> None:
+        info = uapi.vfio_device_info.new()
+        ioctl(self.fd, "VFIO_DEVICE_GET_INFO", uapi.VFIO_DEVICE_GET_INFO, info)
+        if not info.flags & uapi.VFIO_DEVICE_FLAGS_PCI:
+            raise TransportError(f"{self.bdf} is not a vfio-pci device", flags=info.flags)
+        if info.num_regions <= uapi.VFIO_PCI_CONFIG_REGION_INDEX:
+            raise TransportError(f"{self.bdf}: {info.num_regions} regions", bdf=self.bdf)
+
+    # -- regions --------------------------------------------------------------
+
+    def region_info(self, index: int) -> RegionInfo:
+        """VFIO_DEVICE_GET_REGION_INFO for ``index`` (BAR 0-5, ROM 6, config 7)."""
+        info = uapi.vfio_region_info.new(index=index)
+        ioctl(self.fd, "VFIO_DEVICE_GET_REGION_INFO", uapi.VFIO_DEVICE_GET_REGION_INFO, info)
+        return RegionInfo(index=index, flags=info.flags, size=info.size, offset=info.offset)
+
+    def bar_sizes(self) -> list[int]:
+        """Sizes of BARs 0-5 (0 for an unimplemented BAR)."""
+        return [self.region_info(i).size for i in range(uapi.VFIO_PCI_BAR5_REGION_INDEX + 1)]
+
+    def _config_region(self) -> RegionInfo:
+        region = self.region_info(uapi.VFIO_PCI_CONFIG_REGION_INDEX)
+        if region.size < PCI_CONFIG_SIZE:
+            raise TransportError(f"config region is {region.size} bytes", size=region.size)
+        return region
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of PCI config space (1, 2 and 4 are single accesses)."""
+        region = self._config_region()
+        if offset < 0 or size <= 0 or offset + size > region.size:
+            raise ValueError(f"config read {offset:#x}+{size} outside {region.size:#x}")
+        try:
+            data = os.pread(self.fd, size, region.offset + offset)
+        except OSError as exc:
+            raise TransportError(f"config read at {offset:#x} failed: {exc.strerror}") from None
+        if len(data) != size:
+            raise TransportError(f"config read at {offset:#x}: {len(data)} of {size} bytes")
+        return data
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` (one access of its exact size) to PCI config space."""
+        region = self._config_region()
+        if offset < 0 or not data or offset + len(data) > region.size:
+            raise ValueError(f"config write {offset:#x}+{len(data)} outside {region.size:#x}")
+        try:
+            written = os.pwrite(self.fd, data, region.offset + offset)
+        except OSError as exc:
+            raise TransportError(f"config write at {offset:#x} failed: {exc.strerror}") from None
+        if written != len(data):
+            raise TransportError(f"config write at {offset:#x}: {written} of {len(data)} bytes")
+
+    def config_space(self) -> bytes:
+        """The standard 256 bytes of PCI config space (for the capability walk)."""
+        return self.config_read(0, PCI_CONFIG_SIZE)
+
+    def enable_bus_master(self) -> None:
+        """Set Memory Space and Bus Master in PCI_COMMAND: the device may now DMA."""
+        command = int.from_bytes(self.config_read(PCI_COMMAND, 2), "little")
+        wanted = command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+        if wanted != command:
+            self.config_write(PCI_COMMAND, wanted.to_bytes(2, "little"))
+        readback = int.from_bytes(self.config_read(PCI_COMMAND, 2), "little")
+        if readback & wanted != wanted:
+            raise TransportError(f"PCI_COMMAND is {readback:#x} after writing {wanted:#x}")
+
+    def map_bar(self, index: int) -> MappedBar:
+        """mmap BAR ``index`` (the device fd at the region's offset), read-write, shared."""
+        region = self.region_info(index)
+        if region.size == 0 or not region.mappable:
+            raise TransportError(
+                f"BAR {index} of {self.bdf} cannot be mmap'd (size {region.size:#x}, "
+                f"flags {region.flags:#x})",
+                bar=index,
+            )
+        try:
+            mapping = mmap.mmap(
+                self.fd,
+                region.size,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=region.offset,
+            )
+        except OSError as exc:
+            raise TransportError(f"mmap of BAR {index} failed: {exc.strerror}", bar=index) from None
+        bar = MappedBar(index, mapping)
+        self._bars.append(bar)
+        return bar
+
+    # -- interrupts -----------------------------------------------------------
+
+    def irq_info(self, index: int) -> IrqInfo:
+        """VFIO_DEVICE_GET_IRQ_INFO for ``index`` (INTx 0, MSI 1, MSI-X 2)."""
+        info = uapi.vfio_irq_info.new(index=index)
+        ioctl(self.fd, "VFIO_DEVICE_GET_IRQ_INFO", uapi.VFIO_DEVICE_GET_IRQ_INFO, info)
+        return IrqInfo(index=index, flags=info.flags, count=info.count)
+
+    def enable_irqs(self, index: int, eventfds: list[EventFd]) -> None:
+        """Route vectors ``0..len(eventfds)-1`` of ``index`` to the eventfds (ACTION_TRIGGER)."""
+        info = self.irq_info(index)
+        if not info.flags & uapi.VFIO_IRQ_INFO_EVENTFD or len(eventfds) > info.count:
+            raise TransportError(
+                f"IRQ index {index}: {len(eventfds)} eventfds, {info.count} vectors, "
+                f"flags {info.flags:#x}",
+                index=index,
+            )
+        arg = uapi.irq_set(
+            uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            0,
+            [e.fd for e in eventfds],
+        )
+        ioctl(self.fd, "VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, arg)
+        self._irq_index = index
+
+    def unmask_intx(self) -> None:
+        """Unmask INTx, which VFIO masks automatically when it fires (AUTOMASKED)."""
+        arg = uapi.irq_set(
+            uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_UNMASK,
+            uapi.VFIO_PCI_INTX_IRQ_INDEX,
+            0,
+        )
+        ioctl(self.fd, "VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, arg)
+
+    def disable_irqs(self) -> None:
+        """Tear down the interrupt index enabled by :meth:`enable_irqs` (count 0)."""
+        if self._irq_index is None:
+            return
+        arg = uapi.irq_set(
+            uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            self._irq_index,
+            0,
+            [],
+        )
+        self._irq_index = None
+        ioctl(self.fd, "VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, arg)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Disable interrupts, unmap BARs, close device, group and container."""
+        if self.fd >= 0:
+            try:
+                self.disable_irqs()
+            except IoctlError as exc:
+                self.log.warning("disabling interrupts: %s", exc)
+            for bar in self._bars:
+                bar.close()
+            self._bars.clear()
+            os.close(self.fd)
+            self.fd = -1
+        self.group.close()
+        self.container.close()
+
+    def __enter__(self) -> VfioDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.close()
