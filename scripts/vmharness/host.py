@@ -57,8 +57,8 @@ def find_kernel(build: bool = True) -> Path:
         return Path(r.stdout.strip())
     if not build:
         raise HostUnavailable(f"guest kernel not built: {r.stderr.strip()}")
-    r = subprocess.run(["bash", str(paths.BUILD_KERNEL)], check=False)
-    if r.returncode != 0:
+    built = subprocess.run(["bash", str(paths.BUILD_KERNEL)], check=False)
+    if built.returncode != 0:
         raise HostUnavailable("guest kernel cannot be built (scripts/build-kernel.sh failed)")
     r = subprocess.run(
         ["bash", str(paths.BUILD_KERNEL), "--print-path"],
