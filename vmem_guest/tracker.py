@@ -97,8 +97,10 @@ U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 #: Default number of attempts of a seqlock read before giving up.
 READ_RETRIES = 1000
 
-#: Seqlock read attempts between two yields of the CPU.
-READ_ATTEMPTS_PER_YIELD = 64
+#: Seqlock read attempts made back to back before the reader starts sleeping.
+READ_SPIN_ATTEMPTS = 16
+#: Sleep between later attempts (a write section can take a millisecond or more).
+READ_BACKOFF_SECONDS = 0.001
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 _E = TypeVar("_E", bound=enum.IntEnum)
@@ -1353,8 +1355,10 @@ class TrackerReader:
         """A consistent snapshot (seqlock read).
 
         Read the generation; if even, copy the file and read it again; accept
-        when both reads agree. TrackerError if no stable copy after ``retries``
-        attempts (the owner died inside a write, or writes without pause).
+        when both reads agree. The first READ_SPIN_ATTEMPTS attempts follow
+        each other at once, later ones READ_BACKOFF_SECONDS apart, so the
+        default gives up after about a second: TrackerError (the owner died
+        inside a write section, or never pauses).
         """
         mapping = self._mapped
         for attempt in range(max(1, retries)):
@@ -1367,8 +1371,8 @@ class TrackerReader:
                         return _decode(copy)
                     except TrackerError as exc:
                         raise TrackerError(f"{self.path}: {exc.message}") from None
-            if attempt % READ_ATTEMPTS_PER_YIELD == READ_ATTEMPTS_PER_YIELD - 1:
-                time.sleep(0)
+            if attempt >= READ_SPIN_ATTEMPTS:
+                time.sleep(READ_BACKOFF_SECONDS)
         raise TrackerError(
             f"{self.path}: no stable snapshot after {retries} attempts", path=str(self.path)
         )
