@@ -1,5 +1,6 @@
 """The device seen from userspace: in-kernel driver blacklisted, bound to vfio-pci,
-in no-IOMMU mode and under a vIOMMU (type1)."""
+in no-IOMMU mode and under a vIOMMU (type1). Fixtures are function-scoped: each VM
+serves one test, and is gone before the next boots."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def bind_vfio(vm: TestVM, bdf: str) -> None:
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
     cfg = VMConfig(
         name="noiommu",
@@ -42,7 +43,7 @@ def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
         yield v
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
     cfg = VMConfig(
         name="viommu",
@@ -83,7 +84,4 @@ def test_viommu_bind_gives_type1_group(viommu_vm: TestVM) -> None:
         lambda: vm.guest(f"test -c /dev/vfio/{group}")[0] == 0, 10, what=f"/dev/vfio/{group}"
     )
     assert vm.guest("ls /dev/vfio/noiommu-* 2>/dev/null")[0] != 0  # a real group, not no-IOMMU
-    assert (
-        "DMAR" in vm.sh("dmesg | grep -m1 DMAR || true")
-        or vm.guest("ls /sys/class/iommu/ | grep -q dmar")[0] == 0
-    )
+    assert vm.sh("ls /sys/class/iommu/").strip(), "no IOMMU registered in the guest"
