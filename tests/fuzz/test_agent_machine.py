@@ -1,0 +1,286 @@
+"""Fuzz the driver core against the device model: resizes, faults, crashes, reboots.
+
+A hypothesis state machine plays the host (resizes of any size, misaligned
+ones too), the device (BUSY answers), the kernel (refused offlines) and fate
+(killing the agent between any two actions, including between writing the
+intent and getting the response, and between plug and online; rebooting the
+guest). After every rule the safety invariants of DESIGN.md section 5 hold;
+at the end, with faults lifted, the driver converges in a bounded number of
+steps to exactly what the guest can use.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+from vmem_guest import planner
+from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.device import VirtioMemDevice
+from vmem_guest.driver import DeviceDriver, Outcome
+from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.sim.device_model import DeviceModel
+from vmem_guest.sim.runner import VirtualClock
+from vmem_guest.tracker import Tracker, TrackerIdentity
+
+MIB = 1 << 20
+REGION_ADDR = 4 << 30
+MEMORY_BLOCK = 128 * MIB
+#: (region size, device block size): Sub Block Mode and Big Block Mode.
+GEOMETRIES = [(1024 * MIB, 2 * MIB), (1024 * MIB, 4 * MIB), (2048 * MIB, 256 * MIB)]
+#: With faults lifted, convergence from any state must take fewer steps than this.
+CONVERGENCE_STEP_BOUND = 2000
+
+
+class Crash(BaseException):
+    """The agent process dies here (BaseException: nothing in the driver catches it)."""
+
+
+class FaultyChannel:
+    """The device channel, able to kill the agent just before or just after a request."""
+
+    def __init__(self, model: DeviceModel) -> None:
+        self.model = model
+        self.crash_before = False
+        self.crash_after = False
+
+    def read_config(self) -> bytes:
+        return self.model.read_config()
+
+    def submit(self, request: bytes) -> bytes:
+        if self.crash_before:
+            self.crash_before = False
+            raise Crash("killed after the intent was written, before the request")
+        response = self.model.submit(request)
+        if self.crash_after:
+            self.crash_after = False
+            raise Crash("killed after the device answered, before the tracker knew")
+        return response
+
+
+class CheckedKernel(FakeKernelMemory):
+    """A fake kernel that checks invariant 5.5 at every probe and online, and can crash."""
+
+    def __init__(self, model: DeviceModel, geometry: Geometry) -> None:
+        super().__init__(geometry.memory_block_size)
+        self.model = model
+        self.geometry = geometry
+        self.crash_after_change = False
+
+    def _assert_backed(self, mb: int) -> None:
+        unplugged = [sb for sb in self.geometry.subblocks_of(mb) if not self.model.is_plugged(sb)]
+        assert not unplugged, f"memory{mb} added/onlined over unplugged blocks {unplugged[:4]}"
+
+    def _maybe_crash(self) -> None:
+        if self.crash_after_change:
+            self.crash_after_change = False
+            raise Crash("killed after a sysfs write, before the tracker knew")
+
+    def probe(self, phys_addr: int) -> bool:
+        self._assert_backed(phys_addr // self.memory_block_size)
+        added = super().probe(phys_addr)
+        self._maybe_crash()
+        return added
+
+    def online(self, index: int, zone: Zone) -> None:
+        self._assert_backed(index)
+        super().online(index, zone)
+        self._maybe_crash()
+
+    def offline(self, index: int) -> None:
+        super().offline(index)
+        self._maybe_crash()
+
+
+class AgentMachine(RuleBasedStateMachine):
+    """Host, device, kernel and fate against one driver."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state_dir = Path(tempfile.mkdtemp(prefix="vmem-fuzz-"))
+        self.driver: DeviceDriver | None = None
+        self.tracker: Tracker | None = None
+
+    @initialize(geometry=st.sampled_from(GEOMETRIES), seed=st.integers(0, 2**16))
+    def boot(self, geometry: tuple[int, int], seed: int) -> None:
+        region_size, block_size = geometry
+        self.geometry = Geometry(REGION_ADDR, region_size, block_size, MEMORY_BLOCK)
+        self.model = DeviceModel(addr=REGION_ADDR, region_size=region_size, block_size=block_size)
+        self.channel = FaultyChannel(self.model)
+        self.kernel = CheckedKernel(self.model, self.geometry)
+        self.clock = VirtualClock()
+        self.start_agent()
+
+    # --- agent lifecycle ------------------------------------------------------
+
+    def start_agent(self) -> None:
+        """Start (or restart) the agent; a crash armed for start-up kills it there too."""
+        identity = TrackerIdentity("fuzz0", self.geometry)
+        while True:
+            self.tracker = Tracker.open(self.state_dir, identity)
+            device = VirtioMemDevice(self.channel, "fuzz0")
+            driver = DeviceDriver(device, self.tracker, self.kernel, clock=self.clock)
+            try:
+                driver.start()
+            except Crash:
+                self.kill_agent()
+                continue
+            self.model.on_config_change = driver.config_changed
+            self.driver = driver
+            return
+
+    def kill_agent(self) -> None:
+        self.model.on_config_change = None
+        if self.tracker is not None:
+            self.tracker.close()
+        self.tracker = None
+        self.driver = None
+
+    def run_steps(self, count: int) -> None:
+        assert self.driver is not None
+        for _ in range(count):
+            try:
+                result = self.driver.step()
+            except Crash:
+                self.kill_agent()
+                self.start_agent()
+                return
+            assert result.outcome is not Outcome.BROKEN, result.detail
+            if result.outcome is Outcome.DONE:
+                return
+            if result.outcome is Outcome.WAIT:
+                self.clock.advance(result.wait_seconds)
+
+    # --- rules ----------------------------------------------------------------
+
+    @rule(fraction=st.floats(0, 1), misalign=st.booleans())
+    def host_resize(self, fraction: float, misalign: bool) -> None:
+        blocks = int(fraction * self.geometry.nr_subblocks)
+        requested = blocks * self.geometry.block_size + (MIB // 2 if misalign else 0)
+        try:
+            self.model.resize(requested)
+        except ValueError:
+            assert misalign, f"the model refused an aligned size {requested:#x}"
+
+    @rule(count=st.integers(1, 40))
+    def agent_steps(self, count: int) -> None:
+        self.run_steps(count)
+
+    @rule(count=st.integers(1, 3))
+    def device_busy(self, count: int) -> None:
+        self.model.busy_next = count
+
+    @rule(which=st.integers(0, 63))
+    def kernel_refuses_offline(self, which: int) -> None:
+        blocks = list(self.geometry.memory_blocks())
+        self.kernel.refuse_offline.add(blocks[which % len(blocks)])
+
+    @rule()
+    def kernel_allows_offline(self) -> None:
+        self.kernel.refuse_offline.clear()
+
+    @rule(where=st.sampled_from(["before-request", "after-response", "after-sysfs"]))
+    def arm_crash(self, where: str) -> None:
+        """Kill the agent at the next request or sysfs write (the next steps will hit it)."""
+        if where == "before-request":
+            self.channel.crash_before = True
+        elif where == "after-response":
+            self.channel.crash_after = True
+        else:
+            self.kernel.crash_after_change = True
+
+    @rule()
+    def kill_and_restart(self) -> None:
+        """SIGKILL at a step boundary (e.g. between plug and online), then restart."""
+        self.kill_agent()
+        self.start_agent()
+
+    @rule(lose_tracker=st.booleans())
+    def guest_reboot(self, lose_tracker: bool) -> None:
+        """System reset: the device unplugs all, hotplugged blocks are gone, /run is cleared."""
+        self.kill_agent()
+        self.model.system_reset()
+        self.kernel.reboot()
+        self.channel.crash_before = self.channel.crash_after = False
+        self.kernel.crash_after_change = False
+        if lose_tracker:
+            shutil.rmtree(self.state_dir)
+            self.state_dir.mkdir()
+        self.start_agent()
+
+    # --- invariants (DESIGN.md section 5) -------------------------------------
+
+    def online_blocks(self) -> set[int]:
+        return {
+            mb
+            for mb in self.geometry.memory_blocks()
+            if self.kernel.block(mb).state is KernelBlockState.ONLINE
+        }
+
+    @invariant()
+    def online_memory_is_plugged(self) -> None:
+        """5.1 and 5.2: no online memory block has an unplugged subblock."""
+        if not hasattr(self, "model"):
+            return
+        for mb in self.online_blocks():
+            for sb in self.geometry.subblocks_of(mb):
+                assert self.model.is_plugged(sb), f"memory{mb} online over unplugged block {sb}"
+
+    @invariant()
+    def tracker_agrees_with_device_and_kernel(self) -> None:
+        """5.3: after every completed step the tracker matches STATE and sysfs."""
+        if self.tracker is None:
+            return
+        snap = self.tracker.snapshot()
+        assert snap.intent is None, f"intent left pending: {snap.intent}"
+        model_plugged = self.model.plugged_blocks()
+        tracked = {sb for sb in range(self.geometry.nr_subblocks) if snap.is_plugged(sb)}
+        assert tracked == model_plugged, "tracker bitmap differs from the device"
+        assert snap.plugged_bytes == self.model.plugged_size
+        tracked_online = {rec.index for rec in snap.blocks if rec.state is MemoryBlockState.ONLINE}
+        assert tracked_online == self.online_blocks(), "tracker online set differs from sysfs"
+
+    def teardown(self) -> None:
+        try:
+            if self.driver is not None:
+                self.converge_without_faults()
+        finally:
+            self.kill_agent()
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def converge_without_faults(self) -> None:
+        """Lift every fault: the driver must settle on exactly what the guest can use."""
+        self.model.busy_next = 0
+        self.kernel.refuse_offline.clear()
+        self.channel.crash_before = self.channel.crash_after = False
+        self.kernel.crash_after_change = False
+        assert self.driver is not None
+        for _ in range(CONVERGENCE_STEP_BOUND):
+            result = self.driver.step()
+            assert result.outcome is not Outcome.BROKEN, result.detail
+            if result.outcome is Outcome.DONE:
+                break
+            if result.outcome is Outcome.WAIT:
+                self.clock.advance(result.wait_seconds)
+        else:
+            raise AssertionError(f"no convergence in {CONVERGENCE_STEP_BOUND} steps")
+        config = self.driver.config
+        target = planner.target_bytes(config, planner.layout_of(self.geometry))
+        assert self.model.plugged_size == target, (self.model.plugged_size, target)
+        # 5.4: no plugged memory is leaked: every plugged block is under an online block.
+        online = self.online_blocks()
+        for sb in self.model.plugged_blocks():
+            owners = self.geometry.memory_blocks_of(sb)
+            assert owners and all(mb in online for mb in owners), f"block {sb} plugged, not used"
+
+
+TestAgentMachine = AgentMachine.TestCase
