@@ -35,8 +35,9 @@ would break them):
   ``online_bytes == count(ONLINE) * memory_block_size``.
 
 Only :meth:`Tracker._set_block_state` changes a block record (and with it
-``online_bytes``); only :meth:`Tracker._write_subblocks` changes the bitmap
-(and with it ``plugged_bytes``).
+``online_bytes``); only :meth:`Tracker._write_subblocks` (a range) and
+:meth:`Tracker._replace_bitmap` (all of it, on rebuild) change the bitmap, and
+with it ``plugged_bytes``.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ class _FileLayout:
         return self.bitmap_offset + self.bitmap_size
 
 
-def _read_bits(bitmap: bytes | mmap.mmap, first: int, count: int) -> int:
+def _read_bits(bitmap: bytes | bytearray | mmap.mmap, first: int, count: int) -> int:
     """Bits ``first .. first+count-1`` of ``bitmap`` as an int (bit k = bit first+k)."""
     if count <= 0:
         return 0
@@ -358,7 +359,7 @@ def _read_bits(bitmap: bytes | mmap.mmap, first: int, count: int) -> int:
     return value & ((1 << count) - 1)
 
 
-def _popcount(bitmap: bytes | mmap.mmap, first: int, count: int) -> int:
+def _popcount(bitmap: bytes | bytearray | mmap.mmap, first: int, count: int) -> int:
     return _read_bits(bitmap, first, count).bit_count()
 
 
@@ -881,25 +882,24 @@ class Tracker:
         fully plugged.
         """
         geometry = self.geometry
-        bits = self._subblock_bits(plugged)
+        bitmap = self._bitmap_of(plugged)
         online_zones = {index: Zone(zone) for index, zone in online.items()}
         present_set = set(present) | set(online_zones)
         for index in present_set:
             self._check_index(index)
         for index, zone in online_zones.items():
             subblocks = geometry.subblocks_of(index)
-            all_set = (1 << len(subblocks)) - 1
-            if (bits >> subblocks.start) & all_set != all_set:
+            if _popcount(bitmap, subblocks.start, len(subblocks)) != len(subblocks):
                 raise SafetyError(f"memory{index} is online but not fully plugged", block=index)
             if zone is Zone.NONE:
                 raise ValueError(f"memory{index} online without a zone (use AUTO)")
         with self._write_section():
-            self._replace_bitmap(bits)
+            self._replace_bitmap(bitmap)
             for index in geometry.memory_blocks():
                 self._rebuild_block(index, online_zones.get(index), index in present_set)
         self._log.debug(
             "rebuilt: %d subblocks plugged, %d blocks online, %d present",
-            bits.bit_count(),
+            self._hdr.plugged_bytes // geometry.block_size,
             len(online_zones),
             len(present_set),
         )
@@ -1051,18 +1051,15 @@ class Tracker:
         header = self._hdr
         header.plugged_bytes += delta if plugged else -delta
 
-    def _replace_bitmap(self, bits: int) -> None:
-        """Clear the whole bitmap, then set ``bits`` (bit i = subblock i)."""
-        nr_subblocks = self.geometry.nr_subblocks
-        self._write_subblocks(0, nr_subblocks, plugged=False)
-        run_start = None
-        for i in range(nr_subblocks + 1):
-            is_set = i < nr_subblocks and bits >> i & 1
-            if is_set and run_start is None:
-                run_start = i
-            elif not is_set and run_start is not None:
-                self._write_subblocks(run_start, i - run_start, plugged=True)
-                run_start = None
+    def _replace_bitmap(self, bitmap: bytes) -> None:
+        """Store a whole new bitmap (``bitmap_size`` bytes); sets ``plugged_bytes`` to match.
+
+        Called inside a write section with a bitmap built by :meth:`_bitmap_of`.
+        """
+        start = self._layout.bitmap_offset
+        self._mapped[start : start + len(bitmap)] = bitmap
+        popcount = int.from_bytes(bitmap, "little").bit_count()
+        self._hdr.plugged_bytes = popcount * self.geometry.block_size
 
     def _refresh_blocks(self, first: int, count: int) -> None:
         """Recompute plugged_subblocks and state of the blocks over subblocks
@@ -1152,13 +1149,15 @@ class Tracker:
             )
         return geometry.subblock_index(addr)
 
-    def _subblock_bits(self, subblocks: Iterable[int]) -> int:
-        bits = 0
+    def _bitmap_of(self, subblocks: Iterable[int]) -> bytes:
+        """A bitmap image with exactly ``subblocks`` set; SafetyError for one outside."""
+        nr_subblocks = self.geometry.nr_subblocks
+        bitmap = bytearray(self._layout.bitmap_size)
         for sb_index in subblocks:
-            if not 0 <= sb_index < self.geometry.nr_subblocks:
+            if not 0 <= sb_index < nr_subblocks:
                 raise SafetyError(f"subblock {sb_index} outside the region")
-            bits |= 1 << sb_index
-        return bits
+            bitmap[sb_index // 8] |= 1 << (sb_index % 8)
+        return bytes(bitmap)
 
     def _refuse_if_online_over(self, first: int, count: int, what: str) -> None:
         """SafetyError if any memory block overlapping subblocks first..first+count-1 is ONLINE."""

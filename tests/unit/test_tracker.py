@@ -511,6 +511,29 @@ def test_rebuild_refusals(tracker: Tracker) -> None:
     assert_refused_without_change(tracker, tracker.rebuild_from_states, [], {}, [40])
 
 
+def test_large_region(tmp_path: Path) -> None:
+    """1 TiB in 2 MiB blocks: 524,288 bits, 8192 records; rebuild and requests of 65,535 blocks."""
+    geometry = Geometry(4 * GIB, 1024 * GIB, 2 * MIB, 128 * MIB)
+    with Tracker.open(tmp_path, ident(geometry)) as t:
+        blocks = geometry.memory_blocks()
+        t.rebuild_from_states(
+            range(geometry.nr_subblocks), dict.fromkeys(blocks, Zone.MOVABLE), blocks
+        )
+        snap = t.snapshot()
+        assert snap.plugged_bytes == snap.online_bytes == 1024 * GIB
+        assert consistency_problem(snap) is None
+        last = blocks[-1024:]  # 128 GiB = 65,536 subblocks: two requests
+        for index in last:
+            t.record_offline(index)
+        start = geometry.memory_block_addr(last[0])
+        t.record_unplugged(start, 0xFFFF)
+        t.record_unplugged(start + 0xFFFF * 2 * MIB, 1)
+        snap = t.snapshot()
+        assert snap.plugged_bytes == snap.online_bytes == 896 * GIB
+        assert snap.state_counts()[MemoryBlockState.UNPLUGGED] == 1024
+        assert consistency_problem(snap) is None
+
+
 def test_big_block_mode(tmp_path: Path) -> None:
     with Tracker.open(tmp_path, ident(BBM)) as t:
         assert BBM.nr_subblocks == 4 and BBM.nr_memory_blocks == 8
