@@ -151,7 +151,7 @@ class DeviceDriver:
         plugged: list[int] = []
         if config.plugged_size and not online:
             # Spec 5.15.5: plugged memory nobody uses is given back in one request.
-            response = self._request(RequestType.UNPLUG_ALL, 0, 0)
+            response = self.request(RequestType.UNPLUG_ALL, 0, 0)
             if response.type is ResponseType.ERROR:
                 raise DeviceBroken("UNPLUG_ALL answered ERROR")
             if not response.acked:
@@ -175,7 +175,7 @@ class DeviceDriver:
         plugged: list[int] = []
         while pending:
             first, count = pending.pop()
-            response = self._request(RequestType.STATE, self.geometry.subblock_addr(first), count)
+            response = self.request(RequestType.STATE, self.geometry.subblock_addr(first), count)
             if not response.acked:
                 raise DeviceBroken(f"STATE answered {response.type.name}", first=first)
             if response.state is BlockState.PLUGGED:
@@ -259,11 +259,11 @@ class DeviceDriver:
         return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
 
     def _plug(self, step: planner.PlugStep) -> StepResult:
-        response = self._request(RequestType.PLUG, step.addr, step.nb_blocks)
+        response = self.request(RequestType.PLUG, step.addr, step.nb_blocks)
         return self._after_range_request(step, response)
 
     def _unplug(self, step: planner.UnplugStep) -> StepResult:
-        response = self._request(RequestType.UNPLUG, step.addr, step.nb_blocks)
+        response = self.request(RequestType.UNPLUG, step.addr, step.nb_blocks)
         return self._after_range_request(step, response)
 
     def _after_range_request(
@@ -293,7 +293,7 @@ class DeviceDriver:
         self.not_before = self.clock() + delay
         return StepResult(Outcome.WAIT, step, wait_seconds=delay, detail=why)
 
-    def _request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
+    def request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
         """One request, bracketed by the tracker's intent; ACKs recorded before it clears."""
         self.tracker.set_intent(req_type, addr, nb_blocks)
         if req_type is RequestType.PLUG:
@@ -321,31 +321,41 @@ class DeviceDriver:
         if record.state not in (MemoryBlockState.PLUGGED, MemoryBlockState.ONLINE):
             raise SafetyError(f"memory{mb} is not fully plugged ({record.state.name})", block=mb)
 
-    def _online(self, step: planner.OnlineStep) -> StepResult:
-        mb = step.memory_block
+    def online_block(self, mb: int, zone: Zone) -> None:
+        """Probe (if absent) and online fully plugged block ``mb``; record it.
+
+        Copes with a kernel that onlines new blocks on its own (auto_online_blocks).
+        Raises KernelError when the kernel refuses.
+        """
         self._require_plugged(mb)
-        try:
+        current = self.kernel.block(mb)
+        if current.state is KernelBlockState.ABSENT:
+            self.kernel.probe(self.geometry.memory_block_addr(mb))
+            self.tracker.record_present(mb)
             current = self.kernel.block(mb)
-            if current.state is KernelBlockState.ABSENT:
-                self.kernel.probe(self.geometry.memory_block_addr(mb))
-                self.tracker.record_present(mb)
-                current = self.kernel.block(mb)
-            if current.state is not KernelBlockState.ONLINE:
-                self.kernel.online(mb, step.zone)
-                current = self.kernel.block(mb)
-        except KernelError as exc:
-            return self._avoid(step, mb, exc)
+        if current.state is not KernelBlockState.ONLINE:
+            self.kernel.online(mb, zone)
+            current = self.kernel.block(mb)
         self.tracker.record_online(mb, current.zone, current.node)
+
+    def offline_block(self, mb: int) -> None:
+        """Offline block ``mb`` and record it; OfflineRefused when the kernel says no."""
+        self.kernel.offline(mb)
+        self.tracker.record_offline(mb)
+
+    def _online(self, step: planner.OnlineStep) -> StepResult:
+        try:
+            self.online_block(step.memory_block, step.zone)
+        except KernelError as exc:
+            return self._avoid(step, step.memory_block, exc)
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
 
     def _offline(self, step: planner.OfflineStep) -> StepResult:
-        mb = step.memory_block
         try:
-            self.kernel.offline(mb)
+            self.offline_block(step.memory_block)
         except OfflineRefused as exc:
-            return self._avoid(step, mb, exc)
-        self.tracker.record_offline(mb)
+            return self._avoid(step, step.memory_block, exc)
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
 
