@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -157,7 +157,7 @@ def test_layout_sizes_are_pinned() -> None:
 @pytest.mark.parametrize(
     ("layout", "offsets"), [(TrackerHeader, HEADER_OFFSETS), (BlockRecordLayout, RECORD_OFFSETS)]
 )
-def test_field_offsets_are_pinned(layout: type, offsets: dict[str, int]) -> None:
+def test_field_offsets_are_pinned(layout: type[ctypes.Structure], offsets: dict[str, int]) -> None:
     names = [field[0] for field in layout._fields_]
     assert names == list(offsets)
     for name, offset in offsets.items():
@@ -296,7 +296,7 @@ def test_close_survives_a_kept_exception(tmp_path: Path) -> None:
 
 
 def test_each_transition_is_one_write_section(tracker: Tracker) -> None:
-    steps = [
+    steps: list[Callable[[], None]] = [
         lambda: tracker.set_intent(RequestType.PLUG, SBM.addr, 64),
         lambda: tracker.record_plugged(SBM.addr, 64),
         tracker.clear_intent,
@@ -367,10 +367,12 @@ def test_bad_ranges_are_refused(tracker: Tracker, addr: int, nb_blocks: int) -> 
     assert tracker.generation == 2
 
 
-def assert_refused_without_change(tracker: Tracker, action: object, *args: object) -> None:
+def assert_refused_without_change(
+    tracker: Tracker, action: Callable[..., None], *args: object
+) -> None:
     before = tracker.snapshot()
     with pytest.raises(SafetyError):
-        action(*args)  # type: ignore[operator]
+        action(*args)
     assert tracker.snapshot() == before
 
 
@@ -742,6 +744,10 @@ def record_offset(slot: int) -> int:
 BITMAP_OFFSET = HEADER_SIZE + 8 * RECORD_SIZE  # for SBM
 
 
+#: Damages a tracker file in place.
+Corruption = Callable[[Path], None]
+
+
 def corrupt_truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
@@ -850,9 +856,9 @@ def write_sample(state_dir: Path) -> Path:
         return t.path
 
 
-def check_set_aside(state_dir: Path, corrupt: object, expected: str) -> None:
+def check_set_aside(state_dir: Path, corrupt: Corruption, expected: str) -> None:
     path = write_sample(state_dir)
-    corrupt(path)  # type: ignore[operator]
+    corrupt(path)
     bad_bytes = path.read_bytes() if not path.is_symlink() else None
     with Tracker.open(state_dir, ident()) as t:
         assert not t.recovered
@@ -874,7 +880,7 @@ def check_set_aside(state_dir: Path, corrupt: object, expected: str) -> None:
 
 @pytest.mark.parametrize(("corrupt", "expected"), CORRUPTIONS, ids=case_id)
 def test_corrupt_file_is_set_aside_and_rebuilt(
-    tmp_path: Path, corrupt: object, expected: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, corrupt: Corruption, expected: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level("WARNING", logger="vmem_guest.tracker"):
         check_set_aside(tmp_path, corrupt, expected)
@@ -883,7 +889,7 @@ def test_corrupt_file_is_set_aside_and_rebuilt(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership rules apply when running as root")
 @pytest.mark.parametrize(("corrupt", "expected"), ROOT_ONLY, ids=case_id)
-def test_untrusted_file_is_set_aside(tmp_path: Path, corrupt: object, expected: str) -> None:
+def test_untrusted_file_is_set_aside(tmp_path: Path, corrupt: Corruption, expected: str) -> None:
     check_set_aside(tmp_path, corrupt, expected)
 
 
@@ -983,9 +989,9 @@ def test_reader_works_without_write_permission(tracker: Tracker, tmp_path: Path)
         (corrupt_truncate_tail, "size mismatch"),
     ],
 )
-def test_reader_refuses_bad_files(tmp_path: Path, corrupt: object, expected: str) -> None:
+def test_reader_refuses_bad_files(tmp_path: Path, corrupt: Corruption, expected: str) -> None:
     path = write_sample(tmp_path)
-    corrupt(path)  # type: ignore[operator]
+    corrupt(path)
     with pytest.raises(TrackerError) as info:
         TrackerReader.open(path)
     assert expected in str(info.value) and "\n" not in str(info.value)
