@@ -12,22 +12,26 @@ where newer QEMU differs:
 
 - ``virtio_mem_unplug_all``: up to 8.0 it checks "migration running -> BUSY"
   before looking at the plugged size, so an UNPLUG_ALL with nothing plugged can
-  still answer BUSY. Since 8.1 ("virtio-mem: Skip most of
-  virtio_mem_unplug_all() without plugged memory") that check only runs when
+  still answer BUSY. The patch "virtio-mem: Skip most of virtio_mem_unplug_all()
+  without plugged memory" (June 2023, so QEMU 8.1) runs that check only when
   something is plugged. See :attr:`DeviceModel.busy_unplug_all_when_empty`.
-- 8.2 added dynamic memslots (``virtio_mem_activate_memslots_to_plug``...);
-  they change nothing a driver can see in the answers.
-- 9.x moved the system reset to a Resettable object that skips the unplug on
-  wake-up from suspend (``RESET_TYPE_WAKEUP``); 7.2 registers
+- Dynamic memslots (8.2, ``virtio_mem_activate_memslots_to_plug``...) change
+  nothing a driver can see in the answers.
+- Current QEMU runs the system reset from a Resettable object that skips the
+  unplug on wake-up from suspend (``RESET_TYPE_WAKEUP``); 7.2 registers
   ``virtio_mem_system_reset`` with ``qemu_register_reset`` and always unplugs.
-- Unchanged since 5.2: ``virtio_mem_valid_range``,
-  ``virtio_mem_state_change_request`` (there is no size-related NACK for
-  UNPLUG: only PLUG can be NACKed), ``virtio_mem_state_request``,
-  ``virtio_mem_resize_usable_region`` (aligned up to the block size since 6.1)
-  and ``virtio_mem_set_requested_size``.
+  The model has no suspend: :meth:`DeviceModel.system_reset` always unplugs.
+- The same in 7.2 and current QEMU, as far as the patches read show:
+  ``virtio_mem_valid_range``, ``virtio_mem_state_change_request`` (there is no
+  size-related NACK for UNPLUG: only PLUG can be NACKed),
+  ``virtio_mem_state_request``, ``virtio_mem_resize_usable_region`` (the
+  first QEMU, 5.1, neither aligned the usable size up to the block size nor
+  set it to 0 for a zero request) and ``virtio_mem_set_requested_size``.
 
 QEMU arithmetic is on ``uint64_t``; the model masks to 64 bits in the same
-places, so an address near 2**64 behaves as it does in QEMU.
+places, so an address near 2**64 behaves as it does in QEMU. Not modelled: a
+device-writable buffer shorter than 10 bytes (also ``virtio_error`` in QEMU);
+:meth:`DeviceModel.submit` has no response buffer to check.
 """
 
 from __future__ import annotations
