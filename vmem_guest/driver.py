@@ -151,6 +151,9 @@ class DeviceDriver:
         plugged: list[int] = []
         if config.plugged_size and not online:
             # Spec 5.15.5: plugged memory nobody uses is given back in one request.
+            # Forget what the tracker believed first: it may say ONLINE for a block
+            # a crash left offline, and the tracker refuses UNPLUG_ALL over those.
+            self.tracker.rebuild_from_states(plugged=[], online={}, present=present)
             response = self.request(RequestType.UNPLUG_ALL, 0, 0)
             if response.type is ResponseType.ERROR:
                 raise DeviceBroken("UNPLUG_ALL answered ERROR")
@@ -317,7 +320,7 @@ class DeviceDriver:
 
     def _require_plugged(self, mb: int) -> None:
         """Invariant 5.1/5.5: never probe or online a block that is not fully plugged."""
-        record = self.tracker.snapshot().block(mb)
+        record = self.tracker.block(mb)
         if record.state not in (MemoryBlockState.PLUGGED, MemoryBlockState.ONLINE):
             raise SafetyError(f"memory{mb} is not fully plugged ({record.state.name})", block=mb)
 

@@ -224,7 +224,7 @@ class _Census:
         ]
 
 
-def _runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
+def runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
     """Contiguous runs (first, count) of sorted ``indices``, each at most ``limit`` long."""
     start = prev = -2
     for index in indices:
@@ -239,8 +239,8 @@ def _runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
 
 
 def _unplug_run(inp: PlanInput, subblocks: list[int], highest: bool = True) -> UnplugStep:
-    runs = list(_runs(sorted(subblocks), MAX_BLOCKS_PER_REQUEST))
-    first, count = runs[-1] if highest else runs[0]
+    found = list(runs(sorted(subblocks), MAX_BLOCKS_PER_REQUEST))
+    first, count = found[-1] if highest else found[0]
     return UnplugStep(inp.geometry.subblock_addr(first), count)
 
 
@@ -282,7 +282,7 @@ def _grow(inp: PlanInput, census: _Census, full: list[Unit], target_units: int) 
     usable_end_sb = geometry.subblock_index(inp.config.usable_end)
     for unit in census.partial():
         missing = [sb for sb in unit.subblocks if not inp.is_plugged(sb)]
-        first, count = next(_runs(missing, MAX_BLOCKS_PER_REQUEST))
+        first, count = next(runs(missing, MAX_BLOCKS_PER_REQUEST))
         if first + count <= usable_end_sb and count * geometry.block_size <= headroom:
             return PlugStep(geometry.subblock_addr(first), count)
     wanted_units = min(target_units - len(full), inp.policy.plug_batch_units)
@@ -296,12 +296,17 @@ def _grow(inp: PlanInput, census: _Census, full: list[Unit], target_units: int) 
     per_unit = len(census.layout.units[0].subblocks) if census.layout.units else 1
     if wanted_units <= 0 or not candidates:
         return None
-    first, count = next(_runs(candidates, MAX_BLOCKS_PER_REQUEST))
+    first, count = next(runs(candidates, MAX_BLOCKS_PER_REQUEST))
     # Whole units only, unless one unit alone is larger than a request.
     count = min(count, wanted_units * per_unit)
     if count >= per_unit:
         count -= count % per_unit
     return PlugStep(geometry.subblock_addr(first), count)
+
+
+def shrink_order(inp: PlanInput, full: list[Unit]) -> list[Unit]:
+    """The order in which ``full`` units are given back (see :func:`_shrink_order`)."""
+    return _shrink_order(inp, _Census(inp, layout_of(inp.geometry)), full)
 
 
 def _shrink_order(inp: PlanInput, census: _Census, full: list[Unit]) -> list[Unit]:
