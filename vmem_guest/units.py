@@ -7,8 +7,12 @@ import re
 from vmem_guest.errors import UsageError
 
 _SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
-_SIZE_RE = re.compile(r"^\s*(?P<num>\d+)\s*(?P<unit>[KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-_HEX_RE = re.compile(r"^\s*0x(?P<hex>[0-9a-f]+)\s*$", re.IGNORECASE)
+# ASCII only: ``\d`` would otherwise take any Unicode digit (Arabic-Indic,
+# fullwidth). "iB"/"B" follow a unit letter; a bare "B" means bytes.
+_SIZE_RE = re.compile(
+    r"^\s*(?P<num>\d+)\s*(?:(?P<unit>[KMGT])(?:I?B)?|B)?\s*$", re.IGNORECASE | re.ASCII
+)
+_HEX_RE = re.compile(r"^\s*0x(?P<hex>[0-9a-f]+)\s*$", re.IGNORECASE | re.ASCII)
 #: Largest size or address accepted: the 64-bit physical address space.
 MAX_VALUE = (1 << 64) - 1
 
@@ -28,9 +32,13 @@ def parse_size(text: str) -> int:
                 f"invalid size {text!r}: use a number with K/M/G/T (optionally iB) or 0x hex",
                 value=text,
             )
-        value = int(match["num"]) << _SUFFIXES[match["unit"].upper()]
+        digits = match["num"].lstrip("0")
+        # 2**64 has 20 digits; longer numbers do not fit, and int() refuses > 4300 digits.
+        if len(digits) > 20:
+            raise UsageError(f"size {text[:40]!r} does not fit in 64 bits", value=text)
+        value = int(match["num"]) << _SUFFIXES[(match["unit"] or "").upper()]
     if value > MAX_VALUE:
-        raise UsageError(f"size {text!r} does not fit in 64 bits", value=text)
+        raise UsageError(f"size {text[:40]!r} does not fit in 64 bits", value=text)
     return value
 
 
