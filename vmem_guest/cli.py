@@ -267,6 +267,260 @@ def status(state_dir: Path, as_json: bool) -> None:
     click.echo("\n\n".join(render.snapshot_text(snap) for snap in snapshots))
 
 
+# --- the real device ---------------------------------------------------------
+
+DEVICE = click.option(
+    "--device",
+    "bdf",
+    default=None,
+    metavar="BDF",
+    help="PCI address of the device (default: the only one).",
+)
+NOIOMMU = click.option(
+    "--noiommu",
+    is_flag=True,
+    help="Allow VFIO's unsafe no-IOMMU mode when the device has no IOMMU "
+    "(taints the kernel; the agent then keeps its DMA pages outside every device region).",
+)
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@JSON
+def devices(as_json: bool) -> None:
+    """List virtio-mem PCI devices (1af4:1058) and the driver each is bound to."""
+    from vmem_guest import discovery
+
+    found = discovery.list_devices()
+    if as_json:
+        _emit_json([dev.as_dict() for dev in found])
+        return
+    if not found:
+        click.echo("no virtio-mem device found")
+        return
+    rows = [
+        (
+            d.bdf,
+            d.driver or "-",
+            d.iommu_kind or "-",
+            d.iommu_group if d.iommu_group is not None else "-",
+            d.numa_node,
+        )
+        for d in found
+    ]
+    click.echo(render.table(("device", "driver", "iommu", "group", "numa_node"), rows))
+
+
+@cli.command()
+@click.argument("bdf")
+@NOIOMMU
+def bind(bdf: str, noiommu: bool) -> None:
+    """Bind device BDF to vfio-pci so that vmem-guest can drive it."""
+    from vmem_guest import discovery
+
+    node = discovery.bind(bdf, allow_noiommu=noiommu)
+    click.echo(f"{discovery.normalize_bdf(bdf)} bound to vfio-pci ({node})")
+
+
+@cli.command()
+@click.argument("bdf")
+def unbind(bdf: str) -> None:
+    """Give device BDF back to the kernel (virtio-pci, and so the in-kernel driver)."""
+    from vmem_guest import discovery
+
+    driver = discovery.unbind(bdf)
+    click.echo(f"{discovery.normalize_bdf(bdf)} now bound to {driver or 'no driver'}")
+
+
+@cli.command()
+@ONLINE_POLICY
+@click.option(
+    "--manual",
+    is_flag=True,
+    help="Do not follow the host's requested size; serve plug/unplug commands only.",
+)
+@NOIOMMU
+@click.option(
+    "--device",
+    "bdfs",
+    multiple=True,
+    metavar="BDF",
+    help="Drive only this device (repeatable; default: every virtio-mem device).",
+)
+@STATE_DIR
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def run(
+    online_policy: str,
+    manual: bool,
+    noiommu: bool,
+    bdfs: tuple[str, ...],
+    state_dir: Path,
+    log_level: str,
+) -> None:
+    """Run the agent: bind every virtio-mem device to vfio-pci and follow the host.
+
+    Plugs and onlines memory blocks when the host raises requested-size,
+    offlines and unplugs them when it lowers it; sleeps on interrupts when
+    there is nothing to do. Stop it with SIGTERM: the request in flight
+    finishes and the memory stays as it is. A control socket in --state-dir
+    serves `vmem-guest plug/unplug/state/unplug-all` (root only).
+    """
+    from vmem_guest import service
+
+    _setup_logging(log_level)
+    options = service.RunOptions(
+        state_dir=state_dir,
+        policy=planner.Policy(online=planner.OnlinePolicy(online_policy)),
+        manual=manual,
+        allow_noiommu=noiommu,
+        devices=bdfs,
+    )
+    service.run_agent(options)
+
+
+def _manual(request: dict[str, Any], state_dir: Path, noiommu: bool, as_json: bool) -> None:
+    from vmem_guest import service
+
+    def progress(update: dict[str, Any]) -> None:
+        if not as_json:
+            done, total = update.get("done", 0), update.get("total", 0)
+            click.echo(f"  {request['op']}: {format_size(done)} / {format_size(total)}", err=True)
+
+    result = service.manual_command(
+        request, state_dir=state_dir, allow_noiommu=noiommu, on_progress=progress
+    )
+    if as_json:
+        _emit_json(result)
+    elif "state" in result:
+        click.echo(result["state"])
+    else:
+        click.echo(
+            f"{result['op']}: done; device plugged {format_size(result['plugged_size'])},"
+            f" online {format_size(result['online_size'])}"
+        )
+
+
+def _range_request(
+    op: str, size: int | None, addr: int | None, blocks: int | None, bdf: str | None
+) -> dict[str, Any]:
+    if (size is None) == (addr is None):
+        raise UsageError(f"{op}: give either SIZE or --addr with --blocks")
+    if addr is not None and blocks is None:
+        raise UsageError(f"{op}: --addr needs --blocks")
+    if addr is not None:
+        return {"op": op, "device": bdf, "addr": addr, "blocks": blocks}
+    return {"op": op, "device": bdf, "size": size}
+
+
+ADDR = click.option(
+    "--addr", type=ADDRESS, default=None, help="Start address (device block aligned)."
+)
+BLOCKS = click.option(
+    "--blocks", type=click.IntRange(1, 65535), default=None, help="Number of device blocks."
+)
+
+
+@cli.command()
+@click.argument("size", type=SIZE, required=False)
+@ADDR
+@BLOCKS
+@click.option(
+    "--zone",
+    type=click.Choice(["movable", "kernel"]),
+    default="movable",
+    show_default=True,
+    help="Zone to online the memory to.",
+)
+@DEVICE
+@NOIOMMU
+@STATE_DIR
+@JSON
+def plug(
+    size: int | None,
+    addr: int | None,
+    blocks: int | None,
+    zone: str,
+    bdf: str | None,
+    noiommu: bool,
+    state_dir: Path,
+    as_json: bool,
+) -> None:
+    """Plug and online SIZE bytes (lowest free memory blocks), or an exact range.
+
+    Only whole memory blocks are plugged, and every plugged block is onlined.
+    The host must request at least as much (the device NACKs beyond it).
+    """
+    request = _range_request("plug", size, addr, blocks, bdf)
+    request["zone"] = zone
+    _manual(request, state_dir, noiommu, as_json)
+
+
+@cli.command()
+@click.argument("size", type=SIZE, required=False)
+@ADDR
+@BLOCKS
+@DEVICE
+@NOIOMMU
+@STATE_DIR
+@JSON
+def unplug(
+    size: int | None,
+    addr: int | None,
+    blocks: int | None,
+    bdf: str | None,
+    noiommu: bool,
+    state_dir: Path,
+    as_json: bool,
+) -> None:
+    """Offline and unplug SIZE bytes (highest blocks first), or an exact range.
+
+    A block the kernel refuses to offline is skipped (SIZE) or reported with its
+    errno (range); blocks offlined on the way are onlined again.
+    """
+    _manual(_range_request("unplug", size, addr, blocks, bdf), state_dir, noiommu, as_json)
+
+
+@cli.command()
+@click.option("--addr", type=ADDRESS, required=True, help="Start address (device block aligned).")
+@click.option(
+    "--blocks", type=click.IntRange(1, 65535), required=True, help="Number of device blocks."
+)
+@DEVICE
+@NOIOMMU
+@STATE_DIR
+@JSON
+def state(
+    addr: int, blocks: int, bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool
+) -> None:
+    """Ask the device whether a range is PLUGGED, UNPLUGGED or MIXED (STATE request)."""
+    request = {"op": "state", "device": bdf, "addr": addr, "blocks": blocks}
+    _manual(request, state_dir, noiommu, as_json)
+
+
+@cli.command("unplug-all")
+@DEVICE
+@NOIOMMU
+@STATE_DIR
+@JSON
+def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -> None:
+    """Offline every memory block of the device, then UNPLUG_ALL (all or nothing)."""
+    _manual({"op": "unplug-all", "device": bdf}, state_dir, noiommu, as_json)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click in non-standalone mode so every error is one line."""
     try:

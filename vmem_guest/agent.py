@@ -1,0 +1,256 @@
+"""The agent: one process, every virtio-mem device, one selector loop.
+
+The loop sleeps in ``select`` on the devices' interrupt eventfds, the control
+socket and a self-pipe for signals; its timeout is the earliest backoff timer,
+or none at all when every device has converged, so an idle agent costs no CPU.
+
+Per device, the driver core takes steps until it converges, waits (BUSY,
+EBUSY) or breaks. A config-change interrupt re-reads the config and cuts any
+wait short. SIGTERM/SIGINT only set a flag: the step in flight (and so the
+request in flight) finishes, the tracker is left consistent, memory stays as it
+is and the devices keep their state (a device reset does not unplug).
+
+In ``manual`` mode the agent does not follow ``requested_size``: it serves
+plug/unplug/state/unplug-all requests from the control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from vmem_guest import manual
+from vmem_guest.attach import Attached
+from vmem_guest.blocks import Zone
+from vmem_guest.control import ControlServer, Emit
+from vmem_guest.driver import Outcome
+from vmem_guest.errors import UsageError, VmemError
+from vmem_guest.transport.channel import CONFIG
+
+#: Steps one device may take before the loop looks at its file descriptors again.
+STEPS_PER_TURN = 32
+
+log = logging.getLogger("vmem_guest.agent")
+
+
+@dataclasses.dataclass
+class DeviceSlot:
+    """The agent's view of one attached device."""
+
+    attached: Attached
+    wake_at: float | None = 0.0  # None: converged, waiting for a config change
+    broken: str | None = None
+
+    @property
+    def bdf(self) -> str:
+        return self.attached.bdf
+
+
+class Agent:
+    """The daemon behind ``vmem-guest run``."""
+
+    def __init__(
+        self,
+        devices: list[Attached],
+        control: Callable[[Callable[[dict[str, Any], Emit], dict[str, Any]]], ControlServer]
+        | None = None,
+        *,
+        manual_mode: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.slots = {attached.bdf: DeviceSlot(attached) for attached in devices}
+        self.manual_mode = manual_mode
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.control = control(self.handle_request) if control is not None else None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # --- lifetime -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT."""
+        with self._signals():
+            self._register()
+            log.info(
+                "agent running: %d device(s), %s mode",
+                len(self.slots),
+                "manual" if self.manual_mode else "automatic",
+            )
+            while not self.stopping:
+                self._drive_devices()
+                self._wait_for_events(self._timeout())
+        log.info("agent stopping")
+
+    def close(self) -> None:
+        """Release the loop's own resources; the devices belong to the caller."""
+        if self.control is not None:
+            self.control.close()
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        def on_signal(signum: int, frame: types.FrameType | None) -> None:
+            self.stopping = True
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _register(self) -> None:
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
+        if self.control is not None:
+            self.selector.register(self.control.fileno(), selectors.EVENT_READ, "control")
+        for slot in self.slots.values():
+            channel = slot.attached.channel
+            fds = {channel.interrupt_fd(), channel.config_change_fd()}
+            for fd in fds:
+                self.selector.register(fd, selectors.EVENT_READ, slot)
+
+    # --- the loop -------------------------------------------------------------
+
+    def _timeout(self) -> float | None:
+        """Seconds until the earliest device timer; None when all have converged."""
+        if self.stopping:
+            return 0.0
+        wakes = [s.wake_at for s in self.slots.values() if s.wake_at is not None and not s.broken]
+        if self.manual_mode or not wakes:
+            return None
+        return max(0.0, min(wakes) - self.clock())
+
+    def _wait_for_events(self, timeout: float | None) -> None:
+        for key, _events in self.selector.select(timeout):
+            if key.data == "wakeup":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+            elif key.data == "control" and self.control is not None:
+                self.control.serve_one()
+            elif isinstance(key.data, DeviceSlot):
+                self._interrupt(key.data)
+
+    def _interrupt(self, slot: DeviceSlot) -> None:
+        causes = slot.attached.channel.handle_interrupt()
+        if CONFIG in causes:
+            try:
+                slot.attached.driver.config_changed()
+            except VmemError as exc:
+                self._mark_broken(slot, exc.message)
+                return
+            log.info(
+                "%s: config changed, requested %#x",
+                slot.bdf,
+                slot.attached.driver.config.requested_size,
+            )
+            slot.wake_at = 0.0
+
+    def _drive_devices(self) -> None:
+        if self.manual_mode:
+            return
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.broken or slot.wake_at is None or slot.wake_at > now:
+                continue
+            self._drive(slot)
+
+    def _drive(self, slot: DeviceSlot) -> None:
+        driver = slot.attached.driver
+        for _ in range(STEPS_PER_TURN):
+            if self.stopping:
+                return
+            try:
+                result = driver.step()
+            except VmemError as exc:
+                self._mark_broken(slot, exc.message)
+                return
+            if result.outcome is Outcome.PROGRESS:
+                continue
+            if result.outcome is Outcome.WAIT:
+                slot.wake_at = self.clock() + result.wait_seconds
+            elif result.outcome is Outcome.DONE:
+                slot.wake_at = None
+            else:
+                self._mark_broken(slot, result.detail)
+            return
+        slot.wake_at = self.clock()  # more to do: come back after a look at the fds
+
+    def _mark_broken(self, slot: DeviceSlot, reason: str) -> None:
+        slot.broken = reason
+        slot.attached.tracker.set_broken(reason)
+        log.error("%s: device broken, not touching it any more: %s", slot.bdf, reason)
+
+    # --- control requests -----------------------------------------------------
+
+    def handle_request(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Serve one control request (see control.py for the protocol)."""
+        op = request["op"]
+        if op == "ping":
+            return {"pid": os.getpid(), "manual": self.manual_mode, "devices": list(self.slots)}
+        slot = self._slot_for(request.get("device"))
+        if op == "state":
+            ops = manual.ManualOps(slot.attached.driver)
+            state = ops.state(_int(request, "addr"), _int(request, "blocks"))
+            return {"state": state.name}
+        if not self.manual_mode:
+            raise UsageError(
+                f"the agent follows the host's requested size; '{op}' needs an agent started"
+                " with --manual (or no agent)",
+                op=op,
+            )
+        return run_manual(slot.attached, request, emit)
+
+    def _slot_for(self, bdf: object) -> DeviceSlot:
+        if bdf is None:
+            if len(self.slots) != 1:
+                raise UsageError(f"several devices: choose one of {', '.join(self.slots)}")
+            return next(iter(self.slots.values()))
+        if not isinstance(bdf, str) or bdf not in self.slots:
+            raise UsageError(f"the agent does not own device {bdf!r}", device=str(bdf))
+        slot = self.slots[bdf]
+        if slot.broken:
+            raise UsageError(f"device {bdf} is broken: {slot.broken}", device=bdf)
+        return slot
+
+
+def _int(request: dict[str, Any], key: str) -> int:
+    value = request.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"control request needs a non-negative integer {key!r}", key=key)
+    return value
+
+
+def run_manual(attached: Attached, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """Run one manual operation described by a control request on ``attached``."""
+    ops = manual.ManualOps(
+        attached.driver, progress=lambda done, total: emit({"done": done, "total": total})
+    )
+    op = request["op"]
+    zone = Zone.KERNEL if request.get("zone") == "kernel" else Zone.MOVABLE
+    if op == "state":
+        return {"state": ops.state(_int(request, "addr"), _int(request, "blocks")).name}
+    if op == "unplug-all":
+        return ops.unplug_all().as_dict()
+    if op not in ("plug", "unplug"):
+        raise UsageError(f"unknown control operation {op!r}", op=op)
+    block_size = attached.driver.geometry.block_size
+    if "addr" in request:
+        addr, size = _int(request, "addr"), _int(request, "blocks") * block_size
+        result = ops.plug_range(addr, size, zone) if op == "plug" else ops.unplug_range(addr, size)
+    else:
+        size = _int(request, "size")
+        result = ops.plug_size(size, zone) if op == "plug" else ops.unplug_size(size)
+    return result.as_dict()

@@ -1,0 +1,83 @@
+"""Attach to one virtio-mem device: channel, tracker and driver core, recovered.
+
+Shared by the agent (``vmem-guest run``) and the manual commands when no
+agent runs: both must take the tracker lock (one owner per device), recover
+exact state (DeviceDriver.start) and release everything on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+from vmem_guest import planner
+from vmem_guest.blocks import Geometry
+from vmem_guest.device import VirtioMemDevice
+from vmem_guest.driver import DeviceDriver
+from vmem_guest.hotplug import KernelMemory
+from vmem_guest.tracker import Tracker, TrackerIdentity
+from vmem_guest.transport.channel import PciChannel
+from vmem_guest.transport.vfio import Mode
+
+MEMINFO = Path("/proc/meminfo")
+
+log = logging.getLogger("vmem_guest.attach")
+
+
+def memtotal_bytes(meminfo: Path = MEMINFO) -> int:
+    """MemTotal from /proc/meminfo, in bytes (0 if unreadable)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclasses.dataclass
+class Attached:
+    """One device the current process owns."""
+
+    bdf: str
+    channel: PciChannel
+    tracker: Tracker
+    driver: DeviceDriver
+
+    def close(self) -> None:
+        """Tracker first (memory stays as it is), then the channel (device reset)."""
+        self.tracker.close()
+        self.channel.close()
+
+
+def attach(
+    bdf: str,
+    *,
+    mode: Mode,
+    state_dir: Path,
+    kernel: KernelMemory,
+    policy: planner.Policy,
+    guard_ranges: list[tuple[int, int]] | None = None,
+) -> Attached:
+    """Open ``bdf`` (bound to vfio-pci), lock its tracker and recover its state."""
+    channel = PciChannel.open(bdf, mode=mode)
+    try:
+        if guard_ranges:
+            channel.guard_ranges.extend(guard_ranges)
+        device = VirtioMemDevice(channel, bdf)
+        config = device.config()
+        geometry = Geometry(config.addr, config.region_size, config.block_size, kernel.block_size())
+        tracker = Tracker.open(state_dir, TrackerIdentity(bdf, geometry))
+    except BaseException:
+        channel.close()
+        raise
+    try:
+        if tracker.discarded_reason:
+            log.warning("%s: tracker set aside: %s", bdf, tracker.discarded_reason)
+        driver = DeviceDriver(device, tracker, kernel, policy)
+        driver.start()
+    except BaseException:
+        tracker.close()
+        channel.close()
+        raise
+    return Attached(bdf, channel, tracker, driver)

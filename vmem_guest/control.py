@@ -1,0 +1,191 @@
+"""The agent's control socket: JSON lines over a root-only Unix socket.
+
+Protocol (one request per connection, UTF-8, each message one line)::
+
+    client -> {"op": "plug", "device": "0000:00:03.0", "size": 268435456}
+    agent  -> {"progress": {"done": 134217728, "total": 268435456}}   (zero or more)
+    agent  -> {"ok": true, "result": {...}}
+           or {"ok": false, "error": {"error": "UsageError", "message": "...", ...}}
+
+The socket file is mode 0600 under ``/run/vmem-guest/``; on top of that each
+peer's credentials (SO_PEERCRED) are checked: only uid 0 is served. A message
+longer than :data:`MAX_MESSAGE_BYTES`, or one that is not a JSON object, is
+answered with an error and the connection closed; the agent carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from vmem_guest.errors import UsageError, VmemError
+
+SOCKET_NAME = "control.sock"
+MAX_MESSAGE_BYTES = 64 * 1024
+#: How long the agent waits for a connected client to finish its request line.
+CLIENT_TIMEOUT = 5.0
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+log = logging.getLogger("vmem_guest.control")
+
+Emit = Callable[[dict[str, Any]], None]
+Handler = Callable[[dict[str, Any], Emit], dict[str, Any]]
+
+
+def socket_path(state_dir: Path) -> Path:
+    return state_dir / SOCKET_NAME
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end (SO_PEERCRED)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(raw)
+    return int(uid)
+
+
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(message, sort_keys=True).encode() + b"\n")
+
+
+def _error_reply(exc: VmemError) -> dict[str, Any]:
+    return {"ok": False, "error": exc.as_dict()}
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """A request line -> dict with a string ``op``; UsageError otherwise."""
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError("control request is not valid JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise UsageError('control request must be a JSON object with a string "op"')
+    return message
+
+
+class ControlServer:
+    """The listening socket; the agent's selector loop calls :meth:`serve_one`."""
+
+    def __init__(self, path: Path, handler: Handler, *, allowed_uids: frozenset[int]) -> None:
+        self.path = path
+        self.handler = handler
+        self.allowed_uids = allowed_uids
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def serve_one(self) -> None:
+        """Accept one client and answer its request; never raises for a client's fault."""
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(CLIENT_TIMEOUT)
+            try:
+                self._serve(conn)
+            except OSError as exc:
+                log.warning("control client dropped: %s", exc)
+
+    def _serve(self, conn: socket.socket) -> None:
+        uid = peer_uid(conn)
+        if uid not in self.allowed_uids:
+            log.warning("refused control connection from uid %d", uid)
+            _send(conn, _error_reply(UsageError("permission denied: root only", uid=uid)))
+            return
+        try:
+            request = parse_request(_read_line(conn))
+        except UsageError as exc:
+            log.warning("bad control request: %s", exc.message)
+            _send(conn, _error_reply(exc))
+            return
+        try:
+            result = self.handler(request, lambda progress: _send(conn, {"progress": progress}))
+        except VmemError as exc:
+            _send(conn, _error_reply(exc))
+            return
+        _send(conn, {"ok": True, "result": result})
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buffer = b""
+    while b"\n" not in buffer:
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            raise UsageError("control request timed out") from None
+        if not chunk:
+            break
+        buffer += chunk
+        if len(buffer) > MAX_MESSAGE_BYTES:
+            raise UsageError(f"control request longer than {MAX_MESSAGE_BYTES} bytes")
+    line = buffer.split(b"\n", 1)[0]
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise UsageError(f"control request longer than {MAX_MESSAGE_BYTES} bytes")
+    return line
+
+
+class AgentError(VmemError):
+    """An error the agent reported over the control socket (its fields are kept)."""
+
+
+def call(
+    path: Path, request: dict[str, Any], on_progress: Emit | None = None
+) -> dict[str, Any] | None:
+    """Send one request to a running agent; None when no agent listens at ``path``.
+
+    Raises AgentError (or UsageError for usage errors the agent reported).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                return None
+            raise
+        _send(sock, request)
+        for message in _messages(sock):
+            if "progress" in message:
+                if on_progress is not None:
+                    on_progress(message["progress"])
+                continue
+            if message.get("ok"):
+                result: dict[str, Any] = message.get("result", {})
+                return result
+            error = message.get("error", {})
+            cls = UsageError if error.get("error") == "UsageError" else AgentError
+            fields = {k: v for k, v in error.items() if k not in ("error", "message")}
+            raise cls(str(error.get("message", "agent error")), **fields)
+    raise AgentError("the agent closed the connection without an answer")
+
+
+def _messages(sock: socket.socket) -> Iterator[dict[str, Any]]:
+    with sock.makefile("rb") as stream:
+        for line in stream:
+            message = json.loads(line)
+            if isinstance(message, dict):
+                yield message

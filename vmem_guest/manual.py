@@ -1,0 +1,294 @@
+"""Manual plug/unplug/state/unplug-all, keeping every invariant of the automatic path.
+
+Used by ``vmem-guest plug|unplug|state|unplug-all``, through the agent's
+control socket when an agent runs in ``--manual`` mode, or directly (holding
+the tracker lock) when none runs. The rules are those of DESIGN.md section 2:
+
+* only whole units are plugged (every memory block that gets plugged is onlined);
+* a block is offlined before any of its subblocks is unplugged; when the kernel
+  refuses, blocks this operation offlined are onlined again, so nothing plugged
+  is left unused, and the error names the block and the errno;
+* BUSY is retried with a bounded backoff; NACK and ERROR are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from vmem_guest import planner
+from vmem_guest.blocks import MemoryBlockState, Zone
+from vmem_guest.device import Response
+from vmem_guest.driver import DeviceDriver
+from vmem_guest.errors import DeviceBroken, DeviceError, KernelError, OfflineRefused, UsageError
+from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
+from vmem_guest.units import format_size
+
+#: Called with (bytes done, bytes in total) as an operation advances.
+Progress = Callable[[int, int], None]
+#: BUSY answers tolerated for one request before the operation gives up.
+MAX_BUSY_RETRIES = 8
+
+
+def _no_progress(done: int, total: int) -> None:
+    """The default progress sink."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ManualResult:
+    """What a manual operation did (sizes in bytes)."""
+
+    op: str
+    addr: int
+    size: int
+    plugged_size: int
+    online_size: int
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+class ManualOps:
+    """Explicit operations on one device, through its :class:`DeviceDriver`."""
+
+    def __init__(
+        self,
+        driver: DeviceDriver,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        progress: Progress = _no_progress,
+    ) -> None:
+        self.driver = driver
+        self.geometry = driver.geometry
+        self.layout = planner.layout_of(driver.geometry)
+        self.sleep = sleep
+        self.progress = progress
+
+    # --- checks ---------------------------------------------------------------
+
+    def _units_in(self, addr: int, size: int) -> list[planner.Unit]:
+        """The units exactly covering [addr, addr + size); UsageError otherwise."""
+        unit_bytes = self.layout.unit_bytes
+        if size <= 0 or size % unit_bytes or addr % unit_bytes:
+            raise UsageError(
+                f"range {addr:#x}+{format_size(size)} is not whole units of"
+                f" {format_size(unit_bytes)} (memory blocks are plugged and onlined whole)",
+                addr=addr,
+                size=size,
+            )
+        end = addr + size
+        units = [
+            unit
+            for unit in self.layout.units
+            if addr <= self.geometry.subblock_addr(unit.subblocks.start) < end
+        ]
+        if len(units) * unit_bytes != size:
+            raise UsageError(
+                f"range {addr:#x}+{format_size(size)} is outside the device region"
+                f" {self.geometry.addr:#x}+{format_size(self.geometry.region_size)}",
+                addr=addr,
+                size=size,
+            )
+        return units
+
+    def _plugged(self, unit: planner.Unit) -> int:
+        snap = self.driver.tracker.snapshot()
+        return sum(1 for sb in unit.subblocks if snap.is_plugged(sb))
+
+    def _result(self, op: str, addr: int, size: int) -> ManualResult:
+        snap = self.driver.tracker.snapshot()
+        return ManualResult(op, addr, size, snap.plugged_bytes, snap.online_bytes)
+
+    # --- requests -------------------------------------------------------------
+
+    def _request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
+        """One request; BUSY retried with backoff, NACK and ERROR raised."""
+        for attempt in range(MAX_BUSY_RETRIES + 1):
+            response = self.driver.request(req_type, addr, nb_blocks)
+            if response.type is not ResponseType.BUSY:
+                break
+            self.driver.tracker.count_retry()
+            self.sleep(min(0.05 * 2**attempt, 2.0))
+        if response.type is ResponseType.ACK:
+            return response
+        config = self.driver.refresh_config()
+        if response.type is ResponseType.NACK:
+            raise DeviceError(
+                f"the device refused {req_type.name} (NACK): the host requests"
+                f" {format_size(config.requested_size)}, {format_size(config.plugged_size)}"
+                " are plugged",
+                requested_size=config.requested_size,
+                plugged_size=config.plugged_size,
+            )
+        if response.type is ResponseType.BUSY:
+            raise DeviceError(f"the device stayed BUSY for {req_type.name}", addr=addr)
+        self.driver.tracker.set_broken(f"{req_type.name} {addr:#x} answered ERROR")
+        raise DeviceBroken(f"{req_type.name} {addr:#x} x{nb_blocks} answered ERROR", addr=addr)
+
+    def _range_requests(self, req_type: RequestType, subblocks: range) -> None:
+        for first in range(subblocks.start, subblocks.stop, MAX_BLOCKS_PER_REQUEST):
+            count = min(MAX_BLOCKS_PER_REQUEST, subblocks.stop - first)
+            self._request(req_type, self.geometry.subblock_addr(first), count)
+
+    # --- operations -----------------------------------------------------------
+
+    def plug_range(self, addr: int, size: int, zone: Zone = Zone.MOVABLE) -> ManualResult:
+        """Plug and online exactly [addr, addr + size): whole, unplugged units."""
+        units = self._units_in(addr, size)
+        busy = [u for u in units if self._plugged(u)]
+        if busy:
+            first = self.geometry.subblock_addr(busy[0].subblocks.start)
+            raise UsageError(f"{first:#x} is already plugged", addr=first)
+        usable_end = self.driver.refresh_config().usable_end
+        if addr + size > usable_end:
+            raise UsageError(
+                f"range ends beyond the usable region ({usable_end:#x}): the host must"
+                " request more first",
+                usable_end=usable_end,
+            )
+        done = 0
+        for unit in units:
+            self._plug_unit(unit, zone)
+            done += self.layout.unit_bytes
+            self.progress(done, size)
+        return self._result("plug", addr, size)
+
+    def _plug_unit(self, unit: planner.Unit, zone: Zone) -> None:
+        self._range_requests(RequestType.PLUG, unit.subblocks)
+        try:
+            for mb in unit.memory_blocks:
+                self.driver.online_block(mb, zone)
+        except KernelError:
+            # Plugged memory that cannot be onlined would leak: give it back.
+            self._release_unit(unit)
+            raise
+
+    def plug_size(self, size: int, zone: Zone = Zone.MOVABLE) -> ManualResult:
+        """Plug and online ``size`` bytes in the lowest unplugged units."""
+        self._check_size(size)
+        usable_end = self.driver.refresh_config().usable_end
+        free = [
+            unit
+            for unit in self.layout.units
+            if self._plugged(unit) == 0
+            and self.geometry.subblock_addr(unit.subblocks.stop) <= usable_end
+        ]
+        wanted = size // self.layout.unit_bytes
+        if len(free) < wanted:
+            raise UsageError(
+                f"only {format_size(len(free) * self.layout.unit_bytes)} can be plugged"
+                " in the usable region",
+                available=len(free) * self.layout.unit_bytes,
+            )
+        for done, unit in enumerate(free[:wanted], 1):
+            self._plug_unit(unit, zone)
+            self.progress(done * self.layout.unit_bytes, size)
+        return self._result("plug", self.geometry.subblock_addr(free[0].subblocks.start), size)
+
+    def _check_size(self, size: int) -> None:
+        if size <= 0 or size % self.layout.unit_bytes:
+            raise UsageError(
+                f"size {format_size(size)} is not a positive multiple of"
+                f" {format_size(self.layout.unit_bytes)}",
+                size=size,
+            )
+
+    def unplug_range(self, addr: int, size: int) -> ManualResult:
+        """Offline and unplug exactly [addr, addr + size)."""
+        units = self._units_in(addr, size)
+        done = 0
+        for unit in units:
+            self._release_unit(unit)
+            done += self.layout.unit_bytes
+            self.progress(done, size)
+        return self._result("unplug", addr, size)
+
+    def _release_unit(self, unit: planner.Unit) -> None:
+        """Offline a unit's blocks (all or none) and unplug what of it is plugged."""
+        self._offline_all(list(unit.memory_blocks))
+        snap = self.driver.tracker.snapshot()
+        plugged = [sb for sb in unit.subblocks if snap.is_plugged(sb)]
+        for first, count in planner.runs(plugged, MAX_BLOCKS_PER_REQUEST):
+            self._request(RequestType.UNPLUG, self.geometry.subblock_addr(first), count)
+
+    def _offline_all(self, blocks: list[int]) -> None:
+        """Offline every online block of ``blocks``, highest first; all or nothing."""
+        snap = self.driver.tracker.snapshot()
+        online = [mb for mb in blocks if snap.block(mb).state is MemoryBlockState.ONLINE]
+        zones = {mb: snap.block(mb).zone for mb in online}
+        done: list[int] = []
+        try:
+            for mb in sorted(online, reverse=True):
+                self.driver.offline_block(mb)
+                done.append(mb)
+        except KernelError:
+            for mb in done:
+                self.driver.online_block(mb, zones[mb])
+            raise
+
+    def unplug_size(self, size: int) -> ManualResult:
+        """Unplug ``size`` bytes, highest units first, skipping blocks that refuse to offline."""
+        self._check_size(size)
+        snap = self.driver.tracker.snapshot()
+        full = [
+            unit for unit in self.layout.units if all(snap.is_plugged(sb) for sb in unit.subblocks)
+        ]
+        inp = self.driver.plan_input()
+        order = planner.shrink_order(inp, full)
+        wanted = size // self.layout.unit_bytes
+        if len(order) < wanted:
+            raise UsageError(
+                f"only {format_size(len(order) * self.layout.unit_bytes)} is plugged",
+                plugged=len(order) * self.layout.unit_bytes,
+            )
+        released = 0
+        refusals: list[OfflineRefused] = []
+        for unit in order:
+            if released == wanted:
+                break
+            try:
+                self._release_unit(unit)
+            except OfflineRefused as exc:
+                refusals.append(exc)
+                continue
+            released += 1
+            self.progress(released * self.layout.unit_bytes, size)
+        if released < wanted:
+            last = refusals[-1]
+            raise OfflineRefused(
+                "offline",
+                last.block,
+                last.errno,
+                f"unplugged {format_size(released * self.layout.unit_bytes)} of"
+                f" {format_size(size)}; refused: "
+                + ", ".join(f"memory{exc.block}" for exc in refusals),
+            )
+        return self._result("unplug", 0, size)
+
+    def state(self, addr: int, nb_blocks: int) -> BlockState:
+        """STATE of ``nb_blocks`` device blocks from ``addr`` (read-only)."""
+        if addr % self.geometry.block_size or not 0 < nb_blocks <= MAX_BLOCKS_PER_REQUEST:
+            raise UsageError(
+                f"STATE needs a block-aligned address and 1..{MAX_BLOCKS_PER_REQUEST} blocks",
+                addr=addr,
+                nb_blocks=nb_blocks,
+            )
+        config = self.driver.refresh_config()
+        end = addr + nb_blocks * self.geometry.block_size
+        if addr < config.addr or end > config.usable_end:
+            # The device answers ERROR outside the usable region (spec 5.15.6.4).
+            raise UsageError(
+                f"{addr:#x}+{nb_blocks} blocks is outside the usable region"
+                f" {config.addr:#x}-{config.usable_end:#x}",
+                addr=addr,
+            )
+        response = self._request(RequestType.STATE, addr, nb_blocks)
+        assert response.state is not None  # parse_response guarantees it for an ACKed STATE
+        return response.state
+
+    def unplug_all(self) -> ManualResult:
+        """Offline every online block of the device (all or none), then UNPLUG_ALL."""
+        self._offline_all(list(self.geometry.memory_blocks()))
+        self._request(RequestType.UNPLUG_ALL, 0, 0)
+        return self._result("unplug-all", self.geometry.addr, self.geometry.region_size)

@@ -1,0 +1,147 @@
+"""What the CLI's device commands do: find, bind, attach, run the agent, manual operations.
+
+``cli.py`` parses and prints; this module does the work, so each command is a
+function with typed arguments that tests can call too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vmem_guest import control, discovery, planner
+from vmem_guest.agent import Agent, run_manual
+from vmem_guest.attach import Attached, attach, memtotal_bytes
+from vmem_guest.control import ControlServer, Emit
+from vmem_guest.errors import KernelError, TrackerLocked, UsageError
+from vmem_guest.hotplug import SysfsMemory
+from vmem_guest.transport.dma import no_unevictable_compaction
+from vmem_guest.transport.vfio import Mode
+
+log = logging.getLogger("vmem_guest.service")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    state_dir: Path
+    policy: planner.Policy = planner.DEFAULT_POLICY
+    manual: bool = False
+    allow_noiommu: bool = False
+    devices: tuple[str, ...] = ()
+
+
+def _kernel() -> SysfsMemory:
+    kernel = SysfsMemory()
+    if not kernel.has_probe():
+        raise KernelError(
+            "probe",
+            None,
+            2,
+            "this kernel has no /sys/devices/system/memory/probe (CONFIG_ARCH_MEMORY_PROBE)",
+        )
+    return kernel
+
+
+def _select(devices: tuple[str, ...]) -> list[discovery.VirtioMemPci]:
+    if devices:
+        return [discovery.get_device(bdf) for bdf in devices]
+    found = discovery.list_devices()
+    if not found:
+        raise UsageError("no virtio-mem device (1af4:1058) found")
+    return found
+
+
+def _bind(dev: discovery.VirtioMemPci, allow_noiommu: bool) -> Mode:
+    discovery.bind(dev.bdf, allow_noiommu=allow_noiommu)
+    kind = discovery.get_device(dev.bdf).iommu_kind
+    return "type1" if kind == "type1" else "noiommu"
+
+
+@contextlib.contextmanager
+def attached_devices(
+    devices: list[discovery.VirtioMemPci],
+    *,
+    state_dir: Path,
+    policy: planner.Policy,
+    allow_noiommu: bool,
+) -> Iterator[list[Attached]]:
+    """Bind and attach ``devices``; release them all on the way out."""
+    kernel = _kernel()
+    if policy.kernel_memory_bytes == planner.DEFAULT_POLICY.kernel_memory_bytes:
+        policy = dataclasses.replace(policy, kernel_memory_bytes=memtotal_bytes())
+    done: list[Attached] = []
+    try:
+        for dev in devices:
+            mode = _bind(dev, allow_noiommu)
+            done.append(
+                attach(dev.bdf, mode=mode, state_dir=state_dir, kernel=kernel, policy=policy)
+            )
+        # No-IOMMU DMA pages must stay outside every device's region, not only their own.
+        regions = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
+        for item in done:
+            item.channel.guard_ranges[:] = regions
+        yield done
+    finally:
+        for item in done:
+            item.close()
+
+
+def run_agent(options: RunOptions) -> None:
+    """``vmem-guest run``: serve every (chosen) device until SIGTERM."""
+    devices = _select(options.devices)
+    with (
+        no_unevictable_compaction(),
+        attached_devices(
+            devices,
+            state_dir=options.state_dir,
+            policy=options.policy,
+            allow_noiommu=options.allow_noiommu,
+        ) as attached,
+    ):
+        path = control.socket_path(options.state_dir)
+
+        def make_server(handler: Any) -> ControlServer:
+            return ControlServer(path, handler, allowed_uids=frozenset({0}))
+
+        agent = Agent(attached, make_server, manual_mode=options.manual)
+        try:
+            agent.run()
+        finally:
+            agent.close()
+
+
+def manual_command(
+    request: dict[str, Any],
+    *,
+    state_dir: Path,
+    allow_noiommu: bool = False,
+    on_progress: Emit | None = None,
+) -> dict[str, Any]:
+    """A manual operation: through the agent's socket when one runs, else directly."""
+    via_agent = control.call(control.socket_path(state_dir), request, on_progress)
+    if via_agent is not None:
+        return via_agent
+    bdf = request.get("device")
+    devices = _select((bdf,) if isinstance(bdf, str) else ())
+    if len(devices) != 1:
+        names = ", ".join(dev.bdf for dev in devices)
+        raise UsageError(f"several virtio-mem devices ({names}): choose one with --device")
+    emit = on_progress or (lambda _progress: None)
+    try:
+        with attached_devices(
+            devices,
+            state_dir=state_dir,
+            policy=planner.DEFAULT_POLICY,
+            allow_noiommu=allow_noiommu,
+        ) as attached:
+            return run_manual(attached[0], request, emit)
+    except TrackerLocked as exc:
+        raise UsageError(
+            f"device {devices[0].bdf} is owned by another vmem-guest process"
+            f" (pid {exc.fields.get('holder_pid', '?')}); stop it or use its socket",
+            device=devices[0].bdf,
+        ) from None
