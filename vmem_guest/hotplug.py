@@ -214,7 +214,9 @@ class FakeKernelMemory:
         state = KernelBlockState.OFFLINE
         zone = Zone.NONE
         if self.auto_online.startswith("online"):
-            state, zone = KernelBlockState.ONLINE, Zone.MOVABLE
+            # online_kernel lands in ZONE_NORMAL; online (kernel's choice) as online(AUTO).
+            zone = Zone.KERNEL if self.auto_online == "online_kernel" else Zone.MOVABLE
+            state = KernelBlockState.ONLINE
         self.blocks[index] = KernelBlock(index, state, zone, self.node)
         return True
 
@@ -232,7 +234,8 @@ class FakeKernelMemory:
         if current.state is KernelBlockState.ABSENT:
             raise KernelError("offline", index, errno.ENOENT)
         if current.state is KernelBlockState.OFFLINE:
-            return
+            # Linux: device_offline() of an offline device returns 1, state_store -> EINVAL.
+            raise KernelError("offline", index, errno.EINVAL, "already offline")
         refused = index in self.refuse_offline or (
             self.offline_fail_rate > 0 and self.rng.random() < self.offline_fail_rate
         )
