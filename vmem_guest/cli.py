@@ -527,12 +527,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.main(args=argv, prog_name="vmem-guest", standalone_mode=False)
     except click.exceptions.Abort:
         _fail("aborted", EXIT_FAILURE)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # No command at all: the help, as click prints it, not an "error:" line.
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        sys.exit(EXIT_USAGE)
     except click.exceptions.ClickException as exc:
         _fail(exc.format_message(), EXIT_USAGE)
     except UsageError as exc:
         _fail(exc.message, EXIT_USAGE)
     except VmemError as exc:
         _fail(exc.message, EXIT_FAILURE)
+    except OSError as exc:
+        # A state directory that cannot be created or read, and the like: one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", EXIT_FAILURE)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
