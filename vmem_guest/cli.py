@@ -362,6 +362,7 @@ def unbind(bdf: str) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    help="Least severe log messages to print (to stderr).",
 )
 def run(
     online_policy: str,

@@ -1,0 +1,298 @@
+"""The command line as a user meets it (issue 2, item 7 and the acceptance list).
+
+The acceptance commands run through a real subprocess (``python -m
+vmem_guest.cli``); the sweep of bad inputs and the help pages call
+``vmem_guest.cli.main`` in-process, which is the console script's entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import pytest
+
+from vmem_guest import cli
+
+MiB, GiB = 1 << 20, 1 << 30
+REQUIRED_KEYS = {"requested", "plugged", "online", "usable", "remainder", "steps"}
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmem_guest.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def run_main(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Call the entry point; (exit status, stdout, stderr)."""
+    try:
+        cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:
+        code = 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def json_lines(stdout: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def assert_one_line_error(code: int, out: str, err: str, status: int = 2) -> None:
+    assert code == status, (code, out, err)
+    assert "Traceback" not in err
+    assert out == ""
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, f"expected exactly one line on stderr, got:\n{err}"
+    assert err.startswith("vmem-guest: error: ")
+
+
+# --- acceptance ------------------------------------------------------------------------
+
+
+def test_sim_sub_block_mode_with_remainder() -> None:
+    proc = run_module(
+        "sim",
+        "--region",
+        "4G",
+        "--block-size",
+        "2M",
+        "--memory-block-size",
+        "128M",
+        "--resize",
+        "1G,3G,1000M,0",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    steps = json_lines(proc.stdout)
+    assert len(steps) == 4
+    for step in steps:
+        assert step.keys() >= REQUIRED_KEYS
+        assert step["converged"] is True
+        assert step["broken"] is False
+    assert [s["requested"] for s in steps] == [GiB, 3 * GiB, 1000 * MiB, 0]
+    assert [s["plugged"] for s in steps] == [GiB, 3 * GiB, 896 * MiB, 0]
+    assert [s["online"] for s in steps] == [GiB, 3 * GiB, 896 * MiB, 0]
+    assert [s["remainder"] for s in steps] == [0, 0, 104 * MiB, 0]
+    # usable = min(region, requested + 256 MiB), and it only grows.
+    assert [s["usable"] for s in steps] == [1280 * MiB, 3328 * MiB, 3328 * MiB, 3328 * MiB]
+
+
+def test_sim_big_block_mode_converges_on_each_target() -> None:
+    proc = run_module(
+        "sim",
+        "--block-size",
+        "256M",
+        "--memory-block-size",
+        "128M",
+        "--resize",
+        "1G,256M,0",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    steps = json_lines(proc.stdout)
+    assert [s["converged"] for s in steps] == [True, True, True]
+    assert [s["plugged"] for s in steps] == [GiB, 256 * MiB, 0]
+    assert [s["online"] for s in steps] == [GiB, 256 * MiB, 0]
+    assert [s["remainder"] for s in steps] == [0, 0, 0]
+
+
+def test_sim_converges_despite_busy_and_refused_offlines() -> None:
+    args = (
+        "sim",
+        "--resize",
+        "3G,0",
+        "--busy-rate",
+        "0.3",
+        "--offline-fail-rate",
+        "0.3",
+        "--seed",
+        "7",
+        "--json",
+    )
+    proc = run_module(*args)
+    assert proc.returncode == 0, proc.stderr
+    steps = json_lines(proc.stdout)
+    assert [s["converged"] for s in steps] == [True, True]
+    assert [s["plugged"] for s in steps] == [3 * GiB, 0]
+    retries = [s["retries"] for s in steps]
+    assert all(isinstance(r, int) and r >= 0 for r in retries)
+    assert sum(retries) > 0  # type: ignore[arg-type]
+    # Same seed, same run: the faults are reproducible.
+    again = run_module(*args)
+    assert again.stdout == proc.stdout
+
+
+def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    proc = run_module("sim", "--resize", "1G,1000M", "--state-dir", str(state_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    last = json_lines(proc.stdout)[-1]
+    assert last["plugged"] == 896 * MiB
+
+    status = run_module("status", "--json", "--state-dir", str(state_dir))
+    assert status.returncode == 0, status.stderr
+    devices = json.loads(status.stdout)
+    assert len(devices) == 1
+    device = devices[0]
+    assert device["plugged_size"] == last["plugged"]
+    assert device["online_size"] == last["online"]
+    assert device["requested_size"] == 1000 * MiB
+    assert device["remainder"] == 104 * MiB
+    assert device["blocks"]["online"] == 7
+    assert device["intent"] is None
+    assert device["broken"] is False
+
+    text = run_module("status", "--state-dir", str(state_dir))
+    assert text.returncode == 0, text.stderr
+    assert "plugged 896MiB" in text.stdout
+    assert "remainder 104MiB" in text.stdout
+    assert "#######....." in text.stdout
+
+
+def test_status_of_an_empty_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["status", "--json", "--state-dir", str(tmp_path)], capsys)
+    assert (code, json.loads(out)) == (0, [])
+    code, out, _ = run_main(["status", "--state-dir", str(tmp_path)], capsys)
+    assert code == 0
+    assert "no virtio-mem device tracked" in out
+
+
+def test_status_of_a_corrupt_tracker_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.state").write_bytes(b"\xde\xad" * 512)
+    code, out, err = run_main(["status", "--state-dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, out, err, status=1)
+
+
+def test_sim_table_without_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["sim", "--resize", "1G,1000M,0"], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split()[:6] == ["step", "requested", "plugged", "online", "usable", "remainder"]
+    assert len(lines) == 4
+    assert lines[2].split()[:6] == ["2", "1000MiB", "896MiB", "896MiB", "1280MiB", "104MiB"]
+
+
+# --- bad input: one line, exit 2 ---------------------------------------------------------
+
+
+def test_resize_12q_through_the_module() -> None:
+    proc = run_module("sim", "--resize", "12Q")
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
+    assert "12Q" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sim", "--resize", "12Q"],
+        ["sim", "--resize", "1G", "--busy-rate", "2"],
+        ["sim", "--resize", "1G", "--offline-fail-rate", "-0.1"],
+        ["sim", "--resize", "1G", "--block-size", "3M"],
+        ["sim", "--resize", "1G", "--block-size", "0"],
+        ["sim", "--resize", "1G", "--memory-block-size", "3M"],
+        ["sim", "--resize", "1G", "--region", "-1G"],
+        ["sim", "--resize", "0", "--region", "0"],
+        ["sim", "--resize", "1G", "--addr", "0x1"],
+        ["sim", "--resize", "1G", "--addr", "0xfffffffffff00000"],
+        ["sim", "--resize", ""],
+        ["sim", "--resize", "1G,,2G"],
+        ["sim", "--resize", "1.5G"],
+        ["sim", "--resize", "5G"],  # above the 4 GiB region
+        ["sim", "--resize", "3M"],  # not a multiple of the 2 MiB block
+        ["sim", "--resize", "1" * 5000],
+        ["sim", "--resize", "1G", "--seed", "x"],
+        ["sim", "--resize", "1G", "--unknown-option"],
+        ["sim"],  # --resize is required
+        ["sim", "--resize", "1G", "--online-policy", "sideways"],
+        ["no-such-command"],
+    ],
+    ids=lambda argv: " ".join(argv)[:40],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(argv, capsys)
+    assert_one_line_error(code, out, err)
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for command in (["sim", "--resize", "0"], ["status"]):
+        code, out, err = run_main([*command, "--state-dir", str(a_file)], capsys)
+        assert_one_line_error(code, out, err)
+
+
+def test_state_dir_that_cannot_be_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code, out, err = run_main(["sim", "--resize", "0", "--state-dir", str(a_file / "sub")], capsys)
+    assert_one_line_error(code, out, err, status=1)
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run_main([], capsys)
+    assert code == 2
+    assert "error" not in err
+    assert "Commands:" in err
+    assert "sim" in err and "status" in err
+
+
+# --- help ----------------------------------------------------------------------------------
+
+
+def test_top_level_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    assert "virtio-mem" in out
+    for name in cli.cli.commands:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(cli.cli.commands))
+def test_each_command_help_explains_its_options(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main([name, "--help"], capsys)
+    assert (code, err) == (0, "")
+    assert out.startswith(f"Usage: vmem-guest {name}")
+    command = cli.cli.commands[name]
+    assert command.help, f"{name} has no description"
+    for param in command.params:
+        if not isinstance(param, click.Option):
+            continue
+        assert param.help, f"{name} {param.opts[0]} has no help text"
+        for opt in param.opts:
+            assert opt in out
+
+
+def test_sim_help_names_the_acceptance_options(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run_main(["sim", "--help"], capsys)
+    for option in (
+        "--region",
+        "--block-size",
+        "--memory-block-size",
+        "--resize",
+        "--busy-rate",
+        "--offline-fail-rate",
+        "--seed",
+        "--json",
+        "--state-dir",
+    ):
+        assert option in out
