@@ -124,13 +124,20 @@ class Agent:
 
     # --- the loop -------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """Every device converged (or broken): the loop blocks with no timeout."""
+        return self.manual_mode or all(
+            slot.wake_at is None or slot.broken for slot in self.slots.values()
+        )
+
     def _timeout(self) -> float | None:
         """Seconds until the earliest device timer; None when all have converged."""
         if self.stopping:
             return 0.0
-        wakes = [s.wake_at for s in self.slots.values() if s.wake_at is not None and not s.broken]
-        if self.manual_mode or not wakes:
+        if self.idle:
             return None
+        wakes = [s.wake_at for s in self.slots.values() if s.wake_at is not None and not s.broken]
         return max(0.0, min(wakes) - self.clock())
 
     def _wait_for_events(self, timeout: float | None) -> None:

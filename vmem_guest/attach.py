@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vmem_guest import planner
 from vmem_guest.blocks import Geometry
-from vmem_guest.device import VirtioMemDevice
+from vmem_guest.device import InterruptingChannel, VirtioMemDevice
 from vmem_guest.driver import DeviceDriver
 from vmem_guest.hotplug import KernelMemory
 from vmem_guest.tracker import Tracker, TrackerIdentity
@@ -40,7 +40,7 @@ class Attached:
     """One device the current process owns."""
 
     bdf: str
-    channel: PciChannel
+    channel: InterruptingChannel
     tracker: Tracker
     driver: DeviceDriver
 

@@ -112,12 +112,14 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         uid = peer_uid(conn)
-        if uid not in self.allowed_uids:
-            log.warning("refused control connection from uid %d", uid)
-            _send(conn, _error_reply(UsageError("permission denied: root only", uid=uid)))
-            return
         try:
-            request = parse_request(_read_line(conn))
+            # Read before judging: closing on unread data would reset the
+            # connection and the peer would never see why it was refused.
+            line = _read_line(conn)
+            if uid not in self.allowed_uids:
+                log.warning("refused control connection from uid %d", uid)
+                raise UsageError("permission denied: root only", uid=uid)
+            request = parse_request(line)
         except UsageError as exc:
             log.warning("bad control request: %s", exc.message)
             _send(conn, _error_reply(exc))

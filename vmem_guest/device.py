@@ -35,6 +35,22 @@ class RequestChannel(Protocol):
         """
 
 
+class InterruptingChannel(RequestChannel, Protocol):
+    """A channel that also signals interrupts through file descriptors (for a selector)."""
+
+    def interrupt_fd(self) -> int:
+        """Readable when the device raised an interrupt (queue or config)."""
+
+    def config_change_fd(self) -> int:
+        """Readable on a config change (may be the same fd as interrupt_fd)."""
+
+    def handle_interrupt(self) -> set[str]:
+        """Consume pending interrupts; return a subset of {"queue", "config"}."""
+
+    def close(self) -> None:
+        """Release the device (a device reset keeps block state, spec 5.15.5)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig:
     """A validated snapshot of ``struct virtio_mem_config`` (sizes in bytes)."""

@@ -19,6 +19,7 @@ from vmem_guest.attach import Attached, attach, memtotal_bytes
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import KernelError, TrackerLocked, UsageError
 from vmem_guest.hotplug import SysfsMemory
+from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
 from vmem_guest.transport.vfio import Mode
 
@@ -83,7 +84,8 @@ def attached_devices(
         # No-IOMMU DMA pages must stay outside every device's region, not only their own.
         regions = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
         for item in done:
-            item.channel.guard_ranges[:] = regions
+            if isinstance(item.channel, PciChannel):
+                item.channel.guard_ranges[:] = regions
         yield done
     finally:
         for item in done:

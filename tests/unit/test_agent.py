@@ -1,0 +1,220 @@
+"""The agent's selector loop, control socket and manual operations, over the device model.
+
+The agent runs in the main thread (it owns the signal handlers); a second
+thread plays the host and the user, then stops the agent with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmem_guest import control
+from vmem_guest.agent import Agent
+from vmem_guest.attach import Attached
+from vmem_guest.blocks import Geometry
+from vmem_guest.device import VirtioMemDevice
+from vmem_guest.driver import DeviceDriver
+from vmem_guest.errors import UsageError
+from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.sim.channel import SimChannel
+from vmem_guest.sim.device_model import DeviceModel
+from vmem_guest.tracker import Tracker, TrackerIdentity, TrackerReader
+
+MIB = 1 << 20
+GIB = 1 << 30
+ADDR = 4 * GIB
+BDF = "0000:00:03.0"
+
+
+class Rig:
+    """One simulated device attached the way ``attach()`` does it for a real one."""
+
+    def __init__(self, state_dir: Path, region: int = 2 * GIB, block: int = 2 * MIB) -> None:
+        self.model = DeviceModel(addr=ADDR, region_size=region, block_size=block)
+        self.channel = SimChannel(self.model)
+        self.kernel = FakeKernelMemory(128 * MIB)
+        geometry = Geometry(ADDR, region, block, 128 * MIB)
+        self.tracker = Tracker.open(state_dir, TrackerIdentity(BDF, geometry))
+        device = VirtioMemDevice(self.channel, BDF)
+        self.driver = DeviceDriver(device, self.tracker, self.kernel)
+        self.driver.start()
+        self.attached = Attached(BDF, self.channel, self.tracker, self.driver)
+        self.socket = control.socket_path(state_dir)
+
+    def online_bytes(self) -> int:
+        with TrackerReader.open(self.tracker.path) as reader:
+            return reader.snapshot().online_bytes
+
+    def kernel_online(self) -> int:
+        return sum(
+            128 * MIB
+            for block in self.kernel.blocks.values()
+            if block.state is KernelBlockState.ONLINE
+        )
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path)
+    yield made
+    made.attached.close()
+
+
+def run_agent(rig: Rig, script: Callable[[], None], *, manual: bool = False) -> Agent:
+    """Run the agent until ``script`` (in a thread) is done, then SIGTERM it."""
+    uid = os.getuid()
+
+    def server(handler: Any) -> control.ControlServer:
+        return control.ControlServer(rig.socket, handler, allowed_uids=frozenset({uid}))
+
+    agent = Agent([rig.attached], server, manual_mode=manual)
+    errors: list[BaseException] = []
+
+    def play() -> None:
+        try:
+            script()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=play)
+    thread.start()
+    try:
+        agent.run()
+    finally:
+        thread.join(30)
+        agent.close()
+    if errors:
+        raise errors[0]
+    return agent
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_agent_follows_resizes_then_sleeps(rig: Rig) -> None:
+    seen: dict[str, Any] = {}
+
+    def host() -> None:
+        rig.channel.host_resize(1 * GIB)
+        wait_for(lambda: rig.online_bytes() == 1 * GIB)
+        rig.channel.host_resize(384 * MIB)
+        wait_for(lambda: rig.online_bytes() == 384 * MIB)
+        seen["ping"] = control.call(rig.socket, {"op": "ping"})
+        seen["state"] = control.call(rig.socket, {"op": "state", "addr": ADDR, "blocks": 192})
+
+    agent = run_agent(rig, host)
+    assert rig.model.plugged_size == 384 * MIB
+    assert rig.kernel_online() == 384 * MIB
+    assert seen["ping"]["devices"] == [BDF]
+    assert seen["state"] == {"state": "PLUGGED"}
+    # Converged: the loop would block in select() with no timeout at all.
+    assert agent.idle
+
+
+def test_automatic_agent_refuses_manual_plug(rig: Rig) -> None:
+    def user() -> None:
+        with pytest.raises(UsageError, match="--manual"):
+            control.call(rig.socket, {"op": "plug", "size": 128 * MIB})
+
+    run_agent(rig, user)
+    assert rig.model.plugged_size == 0
+
+
+def test_manual_agent_plug_state_unplug(rig: Rig) -> None:
+    progress: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
+
+    def user() -> None:
+        rig.channel.host_resize(1 * GIB)  # the device NACKs plugs beyond requested_size
+        results["plug"] = control.call(
+            rig.socket, {"op": "plug", "size": 256 * MIB}, progress.append
+        )
+        results["state"] = control.call(rig.socket, {"op": "state", "addr": ADDR, "blocks": 128})
+        results["unplug"] = control.call(rig.socket, {"op": "unplug", "size": 128 * MIB})
+        results["all"] = control.call(rig.socket, {"op": "unplug-all"})
+
+    run_agent(rig, user, manual=True)
+    assert results["plug"]["plugged_size"] == 256 * MIB
+    assert results["plug"]["online_size"] == 256 * MIB
+    assert progress[-1] == {"done": 256 * MIB, "total": 256 * MIB}
+    assert results["state"] == {"state": "PLUGGED"}
+    assert results["unplug"]["plugged_size"] == 128 * MIB
+    assert results["all"]["plugged_size"] == 0
+    assert rig.model.plugged_size == 0
+    assert rig.kernel_online() == 0
+
+
+def test_manual_unplug_reports_refused_offline_and_keeps_memory(rig: Rig) -> None:
+    results: dict[str, Any] = {}
+
+    def user() -> None:
+        rig.channel.host_resize(1 * GIB)
+        control.call(rig.socket, {"op": "plug", "size": 256 * MIB})
+        rig.kernel.refuse_offline.update({32, 33})
+        with pytest.raises(control.AgentError, match=r"memory3[23]") as err:
+            control.call(rig.socket, {"op": "unplug", "addr": ADDR, "blocks": 128})
+        results["error"] = err.value
+
+    run_agent(rig, user, manual=True)
+    assert results["error"].fields["errno"] == 16  # EBUSY
+    # Nothing lost: the range stays plugged and online.
+    assert rig.model.plugged_size == 256 * MIB
+    assert rig.kernel_online() == 256 * MIB
+
+
+def _raw_exchange(path: Path, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return sock.makefile("rb").read()
+
+
+def test_control_rejects_bad_messages_and_keeps_serving(rig: Rig) -> None:
+    replies: dict[str, bytes] = {}
+
+    def user() -> None:
+        replies["garbage"] = _raw_exchange(rig.socket, b"not json\n")
+        replies["no-op"] = _raw_exchange(rig.socket, b'{"size": 1}\n')
+        replies["huge"] = _raw_exchange(rig.socket, b"x" * (control.MAX_MESSAGE_BYTES + 10))
+        replies["ping"] = _raw_exchange(rig.socket, b'{"op": "ping"}\n')
+
+    run_agent(rig, user)
+    assert b"not valid JSON" in replies["garbage"]
+    assert b'string \\"op\\"' in replies["no-op"]
+    assert b"longer than" in replies["huge"]
+    assert b'"ok": true' in replies["ping"]
+
+
+def test_control_refuses_other_uids(tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    served: list[dict[str, Any]] = []
+    server = control.ControlServer(
+        path, lambda req, emit: served.append(req) or {}, allowed_uids=frozenset({12345})
+    )
+    try:
+        assert (path.stat().st_mode & 0o777) == 0o600
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            sock.sendall(b'{"op": "ping"}\n')
+            server.serve_one()
+            reply = sock.makefile("rb").read()
+    finally:
+        server.close()
+    assert b"permission denied" in reply
+    assert served == []

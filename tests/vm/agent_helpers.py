@@ -1,0 +1,91 @@
+"""Driving the vmem-guest agent inside a test VM, and checking it from both sides."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from vmharness import TestVM
+
+REPO = Path(__file__).resolve().parents[2]
+#: The checkout's virtualenv is visible at the same path in the guest (9p root).
+VMEM_GUEST = str(REPO / ".venv" / "bin" / "vmem-guest")
+AGENT_LOG = "/run/vmem-agent.log"
+AGENT_PID = "/run/vmem-agent.pid"
+CONTROL_SOCKET = "/run/vmem-guest/control.sock"
+MEMORY_BLOCK = 128 << 20
+
+
+def cli(vm: TestVM, args: str, timeout: float = 120.0) -> str:
+    """Run ``vmem-guest ARGS`` in the guest; raise with the console tail unless rc 0."""
+    return vm.sh(f"{VMEM_GUEST} {args}", timeout=timeout)
+
+
+def cli_json(vm: TestVM, args: str, timeout: float = 120.0) -> Any:
+    return json.loads(cli(vm, f"{args} --json", timeout))
+
+
+def start_agent(vm: TestVM, args: str = "--noiommu") -> None:
+    """Start ``vmem-guest run`` detached, the way systemd would, and wait for its socket."""
+    vm.sh(
+        f"setsid {VMEM_GUEST} run --log-level debug {args} >{AGENT_LOG} 2>&1 </dev/null &"
+        f" echo $! >{AGENT_PID}"
+    )
+    vm.wait_until(
+        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or agent_died(vm),
+        timeout=120,
+        what="the agent's control socket",
+    )
+    assert not agent_died(vm), agent_log(vm)
+
+
+def agent_died(vm: TestVM) -> bool:
+    rc, _ = vm.guest(f"kill -0 $(cat {AGENT_PID})")
+    return rc != 0
+
+
+def agent_log(vm: TestVM) -> str:
+    return vm.guest(f"tail -n 60 {AGENT_LOG}")[1]
+
+
+def stop_agent(vm: TestVM, sig: str = "TERM") -> None:
+    """Signal the agent and wait until it has exited."""
+    vm.guest(f"kill -{sig} $(cat {AGENT_PID})")
+    vm.wait_until(lambda: agent_died(vm), timeout=60, what="the agent to exit")
+
+
+def status(vm: TestVM) -> dict[str, dict[str, Any]]:
+    """``vmem-guest status --json`` by device (PCI address)."""
+    return {dev["device"]: dev for dev in cli_json(vm, "status")}
+
+
+def device_bdfs(vm: TestVM) -> dict[str, str]:
+    """QEMU device id -> guest PCI address, matched by region address."""
+    regions = {int(info["memaddr"]): dev_id for dev_id, info in vm.query().items()}
+    return {regions[dev["addr"]]: bdf for bdf, dev in status(vm).items()}
+
+
+def target(requested: int, block_size: int) -> int:
+    """What the agent plugs for ``requested``: whole units of max(block, memory block)."""
+    unit = max(block_size, MEMORY_BLOCK)
+    return requested // unit * unit
+
+
+def online_runs(dev: dict[str, Any]) -> list[tuple[int, int]]:
+    """Contiguous runs (first block index, count) of the device's online memory blocks."""
+    indices = sorted(block["index"] for block in dev["online_blocks"])
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
+
+
+def state(vm: TestVM, bdf: str, addr: int, blocks: int) -> str:
+    """STATE through the CLI (served by the agent when it runs)."""
+    args = f"state --device {shlex.quote(bdf)} --addr {addr:#x} --blocks {blocks}"
+    return cli(vm, args).strip()

@@ -1,0 +1,124 @@
+"""The agent in a real guest, following host resizes over QMP (issue: real device path).
+
+Two devices on two NUMA nodes: vm0 with 2 MiB blocks (Sub Block Mode) and vm1
+with 256 MiB blocks (Big Block Mode), bound through no-IOMMU VFIO and, in a
+second VM, through a vIOMMU (type1). After each resize both sides must agree:
+QEMU's plugged size, the tracker (``vmem-guest status --json``), the guest's
+MemTotal, and STATE requests over every online block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
+import pytest
+from agent_helpers import (
+    MEMORY_BLOCK,
+    agent_log,
+    cli_json,
+    device_bdfs,
+    online_runs,
+    start_agent,
+    state,
+    status,
+    stop_agent,
+    target,
+)
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+
+BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
+SEQUENCE = (1 * GiB, 3 * GiB, 1000 * MiB, 0)
+BLOCK_SIZES = {"vm0": 2 * MiB, "vm1": 256 * MiB}
+
+
+def two_devices(iommu: bool) -> tuple[MemDevice, ...]:
+    return tuple(
+        MemDevice(dev_id, size=4 * GiB, block_size=block, node=node, iommu_platform=iommu)
+        for node, (dev_id, block) in enumerate(BLOCK_SIZES.items())
+    )
+
+
+@pytest.fixture(scope="module")
+def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
+    cfg = VMConfig(
+        name="agent-noiommu",
+        in_kernel_driver=False,
+        noiommu=True,
+        numa_nodes=2,
+        devices=two_devices(iommu=False),
+    )
+    with boot_vm(cfg) as vm:
+        yield vm
+
+
+@pytest.fixture(scope="module")
+def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
+    cfg = VMConfig(
+        name="agent-type1",
+        in_kernel_driver=False,
+        viommu=True,
+        numa_nodes=2,
+        devices=two_devices(iommu=True),
+    )
+    with boot_vm(cfg) as vm:
+        yield vm
+
+
+def check_converged(vm: TestVM, requested: int, base_memtotal: int) -> None:
+    """Wait for both devices to reach their targets, then check every side agrees."""
+    expected = {dev_id: target(requested, block) for dev_id, block in BLOCK_SIZES.items()}
+
+    def qemu_reached() -> bool:
+        return all(vm.plugged(dev_id) == size for dev_id, size in expected.items())
+
+    vm.wait_until(qemu_reached, timeout=240, what=f"QEMU size to reach {expected}")
+    bdfs = device_bdfs(vm)
+
+    def tracker_settled() -> dict[str, dict[str, object]] | None:
+        snap = status(vm)
+        settled = all(
+            snap[bdfs[dev_id]]["online_size"] == size
+            and snap[bdfs[dev_id]]["plugged_size"] == size
+            and snap[bdfs[dev_id]]["intent"] is None
+            for dev_id, size in expected.items()
+        )
+        return snap if settled else None
+
+    snap = vm.wait_until(tracker_settled, timeout=120, what="the tracker to settle")
+    for dev_id, size in expected.items():
+        dev = snap[bdfs[dev_id]]
+        assert dev["requested_size"] == requested
+        assert dev["remainder"] == requested - size
+        assert dev["broken"] is False
+        assert vm.plugged(dev_id) == dev["plugged_size"]
+        block = BLOCK_SIZES[dev_id]
+        for first, count in online_runs(dev):
+            blocks = count * MEMORY_BLOCK // block
+            assert state(vm, bdfs[dev_id], first * MEMORY_BLOCK, blocks) == "PLUGGED"
+    assert vm.mem_total() - base_memtotal == sum(expected.values())
+
+
+def run_sequence(vm: TestVM, agent_args: str) -> None:
+    base_memtotal = vm.mem_total()
+    start_agent(vm, agent_args)
+    try:
+        for requested in SEQUENCE:
+            for dev_id in BLOCK_SIZES:
+                vm.resize(dev_id, requested)
+            check_converged(vm, requested, base_memtotal)
+    except Exception:
+        print(agent_log(vm))
+        raise
+    finally:
+        stop_agent(vm)
+
+
+def test_agent_follows_host_noiommu(noiommu_vm: TestVM) -> None:
+    run_sequence(noiommu_vm, "--noiommu")
+
+
+def test_agent_follows_host_type1(viommu_vm: TestVM) -> None:
+    run_sequence(viommu_vm, "")
+    kinds = {dev["iommu_kind"] for dev in cli_json(viommu_vm, "devices")}
+    assert kinds == {"type1"}

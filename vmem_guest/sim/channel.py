@@ -1,0 +1,64 @@
+"""A device-model channel with interrupts as an eventfd, like PciChannel with INTx.
+
+It lets the agent's selector loop run against the device model: a host-side
+resize (from another thread, as a hypervisor would) raises the eventfd with the
+config cause, exactly as QEMU raises INTx with ISR bit 1. A lock keeps the
+model consistent between the host thread and the agent's reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from vmem_guest.sim.device_model import DeviceModel
+
+QUEUE = "queue"
+CONFIG = "config"
+
+
+class SimChannel:
+    """An :class:`~vmem_guest.device.InterruptingChannel` over a DeviceModel."""
+
+    def __init__(self, model: DeviceModel) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._causes: set[str] = set()
+        model.on_config_change = self._config_interrupt
+
+    def _config_interrupt(self) -> None:
+        self._causes.add(CONFIG)
+        os.eventfd_write(self._efd, 1)
+
+    def host_resize(self, requested_size: int) -> None:
+        """The hypervisor's ``qom-set requested-size`` (callable from any thread)."""
+        with self.lock:
+            self.model.resize(requested_size)
+
+    def read_config(self) -> bytes:
+        with self.lock:
+            return self.model.read_config()
+
+    def submit(self, request: bytes) -> bytes:
+        with self.lock:
+            return self.model.submit(request)
+
+    def interrupt_fd(self) -> int:
+        return self._efd
+
+    def config_change_fd(self) -> int:
+        return self._efd
+
+    def handle_interrupt(self) -> set[str]:
+        with self.lock:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._efd)
+            causes, self._causes = self._causes, set()
+        return causes
+
+    def close(self) -> None:
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
