@@ -17,12 +17,16 @@ Facts (virtio-mem-facts.md section 4, Linux memory-hotplug.rst):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import errno
 import os
 import random
-from collections.abc import Iterable
+import signal
+import threading
+import types
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -32,7 +36,9 @@ from vmem_guest.errors import KernelError, OfflineRefused
 SYSFS_MEMORY = Path("/sys/devices/system/memory")
 
 #: errnos with which the kernel refuses an offline that may succeed later.
-RETRYABLE_OFFLINE_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR})
+RETRYABLE_OFFLINE_ERRNOS = frozenset(
+    {errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.ETIMEDOUT}
+)
 
 
 class KernelBlockState(enum.Enum):
@@ -85,11 +91,35 @@ def _zone_from_valid_zones(text: str) -> Zone:
     return Zone.AUTO
 
 
+class _DeadlinePassed(Exception):
+    """Raised by the SIGALRM handler of :func:`_deadline`."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt a blocking system call after ``seconds`` (main thread only)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: types.FrameType | None) -> None:
+        raise _DeadlinePassed
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class SysfsMemory:
     """KernelMemory over a sysfs memory directory (``root``)."""
 
-    def __init__(self, root: Path = SYSFS_MEMORY) -> None:
+    def __init__(self, root: Path = SYSFS_MEMORY, offline_timeout: float = 10.0) -> None:
         self.root = root
+        self.offline_timeout = offline_timeout
 
     def _read(self, rel: str, block: int | None = None) -> str:
         try:
@@ -158,7 +188,22 @@ class SysfsMemory:
         self._write(f"memory{index}/state", zone.sysfs_word, "online", index)
 
     def offline(self, index: int) -> None:
-        self._write(f"memory{index}/state", "offline", "offline", index)
+        """Offline with a deadline: Linux's offline_pages() retries page migration
+        until a signal arrives, so a block whose pages cannot move elsewhere would
+        hold the agent forever. SIGALRM at the deadline makes the write fail with
+        EINTR; we report that as a refusal (ETIMEDOUT), to be retried later."""
+        try:
+            with _deadline(self.offline_timeout):
+                self._write(f"memory{index}/state", "offline", "offline", index)
+        except _DeadlinePassed:
+            if self.block(index).state is KernelBlockState.OFFLINE:
+                return  # the alarm raced with a successful offline
+            raise OfflineRefused(
+                "offline",
+                index,
+                errno.ETIMEDOUT,
+                f"pages did not migrate in {self.offline_timeout} s",
+            ) from None
 
     def online_blocks(self) -> Iterable[int]:
         """Indices of every online memory block (for status and checks)."""

@@ -1,0 +1,52 @@
+"""SysfsMemory.offline gives up after its deadline (Linux retries migration forever)."""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+
+import pytest
+
+from vmem_guest import hotplug
+from vmem_guest.errors import OfflineRefused
+
+
+def _tree(root: Path, state: str) -> None:
+    (root / "memory40").mkdir(parents=True)
+    (root / "memory40" / "state").write_text(state + "\n")
+    (root / "memory40" / "valid_zones").write_text("Movable\n")
+    (root / "block_size_bytes").write_text("8000000\n")
+
+
+def test_offline_that_never_returns_is_refused_with_etimedout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tree(tmp_path, "online")
+
+    def stuck_write(fd: int, data: bytes) -> int:
+        time.sleep(30)  # the kernel migrating pages with nowhere to put them
+        return len(data)
+
+    monkeypatch.setattr(hotplug.os, "write", stuck_write)
+    memory = hotplug.SysfsMemory(tmp_path, offline_timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(OfflineRefused) as err:
+        memory.offline(40)
+    assert err.value.errno == errno.ETIMEDOUT
+    assert err.value.block == 40
+    assert time.monotonic() - started < 5
+
+
+def test_alarm_racing_a_successful_offline_is_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tree(tmp_path, "online")
+
+    def slow_but_done(fd: int, data: bytes) -> int:
+        (tmp_path / "memory40" / "state").write_text("offline\n")
+        time.sleep(30)
+        return len(data)
+
+    monkeypatch.setattr(hotplug.os, "write", slow_but_done)
+    hotplug.SysfsMemory(tmp_path, offline_timeout=0.2).offline(40)
