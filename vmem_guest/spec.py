@@ -117,7 +117,13 @@ LAYOUTS: tuple[type[_LayoutCheck], ...] = (VirtioMemConfig, VirtioMemReq, Virtio
 
 
 def encode_request(req_type: RequestType, addr: int = 0, nb_blocks: int = 0) -> bytes:
-    """The 24 request bytes for one request (spec 5.15.6)."""
+    """The 24 request bytes for one request (spec 5.15.6).
+
+    Raises ValueError for a value its field cannot hold: ctypes would silently
+    wrap it (65,536 blocks would go out as 0, -1 as 65,535).
+    """
+    if not (0 <= req_type <= 0xFFFF and 0 <= addr < 1 << 64 and 0 <= nb_blocks <= 0xFFFF):
+        raise ValueError(f"request {req_type} {addr:#x} x{nb_blocks} does not fit the layout")
     req = VirtioMemReq(type=req_type, addr=addr, nb_blocks=nb_blocks)
     return bytes(req)
 

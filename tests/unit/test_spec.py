@@ -191,3 +191,25 @@ def test_golden_config_raw_layout() -> None:
     assert raw.node_id == 1
     assert bytes(raw.padding) == bytes.fromhex("deadbeef0000")
     assert raw.requested_size == 0x4000_0000
+
+
+@pytest.mark.parametrize(
+    ("req_type", "addr", "nb_blocks"),
+    [
+        (RequestType.PLUG, 0, 0x1_0000),  # would wrap to 0 blocks
+        (RequestType.PLUG, 0, -1),  # would wrap to 65,535 blocks
+        (RequestType.UNPLUG, 1 << 64, 1),  # would wrap to address 0
+        (RequestType.STATE, -4096, 1),
+        (0x1_0000, 0, 1),  # would wrap to PLUG
+    ],
+)
+def test_encode_request_refuses_values_its_fields_cannot_hold(
+    req_type: int, addr: int, nb_blocks: int
+) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        spec.encode_request(req_type, addr, nb_blocks)  # type: ignore[arg-type]
+
+
+def test_encode_request_field_limits_are_accepted() -> None:
+    raw = spec.encode_request(RequestType.UNPLUG, (1 << 64) - 1, 0xFFFF)
+    assert raw == bytes.fromhex("0100" + "00" * 6 + "ff" * 8 + "ffff" + "00" * 6)
