@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver clean
+        kernel vm-deps test-vm bench-kernel-driver demo-sim clean
 
 all: test
 
@@ -40,7 +40,12 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	VMEM_FUZZ_PROFILE=deep $(PY) -m pytest -q tests/fuzz
 
-demo: $(STAMP)
+# The main job: a real VM whose memory grows and shrinks under the agent.
+demo: $(STAMP) vm-deps
+	$(PY) scripts/demo.py
+
+# The same story in the simulator (no VM needed).
+demo-sim: $(STAMP)
 	$(PY) -m vmem_guest.cli sim --region 4G --block-size 2M --memory-block-size 128M \
 	    --resize 1G,3G,1000M,0
 

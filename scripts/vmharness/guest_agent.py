@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from vmharness import TestVM
+from .vm import TestVM
 
 REPO = Path(__file__).resolve().parents[2]
 #: The checkout's virtualenv is visible at the same path in the guest (9p root).

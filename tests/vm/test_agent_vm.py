@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from agent_helpers import (
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness.guest_agent import (
     MEMORY_BLOCK,
     agent_log,
     cli_json,
@@ -25,7 +26,6 @@ from agent_helpers import (
     stop_agent,
     target,
 )
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 SEQUENCE = (1 * GiB, 3 * GiB, 1000 * MiB, 0)

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""The main job, watched live: a VM whose memory grows and shrinks under vmem_guest.
+
+Boots a QEMU guest with two virtio-mem devices on two NUMA nodes (the in-kernel
+driver kept off them), starts ``vmem-guest run`` inside as systemd would, then
+plays the host: resizes both devices over QMP and prints, while each step
+converges, what QEMU, the agent's tracker and the guest's MemTotal say.
+
+    make demo                      # or: .venv/bin/python scripts/demo.py
+    .venv/bin/python scripts/demo.py --sequence 2G,512M,0 --block 4M
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vmharness import GiB, MemDevice, TestVM, VMConfig, fmt_size, parse_size
+from vmharness.guest_agent import device_bdfs, start_agent, status, stop_agent, target
+
+DEVICE_IDS = ("vm0", "vm1")
+HEADER = (
+    f"{'t':>6}  {'device':<6} {'requested':>10} {'qemu size':>10} {'tracker':>10}"
+    f" {'online':>10} {'MemTotal':>10}  state"
+)
+
+
+def row(
+    elapsed: float,
+    dev_id: str,
+    qemu: dict[str, int],
+    dev: dict[str, object],
+    memtotal: int,
+    converged: bool,
+) -> str:
+    requested = int(qemu["requested-size"])
+    plugged = int(dev.get("plugged_size", 0))  # type: ignore[call-overload]
+    online = int(dev.get("online_size", 0))  # type: ignore[call-overload]
+    state = "converged" if converged else ("BROKEN" if dev.get("broken") else "working")
+    return (
+        f"{elapsed:6.1f}  {dev_id:<6} {fmt_size(requested):>10} {fmt_size(int(qemu['size'])):>10}"
+        f" {fmt_size(plugged):>10} {fmt_size(online):>10} {fmt_size(memtotal):>10}  {state}"
+    )
+
+
+def play_step(vm: TestVM, requested: int, block: int, bdfs: dict[str, str]) -> float:
+    """Resize both devices and print a live row per device until both converged."""
+    print(f"\n== host: qom-set requested-size {fmt_size(requested)} on {', '.join(DEVICE_IDS)}")
+    print(HEADER)
+    started = time.monotonic()
+    for dev_id in DEVICE_IDS:
+        vm.resize(dev_id, requested)
+    goal = target(requested, block)
+    while True:
+        query = vm.query()
+        snap = status(vm)
+        memtotal = vm.mem_total()
+        elapsed = time.monotonic() - started
+        done = all(
+            int(query[d]["size"]) == goal
+            and snap[bdfs[d]]["online_size"] == goal
+            and snap[bdfs[d]]["intent"] is None
+            for d in DEVICE_IDS
+        )
+        for dev_id in DEVICE_IDS:
+            print(row(elapsed, dev_id, query[dev_id], snap[bdfs[dev_id]], memtotal, done))
+        if done:
+            return elapsed
+        if elapsed > 300:
+            raise SystemExit(f"demo: no convergence after {elapsed:.0f} s")
+        time.sleep(1.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sequence",
+        default="1G,3G,1000M,512M,0",
+        help="requested sizes, in order (default: %(default)s)",
+    )
+    parser.add_argument("--block", default="2M", help="device block size (default: 2M)")
+    parser.add_argument("--region", default="4G", help="device region size (default: 4G)")
+    args = parser.parse_args()
+    block, region = parse_size(args.block), parse_size(args.region)
+    sequence = [parse_size(item) for item in args.sequence.split(",")]
+    cfg = VMConfig(
+        name="demo",
+        in_kernel_driver=False,
+        noiommu=True,
+        numa_nodes=2,
+        memory=1 * GiB,
+        devices=tuple(
+            MemDevice(dev_id, size=region, block_size=block, node=node)
+            for node, dev_id in enumerate(DEVICE_IDS)
+        ),
+    )
+    print(
+        f"booting a {cfg.cpus}-vCPU guest: 1 GiB boot memory, two {fmt_size(region)}"
+        f" virtio-mem devices ({fmt_size(block)} blocks) on NUMA nodes 0 and 1 ..."
+    )
+    with TestVM(cfg) as vm:
+        print(f"guest up; console log: {vm.paths.console_log if vm.paths else '?'}")
+        print(f"guest MemTotal at boot: {fmt_size(vm.mem_total())}")
+        start_agent(vm, "--noiommu")
+        print("agent started in the guest: vmem-guest run --noiommu")
+        bdfs = device_bdfs(vm)
+        times = []
+        try:
+            for requested in sequence:
+                times.append(play_step(vm, requested, block, bdfs))
+        finally:
+            stop_agent(vm)
+        print("\nagent stopped (SIGTERM); summary:")
+        for requested, seconds in zip(sequence, times, strict=True):
+            print(
+                f"  requested {fmt_size(requested):>8}: converged in {seconds:5.1f} s"
+                f" (plugged {fmt_size(target(requested, block))} per device)"
+            )
+    print("VM shut down.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
