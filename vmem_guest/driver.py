@@ -157,7 +157,11 @@ class DeviceDriver:
             response = self.request(RequestType.UNPLUG_ALL, 0, 0)
             if response.type is ResponseType.ERROR:
                 raise DeviceBroken("UNPLUG_ALL answered ERROR")
-            if not response.acked:
+            if response.acked:
+                # ACKed UNPLUG_ALL zeroes plugged_size and may shrink the usable
+                # region, with no config interrupt: re-read it.
+                self.refresh_config()
+            else:
                 plugged = self._scan_plugged()
         elif config.plugged_size:
             plugged = self._scan_plugged()
@@ -258,7 +262,12 @@ class DeviceDriver:
             self.backoff.reset()
             return StepResult(Outcome.DONE, step)
         now = self.clock()
-        wake = min(self.avoid_until.values(), default=now + self.backoff.next_delay())
+        # Not min(..., default=...): the default is evaluated even when unused,
+        # and next_delay() doubles the backoff.
+        if self.avoid_until:
+            wake = min(self.avoid_until.values())
+        else:
+            wake = now + self.backoff.next_delay()
         return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
 
     def _plug(self, step: planner.PlugStep) -> StepResult:
@@ -284,8 +293,10 @@ class DeviceDriver:
             return self._wait(step, "NACK")
         if response.type is ResponseType.BUSY:
             return self._wait(step, "BUSY")
+        # Cause first: the tracker keeps only 39 bytes of the reason.
+        verb = "PLUG" if isinstance(step, planner.PlugStep) else "UNPLUG"
         raise DeviceBroken(
-            f"{type(step).__name__} addr={step.addr:#x} nb_blocks={step.nb_blocks} answered ERROR",
+            f"{verb} answered ERROR: {step.addr:#x} x{step.nb_blocks}",
             addr=step.addr,
             nb_blocks=step.nb_blocks,
         )
