@@ -97,9 +97,12 @@ def repl(vm: TestVM) -> None:
 
 def main() -> int:
     """Entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+        usage="vm.py {boot,run} [options] [-- guest command]",
+    )
     p.add_argument("action", choices=["boot", "run"])
-    p.add_argument("command", nargs="*", help="for run: the guest command")
     p.add_argument("--name", default="manual")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", default="1G", help="boot memory")
@@ -116,7 +119,12 @@ def main() -> int:
     p.add_argument("--noiommu", action="store_true", help="vfio no-IOMMU mode")
     p.add_argument("--viommu", action="store_true", help="intel-iommu + iommu_platform")
     p.add_argument("--append", action="append", help="extra kernel command-line word")
-    a = p.parse_args()
+    argv = sys.argv[1:]
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
+    a = p.parse_args(argv)
     cfg = build_config(a)
     with TestVM(cfg) as vm:
         assert vm.paths is not None
@@ -130,7 +138,9 @@ def main() -> int:
         }
         print(json.dumps(info, indent=2), file=sys.stderr)
         if a.action == "run":
-            rc, out = vm.guest(" ".join(a.command), timeout=3600)
+            if not command:
+                p.error("run needs a guest command after --")
+            rc, out = vm.guest(" ".join(command), timeout=3600)
             sys.stdout.write(out)
             return rc
         repl(vm)
