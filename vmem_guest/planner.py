@@ -189,14 +189,20 @@ def target_bytes(config: DeviceConfig, layout: Layout) -> int:
     return min(config.requested_size // layout.unit_bytes, usable_units) * layout.unit_bytes
 
 
+def _bit_count(bits: int, first: int, count: int) -> int:
+    """Set bits in [first, first + count) of the bitmap read as one integer."""
+    return ((bits >> first) & ((1 << count) - 1)).bit_count()
+
+
 class _Census:
     """Per-unit plugged counts of one PlanInput, computed once per call."""
 
     def __init__(self, inp: PlanInput, layout: Layout) -> None:
         self.inp = inp
         self.layout = layout
+        bits = int.from_bytes(inp.bitmap, "little")
         self.plugged_counts = [
-            sum(1 for sb in unit.subblocks if inp.is_plugged(sb)) for unit in layout.units
+            _bit_count(bits, unit.subblocks.start, len(unit.subblocks)) for unit in layout.units
         ]
 
     def full(self) -> Iterator[Unit]:
@@ -287,21 +293,39 @@ def _grow(inp: PlanInput, census: _Census, full: list[Unit], target_units: int) 
             return PlugStep(geometry.subblock_addr(first), count)
     wanted_units = min(target_units - len(full), inp.policy.plug_batch_units)
     wanted_units = min(wanted_units, headroom // max(1, census.layout.unit_bytes))
-    candidates = [
-        sb
-        for unit in census.empty()
-        if unit.subblocks.stop <= usable_end_sb
-        for sb in unit.subblocks
-    ]
-    per_unit = len(census.layout.units[0].subblocks) if census.layout.units else 1
-    if wanted_units <= 0 or not candidates:
+    if wanted_units <= 0:
         return None
-    first, count = next(runs(candidates, MAX_BLOCKS_PER_REQUEST))
-    # Whole units only, unless one unit alone is larger than a request.
-    count = min(count, wanted_units * per_unit)
+    run = _first_empty_run(census, usable_end_sb, wanted_units)
+    if run is None:
+        return None
+    first, count = run
+    return PlugStep(geometry.subblock_addr(first), count)
+
+
+def _first_empty_run(
+    census: _Census, usable_end_sb: int, wanted_units: int
+) -> tuple[int, int] | None:
+    """The lowest run of contiguous empty units in the usable region, as (first subblock,
+    count): at most ``wanted_units`` units and one request; whole units only, unless one
+    unit alone is larger than a request."""
+    first = stop = -1
+    for unit in census.empty():
+        if unit.subblocks.stop > usable_end_sb:
+            break
+        if first < 0:
+            first = unit.subblocks.start
+        elif unit.subblocks.start != stop:
+            break
+        stop = unit.subblocks.stop
+        if (stop - first) // len(unit.subblocks) >= wanted_units:
+            break
+    if first < 0:
+        return None
+    per_unit = len(census.layout.units[0].subblocks)
+    count = min(stop - first, MAX_BLOCKS_PER_REQUEST)
     if count >= per_unit:
         count -= count % per_unit
-    return PlugStep(geometry.subblock_addr(first), count)
+    return first, count
 
 
 def shrink_order(inp: PlanInput, full: list[Unit]) -> list[Unit]:
