@@ -109,7 +109,7 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
 FIND_DEVICE = (
     "for d in /sys/bus/pci/devices/*; do "
     '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
-    "done"
+    "done; true"
 )
 
 
