@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,6 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
     import dataclasses
     import logging
     import select
-    import time
 
     from vmem_guest.device import Response, VirtioMemDevice
     from vmem_guest.transport.channel import PciChannel
@@ -48,10 +48,12 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
     def show(resp: Response) -> str:
         return resp.type.name + (f" {resp.state.name}" if resp.state is not None else "")
 
-    out: dict[str, Any] = {}
+    knob = Path("/proc/sys/vm/compact_unevictable_allowed")
+    out: dict[str, Any] = {"compact_unevictable_before": knob.read_text().strip()}
     with contextlib.ExitStack() as stack:
         if mode == "noiommu":
             stack.enter_context(no_unevictable_compaction())
+        out["compact_unevictable_during"] = knob.read_text().strip()
         t0 = time.monotonic()
         channel = stack.enter_context(PciChannel.open(bdf, mode=mode))  # type: ignore[arg-type]
         out["open_ms"] = round((time.monotonic() - t0) * 1000, 1)
@@ -88,12 +90,15 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
             Path(f"/run/transport-{mode}.ready").write_text("ready\n")
             fd = channel.config_change_fd()
             causes: set[str] = set()
-            deadline = time.monotonic() + 60
+            start, cpu_start = time.monotonic(), time.process_time()
+            deadline = start + 60
             while "config" not in causes and time.monotonic() < deadline:
                 ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
                 if ready:
                     causes |= channel.handle_interrupt()
             out["causes"] = sorted(causes)
+            out["waited_s"] = round(time.monotonic() - start, 3)
+            out["wait_cpu_s"] = round(time.process_time() - cpu_start, 3)
             out["requested_size"] = dev.config().requested_size
             # The device still answers after the config interrupt (INTx was unmasked).
             out["state_after_resize"] = show(dev.state(cfg.addr, blocks))
@@ -217,6 +222,7 @@ def test_request_round_trips(vm_mode: tuple[TestVM, str]) -> None:
     log = f"/run/transport-{mode}.log"
     vm.sh(f"rm -f {ready}; setsid sh -c '{guest_cmd(mode, bdf, 'wait-config')}' >{log} 2>&1 &")
     vm.wait_until(lambda: vm.guest(f"test -e {ready}")[0] == 0, 60, what="guest channel ready")
+    time.sleep(2)  # let the guest sit idle in select() for a while
     vm.resize("vm0", 1 * GiB)
     text = vm.wait_until(
         lambda: next((ln for ln in vm.read(log).splitlines() if ln.startswith(RESULT)), ""),
@@ -228,6 +234,12 @@ def test_request_round_trips(vm_mode: tuple[TestVM, str]) -> None:
     assert "config" in third["causes"]
     assert third["requested_size"] == 1 * GiB
     assert third["state_after_resize"] == "ACK UNPLUGGED"
+    assert third["waited_s"] >= 1.5
+    assert third["wait_cpu_s"] < 0.2 * third["waited_s"]  # blocked in select(), not polling
+    if mode == "noiommu":  # compaction of locked pages off while the driver ran, then restored
+        assert third["compact_unevictable_during"] == "0"
+        assert third["compact_unevictable_before"] == "1"
+    assert vm.read("/proc/sys/vm/compact_unevictable_allowed").strip() == "1"
     vm.resize("vm0", 512 * MiB)
 
 
