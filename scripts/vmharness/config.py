@@ -104,7 +104,7 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
         "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose",
         "ro",
         f"init={paths.guest_init}",
-        "panic=-1",
+        "panic=0",  # hang on panic; the harness spots "Kernel panic" in the console
         "oops=panic",
         "8250.nr_uarts=1",
         f"VMH_RUNNER={paths.guest_runner}",
@@ -149,7 +149,7 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
         "-smp", str(cfg.cpus),
         "-m", f"{fmt_size(cfg.memory)},maxmem={fmt_size(maxmem)},slots={slots}",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-        "-no-reboot",
+        # No -no-reboot: with it QEMU treats QMP system_reset as a power-off.
         "-kernel", str(paths.kernel),
         "-append", kernel_cmdline(cfg, paths, mode),
         "-chardev", f"file,id=con0,path={paths.console_log}",

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 #: Every VM not yet closed (the pytest plugin prints their console tails on failure).
 LIVE_VMS: set[TestVM] = set()
+PANIC_MARK = b"Kernel panic - not syncing"
 KEEP_RUNS = 40  #: run directories kept under results/vm/
 
 
@@ -76,6 +77,7 @@ class TestVM:
         self._proc: subprocess.Popen[bytes] | None = None
         self._chan: GuestChannel | None = None
         self._qmp: Any = None
+        self._console_seen = 0
 
     # ----- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> TestVM:
@@ -148,6 +150,8 @@ class TestVM:
         self._chan = GuestChannel(self.paths.cmd_sock)
 
     def _check_alive(self) -> None:
+        """Raise VMError if QEMU has exited or the guest kernel panicked."""
+        self._check_panic()
         if self._proc is None or self._proc.poll() is not None:
             rc = None if self._proc is None else self._proc.returncode
             qlog = ""
@@ -156,6 +160,22 @@ class TestVM:
             raise VMError(
                 f"QEMU is not running (exit status {rc}); qemu.log:\n{qlog}", self.log_tail()
             )
+
+    def _check_panic(self) -> None:
+        if self.paths is None:
+            return
+        try:
+            size = self.paths.console_log.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == self._console_seen:
+            return
+        with open(self.paths.console_log, "rb") as f:
+            f.seek(max(0, self._console_seen - len(PANIC_MARK)))
+            chunk = f.read(size - f.tell())
+        self._console_seen = size
+        if PANIC_MARK in chunk:
+            raise VMError("the guest kernel panicked", self.log_tail(80))
 
     @property
     def alive(self) -> bool:

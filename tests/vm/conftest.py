@@ -56,13 +56,13 @@ def boot(config: VMConfig) -> Iterator[TestVM]:
         yield vm
 
 
-@pytest.hookimpl(hookwrapper=True)
 @pytest.fixture(scope="session")
 def boot_vm() -> Callable[[VMConfig], AbstractContextManager[TestVM]]:
     """``with boot_vm(VMConfig(...)) as vm:`` in a module-scoped fixture."""
     return boot
 
 
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """Attach the console tail of every live VM to a failing test's report."""
     outcome = yield

@@ -96,7 +96,12 @@ def test_background_daemon_and_share(vm: TestVM) -> None:
         "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/ticks; sleep 0.1; done'"
         " >/run/ticker.log 2>&1 </dev/null &"
     )
-    vm.wait_until(lambda: int(vm.read("/run/ticks").strip() or 0) >= 3, 30, what="ticks")
+
+    def ticks() -> int:
+        rc, out = vm.guest("cat /run/ticks 2>/dev/null")
+        return int(out.strip()) if rc == 0 and out.strip() else 0
+
+    vm.wait_until(lambda: ticks() >= 3, 30, what="the background ticker")
     vm.sh(f"cp /run/ticks {share}/ticks")
     assert int((share / "ticks").read_text()) >= 3
     vm.sh("pkill -f 'echo \\$i > /run/ticks' || true")

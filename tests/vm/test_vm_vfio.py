@@ -13,7 +13,7 @@ from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
 FIND_DEVICE = (
     "for d in /sys/bus/pci/devices/*; do "
     '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
-    "done"
+    "done; true"
 )
 
 
