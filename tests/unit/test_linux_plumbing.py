@@ -11,7 +11,7 @@ import pytest
 from vmem_guest._linux import pagemap
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest.errors import TransportError
-from vmem_guest.transport.vfio import check_bdf, find_group
+from vmem_guest.transport.vfio import check_bdf, choose_iova, find_group, parse_iova_ranges
 
 PAGE = 4096
 
@@ -109,3 +109,36 @@ def test_find_group_without_link(tmp_path: Path) -> None:
 def test_check_bdf_rejects(bdf: str) -> None:
     with pytest.raises(TransportError):
         check_bdf(bdf)
+
+
+def _iommu_info(ranges: list[tuple[int, int]], *, next_offset: int = 0) -> bytes:
+    """A VFIO_IOMMU_GET_INFO answer laid out like the kernel's (head 24 bytes, cap at 24)."""
+    cap = struct.pack("<HHIII", 1, 1, next_offset, len(ranges), 0)
+    cap += b"".join(struct.pack("<QQ", start, end) for start, end in ranges)
+    size = 24 + len(cap)
+    head = struct.pack("<IIQI4x", size, 3, 0x40201000, 24)
+    return head + cap
+
+
+def test_parse_iova_ranges() -> None:
+    info = _iommu_info([(0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1)])
+    assert parse_iova_ranges(info) == [(0, 0xFEE00000), (0xFEF00000, 1 << 48)]
+
+
+def test_parse_iova_ranges_refuses_a_loop_and_overruns() -> None:
+    with pytest.raises(TransportError, match="bad VFIO capability offset"):
+        parse_iova_ranges(_iommu_info([(0, 0xFFFF)], next_offset=24))
+    info = bytearray(_iommu_info([(0, 0xFFFF)]))
+    struct.pack_into("<I", info, 24 + 8, 1000)  # nr_iovas
+    with pytest.raises(TransportError, match="overrun"):
+        parse_iova_ranges(bytes(info))
+
+
+def test_choose_iova() -> None:
+    ranges = [(0, 0xFEE00000), (0xFEF00000, 1 << 48)]
+    assert choose_iova(ranges, 0x1000, 0x1000_0000, 0x1000) == 0x1000_0000
+    assert choose_iova([], 0x1000, 0x1000_0000, 0x1000) == 0x1000_0000
+    assert choose_iova([(0x2000_0000, 0x3000_0000)], 0x1000, 0x1000_0000, 0x1000) == 0x2000_0000
+    assert choose_iova([(0x10, 0x10000)], 0x1000, 0x1000_0000, 0x1000) == 0x1000
+    with pytest.raises(TransportError):
+        choose_iova([(0, 0x1000)], 0x2000, 0x1000_0000, 0x1000)

@@ -77,6 +77,11 @@ VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
 VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
 
+# struct vfio_iommu_type1_info.flags and its capability chain.
+VFIO_IOMMU_INFO_PGSIZES = 1 << 0
+VFIO_IOMMU_INFO_CAPS = 1 << 1
+VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
+
 # vfio-pci fixed region indices.
 VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_BAR5_REGION_INDEX = 5
@@ -164,6 +169,41 @@ class vfio_iommu_type1_dma_unmap(_ArgszStructure):
         ("flags", ctypes.c_uint32),
         ("iova", ctypes.c_uint64),
         ("size", ctypes.c_uint64),
+    )
+
+
+class vfio_iommu_type1_info(_ArgszStructure):
+    """Head of the answer to VFIO_IOMMU_GET_INFO; capabilities follow at ``cap_offset``."""
+
+    _fields_ = (
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iova_pgsizes", ctypes.c_uint64),
+        ("cap_offset", ctypes.c_uint32),
+    )
+
+
+class vfio_info_cap_header(ctypes.Structure):
+    _fields_ = (
+        ("id", ctypes.c_uint16),
+        ("version", ctypes.c_uint16),
+        ("next", ctypes.c_uint32),
+    )
+
+
+class vfio_iova_range(ctypes.Structure):
+    """One usable IOVA range; ``end`` is inclusive."""
+
+    _fields_ = (("start", ctypes.c_uint64), ("end", ctypes.c_uint64))
+
+
+class vfio_iommu_type1_info_cap_iova_range(ctypes.Structure):
+    """Head of the IOVA-range capability; ``nr_iovas`` vfio_iova_range entries follow."""
+
+    _fields_ = (
+        ("header", vfio_info_cap_header),
+        ("nr_iovas", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
     )
 
 

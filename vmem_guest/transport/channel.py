@@ -26,8 +26,8 @@ from vmem_guest._linux.eventfd import EventFd
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import virtio_pci as vp
-from vmem_guest.transport.dma import DmaBuffer, IovaBuffer, PhysBuffer
-from vmem_guest.transport.vfio import DEV_ROOT, SYSFS_ROOT, Mode, VfioDevice
+from vmem_guest.transport.dma import PAGE_SIZE, DmaBuffer, IovaBuffer, PhysBuffer
+from vmem_guest.transport.vfio import DEV_ROOT, SYSFS_ROOT, Mode, VfioDevice, choose_iova
 from vmem_guest.transport.virtqueue import RingLayout, Virtqueue
 
 #: Causes :meth:`PciChannel.handle_interrupt` reports.
@@ -159,6 +159,8 @@ class PciChannel:
             response_len=ctypes.sizeof(spec.VirtioMemResp),
         )
         if mode == "type1":
+            ranges = vfio.container.iova_ranges()
+            iova = choose_iova(ranges, layout.total, iova, PAGE_SIZE)
             self.buffer = IovaBuffer(layout.total, vfio.container, iova)
         else:
             self.buffer = PhysBuffer(layout.total, pagemap_path=pagemap_path)

@@ -89,6 +89,53 @@ def find_group(bdf: str, *, sysfs_root: Path = SYSFS_ROOT, dev_root: Path = DEV_
     return IommuGroup(number, False, dev_root / "vfio" / str(number))
 
 
+def parse_iova_ranges(info: bytes) -> list[tuple[int, int]]:
+    """The IOVA ranges in a ``vfio_iommu_type1_info`` answer, as ``[start, end)``.
+
+    Walks the capability chain with every offset bounds-checked and loops refused.
+    """
+    head = uapi.vfio_iommu_type1_info.from_buffer_copy(
+        info[: ctypes.sizeof(uapi.vfio_iommu_type1_info)]
+    )
+    ranges: list[tuple[int, int]] = []
+    if not head.flags & uapi.VFIO_IOMMU_INFO_CAPS:
+        return ranges
+    seen: set[int] = set()
+    offset = head.cap_offset
+    cap_size = ctypes.sizeof(uapi.vfio_iommu_type1_info_cap_iova_range)
+    range_size = ctypes.sizeof(uapi.vfio_iova_range)
+    while offset:
+        if offset in seen or offset < ctypes.sizeof(head) or offset + 8 > len(info):
+            raise TransportError(f"bad VFIO capability offset {offset}", offset=offset)
+        seen.add(offset)
+        header = uapi.vfio_info_cap_header.from_buffer_copy(info, offset)
+        if header.id == uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            if offset + cap_size > len(info):
+                raise TransportError("truncated IOVA range capability", offset=offset)
+            cap = uapi.vfio_iommu_type1_info_cap_iova_range.from_buffer_copy(info, offset)
+            first = offset + cap_size
+            if first + cap.nr_iovas * range_size > len(info):
+                raise TransportError(f"{cap.nr_iovas} IOVA ranges overrun the answer")
+            for i in range(cap.nr_iovas):
+                r = uapi.vfio_iova_range.from_buffer_copy(info, first + i * range_size)
+                if r.end >= r.start:
+                    ranges.append((r.start, r.end + 1))
+        offset = header.next
+    return ranges
+
+
+def choose_iova(ranges: list[tuple[int, int]], size: int, preferred: int, align: int) -> int:
+    """``preferred`` when ``[preferred, preferred + size)`` lies in one range (or no
+    ranges are known), else the lowest aligned non-zero address that fits."""
+    if not ranges or any(s <= preferred and preferred + size <= e for s, e in ranges):
+        return preferred
+    for start, end in sorted(ranges):
+        candidate = max(-(-start // align) * align, align)
+        if candidate + size <= end:
+            return candidate
+    raise TransportError(f"no IOVA range holds {size:#x} bytes", ranges=ranges)
+
+
 def _open(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -143,6 +190,23 @@ class VfioContainer:
                 f"VFIO_IOMMU_UNMAP_DMA unmapped {arg.size:#x} of {size:#x} at {iova:#x}",
                 iova=iova,
             )
+
+    def iova_ranges(self) -> list[tuple[int, int]]:
+        """Usable IOVA ranges ``[start, end)`` from VFIO_IOMMU_GET_INFO (type1 only).
+
+        An empty list means the kernel reported no IOVA-range capability.
+        """
+        head = uapi.vfio_iommu_type1_info.new()
+        ioctl(self.fd, "VFIO_IOMMU_GET_INFO", uapi.VFIO_IOMMU_GET_INFO, head)
+        if not head.flags & uapi.VFIO_IOMMU_INFO_CAPS or head.argsz <= ctypes.sizeof(head):
+            return []
+        size = head.argsz
+        if size > 1 << 16:
+            raise TransportError(f"VFIO_IOMMU_GET_INFO wants {size} bytes", argsz=size)
+        buf = bytearray(size)
+        buf[:4] = size.to_bytes(4, "little")
+        ioctl(self.fd, "VFIO_IOMMU_GET_INFO", uapi.VFIO_IOMMU_GET_INFO, buf)
+        return parse_iova_ranges(bytes(buf))
 
     def close(self) -> None:
         """Unmap what is still mapped, then close (closing alone would also unmap)."""
