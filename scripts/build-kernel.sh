@@ -14,6 +14,9 @@
 #   scripts/build-kernel.sh --force       rebuild even when cached
 set -euo pipefail
 
+# Everything runs inside main(), which bash parses whole before running it: editing
+# this file while a (10-minute) build runs cannot derail the running build.
+main() {
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 FRAGMENT="$HERE/kernel/vmem-guest.config"
 CACHE="${VMEM_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmem-guest}"
@@ -138,3 +141,7 @@ mv "$OUT_DIR/bzImage.tmp" "$BZIMAGE"
 log "done in $(( $(date +%s) - START ))s ($(du -h "$BZIMAGE" | cut -f1))"
 log "bzImage: $BZIMAGE"
 echo "$BZIMAGE"
+}
+
+main "$@"
+exit
