@@ -65,9 +65,17 @@ def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
         yield vm
 
 
+def requested_of(dev_id: str, requested: int) -> int:
+    """QEMU takes only multiples of the device block: 1000M is 768M for 256M blocks."""
+    return requested // BLOCK_SIZES[dev_id] * BLOCK_SIZES[dev_id]
+
+
 def check_converged(vm: TestVM, requested: int, base_memtotal: int) -> None:
     """Wait for both devices to reach their targets, then check every side agrees."""
-    expected = {dev_id: target(requested, block) for dev_id, block in BLOCK_SIZES.items()}
+    expected = {
+        dev_id: target(requested_of(dev_id, requested), block)
+        for dev_id, block in BLOCK_SIZES.items()
+    }
 
     def qemu_reached() -> bool:
         return all(vm.plugged(dev_id) == size for dev_id, size in expected.items())
@@ -88,8 +96,8 @@ def check_converged(vm: TestVM, requested: int, base_memtotal: int) -> None:
     snap = vm.wait_until(tracker_settled, timeout=120, what="the tracker to settle")
     for dev_id, size in expected.items():
         dev = snap[bdfs[dev_id]]
-        assert dev["requested_size"] == requested
-        assert dev["remainder"] == requested - size
+        assert dev["requested_size"] == requested_of(dev_id, requested)
+        assert dev["remainder"] == requested_of(dev_id, requested) - size
         assert dev["broken"] is False
         assert vm.plugged(dev_id) == dev["plugged_size"]
         block = BLOCK_SIZES[dev_id]
@@ -105,7 +113,7 @@ def run_sequence(vm: TestVM, agent_args: str) -> None:
     try:
         for requested in SEQUENCE:
             for dev_id in BLOCK_SIZES:
-                vm.resize(dev_id, requested)
+                vm.resize(dev_id, requested_of(dev_id, requested))
             check_converged(vm, requested, base_memtotal)
     except Exception:
         print(agent_log(vm))
