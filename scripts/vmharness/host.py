@@ -33,7 +33,10 @@ def find_qemu(install: bool = True) -> str:
             raise HostUnavailable(f"{QEMU_NAME} not found and install failed: {last[0]}")
     if not exe:
         raise HostUnavailable(f"{QEMU_NAME} not found")
-    r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    try:
+        r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise HostUnavailable(f"{exe} cannot be run: {e}") from e
     if r.returncode != 0:
         raise HostUnavailable(f"{exe} --version failed: {r.stderr.strip()[:200]}")
     return exe
