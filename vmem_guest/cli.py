@@ -7,6 +7,7 @@ failures print one line and exit with status 1. Never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -539,7 +540,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except VmemError as exc:
         _fail(exc.message, EXIT_FAILURE)
     except OSError as exc:
-        # A state directory that cannot be created or read, and the like: one line.
+        # A state directory that cannot be created or read, and the like: one line
+        # (the whole traceback with VMEM_GUEST_TRACEBACK=1, for bug reports).
+        if os.environ.get("VMEM_GUEST_TRACEBACK"):
+            raise
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(f"{where}{exc.strerror or exc}", EXIT_FAILURE)
     except click.exceptions.Exit as exc:
