@@ -55,6 +55,19 @@ def _prune_runs(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _prune_stale_sockets() -> None:
+    """Remove /tmp/vmh-* socket dirs whose owning process is gone (killed with SIGKILL,
+    where no cleanup can run; QEMU itself died with it through PDEATHSIG)."""
+    for owner in Path("/tmp").glob("vmh-*/owner"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(owner.parent, ignore_errors=True)
+        except (OSError, ValueError):
+            pass
+
+
 class TestVM:
     """A running test VM; use as a context manager (or call start() and close())."""
 
@@ -105,7 +118,9 @@ class TestVM:
         run_dir = root / f"{stamp}-{self.config.name}-{os.getpid()}"
         share = run_dir / "share"
         share.mkdir(parents=True)
+        _prune_stale_sockets()
         sock_dir = Path(tempfile.mkdtemp(prefix="vmh-", dir="/tmp"))
+        (sock_dir / "owner").write_text(str(os.getpid()))
         self.paths = RunPaths(
             kernel=kernel,
             run_dir=run_dir,
