@@ -41,7 +41,7 @@ T = TypeVar("T")
 #: Every VM not yet closed (the pytest plugin prints their console tails on failure).
 LIVE_VMS: set[TestVM] = set()
 PANIC_MARK = b"Kernel panic - not syncing"
-KEEP_RUNS = 40  #: run directories kept under results/vm/
+KEEP_RUNS = 100  #: run directories kept under results/vm/
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -49,9 +49,24 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _prune_runs(root: Path, keep: int) -> None:
+    """Delete all but the newest keep run dirs, never one whose process still runs
+    (the name ends with the owner's pid)."""
     runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
     for old in runs[:-keep]:
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -61,11 +76,10 @@ def _prune_stale_sockets() -> None:
     for owner in Path("/tmp").glob("vmh-*/owner"):
         try:
             pid = int(owner.read_text())
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(owner.parent, ignore_errors=True)
         except (OSError, ValueError):
-            pass
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(owner.parent, ignore_errors=True)
 
 
 class TestVM:
