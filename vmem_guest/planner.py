@@ -189,9 +189,10 @@ def target_bytes(config: DeviceConfig, layout: Layout) -> int:
     return min(config.requested_size // layout.unit_bytes, usable_units) * layout.unit_bytes
 
 
-def _bit_count(bits: int, first: int, count: int) -> int:
-    """Set bits in [first, first + count) of the bitmap read as one integer."""
-    return ((bits >> first) & ((1 << count) - 1)).bit_count()
+def _bit_count(bitmap: bytes, first: int, count: int) -> int:
+    """Set bits in [first, first + count) of ``bitmap`` (LSB first), reading only its bytes."""
+    chunk = int.from_bytes(bitmap[first >> 3 : (first + count + 7) >> 3], "little")
+    return ((chunk >> (first & 7)) & ((1 << count) - 1)).bit_count()
 
 
 class _Census:
@@ -200,9 +201,9 @@ class _Census:
     def __init__(self, inp: PlanInput, layout: Layout) -> None:
         self.inp = inp
         self.layout = layout
-        bits = int.from_bytes(inp.bitmap, "little")
         self.plugged_counts = [
-            _bit_count(bits, unit.subblocks.start, len(unit.subblocks)) for unit in layout.units
+            _bit_count(inp.bitmap, unit.subblocks.start, len(unit.subblocks))
+            for unit in layout.units
         ]
 
     def full(self) -> Iterator[Unit]:
