@@ -136,11 +136,20 @@ class DeviceDriver:
         The tracker's content, and its pending intent, are only hints: the device
         and the kernel are the truth after a crash (DESIGN.md section 5.3).
         """
-        config = self.refresh_config()
+        self.refresh_config()
         self.tracker.clear_broken()
         previous = self.tracker.snapshot()
         if previous.intent is not None:
             self.log.info("resolving pending %s from a previous run", previous.intent)
+        self.resync(unplug_unused=True)
+
+    def resync(self, *, unplug_unused: bool) -> None:
+        """Replace the tracker's state with the device's (STATE) and the kernel's.
+
+        With ``unplug_unused``, plugged memory of which nothing is online is given
+        back with one UNPLUG_ALL (spec 5.15.5), as at start-up.
+        """
+        config = self.config
         kernel_blocks = {mb: self.kernel.block(mb) for mb in self.geometry.memory_blocks()}
         online = {
             mb: kb.zone for mb, kb in kernel_blocks.items() if kb.state is KernelBlockState.ONLINE
@@ -149,8 +158,7 @@ class DeviceDriver:
             mb for mb, kb in kernel_blocks.items() if kb.state is not KernelBlockState.ABSENT
         ]
         plugged: list[int] = []
-        if config.plugged_size and not online:
-            # Spec 5.15.5: plugged memory nobody uses is given back in one request.
+        if config.plugged_size and not online and unplug_unused:
             # Forget what the tracker believed first: it may say ONLINE for a block
             # a crash left offline, and the tracker refuses UNPLUG_ALL over those.
             self.tracker.rebuild_from_states(plugged=[], online={}, present=present)
@@ -169,7 +177,7 @@ class DeviceDriver:
         self.tracker.rebuild_from_states(plugged=plugged, online=online, present=present)
         self.tracker.clear_intent()
         self.log.info(
-            "started: plugged %d blocks, %d memory blocks online", len(plugged), len(online)
+            "state rebuilt: plugged %d blocks, %d memory blocks online", len(plugged), len(online)
         )
 
     def _scan_plugged(self) -> list[int]:
@@ -287,7 +295,12 @@ class DeviceDriver:
             return StepResult(Outcome.PROGRESS, step)
         if response.type is ResponseType.NACK:
             self.nacks_in_a_row += 1
-            self.refresh_config()
+            config = self.refresh_config()
+            if config.plugged_size != self.tracker.snapshot().plugged_bytes:
+                # The device holds plugged memory we do not know of: every plan
+                # would NACK again. Learn the truth before planning.
+                self.log.warning("device plugged size differs from the tracker: resync")
+                self.resync(unplug_unused=False)
             if self.nacks_in_a_row <= MAX_NACKS_BEFORE_BACKOFF:
                 return StepResult(Outcome.PROGRESS, step, detail="NACK")
             return self._wait(step, "NACK")

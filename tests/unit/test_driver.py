@@ -586,3 +586,16 @@ def test_sim_sized_resizes_converge_and_stay_consistent(rig: Rig) -> None:
         assert driver.last_done is not None
         assert driver.last_done.remainder_bytes == requested - plugged
         rig.check_consistent()
+
+
+def test_nack_with_plugged_memory_unknown_to_the_tracker_resyncs(rig: Rig) -> None:
+    """Blocks plugged behind the driver's back would make every PLUG NACK forever."""
+    driver = rig.open()
+    rig.model.resize(512 * MIB)
+    rig.plug_behind(5 * PER_UNIT, PER_UNIT)  # 128 MiB the tracker knows nothing of
+    rig.converge()
+    assert rig.model.plugged_size == 512 * MIB
+    assert rig.tracker_plugged() == rig.model.plugged_blocks()
+    assert RequestType.STATE in rig.channel.types()  # learnt with STATE, not guessed
+    assert driver.nacks_in_a_row == 0
+    rig.check_consistent()
