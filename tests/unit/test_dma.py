@@ -53,6 +53,28 @@ def test_buffer_is_page_aligned_locked_and_zeroed() -> None:
     buf.close()  # idempotent
 
 
+def test_buffer_is_not_inherited_across_fork() -> None:
+    import os
+
+    buf = dma.DmaBuffer(dma.PAGE_SIZE)
+    try:
+        ctypes.memset(buf.address, 0x5A, 1)
+        pid = os.fork()
+        if pid == 0:  # child: the page must not be mapped (MADV_DONTFORK)
+            code = 0
+            try:
+                with open("/proc/self/maps") as maps:
+                    start = f"{buf.address:x}-"
+                    code = 1 if any(line.startswith(start) for line in maps) else 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ctypes.string_at(buf.address, 1) == b"\x5a"
+    finally:
+        buf.close()
+
+
 def test_phys_buffer_bus_addresses_and_check_outside(tmp_path: Path) -> None:
     fake = FakePagemap(tmp_path / "pagemap")
     buf = PresetPhysBuffer(2 * dma.PAGE_SIZE, fake, [0x1000, 0x1001])

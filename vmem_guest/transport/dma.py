@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class DmaBuffer:
-    """A page-aligned, locked, zeroed anonymous mapping.
+    """A page-aligned, locked, zeroed anonymous mapping, not inherited by children.
 
     :attr:`address` is its virtual address (for ctypes ``from_address``);
     :meth:`bus_addr` is what the device must be told. Subclasses fill
@@ -56,6 +56,15 @@ class DmaBuffer:
                 f"cannot allocate {self.size} locked bytes: {exc.strerror} (RLIMIT_MEMLOCK?)",
                 size=self.size,
             ) from None
+        # No copy-on-write after a fork (the parent's next store would move the page
+        # away from the address the device has) and no THP collapse (which migrates).
+        try:
+            self._mapping.madvise(mmap.MADV_DONTFORK)
+            with contextlib.suppress(OSError):  # EINVAL: a kernel without THP
+                self._mapping.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError as exc:
+            self._mapping.close()
+            raise TransportError(f"madvise(MADV_DONTFORK) failed: {exc.strerror}") from None
         self._anchor: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * self.size).from_buffer(
             self._mapping
         )
