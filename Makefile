@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver demo-sim clean
+        kernel vm-deps test-vm bench-kernel-driver bench demo-sim clean
 
 all: test
 
@@ -63,6 +63,9 @@ test-vm: $(STAMP) vm-deps
 
 bench-kernel-driver: $(STAMP) vm-deps
 	$(PY) scripts/bench_kernel_driver.py
+
+bench: $(STAMP) vm-deps
+	$(PY) scripts/bench_agent.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
