@@ -164,7 +164,8 @@ class PciChannel:
             self.buffer = IovaBuffer(layout.total, vfio.container, iova)
         else:
             self.buffer = PhysBuffer(layout.total, pagemap_path=pagemap_path)
-        raw = spec.VirtioMemConfig.from_buffer_copy(transport.read_config(56))
+        config_size = ctypes.sizeof(spec.VirtioMemConfig)
+        raw = spec.VirtioMemConfig.from_buffer_copy(transport.read_config(config_size))
         if raw.region_size:
             self.guard_ranges = [(raw.addr, raw.addr + raw.region_size)]
         self.buffer.check_outside(self.guard_ranges)
