@@ -523,6 +523,114 @@ def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -
     _manual({"op": "unplug-all", "device": bdf}, state_dir, noiommu, as_json)
 
 
+@cli.command()
+@DEVICE
+@click.option(
+    "--examples",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="Hypothesis examples (request sequences) to run.",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(1, 1000),
+    default=40,
+    show_default=True,
+    help="Longest request sequence.",
+)
+@click.option("--seed", type=int, default=None, help="Hypothesis seed (default: random, printed).")
+@NOIOMMU
+@STATE_DIR
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where a mismatch is saved as JSON, with hypothesis's example database "
+    "(default: STATE_DIR/conformance).",
+)
+@JSON
+def fuzz(
+    bdf: str | None,
+    examples: int,
+    max_steps: int,
+    seed: int | None,
+    noiommu: bool,
+    state_dir: Path,
+    results_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Conformance fuzzer: the device against vmem_guest's QEMU-faithful model.
+
+    Sends hypothesis-generated sequences of raw PLUG, UNPLUG, UNPLUG_ALL and STATE
+    requests (valid, misaligned, empty, overflowing, outside the usable region,
+    beyond requested_size) to the device and to the model, and compares every
+    answer and the config after each request. Requests that would break the
+    device (short, unknown type) go to the model only. The host cannot be
+    resized from the guest: the fuzzer works within the current requested_size.
+
+    Refuses a device owned by the agent, with memory online or anything plugged;
+    nothing is probed or onlined; UNPLUG_ALL after every example. Exit status 1
+    on a mismatch, printed shrunk and saved.
+    """
+    try:
+        from vmem_guest import conformance
+    except ModuleNotFoundError as exc:
+        _fail(f"vmem-guest fuzz needs {exc.name} (pip install 'vmem-guest[test]')")
+
+    result = conformance.fuzz_pci_device(
+        bdf,
+        allow_noiommu=noiommu,
+        state_dir=state_dir,
+        examples=examples,
+        seed=seed,
+        max_steps=max_steps,
+        results_dir=results_dir,
+    )
+    report = result.as_dict()
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo(_fuzz_text(report))
+    if result.mismatches:
+        sys.exit(EXIT_FAILURE)
+
+
+def _fuzz_text(report: dict[str, Any]) -> str:
+    geometry = report["geometry"]
+    rows = [
+        ("device", report["device"]),
+        ("block size", format_size(geometry["block_size"])),
+        ("requested", format_size(geometry["requested_size"])),
+        ("seed", report["seed"]),
+        ("examples", report["examples"]),
+        ("requests compared", report["requests_compared"]),
+        ("model-only requests", report["model_only_requests"]),
+        ("mismatches", report["mismatches"]),
+    ]
+    lines = [render.table(("", "value"), rows), "", "device answers:"]
+    lines += [f"  {name:<24} {count}" for name, count in report["answers"].items()]
+    failure = report["mismatch"]
+    if failure:
+        if "device_lost" in failure:
+            lines += ["", f"DEVICE LOST: {failure['device_lost']}"]
+        else:
+            lines += ["", "MISMATCH (shrunk):"]
+            lines += [
+                f"  {d['what']}: device {d['device']}, model {d['model']}"
+                for d in failure["differences"]
+            ]
+        lines.append("  sequence (device answer | model answer):")
+        lines += [
+            f"  {i:3}. {e['text']}  ->  {e['device']} | {e['model']}"
+            for i, e in enumerate(failure["sequence"], 1)
+        ]
+        if report["saved"]:
+            lines.append(f"  saved to {report['saved']}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click in non-standalone mode so every error is one line."""
     try:

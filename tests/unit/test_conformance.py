@@ -1,0 +1,165 @@
+"""The conformance fuzzer (vmem_guest/conformance.py) against device models.
+
+A DeviceModel stands in for the device under test: against an identical model
+the fuzzer finds nothing; against a model that deviates from QEMU in one rule
+it finds the deviation and shrinks it to a minimal sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vmem_guest import conformance, spec
+from vmem_guest.conformance import Action, Step
+from vmem_guest.errors import UsageError
+from vmem_guest.sim import DeviceModel
+from vmem_guest.spec import RequestType, ResponseType
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def device(requested: int = 512 * MiB, cls: type[DeviceModel] = DeviceModel) -> DeviceModel:
+    return cls(addr=4 * GiB, region_size=2 * GiB, block_size=2 * MiB, requested_size=requested)
+
+
+class NackIsError(DeviceModel):
+    """A device that answers ERROR where QEMU answers NACK (PLUG beyond requested_size)."""
+
+    def submit(self, request: bytes) -> bytes:
+        raw = super().submit(request)
+        if raw[0] == ResponseType.NACK:
+            return spec.encode_response(ResponseType.ERROR)
+        return raw
+
+
+class UsableNeverShrinks(DeviceModel):
+    """A device whose UNPLUG_ALL does not shrink the usable region."""
+
+    def _unplug_all(self) -> None:
+        usable = self.usable_region_size
+        super()._unplug_all()
+        self._usable = usable
+        self._usable_end = self.addr + usable
+
+
+def test_identical_model_has_no_mismatch(tmp_path: Path) -> None:
+    real = device()
+    result = conformance.fuzz(real, examples=60, seed=1, save_dir=tmp_path)
+    assert result.mismatches == 0, result.as_dict()
+    assert result.counts.requests_compared > 100
+    assert result.counts.model_only > 0
+    assert real.plugged_size == 0
+    assert not list(tmp_path.iterdir())
+    answers = result.counts.answers
+    for expected in ("PLUG ACK", "PLUG NACK", "PLUG ERROR", "UNPLUG ACK", "STATE ACK PLUGGED"):
+        assert answers[expected] > 0, answers
+
+
+def test_resizes_from_the_host_side_have_no_mismatch() -> None:
+    real = device(requested=256 * MiB)
+    result = conformance.fuzz(real, examples=60, seed=2, resize=real.resize)
+    assert result.mismatches == 0, result.as_dict()
+    assert result.counts.resizes > 0
+    assert (real.plugged_size, real.requested_size) == (0, 256 * MiB)
+
+
+def test_deviation_is_found_and_shrunk(tmp_path: Path) -> None:
+    real = device(cls=NackIsError)
+    result = conformance.fuzz(real, examples=100, seed=3, save_dir=tmp_path)
+    assert result.mismatches == 1
+    assert result.mismatch is not None
+    (difference,) = result.mismatch.differences
+    assert (difference.what, difference.device, difference.model) == ("response", "ERROR", "NACK")
+    steps = [entry.step for entry in result.mismatch.trace]
+    assert len(steps) == 1, [s.describe() for s in steps]
+    assert steps[0].req_type == RequestType.PLUG
+    assert real.plugged_size == 0
+    # Saved as a regression example that replays to the same mismatch.
+    assert result.saved is not None and result.saved.parent == tmp_path
+    saved = json.loads(result.saved.read_text())
+    assert saved["mismatches"] == 1
+    with pytest.raises(conformance.Mismatch):
+        conformance.replay(device(cls=NackIsError), conformance.load_steps(result.saved))
+    assert conformance.replay(device(), conformance.load_steps(result.saved))
+
+
+def test_usable_region_deviation_is_found() -> None:
+    real = device(requested=256 * MiB, cls=UsableNeverShrinks)
+    result = conformance.fuzz(real, examples=100, seed=4, resize=real.resize)
+    assert result.mismatch is not None
+    assert [d.what for d in result.mismatch.differences] == ["config.usable_region_size"]
+    # Shrunk to a few steps ending in the UNPLUG_ALL that should have shrunk the region.
+    # The device keeps what earlier examples did to it (it cannot be cleaned), so the
+    # example may start from a grown usable region: that start is part of the report.
+    trace = result.mismatch.trace
+    assert len(trace) <= 3
+    assert trace[-1].step.req_type == RequestType.UNPLUG_ALL
+    assert result.mismatch.start_config["requested_size"] == 256 * MiB
+
+
+def test_refuses_a_device_with_plugged_memory() -> None:
+    real = device()
+    real.submit(spec.encode_request(RequestType.PLUG, 4 * GiB, 1))
+    with pytest.raises(UsageError, match="plugged"):
+        conformance.fuzz(real, examples=1)
+    assert real.plugged_size == 2 * MiB
+
+
+def test_device_that_stops_answering_is_reported_without_shrinking() -> None:
+    class Dies(DeviceModel):
+        def submit(self, request: bytes) -> bytes:
+            if self.requests > 30:
+                from vmem_guest.errors import DeviceTimeout
+
+                raise DeviceTimeout("no answer within 5 s")
+            return super().submit(request)
+
+    result = conformance.fuzz(device(cls=Dies), examples=50, seed=5)
+    assert result.lost is not None and result.mismatches == 1
+    assert "no answer" in result.lost.trace[-1].device
+
+
+def test_resolve_kinds_give_the_intended_requests() -> None:
+    model = device()
+    bs, usable_end = model.block_size, model.addr + model.usable_region_size
+    zero = conformance.resolve(Action("zero", RequestType.STATE, 0, 0), model)
+    assert zero.nb_blocks == 0
+    mis = conformance.resolve(Action("misaligned", RequestType.PLUG, 0, 1), model)
+    assert mis.addr % bs
+    end = conformance.resolve(Action("at_usable_end", RequestType.PLUG, 0, 0), model)
+    assert end.addr == usable_end
+    over = conformance.resolve(Action("overflow", RequestType.UNPLUG, 3, 2), model)
+    assert over.addr + over.nb_blocks * bs > (1 << 64) - 1
+    beyond = conformance.resolve(Action("plug_beyond_requested", 0, 0, 0), model)
+    assert beyond.nb_blocks * bs > model.requested_size
+    short = conformance.resolve(Action("short", RequestType.PLUG, 10), model)
+    assert short.op == "malformed" and len(short.raw()) == 10
+
+
+def test_step_round_trips_through_json() -> None:
+    step = Step("request", RequestType.STATE, 4 * GiB, 3, kind="valid")
+    assert Step.from_dict(json.loads(json.dumps(step.as_dict()))) == step
+    assert step.describe() == "STATE addr=0x100000000 nb_blocks=3 [valid]"
+
+
+def test_device_lock_refuses_a_second_owner(tmp_path: Path) -> None:
+    with (
+        conformance.device_lock(tmp_path, "0000:00:03.0"),
+        pytest.raises(UsageError, match="owned by another"),
+        conformance.device_lock(tmp_path, "0000:00:03.0"),
+    ):
+        pass
+    with conformance.device_lock(tmp_path, "0000:00:03.0"):
+        assert (tmp_path / "0000:00:03.0.lock").exists()
+
+
+def test_online_blocks_in_region(tmp_path: Path) -> None:
+    for index, state in ((32, "online"), (33, "offline"), (40, "online")):
+        (tmp_path / f"memory{index}").mkdir()
+        (tmp_path / f"memory{index}" / "state").write_text(f"{state}\n")
+    found = conformance.online_blocks_in(tmp_path, 4 * GiB, 1 * GiB, 128 * MiB)
+    assert found == [32]
