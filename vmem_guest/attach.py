@@ -60,10 +60,8 @@ def attach(
     guard_ranges: list[tuple[int, int]] | None = None,
 ) -> Attached:
     """Open ``bdf`` (bound to vfio-pci), lock its tracker and recover its state."""
-    channel = PciChannel.open(bdf, mode=mode)
+    channel = PciChannel.open(bdf, mode=mode, guard_ranges=guard_ranges or ())
     try:
-        if guard_ranges:
-            channel.guard_ranges.extend(guard_ranges)
         device = VirtioMemDevice(channel, bdf)
         config = device.config()
         geometry = Geometry(config.addr, config.region_size, config.block_size, kernel.block_size())

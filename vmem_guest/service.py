@@ -78,14 +78,24 @@ def attached_devices(
     try:
         for dev in devices:
             mode = _bind(dev, allow_noiommu)
+            known = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
             done.append(
-                attach(dev.bdf, mode=mode, state_dir=state_dir, kernel=kernel, policy=policy)
+                attach(
+                    dev.bdf,
+                    mode=mode,
+                    state_dir=state_dir,
+                    kernel=kernel,
+                    policy=policy,
+                    guard_ranges=known,
+                )
             )
         # No-IOMMU DMA pages must stay outside every device's region, not only their own.
         regions = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
         for item in done:
             if isinstance(item.channel, PciChannel):
                 item.channel.guard_ranges[:] = regions
+                if item.channel.buffer is not None:
+                    item.channel.buffer.check_outside(regions)
         yield done
     finally:
         for item in done:

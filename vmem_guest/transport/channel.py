@@ -17,6 +17,7 @@ import ctypes
 import errno
 import logging
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmem_guest import spec
@@ -121,10 +122,16 @@ class PciChannel:
         timeout: float = DEFAULT_TIMEOUT,
         iova: int = DEFAULT_IOVA,
         pagemap_path: Path = pagemap.PAGEMAP,
+        guard_ranges: Sequence[tuple[int, int]] = (),
     ) -> PciChannel:
-        """Open ``bdf`` (bound to vfio-pci) and bring the device to DRIVER_OK."""
+        """Open ``bdf`` (bound to vfio-pci) and bring the device to DRIVER_OK.
+
+        ``guard_ranges``: other devices' regions, which no-IOMMU DMA pages must
+        stay out of too (this device's own region is always guarded).
+        """
         vfio = VfioDevice.open(bdf, mode=mode, sysfs_root=sysfs_root, dev_root=dev_root)
         channel = cls(bdf, vfio)
+        channel.guard_ranges.extend(guard_ranges)
         channel.timeout = timeout
         try:
             channel._start(mode, queue_size, iova, pagemap_path)
@@ -162,12 +169,15 @@ class PciChannel:
             ranges = vfio.container.iova_ranges()
             iova = choose_iova(ranges, layout.total, iova, PAGE_SIZE)
             self.buffer = IovaBuffer(layout.total, vfio.container, iova)
-        else:
-            self.buffer = PhysBuffer(layout.total, pagemap_path=pagemap_path)
         config_size = ctypes.sizeof(spec.VirtioMemConfig)
         raw = spec.VirtioMemConfig.from_buffer_copy(transport.read_config(config_size))
         if raw.region_size:
-            self.guard_ranges = [(raw.addr, raw.addr + raw.region_size)]
+            self.guard_ranges.append((raw.addr, raw.addr + raw.region_size))
+        if mode == "noiommu":
+            self.buffer = PhysBuffer.outside(
+                layout.total, self.guard_ranges, pagemap_path=pagemap_path
+            )
+        assert self.buffer is not None
         self.buffer.check_outside(self.guard_ranges)
 
         queue_vector = self._setup_interrupts(transport)

@@ -18,16 +18,19 @@ import contextlib
 import ctypes
 import logging
 import mmap
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vmem_guest._linux import pagemap
+from vmem_guest._linux import pagemap, secretmem
 from vmem_guest._linux.mman import map_locked
 from vmem_guest.errors import SafetyError, TransportError
 from vmem_guest.transport.vfio import VfioContainer
 
 PAGE_SIZE = mmap.PAGESIZE
 COMPACT_UNEVICTABLE = Path("/proc/sys/vm/compact_unevictable_allowed")
+#: Anonymous allocations tried before giving up on placing a no-IOMMU buffer.
+DEFAULT_PLACEMENT_ATTEMPTS = 256
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +43,21 @@ class DmaBuffer:
     :attr:`bus_pages` with one bus address per page.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, secret_fd: int | None = None) -> None:
+        """``secret_fd``: back the buffer with this memfd_secret file (it is closed)."""
         if size <= 0:
             raise ValueError(f"DMA buffer size {size}")
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         try:
+            if secret_fd is None:
+                fd, flags = -1, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            else:
+                os.ftruncate(secret_fd, self.size)
+                fd, flags = secret_fd, mmap.MAP_SHARED  # secretmem maps shared only
             self._mapping = mmap.mmap(
-                -1,
+                fd,
                 self.size,
-                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE | map_locked(),
+                flags=flags | mmap.MAP_POPULATE | map_locked(),
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
         except OSError as exc:
@@ -56,6 +65,9 @@ class DmaBuffer:
                 f"cannot allocate {self.size} locked bytes: {exc.strerror} (RLIMIT_MEMLOCK?)",
                 size=self.size,
             ) from None
+        finally:
+            if secret_fd is not None:
+                os.close(secret_fd)  # the mapping keeps the memory
         # No copy-on-write after a fork (the parent's next store would move the page
         # away from the address the device has) and no THP collapse (which migrates).
         try:
@@ -123,8 +135,10 @@ class IovaBuffer(DmaBuffer):
 class PhysBuffer(DmaBuffer):
     """A buffer whose bus addresses are its physical addresses (no-IOMMU)."""
 
-    def __init__(self, size: int, *, pagemap_path: Path = pagemap.PAGEMAP) -> None:
-        super().__init__(size)
+    def __init__(
+        self, size: int, *, pagemap_path: Path = pagemap.PAGEMAP, secret_fd: int | None = None
+    ) -> None:
+        super().__init__(size, secret_fd=secret_fd)
         self.pagemap_path = pagemap_path
         try:
             self.bus_pages = self._read_physical()
@@ -137,6 +151,60 @@ class PhysBuffer(DmaBuffer):
             pagemap.physical_address(self.address + i * PAGE_SIZE, path=self.pagemap_path)
             for i in range(self.size // PAGE_SIZE)
         ]
+
+    @classmethod
+    def outside(
+        cls,
+        size: int,
+        avoid: Iterable[tuple[int, int]],
+        *,
+        pagemap_path: Path = pagemap.PAGEMAP,
+        attempts: int = DEFAULT_PLACEMENT_ATTEMPTS,
+    ) -> PhysBuffer:
+        """A buffer whose pages lie outside every ``[start, end)`` of ``avoid``.
+
+        Memory a virtio-mem device added may be unplugged (after offlining, which
+        migrates pages): the device would then DMA into memory the guest gave
+        back. memfd_secret memory is never in ZONE_MOVABLE and never migrates, so
+        it is tried first; else anonymous pages are allocated until one lands
+        outside (the misplaced ones are held meanwhile so the next try differs).
+        """
+        spans = list(avoid)
+        rejects: list[PhysBuffer] = []
+        try:
+            secret_fd = secretmem.memfd_secret()
+            if secret_fd is not None:
+                buffer = cls(size, pagemap_path=pagemap_path, secret_fd=secret_fd)
+                if buffer.misplaced(spans) is None:
+                    log.info("no-IOMMU DMA memory: memfd_secret page(s) at %s", buffer.where())
+                    return buffer
+                rejects.append(buffer)
+            for _ in range(attempts):
+                buffer = cls(size, pagemap_path=pagemap_path)
+                if buffer.misplaced(spans) is None:
+                    log.info("no-IOMMU DMA memory: anonymous page(s) at %s", buffer.where())
+                    return buffer
+                rejects.append(buffer)
+        finally:
+            for reject in rejects:
+                reject.close()
+        raise SafetyError(
+            f"no DMA page outside the virtio-mem regions in {attempts} tries; boot with"
+            " secretmem.enable=1 or give the VM a vIOMMU",
+            attempts=attempts,
+        )
+
+    def where(self) -> str:
+        return ", ".join(f"{page:#x}" for page in self.bus_pages)
+
+    def misplaced(self, ranges: Iterable[tuple[int, int]]) -> tuple[int, int, int] | None:
+        """(page, start, end) of the first page inside a range, or None."""
+        spans = list(ranges)
+        for phys in self.bus_pages:
+            for start, end in spans:
+                if phys < end and start < phys + PAGE_SIZE:
+                    return phys, start, end
+        return None
 
     def check_outside(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Re-read the physical pages: unmoved, and outside every ``[start, end)`` range.
@@ -152,16 +220,15 @@ class PhysBuffer(DmaBuffer):
                 before=[hex(p) for p in self.bus_pages],
                 after=[hex(p) for p in now],
             )
-        spans = list(ranges)
-        for phys in now:
-            for start, end in spans:
-                if phys < end and start < phys + PAGE_SIZE:
-                    raise SafetyError(
-                        f"DMA page {phys:#x} lies in virtio-mem region {start:#x}-{end:#x}",
-                        phys=phys,
-                        start=start,
-                        end=end,
-                    )
+        found = self.misplaced(ranges)
+        if found is not None:
+            phys, start, end = found
+            raise SafetyError(
+                f"DMA page {phys:#x} lies in virtio-mem region {start:#x}-{end:#x}",
+                phys=phys,
+                start=start,
+                end=end,
+            )
 
 
 @contextlib.contextmanager
