@@ -62,7 +62,7 @@ VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 MEM = "/sys/devices/system/memory"
 PROFILE = "/run/agent.prof"
 
-DEVICES = ("vm0", "vm1", "vm2", "vm3")
+DEVICES = ("vm0", "vm1", "vm2", "vm3", "vm4")
 CONFIG = VMConfig(
     name="bench-agent",
     cpus=2,
@@ -87,6 +87,70 @@ for line in open("/proc/iomem"):
 print(json.dumps(out))
 """
 
+#: Guest: run ``vmem-guest`` (argv[3:]) with its modules imported up front, then either
+#: cProfile (mode "profile") or wall-clock timers around the agent's calls (mode "timers",
+#: exclusive times, no profiler). SIGUSR1 (re)starts measuring, SIGUSR2 appends the timers
+#: so far to OUT as a JSON line; the profile is dumped to OUT when the agent exits.
+WRAPPER_SCRIPT = r"""
+import cProfile, functools, json, signal, sys, time
+mode, out = sys.argv[1], sys.argv[2]
+sys.argv = ["vmem-guest", *sys.argv[3:]]
+from vmem_guest import agent, attach, cli, device, driver, hotplug, planner, service, tracker
+prof = cProfile.Profile()
+timers = {}
+stack = []
+def wrap(owner, name, key):
+    fn = getattr(owner, name)
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        frame = [time.perf_counter(), 0.0]
+        stack.append(frame)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stack.pop()
+            elapsed = time.perf_counter() - frame[0]
+            entry = timers.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += elapsed - frame[1]  # exclusive of wrapped callees
+            if stack:
+                stack[-1][1] += elapsed
+    setattr(owner, name, timed)
+if mode == "timers":
+    wrap(agent.Agent, "_drive_devices", "python: agent loop, driver steps")
+    wrap(agent.Agent, "_interrupt", "interrupt + config re-read")
+    wrap(driver.DeviceDriver, "plan_input", "python: tracker snapshot -> plan input")
+    wrap(planner, "next_step", "python: planner.next_step")
+    for name in ("plug", "unplug", "state", "unplug_all"):
+        wrap(device.VirtioMemDevice, name, "device request round trip")
+    wrap(hotplug.SysfsMemory, "probe", "sysfs: probe write")
+    wrap(hotplug.SysfsMemory, "online", "sysfs: online write")
+    wrap(hotplug.SysfsMemory, "offline", "sysfs: offline write")
+    wrap(hotplug.SysfsMemory, "block", "sysfs: memoryN state/zone/node reads")
+    wrap(hotplug.SysfsMemory, "block_size", "sysfs: block_size_bytes read")
+    for name in ("set_intent", "clear_intent", "record_plugged", "record_unplugged",
+                 "record_present", "record_online", "record_offline", "set_remainder",
+                 "count_requests", "count_retry", "set_device_info"):
+        wrap(tracker.Tracker, name, "tracker writes")
+def start(signum, frame):
+    timers.clear()
+    if mode == "profile":
+        prof.enable()
+def dump(signum, frame):
+    with open(out, "a") as f:
+        f.write(json.dumps(timers) + "\n")
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, dump)
+try:
+    cli.main()
+except SystemExit:
+    pass
+finally:
+    if mode == "profile":
+        prof.disable()
+        prof.dump_stats(out)
+"""
+
 #: Guest: print a cProfile dump (top N by cumulative and by total time) and a JSON
 #: summary of where the agent's working time went.
 PROFILE_SCRIPT = r"""
@@ -96,42 +160,34 @@ for key in ("cumulative", "tottime"):
     buf = io.StringIO()
     pstats.Stats(path, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
     text = buf.getvalue()
-    print(f"===== top {top} by {key} =====")
+    print(f"===== agent under cProfile during the plug: top {top} by {key} =====")
     print(text[text.find("   ncalls"):].rstrip())
 raw = pstats.Stats(path).stats
-def find(file_end, func):
-    hits = [(k, v) for k, v in raw.items() if k[0].endswith(file_end) and k[2] == func]
-    return hits[0][1] if hits else None
 def cum(file_end, func):
-    v = find(file_end, func)
-    return {"calls": v[1], "cumulative": v[3], "total": v[2]} if v else None
-def builtin(name):
-    hits = [v for k, v in raw.items() if k[0] == "~" and k[2] == name]
-    return {"calls": hits[0][1], "total": hits[0][2]} if hits else None
+    hits = [v for k, v in raw.items() if k[0].endswith(file_end) and k[2] == func]
+    return {"calls": hits[0][1], "cumulative": hits[0][3], "total": hits[0][2]} if hits else None
 def called_from(name, caller_file, caller_func):
     # time in builtin `name` when called from caller (pstats keeps per-caller totals)
     for k, v in raw.items():
         if k[0] == "~" and k[2] == name:
             for ck, cv in v[4].items():
                 if ck[0].endswith(caller_file) and ck[2] == caller_func:
-                    return {"calls": cv[1], "total": cv[3]}
+                    return {"calls": cv[1], "cumulative": cv[3], "total": cv[3]}
     return None
 summary = {
     "drive_devices": cum("vmem_guest/agent.py", "_drive_devices"),
+    "interrupt": cum("vmem_guest/agent.py", "_interrupt"),
     "driver_step": cum("vmem_guest/driver.py", "step"),
     "planner_next_step": cum("vmem_guest/planner.py", "next_step"),
     "plan_input": cum("vmem_guest/driver.py", "plan_input"),
+    "tracker_snapshot": cum("vmem_guest/tracker.py", "snapshot"),
     "device_request": cum("vmem_guest/driver.py", "request"),
-    "device_plug": cum("vmem_guest/device.py", "plug"),
     "online_block": cum("vmem_guest/driver.py", "online_block"),
     "sysfs_probe": cum("vmem_guest/hotplug.py", "probe"),
     "sysfs_online": cum("vmem_guest/hotplug.py", "online"),
     "sysfs_block_read": cum("vmem_guest/hotplug.py", "block"),
+    "sysfs_block_size_read": cum("vmem_guest/hotplug.py", "block_size"),
     "sysfs_write_syscall": called_from("<built-in method posix.write>", "hotplug.py", "_write"),
-    "block_size_read": cum("vmem_guest/hotplug.py", "block_size"),
-    "tracker_snapshot": cum("vmem_guest/tracker.py", "snapshot"),
-    "interrupt": cum("vmem_guest/agent.py", "_interrupt"),
-    "select": cum("selectors.py", "select"),
 }
 print("JSON " + json.dumps(summary))
 """
@@ -188,35 +244,41 @@ def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[
     }
 
 
-def measure(vm: TestVM, label: str, dev_id: str) -> dict[str, Any]:
-    """RUNS x (0 -> TARGET, TARGET -> 0) on dev_id; per-direction stats."""
-    base_total = vm.mem_total()
-    samples: dict[str, dict[str, list[float]]] = {
-        "0->4G": {"qemu": [], "guest": []},
-        "4G->0": {"qemu": [], "guest": []},
+def measure(vm: TestVM, rows: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
+    """RUNS x (0 -> TARGET, TARGET -> 0) for every (key, device, auto_online_blocks) row,
+    interleaved run by run so that a change in host load hits every row alike."""
+    samples = {
+        key: {step: {"qemu": [], "guest": []} for step in ("0->4G", "4G->0")} for key, _, _ in rows
     }
     qmp_polls: list[float] = []
     mem_reads: list[float] = []
     for run in range(RUNS):
-        for name, target in (("0->4G", TARGET), ("4G->0", 0)):
-            r = timed_resize(vm, dev_id, target, base_total)
-            samples[name]["qemu"].append(r["qemu"])
-            samples[name]["guest"].append(r["guest"])
-            qmp_polls.append(r["qmp_poll_s"])
-            mem_reads.append(r["memtotal_read_s"])
-            print(
-                f"  {label} run {run + 1} {name}: QEMU size {r['qemu']:.3f} s,"
-                f" MemTotal {r['guest']:.3f} s",
-                flush=True,
-            )
-            time.sleep(0.5)
-    return {
-        "device": dev_id,
-        "base_mem_total": base_total,
-        **{name: {side: stats(v) for side, v in d.items()} for name, d in samples.items()},
+        for key, dev_id, auto_online in rows:
+            vm.sh(f"echo {auto_online} > {MEM}/auto_online_blocks")
+            base_total = vm.mem_total()
+            for step, target in (("0->4G", TARGET), ("4G->0", 0)):
+                r = timed_resize(vm, dev_id, target, base_total)
+                samples[key][step]["qemu"].append(r["qemu"])
+                samples[key][step]["guest"].append(r["guest"])
+                qmp_polls.append(r["qmp_poll_s"])
+                mem_reads.append(r["memtotal_read_s"])
+                print(
+                    f"  run {run + 1} {key:<20} {dev_id} {step}: QEMU size {r['qemu']:.3f} s,"
+                    f" MemTotal {r['guest']:.3f} s",
+                    flush=True,
+                )
+                time.sleep(0.3)
+    vm.sh(f"echo online_movable > {MEM}/auto_online_blocks")
+    out: dict[str, dict[str, Any]] = {}
+    for key, dev_id, auto_online in rows:
+        out[key] = {"device": dev_id, "auto_online_blocks": auto_online}
+        for step, sides in samples[key].items():
+            out[key][step] = {side: stats(v) for side, v in sides.items()}
+    out["_polling"] = {
         "qmp_poll_round_trip_s": statistics.mean(qmp_polls),
         "memtotal_read_s": statistics.mean(mem_reads),
     }
+    return out
 
 
 # ----- the agent in the guest -------------------------------------------------------------
@@ -226,13 +288,21 @@ def agent_files(tag: str) -> tuple[str, str]:
     return f"/run/vmem-agent-{tag}.log", f"/run/vmem-agent-{tag}.pid"
 
 
-def start_agent(vm: TestVM, tag: str, bdf: str, profile: bool = False) -> None:
-    """``vmem-guest run --noiommu --device BDF`` detached (optionally under cProfile)."""
+def start_agent(vm: TestVM, tag: str, bdfs: list[str], wrapper: str = "") -> None:
+    """``vmem-guest run --noiommu --device BDF...`` detached, as systemd would run it; with
+    wrapper ("MODE OUT"), under WRAPPER_SCRIPT instead of the console script."""
     log, pid = agent_files(tag)
-    prefix = f"{VENV_PYTHON} -m cProfile -o {PROFILE} " if profile else ""
+    if wrapper:
+        assert vm.paths is not None
+        script = vm.paths.share / "agent_wrapper.py"
+        script.write_text(WRAPPER_SCRIPT)
+        prog = f"{VENV_PYTHON} {script} {wrapper}"
+    else:
+        prog = VMEM_GUEST
+    devices = " ".join(f"--device {shlex.quote(b)}" for b in bdfs)
     vm.sh(
-        f"setsid {prefix}{VMEM_GUEST} run --noiommu --device {shlex.quote(bdf)}"
-        f" --log-level info >{log} 2>&1 </dev/null & echo $! >{pid}"
+        f"setsid {prog} run --noiommu {devices} --log-level info"
+        f" >{log} 2>&1 </dev/null & echo $! >{pid}"
     )
     vm.wait_until(
         lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or agent_died(vm, tag),
@@ -251,64 +321,42 @@ def agent_log(vm: TestVM, tag: str, lines: int = 40) -> str:
     return vm.guest(f"tail -n {lines} {agent_files(tag)[0]}")[1]
 
 
+def signal_agent(vm: TestVM, tag: str, sig: str) -> None:
+    vm.sh(f"kill -{sig} $(cat {agent_files(tag)[1]})")
+
+
 def stop_agent(vm: TestVM, tag: str) -> None:
     """SIGTERM, then wait for the agent (and, under cProfile, the profile dump) to exit."""
     vm.guest(f"kill -TERM $(cat {agent_files(tag)[1]})")
     vm.wait_until(lambda: agent_died(vm, tag), timeout=120, what="the agent to exit")
 
 
-def agent_status(vm: TestVM, bdf: str) -> dict[str, Any]:
-    for dev in json.loads(vm.sh(f"{VMEM_GUEST} status --json")):
-        if dev["device"] == bdf:
-            return dict(dev)
-    raise RuntimeError(f"vmem-guest status knows no {bdf}")
+def agent_status(vm: TestVM) -> dict[str, dict[str, Any]]:
+    """``vmem-guest status --json``, the interesting fields, by PCI address."""
+    keys = ("plugged_size", "online_size", "requested_size", "broken", "retries", "remainder")
+    return {
+        dev["device"]: {k: dev.get(k) for k in keys}
+        for dev in json.loads(vm.sh(f"{VMEM_GUEST} status --json"))
+    }
 
 
-def run_agent_row(
-    vm: TestVM, label: str, dev_id: str, bdf: str, auto_online: str
-) -> dict[str, Any]:
-    """Measure the agent on dev_id with the kernel's auto_online_blocks set as given."""
-    was = vm.read(f"{MEM}/auto_online_blocks").strip()
-    vm.sh(f"echo {auto_online} > {MEM}/auto_online_blocks")
-    start_agent(vm, dev_id, bdf)
-    try:
-        result = measure(vm, label, dev_id)
-        status = agent_status(vm, bdf)
-    except Exception:
-        print(agent_log(vm, dev_id))
-        raise
-    finally:
-        stop_agent(vm, dev_id)
-        vm.sh(f"echo {was} > {MEM}/auto_online_blocks")
-    log = vm.sh(f"cat {agent_files(dev_id)[0]}")
-    result.update(
-        auto_online_blocks=auto_online,
-        bdf=bdf,
-        agent_final_status={
-            k: status.get(k)
-            for k in ("plugged_size", "online_size", "requested_size", "broken", "retries")
-        },
-        agent_log_lines=len(log.splitlines()),
-        agent_log_problems=[
-            line
-            for line in log.splitlines()
-            if any(w in line for w in ("ERROR", "WARNING", "Traceback", "retrying", "broken"))
-        ][:20],
-    )
-    return result
+def log_problems(log: str) -> list[str]:
+    words = ("ERROR", "WARNING", "Traceback", "retrying", "broken")
+    return [line for line in log.splitlines() if any(w in line for w in words)][:20]
 
 
 def profile_plug(vm: TestVM, dev_id: str, bdf: str) -> dict[str, Any]:
-    """One 0 -> 4 GiB plug with the agent under cProfile (auto-online off); pstats."""
-    base_total = vm.mem_total()
-    was = vm.read(f"{MEM}/auto_online_blocks").strip()
+    """One 0 -> 4 GiB plug (auto-online off) with the agent under cProfile from just before
+    the qom-set to its exit; pstats printed in the guest."""
     vm.sh(f"echo offline > {MEM}/auto_online_blocks")
-    start_agent(vm, "prof", bdf, profile=True)
+    base_total = vm.mem_total()
+    start_agent(vm, "prof", [bdf], wrapper=f"profile {PROFILE}")
     try:
+        signal_agent(vm, "prof", "USR1")
         r = timed_resize(vm, dev_id, TARGET, base_total)
     finally:
         stop_agent(vm, "prof")
-        vm.sh(f"echo {was} > {MEM}/auto_online_blocks")
+        vm.sh(f"echo online_movable > {MEM}/auto_online_blocks")
     assert vm.paths is not None
     script = vm.paths.share / "profile_summary.py"
     script.write_text(PROFILE_SCRIPT)
@@ -322,41 +370,95 @@ def profile_plug(vm: TestVM, dev_id: str, bdf: str) -> dict[str, Any]:
         "profiled_plug_memtotal_s": r["guest"],
         "pstats": text.rstrip(),
         "summary": json.loads(js),
-        "agent_log_tail": agent_log(vm, "prof", 10),
+        "agent_log_problems": log_problems(vm.sh(f"cat {agent_files('prof')[0]}")),
     }
 
 
+def timed_phases(vm: TestVM, dev_id: str, bdf: str) -> list[dict[str, Any]]:
+    """Wall-clock timers (no profiler) around the agent's calls, auto-online off:
+    first plug (probe + online), unplug, second plug (online only), unplug."""
+    out_file = "/run/agent-timers.jsonl"
+    vm.sh(f"echo offline > {MEM}/auto_online_blocks; rm -f {out_file}")
+    start_agent(vm, "timers", [bdf], wrapper=f"timers {out_file}")
+    phases: list[dict[str, Any]] = []
+    try:
+        for name, target in (
+            ("0->4G, first plug (probe + online)", TARGET),
+            ("4G->0", 0),
+            ("0->4G, blocks present (online only)", TARGET),
+            ("4G->0 again", 0),
+        ):
+            base_total = vm.mem_total() if target else vm.mem_total() - TARGET
+            signal_agent(vm, "timers", "USR1")
+            r = timed_resize(vm, dev_id, target, base_total)
+            time.sleep(0.3)  # let the agent finish its last step (status, remainder)
+            signal_agent(vm, "timers", "USR2")
+            want = len(phases) + 1
+            vm.wait_until(
+                lambda n=want: len(vm.read(out_file).splitlines()) >= n,
+                timeout=30,
+                what="the agent's timers",
+            )
+            timers = json.loads(vm.read(out_file).splitlines()[-1])
+            phases.append({"phase": name, "qemu_s": r["qemu"], "memtotal_s": r["guest"], **timers})
+    finally:
+        stop_agent(vm, "timers")
+        vm.sh(f"echo online_movable > {MEM}/auto_online_blocks")
+    return phases
+
+
+def timers_table(phases: list[dict[str, Any]]) -> list[str]:
+    """Where the agent's wall-clock time went, per phase (exclusive times)."""
+    lines = [
+        "where vmem_guest's time goes (wall clock, no profiler; auto-online off; exclusive"
+        " times: a call's time minus the timed calls inside it)",
+    ]
+    for p in phases:
+        cats = {k: v for k, v in p.items() if isinstance(v, list)}
+        work = sum(t for _, t in cats.values())
+        lines.append(
+            f"  {p['phase']}: QEMU size {p['qemu_s']:.3f} s, MemTotal {p['memtotal_s']:.3f} s;"
+            f" agent busy {work:.3f} s"
+        )
+        for key, (calls, secs) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+            if secs < 0.0005:
+                continue
+            lines.append(
+                f"    {key:<42} {secs:7.3f} s {secs / work * 100 if work else 0:5.1f} %"
+                f"  {calls:5d} calls {secs / calls * 1000:7.2f} ms/call"
+            )
+    return lines
+
+
 def profile_breakdown(p: dict[str, Any]) -> list[str]:
-    """Where the agent's working time went (cProfile inclusive times)."""
+    """Where the profiled plug's time went (cProfile inclusive times, inflated)."""
     s = p["summary"]
 
-    def c(key: str, field: str = "cumulative") -> float:
-        return float(s[key][field]) if s.get(key) else 0.0
+    def c(key: str) -> float:
+        return float(s[key]["cumulative"]) if s.get(key) else 0.0
 
     def n(key: str) -> int:
         return int(s[key]["calls"]) if s.get(key) else 0
+
+    def each(key: str) -> str:
+        return f"{n(key):4d} calls {c(key) / max(n(key), 1) * 1000:6.1f} ms each"
 
     work = c("drive_devices") + c("interrupt")
     probe, online, reads = c("sysfs_probe"), c("sysfs_online"), c("sysfs_block_read")
     requests = c("device_request")
     rest = work - probe - online - reads - requests
-    write_syscalls = c("sysfs_write_syscall", "total")
-    lines = [
-        f"agent working time under cProfile: {work:.3f} s (driving the device and interrupts;"
-        f" the rest of the run is select() asleep)",
-        f"  sysfs probe writes          {probe:7.3f} s  {n('sysfs_probe'):4d} calls"
-        f"  ({probe / max(n('sysfs_probe'), 1) * 1000:.1f} ms each)",
-        f"  sysfs online writes         {online:7.3f} s  {n('sysfs_online'):4d} calls"
-        f"  ({online / max(n('sysfs_online'), 1) * 1000:.1f} ms each)",
-        f"    of which write(2) syscalls {write_syscalls:6.3f} s",
-        f"  sysfs reads (block state)   {reads:7.3f} s  {n('sysfs_block_read'):4d} calls",
-        f"  device requests (PLUG ...)  {requests:7.3f} s  {n('device_request'):4d} calls"
-        f"  ({requests / max(n('device_request'), 1) * 1000:.1f} ms each)",
-        f"  Python: planner, tracker... {rest:7.3f} s  (planner.next_step"
-        f" {c('planner_next_step'):.3f} s in {n('planner_next_step')} calls, tracker snapshot"
-        f" {c('tracker_snapshot'):.3f} s)",
+    return [
+        f"cProfile, one 0->4G plug (QEMU size {p['profiled_plug_qemu_s']:.3f} s, MemTotal"
+        f" {p['profiled_plug_memtotal_s']:.3f} s under the profiler): agent busy {work:.3f} s",
+        f"  sysfs probe writes             {probe:7.3f} s  {each('sysfs_probe')}"
+        f" (incl. block_size_bytes reads {c('sysfs_block_size_read'):.3f} s)",
+        f"  sysfs online writes            {online:7.3f} s  {each('sysfs_online')}",
+        f"  sysfs memoryN reads            {reads:7.3f} s  {each('sysfs_block_read')}",
+        f"  device requests                {requests:7.3f} s  {each('device_request')}",
+        f"  Python: planner, tracker, loop {rest:7.3f} s  (tracker snapshot"
+        f" {c('tracker_snapshot'):.3f} s, planner {c('planner_next_step'):.3f} s,"
+        f" {n('driver_step')} steps)",
     ]
-    return lines
 
 
 def main() -> int:
@@ -386,47 +488,70 @@ def main() -> int:
             vm={
                 "cpus": CONFIG.cpus,
                 "boot_memory": CONFIG.memory,
-                "device": f"4 x virtio-mem-pci, {fmt_size(REGION)} region, 2 MiB blocks",
+                "devices": f"{len(DEVICES)} x virtio-mem-pci, {fmt_size(REGION)} region,"
+                " 2 MiB blocks, requested 0 at boot",
             },
         )
-
-        print("in-kernel virtio_mem driver on vm0 (memhp_default_state=online_movable)")
-        kernel = measure(vm, "kernel", "vm0")
-        kernel["bdf"] = bdfs["vm0"]
-
-        # Hand vm1..vm3 over: unbind from virtio-pci (the in-kernel driver lets go of
-        # its empty device); each agent binds only its own device to vfio-pci.
+        # vm1..vm4 go to the agent: unbind from virtio-pci (the in-kernel driver lets go of
+        # an empty device); the agent binds each device it is given to vfio-pci itself.
         for d in DEVICES[1:]:
             vm.sh(f"echo {bdfs[d]} > /sys/bus/pci/drivers/virtio-pci/unbind")
-        rows = {"kernel": kernel}
-        print("vmem_guest on vm1, auto_online_blocks=online_movable (kernel onlines in probe)")
-        rows["agent_auto_online"] = run_agent_row(
-            vm, "agent/auto", "vm1", bdfs["vm1"], "online_movable"
+        print(
+            "vm0: in-kernel driver; vm1 (auto-online on) and vm2 (auto-online off): one"
+            " 'vmem-guest run --noiommu --device vm1 --device vm2' agent, idle between its"
+            " turns; runs interleaved"
         )
-        print("vmem_guest on vm2, auto_online_blocks=offline (the agent onlines)")
-        rows["agent_no_auto_online"] = run_agent_row(
-            vm, "agent/noauto", "vm2", bdfs["vm2"], "offline"
-        )
-        print("vmem_guest on vm3 under cProfile, one 0 -> 4 GiB plug (auto-online off)")
-        profile: dict[str, Any] | None
+        start_agent(vm, "main", [bdfs["vm1"], bdfs["vm2"]])
         try:
-            profile = profile_plug(vm, "vm3", bdfs["vm3"])
-        except Exception as exc:  # the table is worth having without the profile
-            print(f"profile failed: {exc}")
-            profile = None
+            rows = measure(
+                vm,
+                [
+                    ("kernel", "vm0", "online_movable"),
+                    ("agent_auto_online", "vm1", "online_movable"),
+                    ("agent_no_auto_online", "vm2", "offline"),
+                ],
+            )
+            status = agent_status(vm)
+        except Exception:
+            print(agent_log(vm, "main"))
+            raise
+        finally:
+            stop_agent(vm, "main")
+        log = vm.sh(f"cat {agent_files('main')[0]}")
+        result["agent"] = {
+            "command": f"{VMEM_GUEST} run --noiommu --device {bdfs['vm1']}"
+            f" --device {bdfs['vm2']} --log-level info",
+            "final_status": status,
+            "log_lines": len(log.splitlines()),
+            "log_problems": log_problems(log),
+        }
+        polling = rows.pop("_polling")
         result["rows"] = rows
+        result["polling"] = polling
+
+        profile: dict[str, Any] | None = None
+        phases: list[dict[str, Any]] | None = None
+        try:  # the table is worth having without the profile
+            print("vm3: one 0 -> 4 GiB plug with the agent under cProfile (auto-online off)")
+            profile = profile_plug(vm, "vm3", bdfs["vm3"])
+            print("vm4: the agent with wall-clock timers around its calls (auto-online off)")
+            phases = timed_phases(vm, "vm4", bdfs["vm4"])
+        except Exception as exc:
+            print(f"profile failed: {type(exc).__name__}: {exc}")
         result["profile"] = profile
+        result["timers"] = phases
         result["run_dir"] = str(vm.paths.run_dir)
     result["wall_s"] = time.time() - t_start
 
     nblocks = TARGET // MEMORY_BLOCK
+    kernel = rows["kernel"]
     lines = [
-        f"time to converge, {RUNS} runs each, {nblocks} x 128 MiB memory blocks"
+        f"time to converge, {RUNS} runs each (interleaved), {nblocks} x 128 MiB memory blocks"
         f" ({result['accel']}, one VM; QMP polled every ~{QMP_INTERVAL * 1000:.0f} ms"
-        f" + {kernel['qmp_poll_round_trip_s'] * 1000:.1f} ms round trip, MemTotal every"
-        f" ~{MEMTOTAL_INTERVAL * 1000:.0f} ms + {kernel['memtotal_read_s'] * 1000:.1f} ms)",
+        f" + {polling['qmp_poll_round_trip_s'] * 1000:.1f} ms round trip, MemTotal every"
+        f" ~{MEMTOTAL_INTERVAL * 1000:.0f} ms + {polling['memtotal_read_s'] * 1000:.1f} ms)",
         f"{'driver':<30} {'step':<6} {'until':<9} {'median s':>9} {'min':>7} {'max':>7}"
-        f" {'spread':>7} {'ratio':>6}  runs",
+        f" {'spread':>7} {'ratio':>6}  runs 1 2 3",
     ]
     labels = {
         "kernel": "in-kernel virtio_mem",
@@ -449,21 +574,25 @@ def main() -> int:
                 )
         lines.append("")
     lines += [
-        "ratio = median / the in-kernel driver's median for the same step and end point"
-        " (goal: 1.0 or lower).",
-        "Not like for like: the agent's run 1 of 0->4G probes (adds) the 32 blocks; runs 2-3"
-        " find them present (userspace cannot remove a block) and only online them; its unplug"
-        " offlines without removing. The in-kernel driver adds and removes every time.",
-        "auto-online on: memhp_default_state=online_movable makes the kernel online each"
-        " block inside the agent's probe write; the agent finds it online and records it.",
+        "ratio = vmem_guest median / in-kernel median, same step and end point (goal: <= 1.0).",
+        "Not like for like: the agent's run 1 of 0->4G probes (adds) its 32 blocks; runs 2-3"
+        " find them present (userspace cannot remove a block) and only online them, and its"
+        " unplug offlines without removing. The in-kernel driver adds and removes every time.",
+        "auto-online on: memhp_default_state=online_movable (needed by the in-kernel driver)"
+        " makes the kernel online each block inside the agent's probe write; the agent finds"
+        " it online and records it. auto-online off: auto_online_blocks=offline during the"
+        " agent's turn, the agent onlines (online_movable) itself.",
     ]
+    problems = result["agent"]["log_problems"]
+    lines.append(
+        f"agent log: {result['agent']['log_lines']} lines, "
+        + (f"{len(problems)} warnings/errors (see JSON)" if problems else "no warnings or errors")
+    )
     result["ratios"] = ratios
+    if phases:
+        lines += ["", *timers_table(phases)]
     if profile:
         lines += ["", *profile_breakdown(profile)]
-        lines.append(
-            f"(the profiled plug took {profile['profiled_plug_qemu_s']:.3f} s to QEMU size,"
-            f" {profile['profiled_plug_memtotal_s']:.3f} s to MemTotal: slowed by cProfile)"
-        )
     table = "\n".join(lines)
     if profile:
         print("\n" + profile["pstats"])

@@ -119,7 +119,7 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
         words.append("initcall_blacklist=virtio_mem_driver_init")
     if cfg.noiommu:
         words.append("vfio.enable_unsafe_noiommu_mode=1")
-        # Lets a no-IOMMU agent keep its DMA pages in unmovable memory_secret pages,
+        # Lets a no-IOMMU agent keep its DMA pages in unmovable memfd_secret pages,
         # never inside a device's (movable, unpluggable) memory (transport/dma.py).
         words.append("secretmem.enable=1")
     if cfg.viommu:
