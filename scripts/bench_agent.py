@@ -3,26 +3,29 @@
 
 One VM (TCG unless KVM was proven to work): 2 vCPUs, 1 GiB boot memory,
 ``memhp_default_state=online_movable`` (the in-kernel driver is on) and
-``vfio.enable_unsafe_noiommu_mode=1``, with four identical virtio-mem devices
+``vfio.enable_unsafe_noiommu_mode=1``, with five identical virtio-mem devices
 (4.5 GiB region, 2 MiB blocks, requested 0 at boot; every region starts on a 128 MiB
 boundary, so 4 GiB is 32 whole memory blocks for both drivers):
 
 * ``vm0``: the in-kernel driver, as booted.
-* ``vm1``: unbound from virtio-pci, driven by ``vmem-guest run --noiommu --device BDF``
-  (log level info) with the kernel's ``auto_online_blocks`` left at ``online_movable``:
-  the kernel onlines each block inside the agent's ``probe`` write, the agent finds it
-  online and records it.
-* ``vm2``: the same with ``auto_online_blocks`` set to ``offline``: the agent onlines
-  every block itself (``online_movable``), as on a guest without auto-onlining.
-* ``vm3``: one 0 -> 4 GiB plug with the agent under cProfile (its numbers are not
-  timings: the profiler slows Python down); the profile is printed with pstats in the
-  guest, and summarised by where the agent's working time goes.
+* ``vm1``..``vm4`` are unbound from virtio-pci; the agent binds them to vfio-pci.
+* ``vm1`` and ``vm2``: one ``vmem-guest run --noiommu --device vm1 --device vm2``
+  (log level info), idle on one device while the other is measured. For ``vm1`` the
+  kernel's ``auto_online_blocks`` stays ``online_movable``: the kernel onlines each block
+  inside the agent's ``probe`` write, the agent finds it online and records it. For
+  ``vm2`` it is set to ``offline`` during its turn: the agent onlines every block itself.
+* ``vm3``: one 0 -> 4 GiB plug with the agent under cProfile, started (SIGUSR1 to a
+  small wrapper that imports vmem_guest first) just before the resize; pstats printed in
+  the guest. Its times are not timings: the profiler slows Python down.
+* ``vm4``: the agent with wall-clock timers (no profiler) around its sysfs, device,
+  tracker and planner calls, exclusive of each other: first plug (probe + online),
+  unplug, plug of present blocks (online only), unplug.
 
-Each measured device goes 0 -> 4 GiB -> 0 three times. Time is taken from
-``qom-set requested-size`` to QEMU's ``size`` reaching the target (QMP polled every
-~5 ms) and, separately, to the guest's MemTotal reaching base + target (read every
-~50 ms through the guest runner: coarser). The agent runs only one device at a time and
-every other device is at 0 meanwhile.
+vm0, vm1 and vm2 each go 0 -> 4 GiB -> 0 three times, interleaved run by run with the
+order rotated. Time is taken from ``qom-set requested-size`` to QEMU's ``size`` reaching
+the target (QMP polled every ~5 ms) and, separately, to the guest's MemTotal reaching
+base + target (read every ~50 ms through the guest runner: coarser). Every device not
+being measured is at 0.
 
 Not like for like, and said so in the output: userspace cannot remove a memory block,
 so only the agent's first plug of a device probes (adds) its blocks; later plugs find
@@ -246,14 +249,17 @@ def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[
 
 def measure(vm: TestVM, rows: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
     """RUNS x (0 -> TARGET, TARGET -> 0) for every (key, device, auto_online_blocks) row,
-    interleaved run by run so that a change in host load hits every row alike."""
+    interleaved run by run (order rotated) so that a change in host load, or what the
+    previous step leaves behind, hits every row alike."""
     samples = {
         key: {step: {"qemu": [], "guest": []} for step in ("0->4G", "4G->0")} for key, _, _ in rows
     }
     qmp_polls: list[float] = []
     mem_reads: list[float] = []
     for run in range(RUNS):
-        for key, dev_id, auto_online in rows:
+        # Rotate the order every run: no row always follows the same other row.
+        shift = run % len(rows)
+        for key, dev_id, auto_online in rows[shift:] + rows[:shift]:
             vm.sh(f"echo {auto_online} > {MEM}/auto_online_blocks")
             base_total = vm.mem_total()
             for step, target in (("0->4G", TARGET), ("4G->0", 0)):
