@@ -161,40 +161,48 @@ RANGE_KINDS = (
 )
 
 
+#: How often each kind is drawn (repeats weigh; the first is where shrinking goes).
+WEIGHTED_KINDS = (
+    ("state_plugged", 2),
+    ("plug_free", 5),
+    ("unplug_plugged", 4),
+    ("plug_beyond_requested", 1),
+    ("unplug_all", 1),
+    ("any", 2),
+    ("short", 1),
+    ("unknown_type", 1),
+    ("state_around", 2),
+    *((kind, 2 if kind == "valid" else 1) for kind in RANGE_KINDS),
+)
+
+
 def action_strategy(resizable: bool) -> st.SearchStrategy[Action]:
     """One generated step; resizes only when the device under test can be resized."""
     frac = st.integers(0, _SCALE - 1)
-    range_kind = st.builds(
-        Action, st.sampled_from(RANGE_KINDS), st.sampled_from(_RANGE_TYPES), frac, frac
-    )
-    targeted = st.builds(
-        Action,
-        st.sampled_from(("plug_free", "unplug_plugged", "plug_beyond_requested", "state_plugged")),
-        st.just(0),
-        frac,
-        frac,
-    )
-    any_fields = st.builds(
-        Action,
-        st.just("any"),
-        st.integers(0, 3),
-        st.integers(0, TOP - 1),
-        st.integers(0, spec.MAX_BLOCKS_PER_REQUEST),
-    )
-    malformed = st.one_of(
-        st.builds(Action, st.just("short"), st.integers(0, 3), st.integers(0, 23)),
-        st.builds(Action, st.just("unknown_type"), st.integers(4, 0xFFFF)),
-    )
-    choices = [
-        targeted,
-        range_kind,
-        st.just(Action("unplug_all", _UNPLUG_ALL)),
-        any_fields,
-        malformed,
-    ]
+    range_params = st.builds(Action, st.just(""), st.sampled_from(_RANGE_TYPES), frac, frac)
+    params: dict[str, st.SearchStrategy[Action]] = {
+        "any": st.builds(
+            Action,
+            st.just("any"),
+            st.integers(0, 3),
+            st.integers(0, TOP - 1),
+            st.integers(0, spec.MAX_BLOCKS_PER_REQUEST),
+        ),
+        "short": st.builds(Action, st.just("short"), st.integers(0, 3), st.integers(0, 23)),
+        "unknown_type": st.builds(Action, st.just("unknown_type"), st.integers(4, 0xFFFF)),
+        "unplug_all": st.just(Action("unplug_all", _UNPLUG_ALL)),
+        "resize": st.builds(Action, st.just("resize"), st.just(0), frac),
+    }
+    kinds = [kind for kind, weight in WEIGHTED_KINDS for _ in range(weight)]
     if resizable:
-        choices.append(st.builds(Action, st.just("resize"), st.just(0), frac))
-    return st.one_of(*choices)
+        kinds += ["resize"] * 3
+
+    def with_params(kind: str) -> st.SearchStrategy[Action]:
+        if kind in params:
+            return params[kind]
+        return range_params.map(lambda a: dataclasses.replace(a, kind=kind))
+
+    return st.sampled_from(kinds).flatmap(with_params)
 
 
 def _frac(value: int, n: int) -> int:
@@ -244,6 +252,11 @@ def resolve(action: Action, model: DeviceModel) -> Step:
         while nb < target and first + nb < usable_blocks and bitmap[first + nb] == want:
             nb += 1
         return req(req_type, addr + first * bs, nb)
+    if kind == "state_around":  # a plugged block and its neighbours: often MIXED
+        plugged = _runs(bitmap, 1, usable_blocks)
+        first = plugged[_frac(a, len(plugged))] if plugged else 0
+        first = max(0, first - 1 - b % 2)
+        return req(_STATE, addr + first * bs, 2 + b % 8)
     if kind == "plug_beyond_requested":
         room = max(0, model.requested_size // bs - model.plugged_size // bs)
         first = _frac(a, max(usable_blocks, 1))
@@ -620,7 +633,9 @@ def fuzz(
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 32)
     result = FuzzResult(seed=seed, max_examples=examples, counts=checker.counts, geometry=cfg)
-    sequences = st.lists(action_strategy(resize is not None), min_size=1, max_size=max_steps)
+    steps = action_strategy(resize is not None)
+    # A uniform length (st.lists alone averages about 6 steps); shrinks to short ones.
+    sequences = st.integers(1, max_steps).flatmap(lambda n: st.lists(steps, min_size=n, max_size=n))
     last_failure: list[Mismatch] = []
 
     @settings(
