@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver bench demo-sim clean
+        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance clean
 
 all: test
 
@@ -66,6 +66,11 @@ bench-kernel-driver: $(STAMP) vm-deps
 
 bench: $(STAMP) vm-deps
 	$(PY) scripts/bench_agent.py
+
+# QEMU's virtio-mem device against the model, in a VM (deep; tests/vm runs 30 examples).
+CONFORMANCE_EXAMPLES ?= 500
+conformance: $(STAMP) vm-deps
+	$(PY) scripts/conformance.py --examples $(CONFORMANCE_EXAMPLES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
