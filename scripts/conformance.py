@@ -10,23 +10,77 @@ checks from the host that QEMU's plugged size is 0 afterwards.
         [--requested 512M] [--block 2M] [--size 4G]
 
 Exit status 0 when the fuzzer found no mismatch and QEMU's size is 0, else 1.
-Within one guest run the requested size stays fixed (the guest cannot resize
-the host); interleaved resizes are fuzzed against the model (tests/unit).
+
+Host resizes: the guest cannot resize the host, so :class:`HostResizer` serves
+the fuzzer's ``--host-resize DIR`` requests (files in the VM's writable share)
+with QMP ``qom-set requested-size`` while the guest command runs; the fuzzer
+then interleaves resizes with its requests. ``--no-resizes`` runs without.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
+from types import TracebackType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmharness import MemDevice, TestVM, VMConfig, fmt_size, parse_size
 from vmharness.guest_agent import VMEM_GUEST
+
+
+class HostResizer:
+    """Carry out a guest fuzzer's resize requests (``vmem-guest fuzz --host-resize DIR``).
+
+    A thread polls ``directory`` for ``resize-<n>.json`` and answers each with
+    ``resize-<n>.done`` after ``qom-set``. Use it around the guest command only:
+    the main thread must not use QMP meanwhile.
+    """
+
+    def __init__(self, vm: TestVM, device_id: str, directory: Path) -> None:
+        self.vm = vm
+        self.device_id = device_id
+        self.directory = directory
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="host-resizer", daemon=True)
+
+    def __enter__(self) -> HostResizer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for request in sorted(self.directory.glob("resize-*.json")):
+                done = request.with_suffix(".done")
+                if done.exists():
+                    continue
+                try:
+                    self.vm.resize(self.device_id, int(json.loads(request.read_text())["size"]))
+                    answer: dict[str, object] = {"ok": True}
+                    self.count += 1
+                except Exception as exc:  # answered to the guest, which reports it
+                    answer = {"ok": False, "error": str(exc)}
+                partial = done.with_suffix(".part")
+                partial.write_text(json.dumps(answer))
+                partial.rename(done)
+            time.sleep(0.005)
 
 
 def main() -> int:
@@ -38,6 +92,7 @@ def main() -> int:
     parser.add_argument("--block", default="2M")
     parser.add_argument("--size", default="4G")
     parser.add_argument("--timeout", type=float, default=6 * 3600)
+    parser.add_argument("--no-resizes", action="store_true", help="no host resizes")
     args = parser.parse_args()
 
     device = MemDevice("vm0", size=parse_size(args.size), block_size=parse_size(args.block))
@@ -47,14 +102,21 @@ def main() -> int:
     if args.seed is not None:
         fuzz_args += f" --seed {args.seed}"
     with TestVM(cfg) as vm:
+        assert vm.paths is not None
         print(f"VM up in {vm.boot_seconds:.0f} s ({vm.accel}); run dir {vm.paths.run_dir}")
         vm.resize("vm0", requested)
         print(
             f"device vm0: region {fmt_size(device.size)}, block {fmt_size(device.block_size)},"
-            f" requested-size {fmt_size(requested)}; guest: vmem-guest {fuzz_args}"
+            f" requested-size {fmt_size(requested)}"
         )
         t0 = time.monotonic()
-        rc, out = vm.guest(f"{shlex.quote(VMEM_GUEST)} {fuzz_args}", timeout=args.timeout)
+        serving: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if not args.no_resizes:
+            serving = HostResizer(vm, "vm0", vm.paths.share / "conformance-resize")
+            fuzz_args += f" --host-resize {shlex.quote(str(serving.directory))}"
+        print(f"guest: vmem-guest {fuzz_args}")
+        with serving:
+            rc, out = vm.guest(f"{shlex.quote(VMEM_GUEST)} {fuzz_args}", timeout=args.timeout)
         seconds = time.monotonic() - t0
         plugged_after = vm.plugged("vm0")
     lines = out.strip().splitlines()
@@ -64,7 +126,8 @@ def main() -> int:
         print(f"vmem-guest fuzz failed (rc {rc}):\n{out}")
         return 1
     print(f"\nguest run: {seconds:.0f} s")
-    for key in ("seed", "examples", "requests_compared", "model_only_requests", "mismatches"):
+    keys = ("seed", "examples", "requests_compared", "model_only_requests", "resizes")
+    for key in (*keys, "mismatches"):
         print(f"  {key:<22} {report[key]}")
     print("  device answers:")
     for name, count in report["answers"].items():

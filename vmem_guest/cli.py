@@ -550,6 +550,14 @@ def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -
     help="Where a mismatch is saved as JSON, with hypothesis's example database "
     "(default: STATE_DIR/conformance).",
 )
+@click.option(
+    "--host-resize",
+    "host_resize",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A directory shared with a host-side harness that carries out resize "
+    "requests (resize-N.json -> resize-N.done): fuzz interleaved host resizes too.",
+)
 @JSON
 def fuzz(
     bdf: str | None,
@@ -559,6 +567,7 @@ def fuzz(
     noiommu: bool,
     state_dir: Path,
     results_dir: Path | None,
+    host_resize: Path | None,
     as_json: bool,
 ) -> None:
     """Conformance fuzzer: the device against vmem_guest's QEMU-faithful model.
@@ -567,8 +576,9 @@ def fuzz(
     requests (valid, misaligned, empty, overflowing, outside the usable region,
     beyond requested_size) to the device and to the model, and compares every
     answer and the config after each request. Requests that would break the
-    device (short, unknown type) go to the model only. The host cannot be
-    resized from the guest: the fuzzer works within the current requested_size.
+    device (short, unknown type) go to the model only. A guest cannot resize the
+    host: the fuzzer works within the current requested_size, unless a host-side
+    harness serves --host-resize.
 
     Refuses a device owned by the agent, with memory online or anything plugged;
     nothing is probed or onlined; UNPLUG_ALL after every example. Exit status 1
@@ -587,6 +597,7 @@ def fuzz(
         seed=seed,
         max_steps=max_steps,
         results_dir=results_dir,
+        resize=conformance.HostResizeFiles(host_resize) if host_resize else None,
     )
     report = result.as_dict()
     if as_json:
@@ -607,6 +618,7 @@ def _fuzz_text(report: dict[str, Any]) -> str:
         ("examples", report["examples"]),
         ("requests compared", report["requests_compared"]),
         ("model-only requests", report["model_only_requests"]),
+        ("host resizes", report["resizes"]),
         ("mismatches", report["mismatches"]),
     ]
     lines = [render.table(("", "value"), rows), "", "device answers:"]

@@ -434,7 +434,12 @@ class Checker:
         """
         trace: list[TraceEntry] = []
         if self.resize is not None and self._requested != self.initial_requested:
-            self.resize(self.initial_requested)
+            restore = Step("resize", size=self.initial_requested, kind="cleanup")
+            try:
+                self.resize(self.initial_requested)
+            except VmemError as exc:
+                trace.append(TraceEntry(restore, f"resize failed: {exc.message}", "-"))
+                raise DeviceLost(trace, exc.message) from exc
             self._requested = self.initial_requested
         step = Step("request", _UNPLUG_ALL, kind="cleanup")
         answer = ""
@@ -512,7 +517,11 @@ class Checker:
         if step.op == "resize":
             if self.resize is None:
                 raise ValueError("a resize step needs a resize callback")
-            self.resize(step.size)
+            try:
+                self.resize(step.size)
+            except VmemError as exc:
+                trace.append(TraceEntry(step, f"resize failed: {exc.message}", "-"))
+                raise DeviceLost(trace, exc.message) from exc
             self._requested = step.size
             model.resize(step.size)
             self.counts.resizes += 1
@@ -709,6 +718,48 @@ def load_steps(path: Path) -> list[Step]:
     return [Step.from_dict(entry["step"]) for entry in failure.get("sequence", [])]
 
 
+# -- host resizes from a guest: a file rendezvous with a harness on the host ----------
+
+
+#: How long a guest waits for the host to carry out a resize.
+HOST_RESIZE_TIMEOUT = 60.0
+
+
+class HostResizeFiles:
+    """A :data:`Resize` callback for a guest: ask a host-side harness through files.
+
+    ``directory`` is shared with the host (the test VM's writable 9p share). For
+    each resize the guest writes ``resize-<n>.json`` (``{"size": bytes}``, by
+    rename so it appears whole) and waits for the host to set ``requested-size``
+    (QMP ``qom-set``) and write ``resize-<n>.done`` (``{"ok": true}`` or
+    ``{"error": text}``). The host side is ``scripts/vmharness`` code in
+    tests/vm; nothing here talks to QMP.
+    """
+
+    def __init__(self, directory: Path, timeout: float = HOST_RESIZE_TIMEOUT) -> None:
+        self.directory = directory
+        self.timeout = timeout
+        self.count = 0
+
+    def __call__(self, size: int) -> None:
+        self.count += 1
+        request = self.directory / f"resize-{self.count}.json"
+        done = request.with_suffix(".done")
+        partial = request.with_suffix(".tmp")
+        partial.write_text(json.dumps({"size": size}))
+        os.rename(partial, request)
+        deadline = time.monotonic() + self.timeout
+        while not done.exists():
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"the host did not answer resize request {request} in {self.timeout:g} s"
+                )
+            time.sleep(0.005)
+        answer = json.loads(done.read_text() or "{}")
+        if not answer.get("ok"):
+            raise UsageError(f"the host refused resize to {size:#x}: {answer.get('error')}")
+
+
 # -- the real device ------------------------------------------------------------------
 
 
@@ -777,8 +828,12 @@ def fuzz_pci_device(
     seed: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     results_dir: Path | None = None,
+    resize: Resize | None = None,
 ) -> FuzzResult:
     """``vmem-guest fuzz``: the engine against a real virtio-mem PCI function.
+
+    ``resize``: how to change the device's ``requested_size`` from the host
+    (:class:`HostResizeFiles` with a harness); None: no resizes.
 
     Refuses (UsageError) when the device is owned by another vmem-guest process,
     bound to the in-kernel virtio-mem driver, has memory online or anything
@@ -827,6 +882,7 @@ def fuzz_pci_device(
                     examples=examples,
                     seed=seed,
                     max_steps=max_steps,
+                    resize=resize,
                     database=results / "hypothesis",
                     save_dir=results,
                 )

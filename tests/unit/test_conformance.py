@@ -8,6 +8,8 @@ it finds the deviation and shrinks it to a minimal sequence.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,45 @@ def test_online_blocks_in_region(tmp_path: Path) -> None:
         (tmp_path / f"memory{index}" / "state").write_text(f"{state}\n")
     found = conformance.online_blocks_in(tmp_path, 4 * GiB, 1 * GiB, 128 * MiB)
     assert found == [32]
+
+
+def serve_resizes(directory: Path, real: DeviceModel, stop: threading.Event) -> None:
+    """The host side of HostResizeFiles, as tests/vm runs it with QMP."""
+    while not stop.is_set():
+        for request in sorted(directory.glob("resize-*.json")):
+            done = request.with_suffix(".done")
+            if done.exists():
+                continue
+            size = json.loads(request.read_text())["size"]
+            try:
+                real.resize(size)
+                answer: dict[str, object] = {"ok": True}
+            except ValueError as exc:
+                answer = {"ok": False, "error": str(exc)}
+            done.write_text(json.dumps(answer))
+        time.sleep(0.001)
+
+
+def test_host_resizes_through_files(tmp_path: Path) -> None:
+    real = device(requested=256 * MiB)
+    stop = threading.Event()
+    host = threading.Thread(target=serve_resizes, args=(tmp_path, real, stop), daemon=True)
+    host.start()
+    try:
+        resize = conformance.HostResizeFiles(tmp_path, timeout=10)
+        result = conformance.fuzz(real, examples=10, seed=8, resize=resize, max_steps=10)
+    finally:
+        stop.set()
+        host.join()
+    assert result.mismatches == 0, result.as_dict()
+    assert result.counts.resizes > 0 and resize.count >= result.counts.resizes
+    assert (real.plugged_size, real.requested_size) == (0, 256 * MiB)
+
+
+def test_host_resize_refused_or_unanswered(tmp_path: Path) -> None:
+    resize = conformance.HostResizeFiles(tmp_path, timeout=0.05)
+    with pytest.raises(UsageError, match="did not answer"):
+        resize(2 * MiB)
+    (tmp_path / "resize-2.done").write_text(json.dumps({"ok": False, "error": "too big"}))
+    with pytest.raises(UsageError, match="too big"):
+        resize(4 * MiB)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
+from conformance import HostResizer
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
 from vmharness.guest_agent import VMEM_GUEST, cli, start_agent, stop_agent
 
@@ -48,6 +49,30 @@ def test_qemu_conforms_to_the_model(fuzz_vm: TestVM) -> None:
     assert (rc, report["mismatches"]) == (0, 0)
     assert report["requests_compared"] > 0
     assert report["geometry"]["requested_size"] == REQUESTED
+    assert vm.plugged("vm0") == 0
+    assert vm.query()["vm0"]["requested-size"] == REQUESTED
+
+
+def test_qemu_conforms_with_host_resizes(fuzz_vm: TestVM) -> None:
+    """The same, with resizes: the host serves the guest fuzzer's --host-resize requests."""
+    vm = fuzz_vm
+    vm.resize("vm0", REQUESTED)
+    assert vm.paths is not None
+    with HostResizer(vm, "vm0", vm.paths.share / "resize-requests") as resizer:
+        rc, out = vm.guest(
+            f"{VMEM_GUEST} fuzz --noiommu --examples 20 --max-steps 20 --json"
+            f" --host-resize {resizer.directory}",
+            timeout=600,
+        )
+    report = json.loads(out.strip().splitlines()[-1])
+    print(
+        f"conformance with resizes: {report['examples']} examples, "
+        f"{report['requests_compared']} requests compared, {report['resizes']} resizes, "
+        f"{report['mismatches']} mismatches"
+    )
+    assert report["mismatch"] is None, json.dumps(report["mismatch"], indent=2)
+    assert (rc, report["mismatches"]) == (0, 0)
+    assert report["resizes"] > 0 and resizer.count >= report["resizes"]
     assert vm.plugged("vm0") == 0
     assert vm.query()["vm0"]["requested-size"] == REQUESTED
 
