@@ -486,7 +486,8 @@ class Checker:
     def run_example(self, actions: Sequence[Action]) -> list[TraceEntry]:
         """Run one sequence from a clean device; raise Mismatch at the first difference.
 
-        The device is cleaned (UNPLUG_ALL) afterwards, whatever happened.
+        The device is cleaned (UNPLUG_ALL) afterwards, unless it was lost
+        (DeviceLost propagates with the sequence that lost it).
         """
         self.counts.examples += 1
         trace: list[TraceEntry] = []
@@ -505,9 +506,14 @@ class Checker:
             self.run_step(Step("request", _UNPLUG_ALL, kind="end of example"), model, trace)
         except Mismatch as exc:
             exc.start_config = _config_fields(start_raw)
-            raise
-        finally:
             self.clean()
+            raise
+        except DeviceLost:
+            raise
+        except BaseException:
+            self.clean()
+            raise
+        self.clean()
         return trace
 
     def run_step(self, step: Step, model: DeviceModel, trace: list[TraceEntry]) -> None:

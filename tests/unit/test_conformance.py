@@ -124,7 +124,19 @@ def test_device_that_stops_answering_is_reported_without_shrinking() -> None:
 
     result = conformance.fuzz(device(cls=Dies), examples=50, seed=5)
     assert result.lost is not None and result.mismatches == 1
-    assert "no answer" in result.lost.trace[-1].device
+    last = result.lost.trace[-1]
+    assert "no answer" in last.device
+    assert last.step.kind != "cleanup"  # the sequence that lost it, not the clean-up after
+    assert result.counts.examples > 1
+
+
+def test_in_kernel_driver_is_seen(tmp_path: Path) -> None:
+    pci = tmp_path / "0000:00:03.0"
+    (pci / "virtio1").mkdir(parents=True)
+    assert conformance.kernel_virtio_driver(pci) is None
+    (tmp_path / "virtio_mem").mkdir()
+    (pci / "virtio1" / "driver").symlink_to(tmp_path / "virtio_mem")
+    assert conformance.kernel_virtio_driver(pci) == "virtio_mem"
 
 
 def test_resolve_kinds_give_the_intended_requests() -> None:
