@@ -359,6 +359,14 @@ def unbind(bdf: str) -> None:
 )
 @STATE_DIR
 @click.option(
+    "--offline-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds an offline may take (Linux retries page migration forever) before "
+    "the block counts as refused and is retried later.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -371,6 +379,7 @@ def run(
     noiommu: bool,
     bdfs: tuple[str, ...],
     state_dir: Path,
+    offline_timeout: float,
     log_level: str,
 ) -> None:
     """Run the agent: bind every virtio-mem device to vfio-pci and follow the host.
@@ -390,6 +399,7 @@ def run(
         manual=manual,
         allow_noiommu=noiommu,
         devices=bdfs,
+        offline_timeout=offline_timeout,
     )
     service.run_agent(options)
 

@@ -35,6 +35,8 @@ from vmem_guest.errors import KernelError, OfflineRefused
 
 SYSFS_MEMORY = Path("/sys/devices/system/memory")
 
+#: Seconds one offline may take before it is interrupted and counted as refused.
+DEFAULT_OFFLINE_TIMEOUT = 10.0
 #: errnos with which the kernel refuses an offline that may succeed later.
 RETRYABLE_OFFLINE_ERRNOS = frozenset(
     {errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.ETIMEDOUT}
@@ -117,7 +119,9 @@ def _deadline(seconds: float) -> Iterator[None]:
 class SysfsMemory:
     """KernelMemory over a sysfs memory directory (``root``)."""
 
-    def __init__(self, root: Path = SYSFS_MEMORY, offline_timeout: float = 10.0) -> None:
+    def __init__(
+        self, root: Path = SYSFS_MEMORY, offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT
+    ) -> None:
         self.root = root
         self.offline_timeout = offline_timeout
 

@@ -18,7 +18,7 @@ from vmem_guest.agent import Agent, run_manual
 from vmem_guest.attach import Attached, attach, memtotal_bytes
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import KernelError, TrackerLocked, UsageError
-from vmem_guest.hotplug import SysfsMemory
+from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
 from vmem_guest.transport.vfio import Mode
@@ -33,10 +33,11 @@ class RunOptions:
     manual: bool = False
     allow_noiommu: bool = False
     devices: tuple[str, ...] = ()
+    offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT
 
 
-def _kernel() -> SysfsMemory:
-    kernel = SysfsMemory()
+def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
+    kernel = SysfsMemory(offline_timeout=offline_timeout)
     if not kernel.has_probe():
         raise KernelError(
             "probe",
@@ -69,9 +70,10 @@ def attached_devices(
     state_dir: Path,
     policy: planner.Policy,
     allow_noiommu: bool,
+    offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
 ) -> Iterator[list[Attached]]:
     """Bind and attach ``devices``; release them all on the way out."""
-    kernel = _kernel()
+    kernel = _kernel(offline_timeout)
     if policy.kernel_memory_bytes == planner.DEFAULT_POLICY.kernel_memory_bytes:
         policy = dataclasses.replace(policy, kernel_memory_bytes=memtotal_bytes())
     done: list[Attached] = []
@@ -112,6 +114,7 @@ def run_agent(options: RunOptions) -> None:
             state_dir=options.state_dir,
             policy=options.policy,
             allow_noiommu=options.allow_noiommu,
+            offline_timeout=options.offline_timeout,
         ) as attached,
     ):
         path = control.socket_path(options.state_dir)

@@ -81,6 +81,9 @@ class DmaBuffer:
             self._mapping
         )
         self.address = ctypes.addressof(self._anchor)
+        # MAP_POPULATE is a GUP, which secretmem refuses: fault each page in by hand.
+        for offset in range(0, self.size, PAGE_SIZE):
+            self._mapping[offset] = 0
         self.bus_pages: list[int] = []
 
     def bus_addr(self, offset: int, length: int = 1) -> int:
