@@ -16,9 +16,11 @@ What is sent where:
   bytes, unknown type) go to the model only; the model must refuse them
   (DeviceBroken) and is then reset, as a driver would reset the device.
 * Host resizes (``qom-set requested-size``) need the host. The device under
-  test is resized through a ``resize`` callback; without one (the guest
-  command) the fuzzer works within the current ``requested_size`` and
-  generates no resizes. The unit tests drive a second model with resizes.
+  test is resized through a ``resize`` callback; without one the fuzzer works
+  within the current ``requested_size`` and generates no resizes. In a guest,
+  :class:`HostResizeFiles` asks a harness on the host through a shared
+  directory (``vmem-guest fuzz --host-resize DIR``, served by
+  ``scripts/conformance.py``); the unit tests resize a second model.
 
 The device is left as it was found: the fuzzer starts only when
 ``plugged_size`` is 0 (it never unplugs memory it did not plug), sends
@@ -313,10 +315,8 @@ class TraceEntry:
         return {
             "step": self.step.as_dict(),
             "text": self.step.describe(),
-            **{
-                "device": self.device,
-                "model": self.model,
-            },
+            "device": self.device,
+            "model": self.model,
         }
 
 
