@@ -31,7 +31,7 @@ from vmem_guest.device import DeviceConfig, Response, VirtioMemDevice
 from vmem_guest.errors import DeviceBroken, KernelError, OfflineRefused, SafetyError
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
-from vmem_guest.tracker import Tracker
+from vmem_guest.tracker import BlockRecord, Tracker, TrackerSnapshot
 
 #: Consecutive NACKs (each followed by a config re-read) before backing off.
 MAX_NACKS_BEFORE_BACKOFF = 3
@@ -107,6 +107,8 @@ class DeviceDriver:
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self.broken_reason: str | None = None
+        self._planned_from: TrackerSnapshot | None = None
+        self._planned_blocks: dict[int, planner.BlockInfo] = {}
 
     # --- config ---------------------------------------------------------------
 
@@ -224,11 +226,15 @@ class DeviceDriver:
 
     def plan_input(self) -> planner.PlanInput:
         snap = self.tracker.snapshot()
-        blocks = {rec.index: planner.BlockInfo(rec.state, rec.zone) for rec in snap.blocks}
+        if snap is not self._planned_from:  # the tracker changed since the last plan
+            self._planned_from = snap
+            self._planned_blocks = {
+                rec.index: planner.BlockInfo(rec.state, rec.zone) for rec in snap.blocks
+            }
         return planner.PlanInput(
             config=self.config,
             geometry=self.geometry,
-            blocks=blocks,
+            blocks=self._planned_blocks,
             bitmap=snap.bitmap,
             policy=self.policy,
             avoid=frozenset(self.avoid_until),
@@ -342,28 +348,49 @@ class DeviceDriver:
         self.tracker.clear_intent()
         return response
 
-    def _require_plugged(self, mb: int) -> None:
+    def _require_plugged(self, mb: int) -> BlockRecord:
         """Invariant 5.1/5.5: never probe or online a block that is not fully plugged."""
         record = self.tracker.block(mb)
         if record.state not in (MemoryBlockState.PLUGGED, MemoryBlockState.ONLINE):
             raise SafetyError(f"memory{mb} is not fully plugged ({record.state.name})", block=mb)
+        return record
 
     def online_block(self, mb: int, zone: Zone) -> None:
         """Probe (if absent) and online fully plugged block ``mb``; record it.
 
-        Copes with a kernel that onlines new blocks on its own (auto_online_blocks).
-        Raises KernelError when the kernel refuses.
+        Copes with a kernel that onlines new blocks on its own (auto_online_blocks)
+        and with a tracker that believes a block present when it is not. Reads
+        sysfs only where the answer is not known already: this is the hot path
+        of every plug. Raises KernelError when the kernel refuses.
         """
-        self._require_plugged(mb)
-        current = self.kernel.block(mb)
-        if current.state is KernelBlockState.ABSENT:
-            self.kernel.probe(self.geometry.memory_block_addr(mb))
-            self.tracker.record_present(mb)
-            current = self.kernel.block(mb)
-        if current.state is not KernelBlockState.ONLINE:
+        record = self._require_plugged(mb)
+        if not record.present and self._probe(mb):
+            return
+        try:
             self.kernel.online(mb, zone)
+        except KernelError:
             current = self.kernel.block(mb)
-        self.tracker.record_online(mb, current.zone, current.node)
+            if current.state is KernelBlockState.ONLINE:
+                self.tracker.record_online(mb, current.zone, current.node)
+                return
+            if current.state is not KernelBlockState.ABSENT:
+                raise
+            # The tracker believed it present: add it, then online it as planned.
+            if self._probe(mb):
+                return
+            self.kernel.online(mb, zone)
+        landed = zone if zone is not Zone.AUTO else self.kernel.block(mb).zone
+        self.tracker.record_online(mb, landed, self.kernel.node(mb))
+
+    def _probe(self, mb: int) -> bool:
+        """Add block ``mb``; True when the kernel onlined it at once (and it is recorded)."""
+        self.kernel.probe(self.geometry.memory_block_addr(mb))
+        self.tracker.record_present(mb)
+        current = self.kernel.block(mb)
+        if current.state is KernelBlockState.ONLINE:
+            self.tracker.record_online(mb, current.zone, current.node)
+            return True
+        return False
 
     def offline_block(self, mb: int) -> None:
         """Offline block ``mb`` and record it; OfflineRefused when the kernel says no."""

@@ -79,6 +79,9 @@ class KernelMemory(Protocol):
     def online(self, index: int, zone: Zone) -> None:
         """Online block ``index`` into ``zone``."""
 
+    def node(self, index: int) -> int:
+        """The NUMA node of present block ``index`` (-1 unknown)."""
+
     def offline(self, index: int) -> None:
         """Offline block ``index``; OfflineRefused when the kernel says no."""
 
@@ -124,6 +127,8 @@ class SysfsMemory:
     ) -> None:
         self.root = root
         self.offline_timeout = offline_timeout
+        self._block_size: int | None = None  # fixed at boot
+        self._nodes: dict[int, int] = {}  # a present block never changes node
 
     def _read(self, rel: str, block: int | None = None) -> str:
         try:
@@ -146,6 +151,11 @@ class SysfsMemory:
             raise KernelError(op, block, err) from exc
 
     def block_size(self) -> int:
+        if self._block_size is None:
+            self._block_size = self._read_block_size()
+        return self._block_size
+
+    def _read_block_size(self) -> int:
         text = self._read("block_size_bytes")
         try:
             size = int(text, 16)
@@ -164,15 +174,25 @@ class SysfsMemory:
 
     def block(self, index: int) -> KernelBlock:
         name = f"memory{index}"
-        if not (self.root / name).is_dir():
-            return KernelBlock(index, KernelBlockState.ABSENT)
-        state_text = self._read(f"{name}/state", index)
+        try:
+            state_text = (self.root / name / "state").read_text().strip()
+        except FileNotFoundError as exc:
+            if not (self.root / name).is_dir():
+                return KernelBlock(index, KernelBlockState.ABSENT)
+            raise KernelError(f"read {name}/state", index, errno.ENOENT) from exc
+        except OSError as exc:
+            raise KernelError(f"read {name}/state", index, exc.errno or errno.EIO) from exc
         if state_text != "online":
-            return KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self._node(index))
+            return KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.node(index))
         zone = _zone_from_valid_zones(self._read(f"{name}/valid_zones", index))
-        return KernelBlock(index, KernelBlockState.ONLINE, zone, self._node(index))
+        return KernelBlock(index, KernelBlockState.ONLINE, zone, self.node(index))
 
-    def _node(self, index: int) -> int:
+    def node(self, index: int) -> int:
+        if index not in self._nodes:
+            self._nodes[index] = self._read_node(index)
+        return self._nodes[index]
+
+    def _read_node(self, index: int) -> int:
         for entry in (self.root / f"memory{index}").glob("node*"):
             suffix = entry.name[4:]
             if suffix.isdigit():
@@ -238,7 +258,7 @@ class FakeKernelMemory:
         self.auto_online = auto_online
         self.offline_fail_rate = offline_fail_rate
         self.rng = rng or random.Random(0)
-        self.node = node
+        self.home_node = node
         self.blocks: dict[int, KernelBlock] = {}
         self.refuse_offline: set[int] = set()
         self.offline_refusals = 0
@@ -266,8 +286,11 @@ class FakeKernelMemory:
             # online_kernel lands in ZONE_NORMAL; online (kernel's choice) as online(AUTO).
             zone = Zone.KERNEL if self.auto_online == "online_kernel" else Zone.MOVABLE
             state = KernelBlockState.ONLINE
-        self.blocks[index] = KernelBlock(index, state, zone, self.node)
+        self.blocks[index] = KernelBlock(index, state, zone, self.home_node)
         return True
+
+    def node(self, index: int) -> int:
+        return self.block(index).node
 
     def online(self, index: int, zone: Zone) -> None:
         current = self.block(index)
@@ -276,7 +299,7 @@ class FakeKernelMemory:
         if current.state is KernelBlockState.ONLINE:
             raise KernelError("online", index, errno.EINVAL, "already online")
         landed = Zone.MOVABLE if zone is Zone.AUTO else zone
-        self.blocks[index] = KernelBlock(index, KernelBlockState.ONLINE, landed, self.node)
+        self.blocks[index] = KernelBlock(index, KernelBlockState.ONLINE, landed, self.home_node)
 
     def offline(self, index: int) -> None:
         current = self.block(index)
@@ -291,7 +314,7 @@ class FakeKernelMemory:
         if refused:
             self.offline_refusals += 1
             raise OfflineRefused("offline", index, errno.EBUSY)
-        self.blocks[index] = KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.node)
+        self.blocks[index] = KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.home_node)
 
     def reboot(self) -> None:
         """A guest reboot: hotplugged blocks are gone."""

@@ -630,6 +630,7 @@ class Tracker:
         self.set_aside_path = None
         self._log = logging.getLogger(f"vmem_guest.tracker.{identity.name}")
         self._layout = _FileLayout.of(identity.geometry)
+        self._snapshot_cache: TrackerSnapshot | None = None
         self._lock_fd: int | None = lock_fd
         self._map: mmap.mmap | None = mapping
         self._header: TrackerHeader | None = TrackerHeader.from_buffer(mapping, 0)
@@ -724,8 +725,16 @@ class Tracker:
         return int(self._hdr.generation)
 
     def snapshot(self) -> TrackerSnapshot:
-        """A copy of the current state (the owner needs no seqlock retry)."""
-        return _decode(self._mapped[:])
+        """A copy of the current state (the owner needs no seqlock retry).
+
+        Every change goes through this object and bumps the generation, so a
+        snapshot of the same generation is still exact: decode once per change.
+        """
+        generation = self.generation
+        cached = self._snapshot_cache
+        if cached is None or cached.generation != generation:
+            cached = self._snapshot_cache = _decode(self._mapped[:])
+        return cached
 
     def block(self, index: int) -> BlockRecord:
         """The record of kernel memory block ``index`` without a full snapshot."""

@@ -599,3 +599,18 @@ def test_nack_with_plugged_memory_unknown_to_the_tracker_resyncs(rig: Rig) -> No
     assert RequestType.STATE in rig.channel.types()  # learnt with STATE, not guessed
     assert driver.nacks_in_a_row == 0
     rig.check_consistent()
+
+
+def test_block_the_tracker_believes_present_but_absent_is_probed(rig: Rig) -> None:
+    """After a guest reboot with a stale tracker, 'present' is a hint, not the truth."""
+    driver = rig.open()
+    rig.model.resize(128 * MIB)
+    rig.converge()
+    assert rig.kernel.block(MB0).state is KernelBlockState.ONLINE
+    rig.kernel.blocks.clear()  # the kernel lost the block; the tracker still says present
+    assert rig.tracker is not None
+    rig.tracker.record_offline(MB0)
+    driver.online_block(MB0, Zone.MOVABLE)
+    assert rig.kernel.block(MB0).state is KernelBlockState.ONLINE
+    assert rig.kernel.probes.count(MB0 * MEMORY_BLOCK) == 2
+    assert rig.tracker.block(MB0).state is MemoryBlockState.ONLINE
