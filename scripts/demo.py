@@ -23,6 +23,8 @@ from vmharness import GiB, MemDevice, TestVM, VMConfig, fmt_size, parse_size
 from vmharness.guest_agent import device_bdfs, start_agent, status, stop_agent, target
 
 DEVICE_IDS = ("vm0", "vm1")
+POLL_SECONDS = 0.5
+STATUS_EVERY = 3.0
 HEADER = (
     f"{'t':>6}  {'device':<6} {'requested':>10} {'qemu size':>10} {'tracker':>10}"
     f" {'online':>10} {'MemTotal':>10}  state"
@@ -48,31 +50,45 @@ def row(
 
 
 def play_step(vm: TestVM, requested: int, block: int, bdfs: dict[str, str]) -> float:
-    """Resize both devices and print a live row per device until both converged."""
+    """Resize both devices; print a row per device whenever something changed.
+
+    QEMU's size and MemTotal are cheap to read (QMP, and a file read by the guest
+    runner) and are polled twice a second; the tracker needs a ``vmem-guest
+    status`` process in the guest, so it is read every few seconds and once more
+    when QEMU has reached the target.
+    """
     print(f"\n== host: qom-set requested-size {fmt_size(requested)} on {', '.join(DEVICE_IDS)}")
     print(HEADER)
     started = time.monotonic()
     for dev_id in DEVICE_IDS:
         vm.resize(dev_id, requested)
     goal = target(requested, block)
+    snap: dict[str, dict[str, object]] = {}
+    snap_at = 0.0
+    last_rows: list[str] = []
     while True:
         query = vm.query()
-        snap = status(vm)
+        reached = all(int(query[d]["size"]) == goal for d in DEVICE_IDS)
+        if reached or time.monotonic() - snap_at > STATUS_EVERY:
+            snap, snap_at = status(vm), time.monotonic()
+            query = vm.query()
         memtotal = vm.mem_total()
         elapsed = time.monotonic() - started
-        done = all(
-            int(query[d]["size"]) == goal
-            and snap[bdfs[d]]["online_size"] == goal
-            and snap[bdfs[d]]["intent"] is None
+        done = reached and all(
+            snap[bdfs[d]]["online_size"] == goal and snap[bdfs[d]]["intent"] is None
             for d in DEVICE_IDS
         )
-        for dev_id in DEVICE_IDS:
-            print(row(elapsed, dev_id, query[dev_id], snap[bdfs[dev_id]], memtotal, done))
+        rows = [
+            row(elapsed, d, query[d], snap.get(bdfs[d], {}), memtotal, done) for d in DEVICE_IDS
+        ]
+        if [r[8:] for r in rows] != [r[8:] for r in last_rows]:
+            print("\n".join(rows))
+            last_rows = rows
         if done:
             return elapsed
         if elapsed > 300:
             raise SystemExit(f"demo: no convergence after {elapsed:.0f} s")
-        time.sleep(1.0)
+        time.sleep(POLL_SECONDS)
 
 
 def main() -> int:
