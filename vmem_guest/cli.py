@@ -597,7 +597,7 @@ def fuzz(
     try:
         from vmem_guest import conformance
     except ModuleNotFoundError as exc:
-        _fail(f"vmem-guest fuzz needs {exc.name} (pip install 'vmem-guest[test]')")
+        _fail(f"vmem-guest fuzz needs {exc.name} (pip install 'vmem-guest[fuzz]')")
 
     result = conformance.fuzz_pci_device(
         bdf,
