@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance clean
+        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance chaos clean
 
 all: test
 
@@ -71,6 +71,11 @@ bench: $(STAMP) vm-deps
 CONFORMANCE_EXAMPLES ?= 500
 conformance: $(STAMP) vm-deps
 	$(PY) scripts/conformance.py --examples $(CONFORMANCE_EXAMPLES)
+
+# SIGKILL the agent N times at random moments in a VM; check invariants, restart, converge.
+N ?= 100
+chaos: $(STAMP) vm-deps
+	$(PY) scripts/chaos.py --kills $(N)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
