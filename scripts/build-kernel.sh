@@ -134,7 +134,7 @@ cp "$OBJ_DIR/.config" "$OUT_DIR/config"
 cp "$BUILD_LOG" "$OUT_DIR/build.log"
 cat >"$OUT_DIR/info.txt" <<INFO
 source: $SRC_PKG $SRC_VER
-fragment: $FRAGMENT (sha256 prefix $FRAG_HASH)
+fragment: $FRAGMENT (hash of its option lines: $FRAG_HASH)
 built: $(date -u +%FT%TZ) in $(( $(date +%s) - START ))s with -j$JOBS
 INFO
 mv "$OUT_DIR/bzImage.tmp" "$BZIMAGE"
