@@ -56,6 +56,7 @@ from typing import Any
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 MEMORY_BLOCK = 128 << 20
+KILL_FIFO = "/run/chaos-kill.fifo"
 
 # --------------------------------------------------------------------------------------
 # Guest side: runs as root in the guest, agent dead, with the checkout's .venv python.
@@ -209,6 +210,7 @@ class KillRecord:
     requested: dict[str, int]
     delay: float
     requested_after: dict[str, int] = field(default_factory=dict)
+    killed_after: float = 0.0  #: seconds from the resize to the kill's return
     resized_while_dead: bool = False
     phase: str = ""
     check: list[dict[str, Any]] = field(default_factory=list)
@@ -251,15 +253,22 @@ class Chaos:
     # --- helpers -------------------------------------------------------------------
 
     def random_size(self, dev_id: str) -> int:
+        """A new requested size at least a quarter of the region away from the current
+        one, so that the kill finds the agent at work more often than not."""
         dev = self.devices[dev_id]
-        roll = self.rng.random()
-        if roll < 0.15:
-            return 0
-        if roll < 0.25:
-            return dev.size
-        if roll < 0.45:  # not whole memory blocks: the remainder stays unplugged
-            return self.rng.randrange(0, dev.size // dev.block_size + 1) * dev.block_size
-        return self.rng.randrange(0, dev.size // MEMORY_BLOCK + 1) * MEMORY_BLOCK
+        for _ in range(20):
+            roll = self.rng.random()
+            if roll < 0.15:
+                size = 0
+            elif roll < 0.25:
+                size = dev.size
+            elif roll < 0.45:  # not whole memory blocks: the remainder stays unplugged
+                size = self.rng.randrange(0, dev.size // dev.block_size + 1) * dev.block_size
+            else:
+                size = self.rng.randrange(0, dev.size // MEMORY_BLOCK + 1) * MEMORY_BLOCK
+            if abs(size - self.requested[dev_id]) >= dev.size // 4:
+                break
+        return size
 
     def random_delay(self) -> float:
         """Plugging 1 GiB takes about a second under TCG: most kills land early."""
@@ -419,10 +428,20 @@ class Chaos:
     def kill_once(self, index: int) -> KillRecord:
         vm, ga = self.vm, self.ga
         t0 = time.monotonic()
+        # The killer waits in the guest before the resize; the host releases it by
+        # reading a FIFO through the guest runner (no process to start then: a
+        # shell round trip takes half a second under TCG on a busy host).
+        pid = int(vm.read(ga.AGENT_PID).strip())
+        vm.sh(
+            f"rm -f {KILL_FIFO}; mkfifo {KILL_FIFO} || exit 1;"
+            f" (echo go >{KILL_FIFO}; kill -KILL {pid}) >/dev/null 2>&1 </dev/null &"
+        )
         self.resize_all()
+        resized = time.monotonic()
         record = KillRecord(index, dict(self.requested), self.random_delay())
         time.sleep(record.delay)
-        vm.guest(f"kill -KILL $(cat {ga.AGENT_PID})")
+        vm.read(KILL_FIFO)
+        record.killed_after = time.monotonic() - resized
         vm.wait_until(lambda: ga.agent_died(vm), timeout=60, what="the agent to die")
         self.save_agent_log(f"agent-{index:03d}.log")
         t1 = time.monotonic()
@@ -488,7 +507,8 @@ class Chaos:
         if r.resized_while_dead:
             dead = ", then " + ",".join(_mib(s) for s in r.requested_after.values()) + " MiB"
         return (
-            f"kill {r.index:3d}: delay {r.delay * 1000:5.0f} ms, killed at {plugged} MiB"
+            f"kill {r.index:3d}: delay {r.delay * 1000:4.0f} ms (killed {r.killed_after:.2f} s"
+            f" after the resize) at {plugged} MiB"
             f" [{r.phase}], requested {sizes} MiB{dead}: {verdict}"
             f" (check {r.check_seconds:.1f} s, recovery {r.recover_seconds:.1f} s)"
         )

@@ -20,7 +20,7 @@ import pytest
 from vmharness import TestVM, VMConfig
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
-KILLS = 6
+KILLS = 5
 SEED = 20261127
 
 
