@@ -69,6 +69,7 @@ def _guest_check() -> dict[str, Any]:
 
     from vmem_guest import discovery
     from vmem_guest.device import VirtioMemDevice
+    from vmem_guest.errors import TrackerError
     from vmem_guest.tracker import (
         DEFAULT_STATE_DIR,
         LOCK_SUFFIX,
@@ -81,17 +82,24 @@ def _guest_check() -> dict[str, Any]:
     report: list[dict[str, Any]] = []
     for dev in discovery.list_devices():
         path = tracker_path(DEFAULT_STATE_DIR, dev.bdf)
-        snap = None
+        snap, torn = None, ""
         if path.exists():
-            with TrackerReader.open(path) as reader:
-                snap = reader.snapshot()
+            try:
+                with TrackerReader.open(path) as reader:
+                    snap = reader.snapshot()
+            except TrackerError as exc:
+                # Killed inside a write section (odd generation): the restarted agent
+                # sets the file aside and rebuilds from STATE and sysfs.
+                torn = exc.message
         # The agent's lock: nobody may own the device while we look (the agent is dead).
         lock_fd = os.open(path.with_suffix(LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             mode = "type1" if dev.iommu_kind == "type1" else "noiommu"
             with no_unevictable_compaction(), PciChannel.open(dev.bdf, mode=mode) as channel:
-                report.append(_check_device(dev.bdf, VirtioMemDevice(channel, dev.bdf), snap))
+                result = _check_device(dev.bdf, VirtioMemDevice(channel, dev.bdf), snap)
+                result["tracker_torn"] = torn
+                report.append(result)
         finally:
             os.close(lock_fd)
     return {"devices": report}
@@ -448,7 +456,8 @@ class Chaos:
         try:
             record.check = self.guest_check()
         except Exception as exc:
-            record.violations.append(f"guest check failed: {str(exc).splitlines()[0]}")
+            text = str(exc).split("--- guest console")[0].strip().splitlines()
+            record.violations.append("guest check failed: " + " | ".join(text[-6:]))
         record.check_seconds = time.monotonic() - t1
         for dev in record.check:
             record.violations += [f"{dev['device']}: {v}" for v in dev["violations"]]
@@ -477,6 +486,8 @@ class Chaos:
 
     def phase_of(self, check: list[dict[str, Any]]) -> str:
         """Where the kill landed, from what the device and the tracker show."""
+        if any(d.get("tracker_torn") for d in check):
+            return "inside a tracker write"
         intents = [d["intent"]["op"] for d in check if d.get("intent")]
         if intents:
             return "intent " + "+".join(intents)
