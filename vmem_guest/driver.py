@@ -28,7 +28,7 @@ from collections.abc import Callable
 from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import DeviceConfig, Response, VirtioMemDevice
-from vmem_guest.errors import DeviceBroken, KernelError, OfflineRefused, SafetyError
+from vmem_guest.errors import ConfigError, DeviceBroken, KernelError, OfflineRefused, SafetyError
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
 from vmem_guest.tracker import BlockRecord, Tracker, TrackerSnapshot
@@ -113,8 +113,27 @@ class DeviceDriver:
     # --- config ---------------------------------------------------------------
 
     def refresh_config(self) -> DeviceConfig:
-        """Re-read the device config and publish it in the tracker."""
-        self.config = self.device.config()
+        """Re-read the device config and publish it in the tracker.
+
+        ``addr``, ``region_size`` and ``block_size`` change only at a system reset
+        (spec 5.15.4): a device that changes them under us is not trusted further.
+        """
+        config = self.device.config()
+        geometry = self.geometry
+        if (config.addr, config.region_size, config.block_size) != (
+            geometry.addr,
+            geometry.region_size,
+            geometry.block_size,
+        ):
+            raise ConfigError(
+                f"device region changed under the driver: {config.addr:#x}"
+                f"+{config.region_size:#x}/{config.block_size:#x}, was {geometry.addr:#x}"
+                f"+{geometry.region_size:#x}/{geometry.block_size:#x}",
+                addr=config.addr,
+                region_size=config.region_size,
+                block_size=config.block_size,
+            )
+        self.config = config
         self.tracker.set_device_info(
             requested_size=self.config.requested_size,
             usable_region_size=self.config.usable_region_size,

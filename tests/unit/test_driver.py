@@ -17,7 +17,7 @@ from vmem_guest import planner, spec
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import MAX_NACKS_BEFORE_BACKOFF, DeviceDriver, Outcome, StepResult
-from vmem_guest.errors import SafetyError
+from vmem_guest.errors import ConfigError, SafetyError
 from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.runner import VirtualClock
@@ -614,3 +614,14 @@ def test_block_the_tracker_believes_present_but_absent_is_probed(rig: Rig) -> No
     assert rig.kernel.block(MB0).state is KernelBlockState.ONLINE
     assert rig.kernel.probes.count(MB0 * MEMORY_BLOCK) == 2
     assert rig.tracker.block(MB0).state is MemoryBlockState.ONLINE
+
+
+def test_a_device_whose_region_changes_is_not_trusted(rig: Rig) -> None:
+    """addr/region_size/block_size change only at system reset (spec 5.15.4)."""
+    driver = rig.open()
+    cfg = spec.VirtioMemConfig.from_buffer_copy(rig.model.read_config())
+    cfg.block_size = 4 * MIB  # still valid on its own: a power of two, sizes multiples
+    rig.channel.read_config = lambda: bytes(cfg)  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match="region changed"):
+        driver.config_changed()
+    assert rig.channel.sent == []  # nothing was sent on the strength of it
