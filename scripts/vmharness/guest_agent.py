@@ -29,7 +29,10 @@ def cli_json(vm: TestVM, args: str, timeout: float = 120.0) -> Any:
 
 def start_agent(vm: TestVM, args: str = "--noiommu") -> None:
     """Start ``vmem-guest run`` detached, the way systemd would, and wait for its socket."""
+    # A SIGKILLed agent leaves its socket behind; the new one binds it only once its
+    # devices are attached and recovered, so waiting for it means something.
     vm.sh(
+        f"rm -f {CONTROL_SOCKET}; "
         f"setsid {VMEM_GUEST} run --log-level debug {args} >{AGENT_LOG} 2>&1 </dev/null &"
         f" echo $! >{AGENT_PID}"
     )
