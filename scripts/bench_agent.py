@@ -469,8 +469,6 @@ def profile_breakdown(p: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     """Run the benchmark; print the table; write the JSON."""
-    out_dir = paths.results_dir() / "bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     result: dict[str, Any] = {"when": datetime.now().isoformat(timespec="seconds")}
     with TestVM(CONFIG) as vm:
@@ -605,10 +603,7 @@ def main() -> int:
     print("\n" + table)
     result["table"] = table
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"agent-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "agent-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = paths.write_bench_result("agent", result)
     print(f"wrote {path}")
     return 0
 

@@ -126,8 +126,6 @@ def timed_resize(vm: TestVM, target: int, base_total: int) -> dict[str, float]:
 
 def main() -> int:
     """Run the benchmark; print the table; write the JSON."""
-    out_dir = paths.results_dir() / "bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     with TestVM(CONFIG) as vm:
         assert vm.paths is not None
@@ -223,10 +221,7 @@ def main() -> int:
     print(table)
     result["table"] = table
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"kernel-driver-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "kernel-driver-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = paths.write_bench_result("kernel-driver", result)
     print(f"wrote {path}")
     return 0
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 #: scripts/ (this package's parent).
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent
@@ -28,3 +31,15 @@ def cache_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "vmem-guest"
+
+
+def write_bench_result(kind: str, result: dict[str, Any]) -> Path:
+    """Write a benchmark's JSON as results/bench/<kind>-<time>.json and <kind>-latest.json;
+    return the first path."""
+    out_dir = results_dir() / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    path = out_dir / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(text)
+    (out_dir / f"{kind}-latest.json").write_text(text)
+    return path
