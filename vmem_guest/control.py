@@ -9,8 +9,10 @@ Protocol (one request per connection, UTF-8, each message one line)::
 
 The socket file is mode 0600 under ``/run/vmem-guest/``; on top of that each
 peer's credentials (SO_PEERCRED) are checked: only uid 0 is served. A message
-longer than :data:`MAX_MESSAGE_BYTES`, or one that is not a JSON object, is
-answered with an error and the connection closed; the agent carries on.
+longer than :data:`MAX_MESSAGE_BYTES`, one that is not a JSON object with a
+known ``op`` (:data:`OPS`), or one not finished within :data:`CLIENT_TIMEOUT`
+seconds of the connection, is answered with an error and the connection closed;
+every refusal is logged and the agent carries on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,11 @@ from vmem_guest.errors import UsageError, VmemError
 
 SOCKET_NAME = "control.sock"
 MAX_MESSAGE_BYTES = 64 * 1024
-#: How long the agent waits for a connected client to finish its request line.
+#: How long the agent waits for a connected client to finish its request line
+#: (in all: a client trickling bytes cannot hold the agent's loop any longer).
 CLIENT_TIMEOUT = 5.0
+#: The operations the agent serves.
+OPS = frozenset({"ping", "state", "plug", "unplug", "unplug-all"})
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger("vmem_guest.control")
@@ -65,8 +71,16 @@ def parse_request(line: bytes) -> dict[str, Any]:
         message = json.loads(line)
     except (UnicodeDecodeError, ValueError):
         raise UsageError("control request is not valid JSON") from None
+    except RecursionError:
+        # "[[[[..." nested deeper than the parser's recursion limit.
+        raise UsageError("control request is nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise UsageError('control request must be a JSON object with a string "op"')
+    if message["op"] not in OPS:
+        op = message["op"][:40]
+        raise UsageError(
+            f"unknown control operation {op!r} (known: {', '.join(sorted(OPS))})", op=op
+        )
     return message
 
 
@@ -104,7 +118,6 @@ class ControlServer:
         except BlockingIOError:
             return
         with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
             try:
                 self._serve(conn)
             except OSError as exc:
@@ -115,7 +128,7 @@ class ControlServer:
         try:
             # Read before judging: closing on unread data would reset the
             # connection and the peer would never see why it was refused.
-            line = _read_line(conn)
+            line = _read_line(conn, time.monotonic() + CLIENT_TIMEOUT)
             if uid not in self.allowed_uids:
                 log.warning("refused control connection from uid %d", uid)
                 raise UsageError("permission denied: root only", uid=uid)
@@ -124,21 +137,28 @@ class ControlServer:
             log.warning("bad control request: %s", exc.message)
             _send(conn, _error_reply(exc))
             return
+        conn.settimeout(CLIENT_TIMEOUT)  # for each reply: a client that stops reading
         try:
             result = self.handler(request, lambda progress: _send(conn, {"progress": progress}))
         except VmemError as exc:
+            log.warning("control request %r refused: %s", request["op"], exc.message)
             _send(conn, _error_reply(exc))
             return
         _send(conn, {"ok": True, "result": result})
 
 
-def _read_line(conn: socket.socket) -> bytes:
+def _read_line(conn: socket.socket, deadline: float) -> bytes:
+    """The first line the client sends, read before ``deadline`` (time.monotonic)."""
     buffer = b""
     while b"\n" not in buffer:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UsageError(f"control request not received within {CLIENT_TIMEOUT:g} s")
+        conn.settimeout(left)
         try:
             chunk = conn.recv(4096)
         except TimeoutError:
-            raise UsageError("control request timed out") from None
+            raise UsageError(f"control request not received within {CLIENT_TIMEOUT:g} s") from None
         if not chunk:
             break
         buffer += chunk
@@ -168,6 +188,11 @@ def call(
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 return None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise UsageError(
+                    f"permission denied: the agent's control socket {path} is for root only",
+                    path=str(path),
+                ) from None
             raise
         _send(sock, request)
         for message in _messages(sock):

@@ -6,6 +6,7 @@ thread plays the host and the user, then stops the agent with SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -199,6 +200,87 @@ def test_control_rejects_bad_messages_and_keeps_serving(rig: Rig) -> None:
     assert b'string \\"op\\"' in replies["no-op"]
     assert b"longer than" in replies["huge"]
     assert b'"ok": true' in replies["ping"]
+
+
+def test_control_logs_every_refusal_and_survives_deep_nesting(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    replies: dict[str, bytes] = {}
+
+    def user() -> None:
+        # Deeper than json's recursion limit: RecursionError, not ValueError.
+        replies["deep"] = _raw_exchange(rig.socket, b"[" * 60000 + b"\n")
+        replies["array"] = _raw_exchange(rig.socket, b'[{"op": "ping"}]\n')
+        replies["unknown"] = _raw_exchange(rig.socket, b'{"op": "frobnicate"}\n')
+        replies["type"] = _raw_exchange(
+            rig.socket, b'{"op": "state", "addr": "0x100000000", "blocks": 1}\n'
+        )
+        replies["ping"] = _raw_exchange(rig.socket, b'{"op": "ping"}\n')
+
+    with caplog.at_level("WARNING", logger="vmem_guest.control"):
+        run_agent(rig, user)
+    assert b"nested too deeply" in replies["deep"]
+    assert b'string \\"op\\"' in replies["array"]
+    # Not "needs an agent started with --manual": the operation does not exist.
+    assert b"unknown control operation 'frobnicate'" in replies["unknown"]
+    assert b"non-negative integer 'addr'" in replies["type"]
+    assert b'"ok": true' in replies["ping"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for text in ("nested too deeply", 'string "op"', "frobnicate", "'addr'"):
+        assert text in logged, (text, logged)
+
+
+def test_parse_request_names_the_known_operations() -> None:
+    for op in sorted(control.OPS):
+        assert control.parse_request(f'{{"op": "{op}"}}'.encode())["op"] == op
+    with pytest.raises(UsageError, match=r"unknown control operation 'plugg'.*unplug-all"):
+        control.parse_request(b'{"op": "plugg", "size": 1}')
+
+
+def test_a_client_trickling_bytes_cannot_hold_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLIENT_TIMEOUT bounds the whole request line, not each recv."""
+    monkeypatch.setattr(control, "CLIENT_TIMEOUT", 0.5)
+    path = tmp_path / "ctl.sock"
+    server = control.ControlServer(
+        path, lambda req, emit: {}, allowed_uids=frozenset({os.getuid()})
+    )
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.1):
+                sock.sendall(b" ")
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            thread = threading.Thread(target=trickle, args=(sock,))
+            thread.start()
+            started = time.monotonic()
+            server.serve_one()
+            elapsed = time.monotonic() - started
+            stop.set()
+            thread.join(5)
+            reply = sock.makefile("rb").read()
+    finally:
+        server.close()
+    assert elapsed < 2.0, elapsed
+    assert b"not received within 0.5 s" in reply
+
+
+def test_call_as_a_user_the_socket_refuses_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Refused(socket.socket):
+        def connect(self, address: Any) -> None:
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(control.socket, "socket", Refused)
+    with pytest.raises(UsageError, match=r"permission denied: .* is for root only") as info:
+        control.call(tmp_path / "control.sock", {"op": "ping"})
+    assert "\n" not in str(info.value)
 
 
 def test_control_refuses_other_uids(tmp_path: Path) -> None:
