@@ -104,29 +104,53 @@ def attached_devices(
             item.close()
 
 
+def _refuse_if_an_agent_answers(path: Path) -> None:
+    """UsageError when an agent already serves ``path`` (before any device is touched:
+    a second agent must neither open a device nor replace the first one's socket)."""
+    running = control.call(path, {"op": "ping"})
+    if running is not None:
+        raise UsageError(
+            f"an agent is already running (pid {running.get('pid', '?')}, devices"
+            f" {', '.join(running.get('devices', [])) or 'none'}); stop it first",
+            pid=running.get("pid"),
+        )
+
+
 def run_agent(options: RunOptions) -> None:
     """``vmem-guest run``: serve every (chosen) device until SIGTERM."""
+    path = control.socket_path(options.state_dir)
+    _refuse_if_an_agent_answers(path)
     devices = _select(options.devices)
-    with (
-        no_unevictable_compaction(),
-        attached_devices(
-            devices,
-            state_dir=options.state_dir,
-            policy=options.policy,
-            allow_noiommu=options.allow_noiommu,
-            offline_timeout=options.offline_timeout,
-        ) as attached,
-    ):
-        path = control.socket_path(options.state_dir)
+    try:
+        with (
+            no_unevictable_compaction(),
+            attached_devices(
+                devices,
+                state_dir=options.state_dir,
+                policy=options.policy,
+                allow_noiommu=options.allow_noiommu,
+                offline_timeout=options.offline_timeout,
+            ) as attached,
+        ):
+            _serve(attached, path, options)
+    except TrackerLocked as exc:
+        raise UsageError(
+            f"{exc.message}: another vmem-guest process owns the device; stop it first",
+            **exc.fields,
+        ) from None
 
-        def make_server(handler: Any) -> ControlServer:
-            return ControlServer(path, handler, allowed_uids=frozenset({0}))
 
-        agent = Agent(attached, make_server, manual_mode=options.manual)
-        try:
-            agent.run()
-        finally:
-            agent.close()
+def _serve(attached: list[Attached], path: Path, options: RunOptions) -> None:
+    """The agent's loop over ``attached`` devices, its control socket at ``path``."""
+
+    def make_server(handler: Any) -> ControlServer:
+        return ControlServer(path, handler, allowed_uids=frozenset({0}))
+
+    agent = Agent(attached, make_server, manual_mode=options.manual)
+    try:
+        agent.run()
+    finally:
+        agent.close()
 
 
 def manual_command(

@@ -427,6 +427,13 @@ def _check_header(buf: bytes, file_size: int) -> TrackerHeader:
     return header
 
 
+def _check_name(path: Path, header: TrackerHeader) -> None:
+    """TrackerError unless ``path`` is where the device named in ``header`` keeps its file."""
+    name = bytes(header.name).split(b"\0", 1)[0].decode(errors="replace")
+    if tracker_path(path.parent, name).name != path.name:
+        raise TrackerError(f"holds the tracker of another device, {name!r} (copied or renamed)")
+
+
 def _enum_or_error(kind: type[_E], value: int, what: str) -> _E:
     try:
         return kind(value)
@@ -1342,16 +1349,27 @@ class TrackerReader:
 
     @classmethod
     def open(cls, path: Path) -> TrackerReader:
-        """Map ``path`` read-only after checking magic, version and sizes (TrackerError)."""
+        """Map ``path`` read-only after checking it (TrackerError otherwise).
+
+        Checked: what the owner would not trust either (not a regular file; for
+        root, owned by another user or world-writable), magic, version and
+        sizes, and that the device named inside is the one the file name says
+        (a tracker copied or renamed from another device is not this one's).
+        """
         path = Path(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise TrackerError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             try:
-                _check_header(os.pread(fd, HEADER_SIZE, 0), size)
+                untrusted = _untrusted_reason(st)
+                if untrusted is not None:
+                    raise TrackerError(f"not trusted: {untrusted}")
+                header = _check_header(os.pread(fd, HEADER_SIZE, 0), size)
+                _check_name(path, header)
             except TrackerError as exc:
                 raise TrackerError(f"{path}: {exc.message}", path=str(path)) from None
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)

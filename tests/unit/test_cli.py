@@ -7,16 +7,20 @@ vmem_guest.cli``); the sweep of bad inputs and the help pages call
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import click
 import pytest
 
-from vmem_guest import cli
+from vmem_guest import cli, control, service
+from vmem_guest.errors import TrackerLocked
 
 MiB, GiB = 1 << 20, 1 << 30
 REQUIRED_KEYS = {"requested", "plugged", "online", "usable", "remainder", "steps"}
@@ -175,6 +179,76 @@ def test_status_of_a_corrupt_tracker_is_one_line(
     (tmp_path / "bad.state").write_bytes(b"\xde\xad" * 512)
     code, out, err = run_main(["status", "--state-dir", str(tmp_path)], capsys)
     assert_one_line_error(code, out, err, status=1)
+
+
+def sim_tracker(state_dir: Path) -> Path:
+    """A tracker file left by a short simulation in ``state_dir``."""
+    proc = run_module("sim", "--resize", "256M", "--state-dir", str(state_dir))
+    assert proc.returncode == 0, proc.stderr
+    (path,) = state_dir.glob("*.state")
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent distrusts such files only as root")
+def test_status_of_a_world_writable_tracker_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit status 1, as for a corrupt file: nothing the user typed was wrong."""
+    sim_tracker(tmp_path).chmod(0o666)
+    code, out, err = run_main(["status", "--state-dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, out, err, status=1)
+    assert "world-writable" in err
+
+
+def test_status_of_a_tracker_under_another_name_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sim_tracker(tmp_path)
+    path.rename(path.with_name("0000:00:1f.7.state"))
+    code, out, err = run_main(["status", "--json", "--state-dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, out, err, status=1)
+    assert "another device" in err
+
+
+def test_second_agent_is_refused_before_touching_a_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_devices(devices: tuple[str, ...]) -> list[object]:
+        raise AssertionError("a second agent looked for devices")
+
+    monkeypatch.setattr(service, "_select", no_devices)
+    server = control.ControlServer(
+        control.socket_path(tmp_path),
+        lambda req, emit: {"pid": 4242, "manual": False, "devices": ["0000:00:03.0"]},
+        allowed_uids=frozenset({os.getuid()}),
+    )
+    thread = threading.Thread(target=server.serve_one)
+    try:
+        server.sock.setblocking(True)
+        thread.start()
+        code, out, err = run_main(["run", "--state-dir", str(tmp_path)], capsys)
+        thread.join(10)
+        assert control.socket_path(tmp_path).is_socket()  # the first agent's, untouched
+    finally:
+        server.close()
+    assert_one_line_error(code, out, err)
+    assert "already running (pid 4242, devices 0000:00:03.0)" in err
+
+
+def test_agent_on_a_locked_tracker_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @contextlib.contextmanager
+    def locked(*args: object, **kwargs: object) -> Iterator[list[object]]:
+        raise TrackerLocked("tracker x.state is locked by pid 77", holder_pid=77)
+        yield []
+
+    monkeypatch.setattr(service, "_select", lambda devices: [])
+    monkeypatch.setattr(service, "attached_devices", locked)
+    monkeypatch.setattr(service, "no_unevictable_compaction", contextlib.nullcontext)
+    code, out, err = run_main(["run", "--state-dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, out, err)
+    assert "locked by pid 77: another vmem-guest process owns the device" in err
 
 
 def test_sim_table_without_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -997,6 +997,29 @@ def test_reader_refuses_bad_files(tmp_path: Path, corrupt: Corruption, expected:
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership rules apply when running as root")
+@pytest.mark.parametrize(("corrupt", "expected"), ROOT_ONLY, ids=case_id)
+def test_reader_refuses_what_the_owner_would_not_trust(
+    tmp_path: Path, corrupt: Corruption, expected: str
+) -> None:
+    path = write_sample(tmp_path)
+    corrupt(path)
+    with pytest.raises(TrackerError) as info:
+        TrackerReader.open(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_reader_refuses_a_tracker_under_another_devices_name(tmp_path: Path) -> None:
+    path = write_sample(tmp_path)
+    copy = path.with_name("0000:00:1f.7.state")
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(TrackerError) as info:
+        TrackerReader.open(copy)
+    assert "another device, '0000:00:03.0'" in str(info.value)
+    with TrackerReader.open(path) as reader:  # the original still reads
+        assert reader.snapshot().identity == ident()
+
+
 def test_reader_refuses_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TrackerError, match="cannot open"):
         TrackerReader.open(tmp_path / "nothing.state")
