@@ -65,8 +65,27 @@ class SizeListType(click.ParamType[list[int], Any]):
             self.fail(exc.message, param, ctx)
 
 
+class BdfType(click.ParamType[str, Any]):
+    """A PCI address, DDDD:BB:DD.F or BB:DD.F, normalized to the long lower-case form.
+
+    The agent knows its devices by the long form: ``--device 00:03.0`` must
+    name the same device through its socket as it does without an agent.
+    """
+
+    name = "bdf"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from vmem_guest.discovery import normalize_bdf
+
+        try:
+            return normalize_bdf(str(value))
+        except UsageError as exc:
+            self.fail(exc.message, param, ctx)
+
+
 SIZE = SizeType()
 ADDRESS = AddressType()
+BDF = BdfType()
 SIZE_LIST = SizeListType()
 RATE = click.FloatRange(0.0, 1.0)
 STATE_DIR = click.option(
@@ -273,6 +292,7 @@ def status(state_dir: Path, as_json: bool) -> None:
 DEVICE = click.option(
     "--device",
     "bdf",
+    type=BDF,
     default=None,
     metavar="BDF",
     help="PCI address of the device (default: the only one).",
@@ -353,6 +373,7 @@ def unbind(bdf: str) -> None:
 @click.option(
     "--device",
     "bdfs",
+    type=BDF,
     multiple=True,
     metavar="BDF",
     help="Drive only this device (repeatable; default: every virtio-mem device).",

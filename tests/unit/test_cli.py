@@ -293,6 +293,11 @@ def test_resize_12q_through_the_module() -> None:
         ["sim"],  # --resize is required
         ["sim", "--resize", "1G", "--online-policy", "sideways"],
         ["no-such-command"],
+        ["plug", "128M", "--device", "zz:zz.z"],
+        ["plug", "128M", "--device", "0000:00:33.0"],  # device 0x33 > 0x1f
+        ["state", "--addr", "0", "--blocks", "1", "--device", ""],
+        ["fuzz", "--device", "0000:00:03.9"],
+        ["run", "--device", "00:03"],
     ],
     ids=lambda argv: " ".join(argv)[:40],
 )
@@ -301,6 +306,25 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     code, out, err = run_main(argv, capsys)
     assert_one_line_error(code, out, err)
+
+
+def test_device_reaches_the_agent_in_the_long_form(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent knows devices as 0000:00:03.0; 00:03.0 (or upper case) names the same."""
+    requests: list[dict[str, object]] = []
+
+    def manual_command(request: dict[str, object], **kwargs: object) -> dict[str, object]:
+        requests.append(request)
+        return {"state": "PLUGGED"}
+
+    monkeypatch.setattr(service, "manual_command", manual_command)
+    code, out, err = run_main(
+        ["state", "--addr", "0x100000000", "--blocks", "1", "--device", "00:03.0"], capsys
+    )
+    assert (code, out, err) == (0, "PLUGGED\n", "")
+    code, _, _ = run_main(["unplug-all", "--device", "0000:00:0A.0"], capsys)
+    assert [r["device"] for r in requests] == ["0000:00:03.0", "0000:00:0a.0"]
 
 
 def test_state_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
