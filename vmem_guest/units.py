@@ -17,10 +17,11 @@ _HEX_RE = re.compile(r"^\s*0x(?P<hex>[0-9a-f]+)\s*$", re.IGNORECASE | re.ASCII)
 MAX_VALUE = (1 << 64) - 1
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str = "size") -> int:
     """Bytes from ``"128M"``, ``"4GiB"``, ``"1g"``, ``"4096"`` or ``"0x8000000"``.
 
-    Units are binary (K = 1024). Raises UsageError with one line on anything else.
+    Units are binary (K = 1024). Raises UsageError with one line on anything else,
+    naming the value as ``what``.
     """
     match = _HEX_RE.match(text)
     if match:
@@ -29,22 +30,22 @@ def parse_size(text: str) -> int:
         match = _SIZE_RE.match(text)
         if not match:
             raise UsageError(
-                f"invalid size {text!r}: use a number with K/M/G/T (optionally iB) or 0x hex",
+                f"invalid {what} {text!r}: use a number with K/M/G/T (optionally iB) or 0x hex",
                 value=text,
             )
         digits = match["num"].lstrip("0")
         # 2**64 has 20 digits; longer numbers do not fit, and int() refuses > 4300 digits.
         if len(digits) > 20:
-            raise UsageError(f"size {text[:40]!r} does not fit in 64 bits", value=text)
+            raise UsageError(f"{what} {text[:40]!r} does not fit in 64 bits", value=text)
         value = int(match["num"]) << _SUFFIXES[(match["unit"] or "").upper()]
     if value > MAX_VALUE:
-        raise UsageError(f"size {text[:40]!r} does not fit in 64 bits", value=text)
+        raise UsageError(f"{what} {text[:40]!r} does not fit in 64 bits", value=text)
     return value
 
 
 def parse_address(text: str) -> int:
     """A physical address: hex with ``0x`` or a size-like value; bounded to 64 bits."""
-    return parse_size(text)
+    return parse_size(text, "address")
 
 
 def parse_size_list(text: str) -> list[int]:

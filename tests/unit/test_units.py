@@ -90,6 +90,15 @@ def test_usage_error_carries_the_value() -> None:
     assert "12Q" in str(info.value)
 
 
+def test_address_errors_say_address() -> None:
+    with pytest.raises(UsageError, match=r"^invalid address '0x1g'"):
+        parse_address("0x1g")
+    with pytest.raises(UsageError, match=r"^address '0x1000.*' does not fit in 64 bits"):
+        parse_address("0x1" + "0" * 16)
+    with pytest.raises(UsageError, match=r"^invalid size '-1'"):
+        parse_size("-1")
+
+
 def test_parse_address() -> None:
     assert parse_address("0x100000000") == 0x1_0000_0000
     assert parse_address("4G") == 4 * GiB
