@@ -196,8 +196,13 @@ class Agent:
         slot.wake_at = self.clock()  # more to do: come back after a look at the fds
 
     def _mark_broken(self, slot: DeviceSlot, reason: str) -> None:
+        """Stop touching the device: no requests, no config reads, no interrupts."""
         slot.broken = reason
         slot.attached.tracker.set_broken(reason)
+        channel = slot.attached.channel
+        for fd in {channel.interrupt_fd(), channel.config_change_fd()}:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
         log.error("%s: device broken, not touching it any more: %s", slot.bdf, reason)
 
     # --- control requests -----------------------------------------------------

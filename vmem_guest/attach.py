@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from vmem_guest import planner
+from vmem_guest import bootmem, planner
 from vmem_guest.blocks import Geometry
 from vmem_guest.device import InterruptingChannel, VirtioMemDevice
 from vmem_guest.driver import DeviceDriver
@@ -58,12 +58,34 @@ def attach(
     kernel: KernelMemory,
     policy: planner.Policy,
     guard_ranges: list[tuple[int, int]] | None = None,
+    boot_record: Path = bootmem.RECORD,
 ) -> Attached:
     """Open ``bdf`` (bound to vfio-pci), lock its tracker and recover its state."""
     channel = PciChannel.open(bdf, mode=mode, guard_ranges=guard_ranges or ())
+    return attach_channel(
+        bdf, channel, state_dir=state_dir, kernel=kernel, policy=policy, boot_record=boot_record
+    )
+
+
+def attach_channel(
+    bdf: str,
+    channel: InterruptingChannel,
+    *,
+    state_dir: Path,
+    kernel: KernelMemory,
+    policy: planner.Policy,
+    boot_record: Path = bootmem.RECORD,
+) -> Attached:
+    """Take over an open channel: validate the device, lock its tracker, recover its state.
+
+    The channel is closed again if anything fails. A device whose config breaks
+    the spec, or whose region overlaps boot memory, is refused (ConfigError)
+    before a request is sent or a tracker written.
+    """
     try:
         device = VirtioMemDevice(channel, bdf)
         config = device.config()
+        bootmem.check_region(config, bootmem.load_or_record(kernel, boot_record), boot_record)
         geometry = Geometry(config.addr, config.region_size, config.block_size, kernel.block_size())
         tracker = Tracker.open(state_dir, TrackerIdentity(bdf, geometry))
     except BaseException:

@@ -123,12 +123,16 @@ class DeviceConfig:
                     f"{name} {getattr(self, name):#x} exceeds region_size {self.region_size:#x}",
                     field=name,
                 )
-        if self.requested_size > self.usable_region_size:
-            raise ConfigError(
-                "requested_size exceeds usable_region_size",
-                requested_size=self.requested_size,
-                usable_region_size=self.usable_region_size,
-            )
+        # Blocks are plugged only inside the usable region, and the usable region
+        # shrinks only when nothing is plugged (UNPLUG_ALL, system reset; spec 5.15.4).
+        for name in ("requested_size", "plugged_size"):
+            if getattr(self, name) > self.usable_region_size:
+                raise ConfigError(
+                    f"{name} exceeds usable_region_size"
+                    f" ({getattr(self, name):#x} > {self.usable_region_size:#x})",
+                    field=name,
+                    usable_region_size=self.usable_region_size,
+                )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,11 +112,14 @@ class DeviceDriver:
 
     # --- config ---------------------------------------------------------------
 
-    def refresh_config(self) -> DeviceConfig:
+    def refresh_config(self, *, tracker_is_truth: bool = True) -> DeviceConfig:
         """Re-read the device config and publish it in the tracker.
 
         ``addr``, ``region_size`` and ``block_size`` change only at a system reset
         (spec 5.15.4): a device that changes them under us is not trusted further.
+        Nor is one whose usable region drops plugged blocks; that is judged by
+        the tracker's bitmap, except before :meth:`start` has rebuilt it
+        (``tracker_is_truth`` False): a crash may have left it stale.
         """
         config = self.device.config()
         geometry = self.geometry
@@ -133,6 +136,8 @@ class DeviceDriver:
                 region_size=config.region_size,
                 block_size=config.block_size,
             )
+        if tracker_is_truth:
+            self._check_plugged_inside_usable(config)
         self.config = config
         self.tracker.set_device_info(
             requested_size=self.config.requested_size,
@@ -141,6 +146,22 @@ class DeviceDriver:
             node_id=self.config.node_id,
         )
         return self.config
+
+    def _check_plugged_inside_usable(self, config: DeviceConfig) -> None:
+        """A usable region that no longer holds plugged blocks is a lying device.
+
+        The usable region shrinks only after an ACKed UNPLUG_ALL or a system reset
+        (spec 5.15.4), so every block the tracker holds plugged (ACKed) lies inside it.
+        """
+        bitmap = self.tracker.snapshot().bitmap
+        usable_blocks = config.usable_region_size // self.geometry.block_size
+        first_byte = usable_blocks // 8
+        tail = bitmap[first_byte] >> (usable_blocks % 8) if first_byte < len(bitmap) else 0
+        if tail or any(bitmap[first_byte + 1 :]):
+            raise ConfigError(
+                f"usable_region_size {config.usable_region_size:#x} shrank below plugged blocks",
+                usable_region_size=config.usable_region_size,
+            )
 
     def config_changed(self) -> None:
         """A config-change interrupt: re-read, and cut any backoff short."""
@@ -157,7 +178,7 @@ class DeviceDriver:
         The tracker's content, and its pending intent, are only hints: the device
         and the kernel are the truth after a crash (DESIGN.md section 5.3).
         """
-        self.refresh_config()
+        self.refresh_config(tracker_is_truth=False)
         self.tracker.clear_broken()
         previous = self.tracker.snapshot()
         if previous.intent is not None:

@@ -34,6 +34,8 @@ from vmem_guest.blocks import Zone
 from vmem_guest.errors import KernelError, OfflineRefused
 
 SYSFS_MEMORY = Path("/sys/devices/system/memory")
+#: A random id the kernel draws at every boot.
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 #: Seconds one offline may take before it is interrupted and counted as refused.
 DEFAULT_OFFLINE_TIMEOUT = 10.0
@@ -85,6 +87,12 @@ class KernelMemory(Protocol):
     def offline(self, index: int) -> None:
         """Offline block ``index``; OfflineRefused when the kernel says no."""
 
+    def present_blocks(self) -> list[int]:
+        """Indices of every present memory block (online or offline), sorted."""
+
+    def boot_id(self) -> str:
+        """An id of the running boot: it changes when the guest reboots."""
+
 
 def _zone_from_valid_zones(text: str) -> Zone:
     """An online block's ``valid_zones`` names the one zone it is in."""
@@ -123,9 +131,13 @@ class SysfsMemory:
     """KernelMemory over a sysfs memory directory (``root``)."""
 
     def __init__(
-        self, root: Path = SYSFS_MEMORY, offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT
+        self,
+        root: Path = SYSFS_MEMORY,
+        offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
+        boot_id_file: Path = BOOT_ID,
     ) -> None:
         self.root = root
+        self.boot_id_file = boot_id_file
         self.offline_timeout = offline_timeout
         self._block_size: int | None = None  # fixed at boot
         self._nodes: dict[int, int] = {}  # a present block never changes node
@@ -229,6 +241,15 @@ class SysfsMemory:
                 f"pages did not migrate in {self.offline_timeout} s",
             ) from None
 
+    def present_blocks(self) -> list[int]:
+        return sorted(int(entry.name[6:]) for entry in self.root.glob("memory[0-9]*"))
+
+    def boot_id(self) -> str:
+        try:
+            return self.boot_id_file.read_text().strip()
+        except OSError as exc:
+            raise KernelError(f"read {self.boot_id_file}", None, exc.errno or errno.EIO) from exc
+
     def online_blocks(self) -> Iterable[int]:
         """Indices of every online memory block (for status and checks)."""
         for entry in self.root.glob("memory[0-9]*"):
@@ -263,6 +284,8 @@ class FakeKernelMemory:
         self.refuse_offline: set[int] = set()
         self.offline_refusals = 0
         self.probes: list[int] = []
+        self.boots = 1
+        self.boot_memory: dict[int, KernelBlock] = {}
 
     def block_size(self) -> int:
         return self.memory_block_size
@@ -316,7 +339,21 @@ class FakeKernelMemory:
             raise OfflineRefused("offline", index, errno.EBUSY)
         self.blocks[index] = KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.home_node)
 
+    def present_blocks(self) -> list[int]:
+        return sorted(self.blocks)
+
+    def boot_id(self) -> str:
+        return f"fake-boot-{self.boots}"
+
+    def add_boot_memory(self, start: int, size: int) -> None:
+        """Online ``[start, start + size)`` as the kernel's own boot memory (ZONE_NORMAL)."""
+        first, count = start // self.memory_block_size, size // self.memory_block_size
+        for index in range(first, first + count):
+            block = KernelBlock(index, KernelBlockState.ONLINE, Zone.KERNEL, self.home_node)
+            self.boot_memory[index] = self.blocks[index] = block
+
     def reboot(self) -> None:
-        """A guest reboot: hotplugged blocks are gone."""
-        self.blocks.clear()
+        """A guest reboot: hotplugged blocks are gone, boot memory is back online."""
+        self.blocks = dict(self.boot_memory)
         self.refuse_offline.clear()
+        self.boots += 1

@@ -139,7 +139,16 @@ def test_requested_above_usable_is_refused() -> None:
 
 def test_plugged_above_requested_is_allowed() -> None:
     # After the host shrinks the request, plugged may exceed it until the guest unplugs.
-    dataclasses.replace(GOOD, plugged_size=GOOD.region_size, requested_size=0).validate()
+    plugged = GOOD.usable_region_size
+    dataclasses.replace(GOOD, plugged_size=plugged, requested_size=0).validate()
+
+
+def test_plugged_above_usable_is_refused() -> None:
+    # Blocks are plugged only inside the usable region, which shrinks only when
+    # nothing is plugged (spec 5.15.4): a device saying otherwise is lying.
+    cfg = dataclasses.replace(GOOD, plugged_size=GOOD.usable_region_size + 2 * MiB)
+    with pytest.raises(ConfigError, match="plugged_size exceeds usable_region_size"):
+        cfg.validate()
 
 
 @pytest.mark.parametrize("length", [0, 1, 48, 55])

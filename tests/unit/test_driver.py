@@ -625,3 +625,39 @@ def test_a_device_whose_region_changes_is_not_trusted(rig: Rig) -> None:
     with pytest.raises(ConfigError, match="region changed"):
         driver.config_changed()
     assert rig.channel.sent == []  # nothing was sent on the strength of it
+
+
+def test_a_usable_region_that_drops_plugged_blocks_is_not_trusted(rig: Rig) -> None:
+    """The usable region shrinks only when nothing is plugged (spec 5.15.4).
+
+    The config below passes validate() (plugged_size <= usable_region_size),
+    yet its usable region ends before the last block the driver was ACKed.
+    """
+    driver = rig.open()
+    rig.model.resize(256 * MIB)
+    rig.converge()
+    rig.channel.sent.clear()
+    cfg = spec.VirtioMemConfig.from_buffer_copy(rig.model.read_config())
+    cfg.usable_region_size = 254 * MIB  # drops the last plugged block
+    cfg.plugged_size = cfg.requested_size = 254 * MIB
+    rig.channel.read_config = lambda: bytes(cfg)  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match="shrank below plugged blocks"):
+        driver.config_changed()
+    assert rig.channel.sent == []
+
+
+def test_start_accepts_a_usable_region_shrunk_by_an_unplug_all_it_did_not_record(
+    rig: Rig,
+) -> None:
+    """A crash after an ACKed UNPLUG_ALL leaves the tracker believing in plugged blocks."""
+    rig.open()
+    rig.model.resize(256 * MIB)
+    rig.converge()
+    for mb in range(MB0, MB0 + 2):
+        rig.kernel.offline(mb)
+    rig.crash()
+    rig.model.resize(0)
+    rig.model.submit(spec.encode_request(RequestType.UNPLUG_ALL, 0, 0))  # ACKed, unrecorded
+    assert rig.model.usable_region_size == 0
+    rig.open()  # the stale bitmap must not make start() refuse the device
+    assert rig.tracker_plugged() == set()

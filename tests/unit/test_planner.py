@@ -96,7 +96,11 @@ def make_input(
     plugged_set = set(plugged)
     online = dict(online or {})
     if usable is None:
-        usable = usable_region_for(requested, geometry.region_size, geometry.block_size)
+        # QEMU's usable region only grows on resize: it still covers what is plugged.
+        usable = max(
+            usable_region_for(requested, geometry.region_size, geometry.block_size),
+            (max(plugged_set, default=-1) + 1) * geometry.block_size,
+        )
     config = DeviceConfig(
         block_size=geometry.block_size,
         node_id=0,

@@ -1,16 +1,15 @@
 """The split virtqueue against a device written in Python over the same memory.
 
-The fake device sees only bus addresses: it translates them through a fake
-bus-address -> memory map, reads the available ring and the descriptor chain
-exactly as a device would (spec 2.7), answers, and writes the used entry.
+The device (``vmem_guest.sim.ring``) sees only bus addresses: it translates
+them through a fake bus-address -> memory map, reads the available ring and the
+descriptor chain exactly as a device would (spec 2.7), answers, and writes the
+used entry.
 """
 
 from __future__ import annotations
 
 import ctypes
-import mmap
 import threading
-from collections.abc import Callable
 
 import pytest
 
@@ -18,31 +17,12 @@ from vmem_guest import spec
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, ResponseError
+from vmem_guest.sim.ring import RingDevice, RingMemory, ring_pair
 from vmem_guest.spec import BlockState, RequestType, ResponseType
 from vmem_guest.transport import virtqueue as vq
 
-BUS_BASE = 0x4000_0000
 REQ = ctypes.sizeof(spec.VirtioMemReq)
 RESP = ctypes.sizeof(spec.VirtioMemResp)
-
-
-class FakeMemory:
-    """DMA memory whose bus addresses are BUS_BASE + offset."""
-
-    def __init__(self, size: int = 8192) -> None:
-        self._map = mmap.mmap(-1, size)
-        self._anchor = (ctypes.c_char * size).from_buffer(self._map)
-        self.address = ctypes.addressof(self._anchor)
-        self.size = size
-
-    def bus_addr(self, offset: int, length: int = 1) -> int:
-        assert offset >= 0 and offset + length <= self.size
-        return BUS_BASE + offset
-
-    def virt(self, bus: int, length: int) -> int:
-        """The device's view: bus address -> host address, bounds-checked."""
-        assert bus >= BUS_BASE and bus + length <= BUS_BASE + self.size, hex(bus)
-        return self.address + (bus - BUS_BASE)
 
 
 def answer_state(request: bytes) -> bytes:
@@ -52,70 +32,8 @@ def answer_state(request: bytes) -> bytes:
     return spec.encode_response(ResponseType.ACK)
 
 
-class FakeDevice:
-    """The device side of the queue: reads avail + descriptors, writes response + used."""
-
-    def __init__(self, mem: FakeMemory, queue: vq.Virtqueue) -> None:
-        self.mem = mem
-        self.size = queue.layout.size
-        self.desc_bus, self.avail_bus, self.used_bus = (
-            queue.desc_bus,
-            queue.avail_bus,
-            queue.used_bus,
-        )
-        self.last_avail = 0
-        self.answer: Callable[[bytes], bytes] = answer_state
-        self.used_id: int | None = None  # override: a wrong id
-        self.used_len: int | None = None  # override: a wrong length
-        self.silent = False
-        self.interrupt = False
-        self.requests: list[bytes] = []
-
-    def _desc(self, index: int) -> vq.VringDesc:
-        assert 0 <= index < self.size
-        size = ctypes.sizeof(vq.VringDesc)
-        return vq.VringDesc.from_address(self.mem.virt(self.desc_bus + index * size, size))
-
-    def process(self) -> None:
-        if self.silent:
-            return
-        avail_t, used_t = vq.avail_type(self.size), vq.used_type(self.size)
-        avail = avail_t.from_address(self.mem.virt(self.avail_bus, ctypes.sizeof(avail_t)))
-        used = used_t.from_address(self.mem.virt(self.used_bus, ctypes.sizeof(used_t)))
-        while self.last_avail != avail.idx:
-            head = avail.ring[self.last_avail % self.size]
-            self.last_avail = (self.last_avail + 1) & 0xFFFF
-            first = self._desc(head)
-            assert first.flags == vq.VRING_DESC_F_NEXT and first.len == REQ
-            second = self._desc(first.next)
-            assert second.flags == vq.VRING_DESC_F_WRITE and second.len == RESP
-            request = ctypes.string_at(self.mem.virt(first.addr, first.len), first.len)
-            self.requests.append(request)
-            response = self.answer(request)
-            ctypes.memmove(self.mem.virt(second.addr, len(response)), response, len(response))
-            elem = used.ring[used.idx % self.size]
-            elem.id = head if self.used_id is None else self.used_id
-            elem.len = len(response) if self.used_len is None else self.used_len
-            used.idx = (used.idx + 1) & 0xFFFF
-            self.interrupt = True
-
-    def wait_for_interrupt(self, timeout: float) -> bool:
-        fired, self.interrupt = self.interrupt, False
-        return fired
-
-
-def make_queue(size: int = 16) -> tuple[vq.Virtqueue, FakeDevice]:
-    mem = FakeMemory()
-    layout = vq.RingLayout.for_size(size, request_len=REQ, response_len=RESP)
-    holder: list[FakeDevice] = []
-    queue = vq.Virtqueue(
-        mem,
-        layout,
-        notify=lambda: holder[0].process(),
-        wait_for_interrupt=lambda t: holder[0].wait_for_interrupt(t),
-    )
-    holder.append(FakeDevice(mem, queue))
-    return queue, holder[0]
+def make_queue(size: int = 16) -> tuple[vq.Virtqueue, RingDevice]:
+    return ring_pair(answer_state, size=size)
 
 
 def test_layout_like_vring_init() -> None:
@@ -216,7 +134,7 @@ def test_request_length_is_checked() -> None:
 
 
 def test_memory_too_small() -> None:
-    mem = FakeMemory(4096)
+    mem = RingMemory(4096)
     mem.size = 100
     layout = vq.RingLayout.for_size(16, request_len=REQ, response_len=RESP)
     with pytest.raises(ValueError):
@@ -225,7 +143,7 @@ def test_memory_too_small() -> None:
 
 def test_waits_on_an_eventfd_for_a_late_answer() -> None:
     """A device thread answers 50 ms later and signals an eventfd: submit blocks, no polling."""
-    mem = FakeMemory()
+    mem = RingMemory()
     layout = vq.RingLayout.for_size(8, request_len=REQ, response_len=RESP)
     efd = EventFd()
     calls: list[float] = []
@@ -236,7 +154,7 @@ def test_waits_on_an_eventfd_for_a_late_answer() -> None:
         efd.drain()
         return fired
 
-    holder: list[FakeDevice] = []
+    holder: list[RingDevice] = []
 
     def notify() -> None:
         def later() -> None:
@@ -246,7 +164,7 @@ def test_waits_on_an_eventfd_for_a_late_answer() -> None:
         threading.Timer(0.05, later).start()
 
     queue = vq.Virtqueue(mem, layout, notify=notify, wait_for_interrupt=wait)
-    holder.append(FakeDevice(mem, queue))
+    holder.append(RingDevice(mem, queue, answer_state))
     efd.signal()  # a spurious interrupt first (e.g. a config change): keep waiting
     response = queue.submit(spec.encode_request(RequestType.STATE, 0, 1), timeout=2.0)
     assert response[:2] == b"\0\0"
