@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vmem_guest import bootmem, planner
@@ -75,6 +77,7 @@ def attach_channel(
     kernel: KernelMemory,
     policy: planner.Policy,
     boot_record: Path = bootmem.RECORD,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Attached:
     """Take over an open channel: validate the device, lock its tracker, recover its state.
 
@@ -94,7 +97,7 @@ def attach_channel(
     try:
         if tracker.discarded_reason:
             log.warning("%s: tracker set aside: %s", bdf, tracker.discarded_reason)
-        driver = DeviceDriver(device, tracker, kernel, policy)
+        driver = DeviceDriver(device, tracker, kernel, policy, clock=clock)
         driver.start()
     except BaseException:
         tracker.close()

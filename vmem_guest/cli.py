@@ -18,6 +18,7 @@ import click
 
 from vmem_guest import planner, render
 from vmem_guest.errors import UsageError, VmemError
+from vmem_guest.sim.faults import Fault
 from vmem_guest.units import format_size, parse_address, parse_size, parse_size_list
 
 DEFAULT_STATE_DIR = Path("/run/vmem-guest")
@@ -184,6 +185,20 @@ def cli() -> None:
     default=None,
     help="Keep the tracker file here (default: a temporary directory).",
 )
+@click.option(
+    "--misbehave",
+    type=click.Choice([fault.value for fault in Fault]),
+    default=None,
+    help="Make the device lie in its config, its responses or its used ring"
+    " (after --honest-requests answers); the driver must refuse it or stop.",
+)
+@click.option(
+    "--honest-requests",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Requests a --misbehave device answers honestly first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per resize step.")
 def sim(
     region_size: int,
@@ -196,13 +211,18 @@ def sim(
     seed: int,
     online_policy: str,
     state_dir: Path | None,
+    misbehave: str | None,
+    honest_requests: int,
     as_json: bool,
 ) -> None:
     """Run the driver against a simulated device and kernel.
 
-    The real planner, driver core and tracker run against a QEMU-faithful
-    device model and a fake kernel; time is virtual. Each --resize step
-    prints requested, plugged, online, usable and remainder (bytes in --json).
+    The real attach path, planner, driver core and tracker run against a
+    QEMU-faithful device model and a fake kernel (1 GiB of boot memory at 0);
+    time is virtual. Each --resize step prints requested, plugged, online,
+    usable and remainder (bytes in --json). With --misbehave the device turns
+    hostile: a device refused at attach, or one the driver stops touching at
+    a step, ends the run with status 1 and one line that says why.
     """
     from vmem_guest.sim.runner import SimOptions, Simulation
 
@@ -215,6 +235,8 @@ def sim(
         offline_fail_rate=offline_fail_rate,
         seed=seed,
         policy=planner.Policy(online=planner.OnlinePolicy(online_policy)),
+        fault=Fault(misbehave) if misbehave else None,
+        honest_requests=honest_requests,
     )
     rows = []
     with (
@@ -227,7 +249,7 @@ def sim(
                 _emit_json({"step": index, **report.as_dict()})
             rows.append((index, report))
             if report.broken:
-                _fail(f"device broken at step {index}")
+                _fail(f"device broken at step {index}: {report.error}")
     if not as_json:
         click.echo(_sim_table(rows))
 

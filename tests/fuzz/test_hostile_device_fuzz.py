@@ -28,7 +28,8 @@ from vmem_guest.driver import Outcome
 from vmem_guest.errors import VmemError
 from vmem_guest.hotplug import FakeKernelMemory
 from vmem_guest.sim.device_model import DeviceModel
-from vmem_guest.sim.hostile import Fault, HostileChannel
+from vmem_guest.sim.faults import Fault
+from vmem_guest.sim.hostile import HostileChannel
 from vmem_guest.transport.channel import CONFIG
 
 MIB = 1 << 20

@@ -8,6 +8,7 @@ fault, stop sending requests, and never have onlined memory it was not ACKed).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,14 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from vmem_guest import bootmem, planner
+from vmem_guest import bootmem, cli, planner
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach_channel
 from vmem_guest.driver import Outcome
 from vmem_guest.errors import ConfigError, ResponseError
 from vmem_guest.hotplug import FakeKernelMemory
 from vmem_guest.sim.device_model import DeviceModel
-from vmem_guest.sim.hostile import Fault, HostileChannel
+from vmem_guest.sim.faults import Fault
+from vmem_guest.sim.hostile import HostileChannel
 from vmem_guest.tracker import TrackerReader
 
 MIB = 1 << 20
@@ -220,3 +222,49 @@ def test_a_state_answer_that_does_not_exist_is_refused_at_restart(tmp_path: Path
     with pytest.raises(ResponseError, match=REASONS[Fault.UNKNOWN_STATE]):
         rig.attach()
     assert rig.unacked_online() == []
+
+
+# --- the same through ``vmem-guest sim --misbehave`` --------------------------------
+
+
+def run_sim(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        cli.main(["sim", *args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:
+        code = 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sim_reports_the_step_at_which_the_device_was_dropped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run_sim(
+        capsys, "--resize", "512M,1G,0", "--misbehave", "wrong-used-len",
+        "--honest-requests", "1", "--json",
+    )  # fmt: skip
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [r["broken"] for r in reports] == [False, True]  # no step 3: it stopped
+    assert reports[0]["converged"] and reports[0]["plugged"] == 512 * MIB
+    assert reports[1]["error"] == "used len 4, expected 10"
+    assert err == "vmem-guest: error: device broken at step 2: used len 4, expected 10\n"
+
+
+def test_sim_refuses_a_region_over_boot_memory_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run_sim(capsys, "--resize", "1G", "--misbehave", "region-overlaps-boot")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "overlaps boot memory 0x0-0x40000000" in err
+
+
+def test_sim_without_a_fault_is_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_sim(capsys, "--resize", "1G,1000M", "--json")
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert (code, err) == (0, "")
+    assert [r["plugged"] for r in reports] == [1 * GIB, 896 * MIB]
+    assert [r["error"] for r in reports] == ["", ""]

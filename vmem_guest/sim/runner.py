@@ -1,8 +1,10 @@
-"""The simulator: the real driver core against the device model and a fake kernel.
+"""The simulator: the real attach path and driver core against the device model.
 
 Time is virtual: when the driver asks to wait (backoff), the clock jumps, so a
 scenario with BUSY answers and refused offlines runs in milliseconds and is
-reproducible from its seed.
+reproducible from its seed. With a :class:`~vmem_guest.sim.hostile.Fault`, the
+device misbehaves after ``honest_requests`` answers; the report then says how
+the driver refused it or stopped touching it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ import random
 from pathlib import Path
 
 from vmem_guest import planner
+from vmem_guest.attach import attach_channel
 from vmem_guest.blocks import Geometry, MemoryBlockState
-from vmem_guest.device import VirtioMemDevice
-from vmem_guest.driver import DeviceDriver, Outcome
-from vmem_guest.errors import UsageError
+from vmem_guest.driver import Outcome
+from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.hotplug import FakeKernelMemory
+from vmem_guest.sim.channel import CONFIG, SimChannel
 from vmem_guest.sim.device_model import DeviceModel
-from vmem_guest.tracker import Tracker, TrackerIdentity
+from vmem_guest.sim.faults import Fault
+from vmem_guest.sim.hostile import HostileChannel
 
 #: Where QEMU put the first virtio-mem region in our test VM (test-vm-facts.md).
 DEFAULT_REGION_ADDR = 0x1_0000_0000
+#: The simulated guest's boot memory: [0, 1 GiB), or up to the region if it starts lower.
+BOOT_MEMORY = 1 << 30
 
 
 class VirtualClock:
@@ -50,6 +56,9 @@ class SimOptions:
     name: str = "sim0"
     #: Steps one resize may take before the simulation gives up on it.
     max_steps: int = 100_000
+    #: A misbehaving device (None: an honest one) and the requests it answers first.
+    fault: Fault | None = None
+    honest_requests: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +76,8 @@ class SimReport:
     converged: bool
     broken: bool
     virtual_seconds: float
+    #: Why the driver stopped touching the device ("" unless broken).
+    error: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -86,7 +97,7 @@ class Simulation:
                 block_size=options.block_size,
                 rng=random.Random(rng.random()),
             )
-            geometry = Geometry(
+            Geometry(  # checked here for a clear error; attach builds its own
                 options.addr, options.region_size, options.block_size, options.memory_block_size
             )
         except ValueError as exc:
@@ -97,16 +108,28 @@ class Simulation:
             offline_fail_rate=options.offline_fail_rate,
             rng=random.Random(rng.random()),
         )
-        self.tracker = Tracker.open(state_dir, TrackerIdentity(options.name, geometry))
-        self.device = VirtioMemDevice(self.model, options.name)
-        self.driver = DeviceDriver(
-            self.device, self.tracker, self.kernel, options.policy, clock=self.clock
+        boot = min(BOOT_MEMORY, options.addr)
+        self.kernel.add_boot_memory(0, boot - boot % options.memory_block_size)
+        self.channel: SimChannel = (
+            SimChannel(self.model)
+            if options.fault is None
+            else HostileChannel(self.model, options.fault, honest_requests=options.honest_requests)
         )
-        self.driver.start()
-        self.model.on_config_change = self.driver.config_changed
+        self.attached = attach_channel(
+            options.name,
+            self.channel,
+            state_dir=state_dir,
+            kernel=self.kernel,
+            policy=options.policy,
+            boot_record=state_dir / "boot-memory",
+            clock=self.clock,
+        )
+        self.tracker = self.attached.tracker
+        self.driver = self.attached.driver
+        self.error = ""
 
     def close(self) -> None:
-        self.tracker.close()
+        self.attached.close()
 
     def __enter__(self) -> Simulation:
         return self
@@ -117,18 +140,28 @@ class Simulation:
     def resize(self, requested: int) -> SimReport:
         """Host side ``qom-set requested-size``, then run the driver until it settles."""
         try:
-            self.model.resize(requested)
+            self.channel.host_resize(requested)
         except ValueError as exc:
             raise UsageError(f"the device refuses requested size {requested:#x}: {exc}") from None
         return self.converge()
 
     def converge(self) -> SimReport:
+        """The agent's loop for one device: config interrupts, then steps, until it settles."""
         before = self.tracker.snapshot()
         steps = 0
-        outcome = Outcome.PROGRESS
-        while steps < self.options.max_steps:
-            result = self.driver.step()
+        outcome = Outcome.BROKEN if self.error else Outcome.PROGRESS
+        while steps < self.options.max_steps and outcome is not Outcome.BROKEN:
+            try:
+                if CONFIG in self.channel.handle_interrupt():
+                    self.driver.config_changed()
+                result = self.driver.step()
+            except VmemError as exc:
+                self._broken(exc.message)
+                outcome = Outcome.BROKEN
+                break
             outcome = result.outcome
+            if outcome is Outcome.BROKEN:
+                self.error = result.detail
             if outcome in (Outcome.DONE, Outcome.BROKEN):
                 break
             if outcome is Outcome.WAIT:
@@ -136,6 +169,11 @@ class Simulation:
             else:
                 steps += 1
         return self.report(steps, outcome, before.requests, before.retries)
+
+    def _broken(self, reason: str) -> None:
+        """What the agent does with a device it cannot trust: record why, stop."""
+        self.error = reason
+        self.tracker.set_broken(reason)
 
     def report(self, steps: int, outcome: Outcome, requests0: int, retries0: int) -> SimReport:
         snap = self.tracker.snapshot()
@@ -152,4 +190,5 @@ class Simulation:
             converged=outcome is Outcome.DONE,
             broken=outcome is Outcome.BROKEN,
             virtual_seconds=round(self.clock.now, 3),
+            error=self.error,
         )
