@@ -23,6 +23,20 @@ def cli(vm: TestVM, args: str, timeout: float = 120.0) -> str:
     return vm.sh(f"{VMEM_GUEST} {args}", timeout=timeout)
 
 
+def cli_result(
+    vm: TestVM, args: str, *, as_user: int | None = None, timeout: float = 120.0
+) -> tuple[int, str, str]:
+    """Run ``vmem-guest ARGS`` in the guest (as uid/gid ``as_user`` through setpriv when
+    given); (exit status, stdout, stderr), kept apart through files in /run."""
+    prefix = ""
+    if as_user is not None:
+        prefix = f"setpriv --reuid={as_user} --regid={as_user} --clear-groups "
+    rc, out = vm.guest(f"{prefix}{VMEM_GUEST} {args} >/run/cli.out 2>/run/cli.err", timeout=timeout)
+    if rc == -9:
+        raise AssertionError(f"vmem-guest {args} timed out: {out}")
+    return rc, vm.read("/run/cli.out"), vm.read("/run/cli.err")
+
+
 def cli_json(vm: TestVM, args: str, timeout: float = 120.0) -> Any:
     return json.loads(cli(vm, f"{args} --json", timeout))
 
