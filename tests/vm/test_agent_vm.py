@@ -9,6 +9,7 @@ MemTotal, and STATE requests over every online block.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
@@ -110,9 +111,23 @@ def check_converged(vm: TestVM, requested: int, base_memtotal: int) -> None:
     assert vm.mem_total() - base_memtotal == sum(expected.values())
 
 
+def check_boot_memory_record(vm: TestVM, present_before: int) -> None:
+    """The first agent of the boot wrote down boot memory, and no device region is in it."""
+    record = json.loads(vm.read("/run/vmem-guest/boot-memory"))
+    assert record["boot_id"] == vm.read("/proc/sys/kernel/random/boot_id").strip()
+    ranges = [(int(start), int(end)) for start, end in record["ranges"]]
+    assert ranges and ranges[0][0] == 0
+    assert sum(end - start for start, end in ranges) == present_before * MEMORY_BLOCK
+    for dev in vm.query().values():
+        region = (int(dev["memaddr"]), int(dev["memaddr"]) + int(dev["max-size"]))
+        assert all(end <= region[0] or start >= region[1] for start, end in ranges)
+
+
 def run_sequence(vm: TestVM, agent_args: str) -> None:
     base_memtotal = vm.mem_total()
+    present = int(vm.sh("ls -d /sys/devices/system/memory/memory[0-9]* | wc -l"))
     start_agent(vm, agent_args)
+    check_boot_memory_record(vm, present)
     try:
         for requested in SEQUENCE:
             for dev_id in BLOCK_SIZES:
