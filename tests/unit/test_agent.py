@@ -249,8 +249,9 @@ def test_a_client_trickling_bytes_cannot_hold_the_agent(
     stop = threading.Event()
 
     def trickle(sock: socket.socket) -> None:
+        give_up = time.monotonic() + 4.0  # so that a regression fails instead of hanging
         with contextlib.suppress(OSError):
-            while not stop.wait(0.1):
+            while not stop.wait(0.1) and time.monotonic() < give_up:
                 sock.sendall(b" ")
 
     try:
