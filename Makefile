@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance chaos clean
+        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance chaos pressure clean
 
 all: test
 
@@ -76,6 +76,10 @@ conformance: $(STAMP) vm-deps
 N ?= 100
 chaos: $(STAMP) vm-deps
 	$(PY) scripts/chaos.py --kills $(N)
+
+# Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver.
+pressure: $(STAMP) vm-deps
+	$(PY) scripts/pressure.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
