@@ -25,7 +25,6 @@ from vmharness.guest_agent import (
     AGENT_LOG,
     AGENT_PID,
     CONTROL_SOCKET,
-    VMEM_GUEST,
     agent_died,
     agent_log,
     cli,
@@ -44,7 +43,6 @@ REGION = 4 * GiB
 BASE = 256 * MiB  #: plugged and online while the bad input arrives
 NOBODY = 65534
 STATE_DIR = CONTROL_SOCKET.rsplit("/", 1)[0]
-GUEST_PYTHON = VMEM_GUEST.rsplit("/", 1)[0] + "/python"
 UNKNOWN_BDF = "0000:00:1f.7"
 ERROR_LINE = re.compile(r"vmem-guest: error: \S.*\n\Z")
 
