@@ -337,20 +337,21 @@ class Chaos:
 
         script = (
             'for f in /run/vmem-guest/*.state; do [ -e "$f" ] || continue;'
-            ' base64 -w0 "$f"; echo; base64 -w0 "$f"; echo; done'
+            ' basename "$f"; base64 -w0 "$f"; echo; base64 -w0 "$f"; echo; done'
         )
         for _ in range(50):
             lines = self.vm.sh(script).split()
-            pairs = list(zip(lines[0::2], lines[1::2], strict=True))
-            if all(a == b for a, b in pairs):
+            copies = list(zip(lines[0::3], lines[1::3], lines[2::3], strict=True))
+            if all(a == b for _name, a, b in copies):
                 break
             time.sleep(0.1)
         else:
             raise RuntimeError("no stable copy of the tracker files")
         out: dict[int, dict[str, Any]] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for i, (text, _) in enumerate(pairs):
-                path = Path(tmp) / f"{i}.state"
+            for name, text, _ in copies:
+                # The reader checks that the file name matches the device inside.
+                path = Path(tmp) / name
                 path.write_bytes(base64.b64decode(text))
                 with TrackerReader.open(path) as reader:
                     dev = render.snapshot_dict(reader.snapshot(retries=3))

@@ -11,9 +11,11 @@ Linux has no sysfs file that tells boot memory from memory added through
 of a boot writes down the memory blocks present then, before it probes
 anything, and every later process reads that record. The record lives on
 ``/run`` (tmpfs) and carries the kernel's ``boot_id``, so a record from an
-earlier boot is never used. If the record is lost in the middle of a boot, the
-next one also lists the blocks vmem_guest added: the device is then refused
-(safe, and said in the error) until the guest reboots.
+earlier boot is never used. Its path does not follow ``--state-dir``: boot
+memory belongs to the boot, and every vmem_guest process of it must see the
+same record. If the record is lost in the middle of a boot, the next one also
+lists the blocks vmem_guest added: the device is then refused (safe, and said
+in the error) until the guest reboots.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ def _read(path: Path) -> BootMemory | None:
 
 def _publish(path: Path, record: BootMemory) -> BootMemory:
     """Write ``record`` unless another process has just written this boot's; return the winner."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # 0755 like the state directory the control socket and trackers share: status
+    # for non-root users reads the trackers; the record itself is root's.
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(record.to_json())
     try:
