@@ -139,12 +139,33 @@ class ControlServer:
             return
         conn.settimeout(CLIENT_TIMEOUT)  # for each reply: a client that stops reading
         try:
-            result = self.handler(request, lambda progress: _send(conn, {"progress": progress}))
+            result = self.handler(request, _ProgressSender(conn))
         except VmemError as exc:
             log.warning("control request %r refused: %s", request["op"], exc.message)
             _send(conn, _error_reply(exc))
             return
         _send(conn, {"ok": True, "result": result})
+
+
+class _ProgressSender:
+    """Sends progress messages until the client stops taking them, then drops them.
+
+    A client that stops reading (or goes away) must not cut a plug or unplug
+    short half-way: the operation runs to its end either way.
+    """
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.client_gone = False
+
+    def __call__(self, progress: dict[str, Any]) -> None:
+        if self.client_gone:
+            return
+        try:
+            _send(self.conn, {"progress": progress})
+        except OSError as exc:
+            self.client_gone = True
+            log.warning("control client stopped taking progress (%s); carrying on", exc)
 
 
 def _read_line(conn: socket.socket, deadline: float) -> bytes:

@@ -301,3 +301,25 @@ def test_control_refuses_other_uids(tmp_path: Path) -> None:
         server.close()
     assert b"permission denied" in reply
     assert served == []
+
+
+def test_a_client_that_goes_away_does_not_cut_an_operation_short(tmp_path: Path) -> None:
+    """Progress to a client that left is dropped; the handler runs to its end."""
+    path = tmp_path / "ctl.sock"
+    steps_done: list[int] = []
+
+    def handler(request: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
+        for step in range(200):
+            emit({"done": step, "total": 200, "padding": "x" * 4096})
+            steps_done.append(step)
+        return {}
+
+    server = control.ControlServer(path, handler, allowed_uids=frozenset({os.getuid()}))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            sock.sendall(b'{"op": "ping"}\n')
+        server.serve_one()  # the client is gone: every send fails (EPIPE)
+    finally:
+        server.close()
+    assert len(steps_done) == 200
