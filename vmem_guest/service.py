@@ -17,7 +17,7 @@ from vmem_guest import control, discovery, planner
 from vmem_guest.agent import Agent, run_manual
 from vmem_guest.attach import Attached, attach, memtotal_bytes
 from vmem_guest.control import ControlServer, Emit
-from vmem_guest.errors import KernelError, TrackerLocked, UsageError
+from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
@@ -71,18 +71,26 @@ def attached_devices(
     policy: planner.Policy,
     allow_noiommu: bool,
     offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
+    skip_refused: bool = False,
 ) -> Iterator[list[Attached]]:
-    """Bind and attach ``devices``; release them all on the way out."""
+    """Bind and attach ``devices``; release them all on the way out.
+
+    With ``skip_refused`` (the agent), a device that is refused for what it
+    says (DeviceError: a config that breaks the spec, a region over boot
+    memory, a bad answer during recovery) is logged and left alone while the
+    others are served; if every device is refused, the first refusal is raised.
+    """
     kernel = _kernel(offline_timeout)
     if policy.kernel_memory_bytes == planner.DEFAULT_POLICY.kernel_memory_bytes:
         policy = dataclasses.replace(policy, kernel_memory_bytes=memtotal_bytes())
     done: list[Attached] = []
+    refused: list[DeviceError] = []
     try:
         for dev in devices:
             mode = _bind(dev, allow_noiommu)
             known = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
-            done.append(
-                attach(
+            try:
+                attached = attach(
                     dev.bdf,
                     mode=mode,
                     state_dir=state_dir,
@@ -90,7 +98,15 @@ def attached_devices(
                     policy=policy,
                     guard_ranges=known,
                 )
-            )
+            except DeviceError as exc:
+                if not skip_refused:
+                    raise
+                log.error("%s: device refused, not serving it: %s", dev.bdf, exc.message)
+                refused.append(exc)
+                continue
+            done.append(attached)
+        if refused and not done:
+            raise refused[0]
         # No-IOMMU DMA pages must stay outside every device's region, not only their own.
         regions = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
         for item in done:
@@ -130,6 +146,7 @@ def run_agent(options: RunOptions) -> None:
                 policy=options.policy,
                 allow_noiommu=options.allow_noiommu,
                 offline_timeout=options.offline_timeout,
+                skip_refused=True,
             ) as attached,
         ):
             _serve(attached, path, options)

@@ -1,0 +1,87 @@
+"""service.attached_devices: the agent serves the devices it can trust and leaves the rest."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmem_guest import planner, service
+from vmem_guest.attach import Attached, attach_channel
+from vmem_guest.errors import ConfigError
+from vmem_guest.hotplug import FakeKernelMemory
+from vmem_guest.sim.channel import SimChannel
+from vmem_guest.sim.device_model import DeviceModel
+
+GIB = 1 << 30
+GOOD, BAD = "0000:00:03.0", "0000:00:04.0"
+
+
+@pytest.fixture
+def fake_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    kernel = FakeKernelMemory()
+
+    def attach(bdf: str, **kwargs: Any) -> Attached:
+        if bdf == BAD:
+            raise ConfigError("block_size 0x0 is not a power of two >= 4 KiB", block_size=0)
+        model = DeviceModel(addr=4 * GIB, region_size=1 * GIB, block_size=2 << 20)
+        return attach_channel(
+            bdf,
+            SimChannel(model),
+            state_dir=kwargs["state_dir"],
+            kernel=kernel,
+            policy=kwargs["policy"],
+            boot_record=tmp_path / "boot-memory",
+        )
+
+    monkeypatch.setattr(service, "_kernel", lambda timeout: kernel)
+    monkeypatch.setattr(service, "_bind", lambda dev, allow: "noiommu")
+    monkeypatch.setattr(service, "attach", attach)
+    return [types.SimpleNamespace(bdf=BAD), types.SimpleNamespace(bdf=GOOD)]
+
+
+def test_the_agent_serves_the_good_device_and_logs_the_refused_one(
+    tmp_path: Path, fake_devices: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with service.attached_devices(
+        fake_devices,
+        state_dir=tmp_path / "state",
+        policy=planner.DEFAULT_POLICY,
+        allow_noiommu=True,
+        skip_refused=True,
+    ) as attached:
+        assert [item.bdf for item in attached] == [GOOD]
+    assert f"{BAD}: device refused, not serving it: block_size 0x0" in caplog.text
+
+
+def test_with_every_device_refused_the_refusal_is_raised(
+    tmp_path: Path, fake_devices: list[Any]
+) -> None:
+    with (
+        pytest.raises(ConfigError, match="block_size 0x0"),
+        service.attached_devices(
+            fake_devices[:1],
+            state_dir=tmp_path / "state",
+            policy=planner.DEFAULT_POLICY,
+            allow_noiommu=True,
+            skip_refused=True,
+        ),
+    ):
+        pass
+
+
+def test_manual_commands_do_not_skip_a_refused_device(
+    tmp_path: Path, fake_devices: list[Any]
+) -> None:
+    with (
+        pytest.raises(ConfigError),
+        service.attached_devices(
+            fake_devices,
+            state_dir=tmp_path / "state",
+            policy=planner.DEFAULT_POLICY,
+            allow_noiommu=True,
+        ),
+    ):
+        pass
