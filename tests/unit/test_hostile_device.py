@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_cli import run_main
 
-from vmem_guest import bootmem, cli, planner
+from vmem_guest import bootmem, planner
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach_channel
 from vmem_guest.driver import Outcome
@@ -228,14 +229,7 @@ def test_a_state_answer_that_does_not_exist_is_refused_at_restart(tmp_path: Path
 
 
 def run_sim(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        cli.main(["sim", *args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    else:
-        code = 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(["sim", *args], capsys)
 
 
 def test_sim_reports_the_step_at_which_the_device_was_dropped(
