@@ -100,6 +100,8 @@ def test_agent_unplugged_what_the_kernel_allowed_and_backed_off_on_the_rest(
 def test_agent_converges_to_the_request_once_the_workload_ends(agent: dict[str, Any]) -> None:
     converged = agent["converged"]
     assert converged["ok"], converged
-    assert converged["agent"]["plugged_size"] == converged["agent"]["online_size"] == 0
+    assert (
+        converged["agent"]["plugged_size"] == converged["agent"]["online_size"] == PARAMS.shrink_to
+    )
     assert converged["mem_total"] == agent["base_mem_total"] + PARAMS.shrink_to
     assert agent["agent_alive_at_end"]
