@@ -39,6 +39,9 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 #: Seconds one offline may take before it is interrupted and counted as refused.
 DEFAULT_OFFLINE_TIMEOUT = 10.0
+#: Memory that must stay available after an offline (on top of the block itself).
+OFFLINE_RESERVE = 64 << 20
+MEMINFO = Path("/proc/meminfo")
 #: errnos with which the kernel refuses an offline that may succeed later.
 RETRYABLE_OFFLINE_ERRNOS = frozenset(
     {errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.ETIMEDOUT}
@@ -135,9 +138,13 @@ class SysfsMemory:
         root: Path = SYSFS_MEMORY,
         offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
         boot_id_file: Path = BOOT_ID,
+        meminfo: Path = MEMINFO,
+        offline_reserve: int = OFFLINE_RESERVE,
     ) -> None:
         self.root = root
         self.boot_id_file = boot_id_file
+        self.meminfo = meminfo
+        self.offline_reserve = offline_reserve
         self.offline_timeout = offline_timeout
         self._block_size: int | None = None  # fixed at boot
         self._nodes: dict[int, int] = {}  # a present block never changes node
@@ -227,7 +234,13 @@ class SysfsMemory:
         """Offline with a deadline: Linux's offline_pages() retries page migration
         until a signal arrives, so a block whose pages cannot move elsewhere would
         hold the agent forever. SIGALRM at the deadline makes the write fail with
-        EINTR; we report that as a refusal (ETIMEDOUT), to be retried later."""
+        EINTR; we report that as a refusal (ETIMEDOUT), to be retried later.
+
+        Not even tried (ENOMEM) when MemAvailable could not take the whole block
+        plus a reserve: while offline_pages() retries, the block is isolated and
+        its pages look for room, and a guest with none left OOM-kills its
+        biggest process (seen in the pressure test)."""
+        self._check_room_for(index)
         try:
             with _deadline(self.offline_timeout):
                 self._write(f"memory{index}/state", "offline", "offline", index)
@@ -240,6 +253,25 @@ class SysfsMemory:
                 errno.ETIMEDOUT,
                 f"pages did not migrate in {self.offline_timeout} s",
             ) from None
+
+    def _check_room_for(self, index: int) -> None:
+        available = self.mem_available()
+        needed = self.block_size() + self.offline_reserve
+        if available is not None and available < needed:
+            raise OfflineRefused(
+                "offline",
+                index,
+                errno.ENOMEM,
+                f"MemAvailable {available >> 20} MiB < block + reserve {needed >> 20} MiB",
+            )
+
+    def mem_available(self) -> int | None:
+        """MemAvailable from /proc/meminfo in bytes (None if it cannot be read)."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in self.meminfo.read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return None
 
     def present_blocks(self) -> list[int]:
         return sorted(int(entry.name[6:]) for entry in self.root.glob("memory[0-9]*"))

@@ -53,7 +53,9 @@ def sysfs(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mem(sysfs: Path) -> SysfsMemory:
-    return SysfsMemory(sysfs)
+    meminfo = sysfs.parent / "meminfo"
+    meminfo.write_text("MemTotal:  4194304 kB\nMemAvailable:  2097152 kB\n")
+    return SysfsMemory(sysfs, meminfo=meminfo)
 
 
 def written(path: Path) -> str:

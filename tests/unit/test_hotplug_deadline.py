@@ -50,3 +50,44 @@ def test_alarm_racing_a_successful_offline_is_success(
 
     monkeypatch.setattr(hotplug.os, "write", slow_but_done)
     hotplug.SysfsMemory(tmp_path, offline_timeout=0.2).offline(40)
+
+
+def _meminfo(tmp_path: Path, available_kib: int) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text(
+        f"MemTotal:  4194304 kB\nMemFree:  1024 kB\nMemAvailable:  {available_kib} kB\n"
+    )
+    return path
+
+
+def test_offline_with_no_room_for_the_block_is_not_even_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """128 MiB block + 64 MiB reserve > 150 MiB available: refused (ENOMEM), nothing written."""
+    _tree(tmp_path, "online")
+    writes: list[bytes] = []
+    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: writes.append(data) or len(data))
+    memory = hotplug.SysfsMemory(tmp_path, meminfo=_meminfo(tmp_path, 150 * 1024))
+    with pytest.raises(OfflineRefused, match="MemAvailable 150 MiB < block \\+ reserve 192 MiB"):
+        memory.offline(40)
+    assert writes == []
+
+
+def test_offline_with_room_for_the_block_writes_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tree(tmp_path, "online")
+    writes: list[bytes] = []
+    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: writes.append(data) or len(data))
+    hotplug.SysfsMemory(tmp_path, meminfo=_meminfo(tmp_path, 192 * 1024)).offline(40)
+    assert writes == [b"offline"]
+
+
+def test_offline_without_a_readable_meminfo_is_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tree(tmp_path, "online")
+    writes: list[bytes] = []
+    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: writes.append(data) or len(data))
+    hotplug.SysfsMemory(tmp_path, meminfo=tmp_path / "missing").offline(40)
+    assert writes == [b"offline"]
