@@ -48,6 +48,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import glob
 import logging
 import mmap
 import os
@@ -68,6 +69,8 @@ from vmem_guest.spec import RequestType
 DEFAULT_STATE_DIR = Path("/run/vmem-guest")
 #: The first bytes of every tracker file.
 MAGIC = b"VMEMTRK\0"
+#: Set-aside (``.bad-*``) files kept per device, the newest ones.
+KEEP_SET_ASIDE = 5
 #: Bumped whenever the layout changes; a file of another version is set aside.
 VERSION = 1
 #: ``intent_op`` when no request is pending.
@@ -1281,7 +1284,11 @@ def _validation_problem(buf: bytes, file_size: int, identity: TrackerIdentity) -
 
 
 def _set_aside(path: Path) -> Path:
-    """Rename ``path`` to a fresh ``<name>.bad-<UTC timestamp>[-n]`` beside it."""
+    """Rename ``path`` to a fresh ``<name>.bad-<UTC timestamp>[-n]`` beside it.
+
+    Only the newest :data:`KEEP_SET_ASIDE` of a device's set-aside files are
+    kept (enough to look into a problem; a crash loop must not fill /run).
+    """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = path.with_name(f"{path.name}.bad-{stamp}")
     attempt = 1
@@ -1289,7 +1296,17 @@ def _set_aside(path: Path) -> Path:
         attempt += 1
         aside = path.with_name(f"{path.name}.bad-{stamp}-{attempt}")
     os.rename(path, aside)
+    _prune_set_aside(path, keep=aside)
     return aside
+
+
+def _prune_set_aside(path: Path, keep: Path) -> None:
+    """Remove all but the newest KEEP_SET_ASIDE ``<name>.bad-*`` files (``keep`` stays)."""
+    older = [p for p in path.parent.glob(f"{glob.escape(path.name)}.bad-*") if p != keep]
+    older.sort(key=lambda p: (p.lstat().st_mtime_ns, p.name))
+    for stale in older[: max(0, len(older) - (KEEP_SET_ASIDE - 1))]:
+        with contextlib.suppress(OSError):  # gone already, or not a file: leave it
+            stale.unlink()
 
 
 def _create_fresh(path: Path, identity: TrackerIdentity) -> mmap.mmap:

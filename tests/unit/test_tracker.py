@@ -1155,3 +1155,21 @@ def test_reader_in_another_process_never_sees_a_torn_snapshot(tmp_path: Path) ->
     # the reader raced the writer: many snapshots, at many different generations
     assert result["snapshots"] >= READER_SNAPSHOTS, result
     assert result["generations"] >= READER_GENERATIONS, result
+
+
+def test_only_the_newest_set_aside_files_are_kept(tmp_path: Path) -> None:
+    """A crash loop with a bad tracker must not fill /run with .bad-* files."""
+    other = tmp_path / "0000:00:04.0.state.bad-20200101T000000Z"
+    other.write_bytes(b"another device's")
+    for attempt in range(tracker_module.KEEP_SET_ASIDE + 3):
+        path = write_sample(tmp_path)
+        path.write_bytes(b"garbage")
+        os.utime(path, ns=(attempt * 10**9, attempt * 10**9))
+        with Tracker.open(tmp_path, ident()) as t:
+            newest = t.set_aside_path
+        assert newest is not None and newest.exists()
+        path.unlink()  # the rebuilt one: next round writes a sample again
+    kept = sorted(tmp_path.glob("0000:00:03.0.state.bad-*"))
+    assert len(kept) == tracker_module.KEEP_SET_ASIDE
+    assert newest in kept
+    assert other.exists()  # another device's files are not touched
