@@ -78,6 +78,12 @@ def run_agent(rig: Rig, script: Callable[[], None], *, manual: bool = False) -> 
         return control.ControlServer(rig.socket, handler, allowed_uids=frozenset({uid}))
 
     agent = Agent([rig.attached], server, manual_mode=manual)
+    run_while(agent, script)
+    return agent
+
+
+def run_while(agent: Agent, script: Callable[[], None]) -> None:
+    """Run ``agent`` in this thread while ``script`` runs in another, then SIGTERM it."""
     errors: list[BaseException] = []
 
     def play() -> None:
@@ -97,7 +103,6 @@ def run_agent(rig: Rig, script: Callable[[], None], *, manual: bool = False) -> 
         agent.close()
     if errors:
         raise errors[0]
-    return agent
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:

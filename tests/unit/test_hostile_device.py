@@ -9,15 +9,12 @@ fault, stop sending requests, and never have onlined memory it was not ACKed).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_agent import run_while, wait_for
 from test_cli import run_main
 
 from vmem_guest import bootmem, planner
@@ -83,13 +80,6 @@ class HostileRig:
         return self.channel.unacked_online(self.kernel)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 #: USABLE_SHRINKS needs plugged memory to shrink below: it is tried mid-run only.
 AT_ATTACH = [f for f in Fault if f.in_config and f is not Fault.USABLE_SHRINKS]
 
@@ -130,7 +120,6 @@ def run_agent_until_broken(rig: HostileRig, attached: Attached) -> tuple[str, in
     starts, with a config interrupt, right after the first.
     """
     seen: dict[str, int] = {}
-    errors: list[BaseException] = []
     path = attached.tracker.path
 
     def broken() -> bool:
@@ -143,30 +132,17 @@ def run_agent_until_broken(rig: HostileRig, attached: Attached) -> tuple[str, in
         return snap.broken or snap.online_bytes == 512 * MIB
 
     def host() -> None:
-        try:
-            rig.channel.host_resize(512 * MIB)
-            wait_for(grown_or_broken)
-            rig.channel.host_resize(1 * GIB)
-            wait_for(broken)
-            seen["at_broken"] = rig.model.requests
-            rig.channel.host_resize(512 * MIB)  # a config interrupt it must not act on
-            time.sleep(0.3)
-            seen["at_end"] = rig.model.requests
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+        rig.channel.host_resize(512 * MIB)
+        wait_for(grown_or_broken)
+        rig.channel.host_resize(1 * GIB)
+        wait_for(broken)
+        seen["at_broken"] = rig.model.requests
+        rig.channel.host_resize(512 * MIB)  # a config interrupt it must not act on
+        time.sleep(0.3)
+        seen["at_end"] = rig.model.requests
 
     agent = Agent([attached], None)
-    thread = threading.Thread(target=host)
-    thread.start()
-    try:
-        agent.run()
-    finally:
-        thread.join(30)
-        agent.close()
-    if errors:
-        raise errors[0]
+    run_while(agent, host)
     (slot,) = agent.slots.values()
     assert slot.broken is not None
     return slot.broken, seen["at_broken"], seen["at_end"]

@@ -60,13 +60,19 @@ def _meminfo(tmp_path: Path, available_kib: int) -> Path:
     return path
 
 
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every sysfs write, captured instead of made."""
+    captured: list[bytes] = []
+    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: captured.append(data) or len(data))
+    return captured
+
+
 def test_offline_with_no_room_for_the_block_is_not_even_tried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, writes: list[bytes]
 ) -> None:
     """128 MiB block + 64 MiB reserve > 150 MiB available: refused (ENOMEM), nothing written."""
     _tree(tmp_path, "online")
-    writes: list[bytes] = []
-    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: writes.append(data) or len(data))
     memory = hotplug.SysfsMemory(tmp_path, meminfo=_meminfo(tmp_path, 150 * 1024))
     with pytest.raises(OfflineRefused, match="MemAvailable 150 MiB < block \\+ reserve 192 MiB"):
         memory.offline(40)
@@ -74,20 +80,14 @@ def test_offline_with_no_room_for_the_block_is_not_even_tried(
 
 
 def test_offline_with_room_for_the_block_writes_offline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, writes: list[bytes]
 ) -> None:
     _tree(tmp_path, "online")
-    writes: list[bytes] = []
-    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: writes.append(data) or len(data))
     hotplug.SysfsMemory(tmp_path, meminfo=_meminfo(tmp_path, 192 * 1024)).offline(40)
     assert writes == [b"offline"]
 
 
-def test_offline_without_a_readable_meminfo_is_tried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_offline_without_a_readable_meminfo_is_tried(tmp_path: Path, writes: list[bytes]) -> None:
     _tree(tmp_path, "online")
-    writes: list[bytes] = []
-    monkeypatch.setattr(hotplug.os, "write", lambda fd, data: writes.append(data) or len(data))
     hotplug.SysfsMemory(tmp_path, meminfo=tmp_path / "missing").offline(40)
     assert writes == [b"offline"]
