@@ -183,7 +183,7 @@ summary = {
     "driver_step": cum("vmem_guest/driver.py", "step"),
     "planner_next_step": cum("vmem_guest/planner.py", "next_step"),
     "plan_input": cum("vmem_guest/driver.py", "plan_input"),
-    "tracker_snapshot": cum("vmem_guest/tracker.py", "snapshot"),
+    "tracker_snapshot": cum("vmem_guest/tracker/owner.py", "snapshot"),
     "device_request": cum("vmem_guest/driver.py", "request"),
     "online_block": cum("vmem_guest/driver.py", "online_block"),
     "sysfs_probe": cum("vmem_guest/hotplug.py", "probe"),

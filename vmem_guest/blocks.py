@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
+from typing import overload
 
 
 class MemoryBlockState(enum.IntEnum):
@@ -150,3 +152,107 @@ class Geometry:
 
     def contains_memory_block(self, mb_index: int) -> bool:
         return mb_index in self.memory_blocks()
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Subblocks and memory blocks that are plugged and onlined together.
+
+    In Sub Block Mode one memory block and its subblocks; in Big Block Mode one
+    device block and the memory blocks it spans.
+    """
+
+    subblocks: range
+    memory_blocks: range
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitGrid(Sequence[Unit]):
+    """The units of a region: a regular grid, so unit ``i`` is computed, not stored.
+
+    Units are whole memory blocks (Sub Block Mode) or whole device blocks (Big
+    Block Mode) wholly inside the region. Both are evenly spaced: in Sub Block
+    Mode because memory blocks are; in Big Block Mode because the region starts
+    on a device-block boundary (spec 5.15.4: ``addr`` is a multiple of
+    ``block_size``) and a device block is a whole number of memory blocks. So a
+    region of any size costs the same to describe.
+    """
+
+    first_subblock: int
+    subblocks_per_unit: int
+    first_memory_block: int
+    memory_blocks_per_unit: int
+    nr_units: int
+
+    @classmethod
+    def of(cls, geometry: Geometry) -> UnitGrid:
+        if geometry.big_block_mode:
+            per_unit = geometry.memory_blocks_per_device_block
+            return cls(
+                first_subblock=0,
+                subblocks_per_unit=1,
+                first_memory_block=geometry.first_memory_block,
+                memory_blocks_per_unit=per_unit,
+                nr_units=geometry.nr_memory_blocks // per_unit,
+            )
+        first_mb = geometry.first_memory_block
+        return cls(
+            first_subblock=geometry.subblock_index(geometry.memory_block_addr(first_mb)),
+            subblocks_per_unit=geometry.subblocks_per_memory_block,
+            first_memory_block=first_mb,
+            memory_blocks_per_unit=1,
+            nr_units=geometry.nr_memory_blocks,
+        )
+
+    def __len__(self) -> int:
+        return self.nr_units
+
+    @overload
+    def __getitem__(self, index: int) -> Unit: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Unit]: ...
+
+    def __getitem__(self, index: int | slice) -> Unit | Sequence[Unit]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.nr_units))]
+        if index < 0:
+            index += self.nr_units
+        if not 0 <= index < self.nr_units:
+            raise IndexError(f"unit {index} outside 0..{self.nr_units - 1}")
+        sb = self.first_subblock + index * self.subblocks_per_unit
+        mb = self.first_memory_block + index * self.memory_blocks_per_unit
+        return Unit(
+            range(sb, sb + self.subblocks_per_unit), range(mb, mb + self.memory_blocks_per_unit)
+        )
+
+    @property
+    def subblocks_end(self) -> int:
+        """One past the last subblock that belongs to a unit."""
+        return self.first_subblock + self.nr_units * self.subblocks_per_unit
+
+    def unit_of_subblock(self, sb_index: int) -> int | None:
+        """The unit holding subblock ``sb_index``, None for an orphan."""
+        offset = sb_index - self.first_subblock
+        if offset < 0 or sb_index >= self.subblocks_end:
+            return None
+        return offset // self.subblocks_per_unit
+
+    def unit_of_memory_block(self, mb_index: int) -> int:
+        """The unit holding memory block ``mb_index`` (a block of the region)."""
+        offset = mb_index - self.first_memory_block
+        if not 0 <= offset < self.nr_units * self.memory_blocks_per_unit:
+            raise IndexError(f"memory{mb_index} is in no unit")
+        return offset // self.memory_blocks_per_unit
+
+    def units_ending_by(self, sb_stop: int) -> int:
+        """How many units lie wholly below subblock ``sb_stop`` (all of them end by it)."""
+        whole = (sb_stop - self.first_subblock) // self.subblocks_per_unit
+        return max(0, min(self.nr_units, whole))
+
+    def orphan_subblocks(self, nr_subblocks: int) -> tuple[int, ...]:
+        """Subblocks of no unit: those of memory blocks a region edge cuts (at most
+        two memory blocks' worth, so this is bounded by the geometry, not the region)."""
+        head = range(0, min(self.first_subblock, nr_subblocks))
+        tail = range(max(self.subblocks_end, 0), nr_subblocks)
+        return (*head, *tail)

@@ -31,7 +31,7 @@ from vmem_guest.device import DeviceConfig, Response, VirtioMemDevice
 from vmem_guest.errors import ConfigError, DeviceBroken, KernelError, OfflineRefused, SafetyError
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
-from vmem_guest.tracker import BlockRecord, Tracker, TrackerSnapshot
+from vmem_guest.tracker import BlockRecord, Tracker
 
 #: Consecutive NACKs (each followed by a config re-read) before backing off.
 MAX_NACKS_BEFORE_BACKOFF = 3
@@ -107,8 +107,6 @@ class DeviceDriver:
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self.broken_reason: str | None = None
-        self._planned_from: TrackerSnapshot | None = None
-        self._planned_blocks: dict[int, planner.BlockInfo] = {}
 
     # --- config ---------------------------------------------------------------
 
@@ -153,11 +151,9 @@ class DeviceDriver:
         The usable region shrinks only after an ACKed UNPLUG_ALL or a system reset
         (spec 5.15.4), so every block the tracker holds plugged (ACKed) lies inside it.
         """
-        bitmap = self.tracker.snapshot().bitmap
+        highest = self.tracker.state.highest_plugged_subblock()
         usable_blocks = config.usable_region_size // self.geometry.block_size
-        first_byte = usable_blocks // 8
-        tail = bitmap[first_byte] >> (usable_blocks % 8) if first_byte < len(bitmap) else 0
-        if tail or any(bitmap[first_byte + 1 :]):
+        if highest is not None and highest >= usable_blocks:
             raise ConfigError(
                 f"usable_region_size {config.usable_region_size:#x} shrank below plugged blocks",
                 usable_region_size=config.usable_region_size,
@@ -265,19 +261,13 @@ class DeviceDriver:
     # --- the loop -------------------------------------------------------------
 
     def plan_input(self) -> planner.PlanInput:
-        snap = self.tracker.snapshot()
-        if snap is not self._planned_from:  # the tracker changed since the last plan
-            self._planned_from = snap
-            self._planned_blocks = {
-                rec.index: planner.BlockInfo(rec.state, rec.zone) for rec in snap.blocks
-            }
+        """The planner's view: the tracker owner's live state (nothing is decoded)."""
         return planner.PlanInput(
             config=self.config,
             geometry=self.geometry,
-            blocks=self._planned_blocks,
-            bitmap=snap.bitmap,
             policy=self.policy,
             avoid=frozenset(self.avoid_until),
+            state=self.tracker.state,
         )
 
     def step(self) -> StepResult:
@@ -342,7 +332,7 @@ class DeviceDriver:
         if response.type is ResponseType.NACK:
             self.nacks_in_a_row += 1
             config = self.refresh_config()
-            if config.plugged_size != self.tracker.snapshot().plugged_bytes:
+            if config.plugged_size != self.tracker.state.plugged_bytes:
                 # The device holds plugged memory we do not know of: every plan
                 # would NACK again. Learn the truth before planning.
                 self.log.warning("device plugged size differs from the tracker: resync")

@@ -5,20 +5,30 @@ calls :func:`next_step` after every step it executes, so the loop converges
 from *any* state (after a crash, a refused offline, a NACK, a resize...).
 
 Units. Memory is plugged and onlined, or offlined and unplugged, in *units*
-(DESIGN.md section 2): in Sub Block Mode a unit is one memory block and its
-subblocks; in Big Block Mode it is one device block and the memory blocks it
-spans. A unit is *full* when every subblock of it is plugged.
+(docs/design.md, "Two granularities"): in Sub Block Mode a unit is one memory
+block and its subblocks; in Big Block Mode it is one device block and the
+memory blocks it spans. A unit is *full* when every subblock of it is plugged.
+
+Cost. The planner reads a :class:`~vmem_guest.tracker.state.RegionState`,
+which keeps the units in sets by class (empty, partial, full and offline,
+full with movable memory online, full with kernel memory online). Every
+question below is "the lowest/highest unit of a class", or a walk from one
+end of a class that stops at the first usable unit: a step costs O(the units
+it looks at), not O(region). Only units the kernel refused recently (``avoid``)
+are skipped over.
 
 Order of business (each call returns the first that applies):
 
 1. plugged subblocks outside every unit (a region edge that cuts a memory
    block) are unplugged: they can never be onlined;
 2. growing (fewer full units than the target): online full units lowest
-   first, complete partially plugged units, then plug new units lowest first;
+   first, complete partially plugged units, then plug new units lowest first,
+   at most ``plug_batch_units`` in one request;
 3. otherwise: unplug partially plugged units, then drop excess full units from
    the highest address down, preferring units with nothing online, then
-   movable ones, skipping blocks the kernel refused to offline recently;
-   full units that stay are onlined;
+   movable ones, skipping blocks the kernel refused to offline recently. Up to
+   ``unplug_batch_units`` of them are offlined before one UNPLUG gives back
+   the run of them; full units that stay are onlined;
 4. nothing left: :class:`Done`, with the remainder the guest cannot use.
 """
 
@@ -27,22 +37,45 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.blocks import Geometry, MemoryBlockState, Unit, UnitGrid, Zone
 from vmem_guest.device import DeviceConfig
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST
+from vmem_guest.tracker.state import FULL_CLASSES, RegionState, UnitClass
 
 #: At most this many units are plugged ahead of being onlined (Linux caps
-#: added-but-offline memory too, virtio-mem-facts.md section 5).
+#: added-but-offline memory at 1 GiB: ``VIRTIO_MEM_DEFAULT_OFFLINE_THRESHOLD``).
 DEFAULT_PLUG_BATCH_UNITS = 8
+#: At most this many units are offlined ahead of one UNPLUG of their run.
+DEFAULT_UNPLUG_BATCH_UNITS = 8
 #: Linux's default ``auto_movable_ratio`` (memory-hotplug.rst): 301 %.
 DEFAULT_AUTO_MOVABLE_RATIO = 3.01
 
+__all__ = [
+    "BlockInfo",
+    "Done",
+    "Layout",
+    "OfflineStep",
+    "OnlinePolicy",
+    "OnlineStep",
+    "PlanInput",
+    "PlugStep",
+    "Policy",
+    "Step",
+    "Unit",
+    "UnplugStep",
+    "layout_of",
+    "next_step",
+    "runs",
+    "shrink_order",
+    "target_bytes",
+]
+
 
 class OnlinePolicy(enum.Enum):
-    """Which zone new blocks are onlined to (DESIGN.md section 6)."""
+    """Which zone new blocks are onlined to (docs/design.md, "Policies")."""
 
     MOVABLE = "movable"
     KERNEL = "kernel"
@@ -58,6 +91,7 @@ class Policy:
     #: Memory in kernel zones (boot memory): the base of the ``auto`` ratio.
     kernel_memory_bytes: int = 1 << 30
     plug_batch_units: int = DEFAULT_PLUG_BATCH_UNITS
+    unplug_batch_units: int = DEFAULT_UNPLUG_BATCH_UNITS
 
 
 DEFAULT_POLICY = Policy()
@@ -71,19 +105,11 @@ class BlockInfo(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Unit:
-    """Subblocks and memory blocks that are plugged and onlined together."""
-
-    subblocks: range
-    memory_blocks: range
-
-
-@dataclasses.dataclass(frozen=True)
 class Layout:
     """The units of a region and the subblocks that belong to none."""
 
     geometry: Geometry
-    units: tuple[Unit, ...]
+    units: UnitGrid
     orphan_subblocks: tuple[int, ...]
 
     @property
@@ -93,20 +119,9 @@ class Layout:
 
 @functools.lru_cache(maxsize=16)
 def layout_of(geometry: Geometry) -> Layout:
-    """Cut a region into units (cached: geometry never changes for a device)."""
-    units: list[Unit] = []
-    if geometry.big_block_mode:
-        per_block = geometry.memory_blocks_per_device_block
-        for sb_index in range(geometry.nr_subblocks):
-            mbs = geometry.memory_blocks_of(sb_index)
-            if len(mbs) == per_block:
-                units.append(Unit(range(sb_index, sb_index + 1), mbs))
-    else:
-        for mb_index in geometry.memory_blocks():
-            units.append(Unit(geometry.subblocks_of(mb_index), range(mb_index, mb_index + 1)))
-    covered = {sb for unit in units for sb in unit.subblocks}
-    orphans = tuple(sb for sb in range(geometry.nr_subblocks) if sb not in covered)
-    return Layout(geometry, tuple(units), orphans)
+    """Cut a region into units (a grid: the same small object for any region size)."""
+    grid = UnitGrid.of(geometry)
+    return Layout(geometry, grid, grid.orphan_subblocks(geometry.nr_subblocks))
 
 
 # --- steps -----------------------------------------------------------------
@@ -159,79 +174,63 @@ class Done:
 Step = PlugStep | UnplugStep | OnlineStep | OfflineStep | Done
 
 
-@dataclasses.dataclass(frozen=True)
 class PlanInput:
-    """Everything the planner looks at; built by the driver core from the tracker."""
+    """Everything the planner looks at.
 
-    config: DeviceConfig
-    geometry: Geometry
-    blocks: Mapping[int, BlockInfo]
-    #: Subblock bitmap, bit i = device block i of the region (LSB first).
-    bitmap: bytes
-    policy: Policy = DEFAULT_POLICY
-    #: Memory blocks the kernel refused to offline (or online) recently.
-    avoid: frozenset[int] = frozenset()
+    The driver core passes the tracker owner's live :class:`RegionState`
+    (``state=``); tests and benchmarks may describe a region by hand with
+    ``blocks`` and ``bitmap`` instead, from which a state is built once (O(region)).
+    The planner never changes the state.
+    """
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        geometry: Geometry,
+        blocks: Mapping[int, BlockInfo] | None = None,
+        bitmap: bytes | None = None,
+        policy: Policy = DEFAULT_POLICY,
+        avoid: frozenset[int] = frozenset(),
+        *,
+        state: RegionState | None = None,
+    ) -> None:
+        if state is None:
+            state = _state_from(geometry, blocks or {}, bitmap or b"")
+        elif state.geometry != geometry:
+            raise ValueError("the state is of another region")
+        self.config = config
+        self.geometry = geometry
+        self.state = state
+        self.policy = policy
+        #: Memory blocks the kernel refused to offline (or online) recently.
+        self.avoid = avoid
 
     def is_plugged(self, sb_index: int) -> bool:
-        return bool(self.bitmap[sb_index >> 3] >> (sb_index & 7) & 1)
+        return self.state.is_plugged(sb_index)
 
     def block(self, mb_index: int) -> BlockInfo:
-        return self.blocks.get(mb_index, BlockInfo(MemoryBlockState.UNPLUGGED))
+        if not self.geometry.contains_memory_block(mb_index):
+            return BlockInfo(MemoryBlockState.UNPLUGGED)
+        return BlockInfo(self.state.block_state(mb_index), self.state.block_zone(mb_index))
+
+
+def _state_from(geometry: Geometry, blocks: Mapping[int, BlockInfo], bitmap: bytes) -> RegionState:
+    records = (
+        (mb, info.state, info.zone, info.state is MemoryBlockState.ONLINE)
+        for mb, info in ((mb, blocks.get(mb)) for mb in geometry.memory_blocks())
+        if info is not None
+    )
+    return RegionState.load(geometry, bitmap, records)
 
 
 def target_bytes(config: DeviceConfig, layout: Layout) -> int:
     """What the guest can use of ``requested_size``: whole units in the usable region."""
-    usable_units = sum(
-        1
-        for unit in layout.units
-        if layout.geometry.subblock_addr(unit.subblocks.stop) <= config.usable_end
-    )
+    usable_sb = layout.geometry.subblock_index(config.usable_end)
+    usable_units = layout.units.units_ending_by(usable_sb)
     return min(config.requested_size // layout.unit_bytes, usable_units) * layout.unit_bytes
 
 
-def _bit_count(bitmap: bytes, first: int, count: int) -> int:
-    """Set bits in [first, first + count) of ``bitmap`` (LSB first), reading only its bytes."""
-    chunk = int.from_bytes(bitmap[first >> 3 : (first + count + 7) >> 3], "little")
-    return ((chunk >> (first & 7)) & ((1 << count) - 1)).bit_count()
-
-
-class _Census:
-    """Per-unit plugged counts of one PlanInput, computed once per call."""
-
-    def __init__(self, inp: PlanInput, layout: Layout) -> None:
-        self.inp = inp
-        self.layout = layout
-        self.plugged_counts = [
-            _bit_count(inp.bitmap, unit.subblocks.start, len(unit.subblocks))
-            for unit in layout.units
-        ]
-
-    def full(self) -> Iterator[Unit]:
-        for unit, count in zip(self.layout.units, self.plugged_counts, strict=True):
-            if count == len(unit.subblocks):
-                yield unit
-
-    def partial(self) -> Iterator[Unit]:
-        for unit, count in zip(self.layout.units, self.plugged_counts, strict=True):
-            if 0 < count < len(unit.subblocks):
-                yield unit
-
-    def empty(self) -> Iterator[Unit]:
-        for unit, count in zip(self.layout.units, self.plugged_counts, strict=True):
-            if count == 0:
-                yield unit
-
-    def plugged_bytes(self) -> int:
-        orphans = sum(1 for sb in self.layout.orphan_subblocks if self.inp.is_plugged(sb))
-        return (sum(self.plugged_counts) + orphans) * self.layout.geometry.block_size
-
-    def online_blocks(self, unit: Unit) -> list[int]:
-        return [
-            mb for mb in unit.memory_blocks if self.inp.block(mb).state is MemoryBlockState.ONLINE
-        ]
-
-
-def runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
+def runs(indices: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
     """Contiguous runs (first, count) of sorted ``indices``, each at most ``limit`` long."""
     start = prev = -2
     for index in indices:
@@ -245,58 +244,57 @@ def runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
         yield start, prev - start + 1
 
 
-def _unplug_run(inp: PlanInput, subblocks: list[int], highest: bool = True) -> UnplugStep:
-    found = list(runs(sorted(subblocks), MAX_BLOCKS_PER_REQUEST))
-    first, count = found[-1] if highest else found[0]
+def _unplug_highest_run(inp: PlanInput, subblocks: Sequence[int]) -> UnplugStep:
+    """UNPLUG the highest contiguous run of sorted ``subblocks`` (one request's worth)."""
+    first, count = list(runs(subblocks, MAX_BLOCKS_PER_REQUEST))[-1]
     return UnplugStep(inp.geometry.subblock_addr(first), count)
 
 
-def _zone_for(inp: PlanInput, census: _Census) -> Zone:
+def _zone_for(inp: PlanInput) -> Zone:
     policy = inp.policy
     if policy.online is OnlinePolicy.MOVABLE:
         return Zone.MOVABLE
     if policy.online is OnlinePolicy.KERNEL:
         return Zone.KERNEL
-    movable_online = (
-        sum(
-            1
-            for info in inp.blocks.values()
-            if info.state is MemoryBlockState.ONLINE and info.zone is Zone.MOVABLE
-        )
-        * inp.geometry.memory_block_size
-    )
+    block = inp.geometry.memory_block_size
+    movable_online = inp.state.movable_online_blocks * block
     limit = policy.auto_movable_ratio * policy.kernel_memory_bytes
-    if movable_online + inp.geometry.memory_block_size <= limit:
-        return Zone.MOVABLE
-    return Zone.KERNEL
+    return Zone.MOVABLE if movable_online + block <= limit else Zone.KERNEL
 
 
-def _online_next(inp: PlanInput, census: _Census, full: list[Unit]) -> OnlineStep | None:
-    """The lowest block of a full unit that is not online yet (and not avoided)."""
-    for unit in full:
-        for mb in unit.memory_blocks:
-            if inp.block(mb).state is not MemoryBlockState.ONLINE and mb not in inp.avoid:
-                return OnlineStep(mb, _zone_for(inp, census))
+def _online_next(inp: PlanInput, among_lowest: int | None = None) -> OnlineStep | None:
+    """The lowest block of a full unit that is not online yet (and not avoided).
+
+    With ``among_lowest``, only the lowest that many full units count.
+    """
+    state = inp.state
+    for unit_index in state.not_fully_online.ascending():
+        if among_lowest is not None and state.full_units_below(unit_index) >= among_lowest:
+            return None
+        for mb in state.unit(unit_index).memory_blocks:
+            if state.block_state(mb) is not MemoryBlockState.ONLINE and mb not in inp.avoid:
+                return OnlineStep(mb, _zone_for(inp))
     return None
 
 
-def _grow(inp: PlanInput, census: _Census, full: list[Unit], target_units: int) -> Step | None:
-    online = _online_next(inp, census, full)
+def _grow(inp: PlanInput, target_units: int) -> Step | None:
+    online = _online_next(inp)
     if online is not None:
         return online
-    geometry = inp.geometry
-    headroom = inp.config.requested_size - census.plugged_bytes()
+    state, geometry = inp.state, inp.geometry
+    headroom = inp.config.requested_size - state.plugged_bytes
     usable_end_sb = geometry.subblock_index(inp.config.usable_end)
-    for unit in census.partial():
-        missing = [sb for sb in unit.subblocks if not inp.is_plugged(sb)]
+    for unit_index in state.units(UnitClass.PARTIAL).ascending():
+        missing = state.missing_in(state.unit(unit_index).subblocks)
         first, count = next(runs(missing, MAX_BLOCKS_PER_REQUEST))
         if first + count <= usable_end_sb and count * geometry.block_size <= headroom:
             return PlugStep(geometry.subblock_addr(first), count)
-    wanted_units = min(target_units - len(full), inp.policy.plug_batch_units)
-    wanted_units = min(wanted_units, headroom // max(1, census.layout.unit_bytes))
+    unit_bytes = layout_of(geometry).unit_bytes
+    wanted_units = min(target_units - state.full_units, inp.policy.plug_batch_units)
+    wanted_units = min(wanted_units, headroom // unit_bytes)
     if wanted_units <= 0:
         return None
-    run = _first_empty_run(census, usable_end_sb, wanted_units)
+    run = _first_empty_run(state, usable_end_sb, wanted_units)
     if run is None:
         return None
     first, count = run
@@ -304,90 +302,120 @@ def _grow(inp: PlanInput, census: _Census, full: list[Unit], target_units: int) 
 
 
 def _first_empty_run(
-    census: _Census, usable_end_sb: int, wanted_units: int
+    state: RegionState, usable_end_sb: int, wanted_units: int
 ) -> tuple[int, int] | None:
     """The lowest run of contiguous empty units in the usable region, as (first subblock,
     count): at most ``wanted_units`` units and one request; whole units only, unless one
     unit alone is larger than a request."""
-    first = stop = -1
-    for unit in census.empty():
-        if unit.subblocks.stop > usable_end_sb:
-            break
-        if first < 0:
-            first = unit.subblocks.start
-        elif unit.subblocks.start != stop:
-            break
-        stop = unit.subblocks.stop
-        if (stop - first) // len(unit.subblocks) >= wanted_units:
-            break
-    if first < 0:
+    grid = state.grid
+    usable_units = grid.units_ending_by(usable_end_sb)
+    empty = state.units(UnitClass.EMPTY)
+    lowest = empty.first()
+    if lowest is None or lowest >= usable_units:
         return None
-    per_unit = len(census.layout.units[0].subblocks)
-    count = min(stop - first, MAX_BLOCKS_PER_REQUEST)
+    last = lowest
+    while last - lowest + 1 < wanted_units and last + 1 < usable_units and last + 1 in empty:
+        last += 1
+    first_sb = grid[lowest].subblocks.start
+    per_unit = grid.subblocks_per_unit
+    count = min((last - lowest + 1) * per_unit, MAX_BLOCKS_PER_REQUEST)
     if count >= per_unit:
         count -= count % per_unit
-    return first, count
+    return first_sb, count
 
 
-def shrink_order(inp: PlanInput, full: list[Unit]) -> list[Unit]:
-    """The order in which ``full`` units are given back (see :func:`_shrink_order`)."""
-    return _shrink_order(inp, _Census(inp, layout_of(inp.geometry)), full)
+def _shrink_candidates(inp: PlanInput) -> Iterator[int]:
+    """Full units to give back, in order: nothing online, then only movable memory
+    online, then kernel memory online; highest first in each; none with an avoided block."""
+    state = inp.state
+    for cls in FULL_CLASSES:
+        for unit_index in state.units(cls).descending():
+            mbs = state.unit(unit_index).memory_blocks
+            if not any(mb in inp.avoid for mb in mbs):
+                yield unit_index
 
 
-def _shrink_order(inp: PlanInput, census: _Census, full: list[Unit]) -> list[Unit]:
-    """Units to give back first: nothing online, then movable, then kernel; high first."""
+def shrink_order(inp: PlanInput, full: Sequence[Unit] | None = None) -> list[Unit]:
+    """Full units in the order they are given back (ignoring ``avoid``).
 
-    def cost(unit: Unit) -> tuple[int, int]:
-        online = census.online_blocks(unit)
-        if not online:
-            rank = 0
-        elif all(inp.block(mb).zone is Zone.MOVABLE for mb in online):
-            rank = 1
-        else:
-            rank = 2
-        return rank, -unit.subblocks.start
+    ``full`` restricts the answer to those units (manual operations pass the
+    units of a range). O(full units): for manual operations, not the step loop.
+    """
+    state = inp.state
+    order = [
+        state.unit(unit_index)
+        for cls in FULL_CLASSES
+        for unit_index in state.units(cls).descending()
+    ]
+    if full is None:
+        return order
+    wanted = set(full)
+    return [unit for unit in order if unit in wanted]
 
-    return sorted(full, key=cost)
 
-
-def _shrink(inp: PlanInput, census: _Census, full: list[Unit], excess: int) -> Step | None:
-    for unit in sorted(census.partial(), key=lambda u: -u.subblocks.start):
-        plugged = [sb for sb in unit.subblocks if inp.is_plugged(sb)]
-        return _unplug_run(inp, plugged)
+def _shrink(inp: PlanInput, excess: int) -> Step | None:
+    state = inp.state
+    partial = state.units(UnitClass.PARTIAL).last()
+    if partial is not None:
+        return _unplug_highest_run(inp, state.plugged_in(state.unit(partial).subblocks))
     if excess <= 0:
         return None
-    for unit in _shrink_order(inp, census, full):
-        if any(mb in inp.avoid for mb in unit.memory_blocks):
-            continue
-        online = census.online_blocks(unit)
+    batch = []
+    for unit_index in _shrink_candidates(inp):
+        online = state.online_blocks(unit_index)
         if online:
             return OfflineStep(online[-1])
-        return _unplug_run(inp, list(unit.subblocks))
-    return None
+        batch.append(unit_index)
+        if len(batch) >= min(excess, max(1, inp.policy.unplug_batch_units)):
+            break
+    if not batch:
+        return None
+    return _unplug_run_of_units(inp, batch)
+
+
+def _unplug_run_of_units(inp: PlanInput, batch: list[int]) -> UnplugStep:
+    """One UNPLUG for the highest run of adjacent units in ``batch`` (all offline, full),
+    whole units within one request; a unit larger than a request goes a run at a time."""
+    grid = inp.state.grid
+    highest = max(batch)
+    per_unit = grid.subblocks_per_unit
+    if per_unit > MAX_BLOCKS_PER_REQUEST:
+        return _unplug_highest_run(inp, grid[highest].subblocks)
+    lowest = highest
+    members = set(batch)
+    max_units = MAX_BLOCKS_PER_REQUEST // per_unit
+    while lowest - 1 in members and highest - lowest + 1 < max_units:
+        lowest -= 1
+    first = grid[lowest].subblocks.start
+    return UnplugStep(inp.geometry.subblock_addr(first), (highest - lowest + 1) * per_unit)
 
 
 def next_step(inp: PlanInput) -> Step:
     """The next step toward the target from the state in ``inp``."""
+    state = inp.state
     layout = layout_of(inp.geometry)
-    census = _Census(inp, layout)
-    orphans = [sb for sb in layout.orphan_subblocks if inp.is_plugged(sb)]
+    orphans = [sb for sb in layout.orphan_subblocks if state.is_plugged(sb)]
     if orphans:
-        return _unplug_run(inp, orphans)
+        return _unplug_highest_run(inp, orphans)
     target = target_bytes(inp.config, layout)
     target_units = target // layout.unit_bytes
     remainder = inp.config.requested_size - target
-    full = list(census.full())
+    full_units = state.full_units
     step: Step | None
-    if len(full) < target_units:
-        step = _grow(inp, census, full, target_units)
+    if full_units < target_units:
+        step = _grow(inp, target_units)
         if step is None:
-            step = _shrink(inp, census, full, 0)
+            step = _shrink(inp, 0)
     else:
-        step = _shrink(inp, census, full, len(full) - target_units)
+        step = _shrink(inp, full_units - target_units)
         if step is None:
-            step = _online_next(inp, census, full[:target_units])
+            among = None if full_units == target_units else target_units
+            step = _online_next(inp, among_lowest=among)
     if step is not None:
         return step
-    fully_online = all(len(census.online_blocks(unit)) == len(unit.memory_blocks) for unit in full)
-    settled = len(full) == target_units and fully_online and not any(census.partial())
+    settled = (
+        full_units == target_units
+        and not state.not_fully_online
+        and not state.units(UnitClass.PARTIAL)
+    )
     return Done(target, remainder, blocked=not settled)

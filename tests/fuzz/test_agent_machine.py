@@ -30,7 +30,7 @@ from vmem_guest.driver import DeviceDriver, Outcome
 from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.runner import VirtualClock
-from vmem_guest.tracker import Tracker, TrackerIdentity
+from vmem_guest.tracker import Tracker, TrackerIdentity, state_disagreement, state_of
 
 MIB = 1 << 20
 REGION_ADDR = 4 << 30
@@ -248,6 +248,24 @@ class AgentMachine(RuleBasedStateMachine):
         assert snap.plugged_bytes == self.model.plugged_size
         tracked_online = {rec.index for rec in snap.blocks if rec.state is MemoryBlockState.ONLINE}
         assert tracked_online == self.online_blocks(), "tracker online set differs from sysfs"
+
+    @invariant()
+    def in_memory_state_agrees_with_the_file(self) -> None:
+        """The owner's state is what its file says, and plans what a restart would.
+
+        The state is updated in place at each transition (O(change)); a restarted
+        agent decodes the file instead. Both must plan the same next step.
+        """
+        if self.tracker is None or self.driver is None:
+            return
+        snap = self.tracker.snapshot()
+        problem = state_disagreement(self.tracker.state, snap)
+        assert problem is None, problem
+        live = self.driver.plan_input()
+        rebuilt = planner.PlanInput(
+            live.config, live.geometry, policy=live.policy, avoid=live.avoid, state=state_of(snap)
+        )
+        assert planner.next_step(rebuilt) == planner.next_step(live)
 
     def teardown(self) -> None:
         try:

@@ -264,8 +264,12 @@ def test_shrink_offlines_an_online_unit_before_unplugging_it() -> None:
     assert step == UnplugStep(sb_addr(PER_UNIT), PER_UNIT)
 
 
+ONE_AT_A_TIME = Policy(unplug_batch_units=1)
+
+
 def test_shrink_order_nothing_online_then_movable_then_kernel_highest_first() -> None:
-    # Units 0..5 full: 0, 1 kernel; 2, 3 movable; 4 not online; 5 kernel.
+    # Units 0..5 full: 0, 1 kernel; 2, 3 movable; 4 not online; 5 kernel. One unit
+    # is offlined and unplugged at a time, so every step shows the order.
     plugged = units(*(mb_n(i) for i in range(6)))
     online = {
         mb_n(0): Zone.KERNEL,
@@ -285,18 +289,54 @@ def test_shrink_order_nothing_online_then_movable_then_kernel_highest_first() ->
     state = dict(online)
     plugged_now = set(plugged)
     for want in expected:
-        step = next_step(make_input(requested=0, plugged=plugged_now, online=state))
+        step = next_step(
+            make_input(requested=0, plugged=plugged_now, online=state, policy=ONE_AT_A_TIME)
+        )
         assert step == want
         # Play the step out: offline, then the unplug of that same unit.
         if isinstance(want, OfflineStep):
             del state[want.memory_block]
-            step = next_step(make_input(requested=0, plugged=plugged_now, online=state))
+            step = next_step(
+                make_input(requested=0, plugged=plugged_now, online=state, policy=ONE_AT_A_TIME)
+            )
             unit_start = unit_subblocks(SBM, want.memory_block).start
             assert step == UnplugStep(sb_addr(unit_start), PER_UNIT)
         assert isinstance(step, UnplugStep)
         first = (step.addr - ADDR) // SBM.block_size
         plugged_now -= set(range(first, first + step.nb_blocks))
     assert next_step(make_input(requested=0, plugged=plugged_now, online=state)) == Done(0, 0)
+
+
+def test_shrink_offlines_a_batch_in_order_then_unplugs_its_run_in_one_request() -> None:
+    # The same units with the default batch: every excess unit is offlined in the
+    # same order, then one UNPLUG gives back the run of all six.
+    plugged = units(*(mb_n(i) for i in range(6)))
+    online = {mb_n(i): Zone.KERNEL for i in (0, 1, 5)} | {mb_n(i): Zone.MOVABLE for i in (2, 3)}
+    for want in (mb_n(3), mb_n(2), mb_n(5), mb_n(1), mb_n(0)):
+        assert next_step(make_input(requested=0, plugged=plugged, online=online)) == (
+            OfflineStep(want)
+        )
+        del online[want]
+    step = next_step(make_input(requested=0, plugged=plugged, online=online))
+    assert step == UnplugStep(sb_addr(0), 6 * PER_UNIT)
+
+
+def test_unplug_batch_is_capped_by_the_excess_and_the_batch_size() -> None:
+    plugged = units(*(mb_n(i) for i in range(8)))  # the whole region, nothing online
+    step = next_step(make_input(requested=0, plugged=plugged))
+    assert step == UnplugStep(sb_addr(0), 8 * PER_UNIT)
+    step = next_step(make_input(requested=0, plugged=plugged, policy=Policy(unplug_batch_units=3)))
+    assert step == UnplugStep(sb_addr(5 * PER_UNIT), 3 * PER_UNIT)
+    # Keep 6: only the excess (2) goes, not a whole batch.
+    step = next_step(make_input(requested=6 * 128 * MIB, plugged=plugged))
+    assert step == UnplugStep(sb_addr(6 * PER_UNIT), 2 * PER_UNIT)
+
+
+def test_unplug_batch_takes_only_the_highest_adjacent_run() -> None:
+    # Units 1, 2 and 5, 6 full and offline: one request cannot carry a hole.
+    plugged = units(mb_n(1), mb_n(2), mb_n(5), mb_n(6))
+    step = next_step(make_input(requested=0, plugged=plugged))
+    assert step == UnplugStep(sb_addr(5 * PER_UNIT), 2 * PER_UNIT)
 
 
 def test_shrink_keeps_the_lowest_units_when_all_are_alike() -> None:
@@ -556,6 +596,7 @@ def plan_inputs(draw: st.DrawFn) -> PlanInput:
         online=draw(st.sampled_from(list(OnlinePolicy))),
         kernel_memory_bytes=draw(st.integers(0, 4)) * 128 * MIB,
         plug_batch_units=draw(st.integers(1, 10)),
+        unplug_batch_units=draw(st.integers(1, 10)),
     )
     return make_input(
         geometry,

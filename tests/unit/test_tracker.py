@@ -1030,7 +1030,7 @@ def test_reader_retries_while_a_write_is_open(tracker: Tracker) -> None:
     with TrackerReader.open(tracker.path) as reader:
         with tracker._write_section():
             tracker._write_subblocks(0, 64, plugged=True)  # bits set, records not yet
-            torn = tracker_module._decode(tracker.path.read_bytes())
+            torn = tracker_module.decode(tracker.path.read_bytes())
             assert consistency_problem(torn) is not None  # the checker sees tearing
             with pytest.raises(TrackerError, match="no stable snapshot"):
                 reader.snapshot(retries=5)

@@ -1,0 +1,659 @@
+"""The owner of a tracker: its only writer, with the in-memory state it plans from.
+
+Concurrency: exactly one owner (:class:`Tracker`) writes, holding the device's
+lock (``files.lock_device``). Readers map the file read-only and never lock:
+every write happens inside one *write section* that makes ``generation`` odd
+before the first byte changes and even again after the last, so a reader that
+sees the same even generation before and after copying the file holds a
+consistent snapshot (a seqlock). Ordering relies on the CPU keeping stores in
+program order as seen by another CPU (x86-64 TSO); each field store is one
+C-level copy made by ctypes.
+
+Only :meth:`Tracker._set_block_state` changes a block record (and with it
+``online_bytes``); only :meth:`Tracker._write_subblocks` (a range) and
+:meth:`Tracker._replace_bitmap` (all of it, on rebuild) change the bitmap, and
+with it ``plugged_bytes``. Each applies the same change to :attr:`Tracker.state`,
+so the state stays what the file says at O(change) per transition; the file
+is decoded whole only at open (and by :meth:`Tracker.snapshot`, for readers and tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import mmap
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.errors import SafetyError, TrackerError
+from vmem_guest.spec import RequestType
+from vmem_guest.tracker.files import (
+    create_fresh,
+    lock_device,
+    map_existing,
+    set_aside,
+)
+from vmem_guest.tracker.layout import (
+    FLAG_PRESENT,
+    NO_INTENT,
+    NODE_UNKNOWN,
+    U32_MAX,
+    U64_MAX,
+    BlockRecordLayout,
+    BrokenReason,
+    DeviceStatus,
+    FileLayout,
+    TrackerHeader,
+    broken_code_and_detail,
+    check_unsigned,
+    popcount,
+    read_bits,
+)
+from vmem_guest.tracker.snapshot import (
+    BlockRecord,
+    TrackerIdentity,
+    TrackerSnapshot,
+    decode,
+    expected_state,
+    state_of,
+)
+from vmem_guest.tracker.state import RegionState
+
+
+class Tracker:
+    """The owner of one tracker file: the only writer (exclusive flock).
+
+    Every transition is one write section (generation odd during it, even
+    after), keeps ``plugged_bytes`` and ``online_bytes`` exact, logs at debug,
+    and raises SafetyError before changing anything when it would break an
+    invariant of the module docstring.
+    """
+
+    path: Path
+    identity: TrackerIdentity
+    recovered: bool
+    discarded_reason: str | None
+    set_aside_path: Path | None
+
+    def __init__(
+        self,
+        path: Path,
+        identity: TrackerIdentity,
+        lock_fd: int,
+        mapping: mmap.mmap,
+    ) -> None:
+        """Use :meth:`open`; this wires an already locked and mapped file."""
+        self.path = path
+        self.identity = identity
+        self.recovered = False
+        self.discarded_reason = None
+        self.set_aside_path = None
+        self._log = logging.getLogger(f"vmem_guest.tracker.{identity.name}")
+        self._layout = FileLayout.of(identity.geometry)
+        self._snapshot_cache: TrackerSnapshot | None = None
+        self._lock_fd: int | None = lock_fd
+        self._map: mmap.mmap | None = mapping
+        self._header: TrackerHeader | None = TrackerHeader.from_buffer(mapping, 0)
+        records_type = BlockRecordLayout * self._layout.nr_memory_blocks
+        self._records: ctypes.Array[BlockRecordLayout] | None = records_type.from_buffer(
+            mapping, self._layout.records_offset
+        )
+        #: What the file holds, indexed for the planner (derived: see state.py).
+        #: Decoded once here; every transition below updates it in place.
+        self.state: RegionState = state_of(decode(mapping[:]))
+
+    # -- opening and closing ------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path, identity: TrackerIdentity) -> Tracker:
+        """Lock, then reuse a valid tracker file for ``identity`` or start a fresh one.
+
+        A file that fails validation is renamed to ``<file>.bad-<timestamp>``
+        (``set_aside_path``), the reason logged and kept in ``discarded_reason``,
+        and a fresh tracker (all UNPLUGGED, no intent) replaces it. ``recovered``
+        tells whether the old state was kept. TrackerLocked if another open
+        tracker (in any process) holds the lock.
+        """
+        path, lock_fd = lock_device(state_dir, identity.name)
+        try:
+            return cls._open_locked(path, identity, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: Path, identity: TrackerIdentity, lock_fd: int) -> Tracker:
+        log = logging.getLogger(f"vmem_guest.tracker.{identity.name}")
+        mapping, reason = map_existing(path, identity)
+        aside: Path | None = None
+        if mapping is None and reason is not None:
+            aside = set_aside(path)
+            log.warning("tracker %s set aside as %s: %s", path, aside.name, reason)
+        reused = mapping is not None
+        if mapping is None:
+            mapping = create_fresh(path, identity)
+        tracker = cls(path, identity, lock_fd, mapping)
+        tracker.recovered = reused
+        tracker.discarded_reason = reason
+        tracker.set_aside_path = aside
+        tracker._claim()
+        return tracker
+
+    def _claim(self) -> None:
+        """Record this process as the owner (one write section)."""
+        with self._write_section() as header:
+            header.owner_pid = os.getpid()
+        self._log.debug(
+            "opened %s (recovered=%s, generation %d)", self.path, self.recovered, self.generation
+        )
+
+    def close(self) -> None:
+        """Unmap and unlock; safe to call more than once."""
+        self._header = None
+        self._records = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                # A record view still lives (say in a traceback); the mapping goes
+                # when it does. Nothing writes through it any more.
+                self._log.debug("mapping of %s still referenced; unmapped later", self.path)
+            self._map = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- reading ------------------------------------------------------------
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.identity.geometry
+
+    @property
+    def generation(self) -> int:
+        return int(self._hdr.generation)
+
+    def snapshot(self) -> TrackerSnapshot:
+        """A copy of the current state (the owner needs no seqlock retry).
+
+        Decodes the whole file, O(region): for readers of the owner's process
+        (manual operations, tests), never the step loop, which reads :attr:`state`.
+
+        Every change goes through this object and bumps the generation, so a
+        snapshot of the same generation is still exact: decode once per change.
+        """
+        generation = self.generation
+        cached = self._snapshot_cache
+        if cached is None or cached.generation != generation:
+            cached = self._snapshot_cache = decode(self._mapped[:])
+        return cached
+
+    def block(self, index: int) -> BlockRecord:
+        """The record of kernel memory block ``index`` without a full snapshot."""
+        raw = self._record(index)
+        return BlockRecord(
+            index=index,
+            state=MemoryBlockState(raw.state),
+            present=bool(raw.flags & FLAG_PRESENT),
+            zone=Zone(raw.zone),
+            plugged_subblocks=raw.plugged_subblocks,
+            node=raw.node,
+        )
+
+    # -- transitions: intent ------------------------------------------------
+
+    def set_intent(self, op: RequestType, addr: int, nb_blocks: int) -> None:
+        """Record the request about to be sent; bumps ``intent_seq``.
+
+        PLUG/UNPLUG/STATE need an aligned range inside the region; UNPLUG_ALL
+        takes addr 0 and nb_blocks 0. SafetyError for an UNPLUG over an ONLINE
+        block or an UNPLUG_ALL while any block is ONLINE (DESIGN.md 5.2).
+        """
+        op = RequestType(op)
+        if op is RequestType.UNPLUG_ALL:
+            if addr or nb_blocks:
+                raise SafetyError("UNPLUG_ALL intent takes no range", addr=addr)
+            self._refuse_if_any_online("UNPLUG_ALL")
+        else:
+            first = self._check_range(addr, nb_blocks)
+            if op is RequestType.UNPLUG:
+                self._refuse_if_online_over(first, nb_blocks, "unplug")
+        with self._write_section() as header:
+            header.intent_seq += 1
+            header.intent_addr = addr
+            header.intent_nb_blocks = nb_blocks
+            header.intent_op = op
+        self._log.debug("intent %s addr=%#x nb_blocks=%d", op.name, addr, nb_blocks)
+
+    def clear_intent(self) -> None:
+        """No request pending any more (its response has been applied)."""
+        with self._write_section() as header:
+            header.intent_op = NO_INTENT
+            header.intent_addr = 0
+            header.intent_nb_blocks = 0
+        self._log.debug("intent cleared")
+
+    # -- transitions: plug state --------------------------------------------
+
+    def record_plugged(self, addr: int, nb_blocks: int) -> None:
+        """The device ACKed a PLUG of ``nb_blocks`` device blocks at ``addr``.
+
+        SafetyError if the range leaves the region or any block in it is
+        already plugged.
+        """
+        first = self._check_range(addr, nb_blocks)
+        if read_bits(self._mapped, self._bit(first), nb_blocks):
+            raise SafetyError("plug over already plugged subblocks", addr=addr)
+        with self._write_section():
+            self._write_subblocks(first, nb_blocks, plugged=True)
+            self._refresh_blocks(first, nb_blocks)
+        self._log.debug("plugged addr=%#x nb_blocks=%d", addr, nb_blocks)
+
+    def record_unplugged(self, addr: int, nb_blocks: int) -> None:
+        """The device ACKed an UNPLUG of ``nb_blocks`` device blocks at ``addr``.
+
+        SafetyError if the range leaves the region, any block in it is not
+        plugged, or any memory block over it is ONLINE (DESIGN.md 5.2).
+        """
+        first = self._check_range(addr, nb_blocks)
+        self._refuse_if_online_over(first, nb_blocks, "unplug")
+        mask = (1 << nb_blocks) - 1
+        if read_bits(self._mapped, self._bit(first), nb_blocks) != mask:
+            raise SafetyError("unplug over subblocks not plugged", addr=addr)
+        with self._write_section():
+            self._write_subblocks(first, nb_blocks, plugged=False)
+            self._refresh_blocks(first, nb_blocks)
+        self._log.debug("unplugged addr=%#x nb_blocks=%d", addr, nb_blocks)
+
+    def record_unplug_all(self) -> None:
+        """The device ACKed UNPLUG_ALL: nothing plugged; ``present`` flags stay.
+
+        SafetyError if any block is ONLINE.
+        """
+        self._refuse_if_any_online("UNPLUG_ALL")
+        nr_subblocks = self.geometry.nr_subblocks
+        with self._write_section():
+            self._write_subblocks(0, nr_subblocks, plugged=False)
+            for index in self.geometry.memory_blocks():
+                self._set_block_state(
+                    index, MemoryBlockState.UNPLUGGED, plugged_subblocks=0, zone=Zone.NONE
+                )
+        self._log.debug("unplugged all")
+
+    # -- transitions: kernel state ------------------------------------------
+
+    def record_present(self, index: int) -> None:
+        """Memory block ``index`` was probed (added) in the kernel.
+
+        SafetyError unless it is fully plugged (PLUGGED or ONLINE): DESIGN.md
+        5.5, ``probe`` only over fully plugged memory blocks.
+        """
+        state = self._state(index)
+        if state not in (MemoryBlockState.PLUGGED, MemoryBlockState.ONLINE):
+            raise SafetyError(
+                f"memory{index} is {state.name}: probe needs it fully plugged", block=index
+            )
+        with self._write_section():
+            self._set_block_state(index, state, present=True)
+
+    def record_online(self, index: int, zone: Zone, node: int = NODE_UNKNOWN) -> None:
+        """Memory block ``index`` was onlined into ``zone`` (and is present).
+
+        SafetyError unless it is PLUGGED (fully plugged, not yet online).
+        """
+        zone = Zone(zone)
+        if zone is Zone.NONE:
+            raise ValueError("an online block needs a zone (AUTO if the kernel chose)")
+        state = self._state(index)
+        if state is not MemoryBlockState.PLUGGED:
+            raise SafetyError(
+                f"memory{index} is {state.name}: only a PLUGGED block goes online", block=index
+            )
+        with self._write_section():
+            self._set_block_state(
+                index, MemoryBlockState.ONLINE, zone=zone, present=True, node=node
+            )
+
+    def record_offline(self, index: int) -> None:
+        """Memory block ``index`` was offlined: back to PLUGGED, no zone.
+
+        SafetyError unless it is ONLINE.
+        """
+        state = self._state(index)
+        if state is not MemoryBlockState.ONLINE:
+            raise SafetyError(
+                f"memory{index} is {state.name}, not ONLINE: cannot offline", block=index
+            )
+        with self._write_section():
+            self._set_block_state(index, MemoryBlockState.PLUGGED, zone=Zone.NONE, present=True)
+
+    def rebuild_from_states(
+        self,
+        plugged: Iterable[int],
+        online: Mapping[int, Zone],
+        present: Iterable[int],
+    ) -> None:
+        """Replace the bitmap and every record with observed truth, in one write section.
+
+        ``plugged``: subblock indices the device reported plugged (STATE);
+        ``online`` (block index -> zone) and ``present``: memory block indices
+        from sysfs (online implies present). Nodes stay for blocks still present.
+        The intent and the device info are left alone. SafetyError, before any
+        change, if an index is outside the region or an online block is not
+        fully plugged.
+        """
+        geometry = self.geometry
+        bitmap = self._bitmap_of(plugged)
+        online_zones = {index: Zone(zone) for index, zone in online.items()}
+        present_set = set(present) | set(online_zones)
+        for index in present_set:
+            self._check_index(index)
+        for index, zone in online_zones.items():
+            subblocks = geometry.subblocks_of(index)
+            if popcount(bitmap, subblocks.start, len(subblocks)) != len(subblocks):
+                raise SafetyError(f"memory{index} is online but not fully plugged", block=index)
+            if zone is Zone.NONE:
+                raise ValueError(f"memory{index} online without a zone (use AUTO)")
+        with self._write_section():
+            self._replace_bitmap(bitmap)
+            for index in geometry.memory_blocks():
+                self._rebuild_block(index, online_zones.get(index), index in present_set)
+        self._log.debug(
+            "rebuilt: %d subblocks plugged, %d blocks online, %d present",
+            self._hdr.plugged_bytes // geometry.block_size,
+            len(online_zones),
+            len(present_set),
+        )
+
+    # -- transitions: device info and counters ------------------------------
+
+    def set_device_info(
+        self, *, requested_size: int, usable_region_size: int, plugged_size: int, node_id: int
+    ) -> None:
+        """Store the device's config as last read (sizes in bytes)."""
+        for what, value, limit in (
+            ("requested_size", requested_size, U64_MAX),
+            ("usable_region_size", usable_region_size, U64_MAX),
+            ("plugged_size", plugged_size, U64_MAX),
+            ("node_id", node_id, U32_MAX),
+        ):
+            check_unsigned(what, value, limit)
+        with self._write_section() as header:
+            header.requested_size = requested_size
+            header.usable_region_size = usable_region_size
+            header.plugged_size = plugged_size
+            header.node_id = node_id
+        self._log.debug(
+            "device info requested=%#x usable=%#x plugged=%#x node=%d",
+            requested_size,
+            usable_region_size,
+            plugged_size,
+            node_id,
+        )
+
+    def set_broken(self, reason: str | BrokenReason) -> None:
+        """Mark the device broken (stop touching it). ``reason`` is a BrokenReason
+        or free text; text is kept (truncated to fit) with code OTHER unless it
+        names a BrokenReason.
+        """
+        code, detail = broken_code_and_detail(reason)
+        with self._write_section() as header:
+            header.device_status = DeviceStatus.BROKEN
+            header.broken_code = code
+            header.broken_detail = detail
+        self._log.debug("device broken: %s", reason)
+
+    def clear_broken(self) -> None:
+        with self._write_section() as header:
+            header.device_status = DeviceStatus.OK
+            header.broken_code = BrokenReason.NONE
+            header.broken_detail = b""
+        self._log.debug("device no longer broken")
+
+    def set_remainder(self, nbytes: int) -> None:
+        """The part of ``requested_size`` the guest cannot use (not plugged)."""
+        check_unsigned("remainder", nbytes, U64_MAX)
+        with self._write_section() as header:
+            header.remainder_bytes = nbytes
+        self._log.debug("remainder %#x", nbytes)
+
+    def count_retry(self) -> None:
+        with self._write_section() as header:
+            header.retries += 1
+        self._log.debug("retry")
+
+    def count_requests(self, n: int) -> None:
+        """Add ``n`` requests sent to the device."""
+        check_unsigned("request count", n, U64_MAX)
+        with self._write_section() as header:
+            header.requests += n
+        self._log.debug("requests +%d", n)
+
+    # -- the only places that change state ------------------------------------
+
+    @contextlib.contextmanager
+    def _write_section(self) -> Iterator[TrackerHeader]:
+        """Make ``generation`` odd for the duration, even after: readers retry meanwhile."""
+        header = self._hdr
+        header.generation += 1
+        try:
+            yield header
+        finally:
+            header.generation += 1
+
+    def _set_block_state(
+        self,
+        index: int,
+        state: MemoryBlockState,
+        *,
+        plugged_subblocks: int | None = None,
+        zone: Zone | None = None,
+        present: bool | None = None,
+        node: int | None = None,
+    ) -> None:
+        """The one function that writes a block record; it keeps ``online_bytes``.
+
+        Called inside a write section, after the caller checked the invariants.
+        A keyword left None keeps the record's current value.
+        """
+        header = self._hdr
+        if not header.generation & 1:
+            raise RuntimeError("block state changed outside a write section")
+        raw = self._record(index)
+        old_state = MemoryBlockState(raw.state)
+        old_present = bool(raw.flags & FLAG_PRESENT)
+        old_zone = Zone(raw.zone)
+        plugged_subblocks = (
+            raw.plugged_subblocks if plugged_subblocks is None else plugged_subblocks
+        )
+        zone = old_zone if zone is None else zone
+        present = old_present if present is None else present
+        was_online = old_state is MemoryBlockState.ONLINE
+        is_online = state is MemoryBlockState.ONLINE
+        if is_online and not was_online:
+            header.online_bytes += self.geometry.memory_block_size
+        elif was_online and not is_online:
+            header.online_bytes -= self.geometry.memory_block_size
+        raw.state = state
+        raw.flags = (raw.flags & ~FLAG_PRESENT) | (FLAG_PRESENT if present else 0)
+        raw.zone = zone
+        raw.plugged_subblocks = plugged_subblocks
+        if node is not None:
+            raw.node = node
+        self.state.set_block(index, state, zone, present)
+        if (old_state, old_present, old_zone) != (state, present, zone):
+            self._log.debug(
+                "memory%d %s -> %s (present=%s zone=%s plugged_subblocks=%d)",
+                index,
+                old_state.name,
+                state.name,
+                present,
+                zone.name,
+                plugged_subblocks,
+            )
+
+    def _write_subblocks(self, first: int, count: int, *, plugged: bool) -> None:
+        """Set or clear bitmap bits ``first .. first+count-1``; keeps ``plugged_bytes``.
+
+        Called inside a write section with bits the caller checked are all clear
+        (plug) or may be in any state (clearing counts what was set).
+        """
+        if count <= 0:
+            return
+        mapping = self._mapped
+        bit = self._bit(first)
+        lo, hi = bit // 8, (bit + count + 7) // 8
+        shift = bit % 8
+        mask = ((1 << count) - 1) << shift
+        word = int.from_bytes(mapping[lo:hi], "little")
+        changed = (mask & ~word) if plugged else (mask & word)
+        word = (word | mask) if plugged else (word & ~mask)
+        mapping[lo:hi] = word.to_bytes(hi - lo, "little")
+        delta = changed.bit_count() * self.geometry.block_size
+        header = self._hdr
+        header.plugged_bytes += delta if plugged else -delta
+        self.state.set_subblocks(first, count, plugged=plugged)
+
+    def _replace_bitmap(self, bitmap: bytes) -> None:
+        """Store a whole new bitmap (``bitmap_size`` bytes); sets ``plugged_bytes`` to match.
+
+        Called inside a write section with a bitmap built by :meth:`_bitmap_of`.
+        """
+        start = self._layout.bitmap_offset
+        self._mapped[start : start + len(bitmap)] = bitmap
+        popcount = int.from_bytes(bitmap, "little").bit_count()
+        self._hdr.plugged_bytes = popcount * self.geometry.block_size
+        self.state.replace_bitmap(bitmap)
+
+    def _refresh_blocks(self, first: int, count: int) -> None:
+        """Recompute plugged_subblocks and state of the blocks over subblocks
+        ``first .. first+count-1`` (none of them ONLINE: checked by the caller)."""
+        geometry = self.geometry
+        touched = range(
+            geometry.subblock_addr(first) // geometry.memory_block_size,
+            -(-geometry.subblock_addr(first + count) // geometry.memory_block_size),
+        )
+        for index in touched:
+            if geometry.contains_memory_block(index):
+                plugged, total = self._count_plugged(index)
+                self._set_block_state(
+                    index,
+                    expected_state(plugged, total),
+                    plugged_subblocks=plugged,
+                    zone=Zone.NONE,
+                )
+
+    def _rebuild_block(self, index: int, zone: Zone | None, present: bool) -> None:
+        """Set block ``index`` from the (already rebuilt) bitmap and the kernel's view."""
+        plugged, total = self._count_plugged(index)
+        if zone is not None:
+            state = MemoryBlockState.ONLINE
+        else:
+            state, zone = expected_state(plugged, total), Zone.NONE
+        self._set_block_state(
+            index,
+            state,
+            plugged_subblocks=plugged,
+            zone=zone,
+            present=present,
+            node=None if present else NODE_UNKNOWN,
+        )
+
+    def _count_plugged(self, index: int) -> tuple[int, int]:
+        """(plugged, total) subblocks of memory block ``index`` per the bitmap."""
+        subblocks = self.geometry.subblocks_of(index)
+        plugged = popcount(self._mapped, self._bit(subblocks.start), len(subblocks))
+        return plugged, len(subblocks)
+
+    # -- checks and accessors -----------------------------------------------
+
+    @property
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            raise TrackerError(f"tracker {self.path} is closed")
+        return self._map
+
+    @property
+    def _hdr(self) -> TrackerHeader:
+        if self._header is None:
+            raise TrackerError(f"tracker {self.path} is closed")
+        return self._header
+
+    def _bit(self, sb_index: int) -> int:
+        """Absolute bit offset in the mapping of subblock ``sb_index``."""
+        return self._layout.bitmap_offset * 8 + sb_index
+
+    def _check_index(self, index: int) -> None:
+        if not self.geometry.contains_memory_block(index):
+            raise SafetyError(f"memory{index} is not inside the device region", block=index)
+
+    def _state(self, index: int) -> MemoryBlockState:
+        return MemoryBlockState(self._record(index).state)
+
+    def _record(self, index: int) -> BlockRecordLayout:
+        self._check_index(index)
+        if self._records is None:
+            raise TrackerError(f"tracker {self.path} is closed")
+        record: BlockRecordLayout = self._records[index - self.geometry.first_memory_block]
+        return record
+
+    def _check_range(self, addr: int, nb_blocks: int) -> int:
+        """Index of the first subblock of an aligned, non-empty range inside the region."""
+        geometry = self.geometry
+        if addr % geometry.block_size:
+            raise SafetyError(f"address {addr:#x} is not aligned to the block size", addr=addr)
+        if not 0 < nb_blocks <= U32_MAX:
+            raise SafetyError(f"bad block count {nb_blocks}", addr=addr)
+        end = addr + nb_blocks * geometry.block_size
+        if addr < geometry.addr or end > geometry.end:
+            raise SafetyError(
+                f"range {addr:#x}+{nb_blocks} blocks leaves the region "
+                f"[{geometry.addr:#x}, {geometry.end:#x})",
+                addr=addr,
+            )
+        return geometry.subblock_index(addr)
+
+    def _bitmap_of(self, subblocks: Iterable[int]) -> bytes:
+        """A bitmap image with exactly ``subblocks`` set; SafetyError for one outside."""
+        nr_subblocks = self.geometry.nr_subblocks
+        bitmap = bytearray(self._layout.bitmap_size)
+        for sb_index in subblocks:
+            if not 0 <= sb_index < nr_subblocks:
+                raise SafetyError(f"subblock {sb_index} outside the region")
+            bitmap[sb_index // 8] |= 1 << (sb_index % 8)
+        return bytes(bitmap)
+
+    def _refuse_if_online_over(self, first: int, count: int, what: str) -> None:
+        """SafetyError if any memory block overlapping subblocks first..first+count-1 is ONLINE."""
+        geometry = self.geometry
+        lo = geometry.subblock_addr(first) // geometry.memory_block_size
+        hi = -(-geometry.subblock_addr(first + count) // geometry.memory_block_size)
+        for index in range(lo, hi):
+            if not geometry.contains_memory_block(index):
+                continue
+            if self._state(index) is MemoryBlockState.ONLINE:
+                raise SafetyError(
+                    f"{what} over memory{index}, which is ONLINE",
+                    block=index,
+                    addr=geometry.subblock_addr(first),
+                )
+
+    def _refuse_if_any_online(self, what: str) -> None:
+        if self._hdr.online_bytes:
+            raise SafetyError(f"{what} while memory blocks are ONLINE")

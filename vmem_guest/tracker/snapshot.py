@@ -1,0 +1,327 @@
+"""Value types of a tracker, decoding a whole-file copy, and the consistency check.
+
+A :class:`TrackerSnapshot` is one generation of a file, decoded whole: what
+readers (``vmem-guest status``), recovery and the tests use. The owner never
+decodes per step; it keeps a :class:`~vmem_guest.tracker.state.RegionState`.
+
+Invariants of a file (checked by :func:`consistency_problem` when a file is
+reused, and by the fuzzers after every step):
+
+* ``plugged_subblocks`` of every record equals the bits set over that block;
+  its state is UNPLUGGED (no bit), PARTIAL (some), PLUGGED or ONLINE (all).
+* An ONLINE block is fully plugged (docs/design.md, invariant 1) and nothing
+  under an ONLINE block is unplugged (invariant 2); only ONLINE blocks carry a zone.
+* ``plugged_bytes == popcount(bitmap) * block_size`` and
+  ``online_bytes == count(ONLINE) * memory_block_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TypeVar
+
+from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.errors import TrackerError
+from vmem_guest.spec import RequestType
+from vmem_guest.tracker.layout import (
+    FLAG_PRESENT,
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    MAGIC,
+    NAME_FIELD_SIZE,
+    NO_INTENT,
+    VERSION,
+    BlockRecordLayout,
+    BrokenReason,
+    DeviceStatus,
+    FileLayout,
+    TrackerHeader,
+    popcount,
+)
+from vmem_guest.tracker.state import RegionState
+
+_E = TypeVar("_E", bound=enum.IntEnum)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerIdentity:
+    """Which device a tracker belongs to: its name and its region geometry.
+
+    ``name`` is a PCI address (``0000:00:03.0``) or a simulator name: printable,
+    no ``/``, at most NAME_FIELD_SIZE - 1 bytes of UTF-8.
+    """
+
+    name: str
+    geometry: Geometry
+
+    def __post_init__(self) -> None:
+        encoded = self.name.encode()
+        if not self.name or len(encoded) >= NAME_FIELD_SIZE:
+            raise ValueError(f"tracker name {self.name!r} must be 1..{NAME_FIELD_SIZE - 1} bytes")
+        if "/" in self.name or not self.name.isprintable():
+            raise ValueError(f"tracker name {self.name!r} must be printable, without '/'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Intent:
+    """The request about to be sent (written before it, cleared after its response)."""
+
+    op: RequestType
+    addr: int
+    nb_blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRecord:
+    """One memory block as the tracker holds it; ``index`` is the kernel's."""
+
+    index: int
+    state: MemoryBlockState
+    present: bool
+    zone: Zone
+    plugged_subblocks: int
+    node: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerSnapshot:
+    """A consistent copy of a tracker (one generation). Sizes in bytes.
+
+    ``plugged_size`` is what the device reported; ``plugged_bytes`` is what the
+    bitmap holds. ``intent_seq`` counts the intents ever written.
+    """
+
+    identity: TrackerIdentity
+    generation: int
+    owner_pid: int
+    requested_size: int
+    usable_region_size: int
+    plugged_size: int
+    node_id: int
+    broken: bool
+    broken_reason: str
+    plugged_bytes: int
+    online_bytes: int
+    remainder_bytes: int
+    retries: int
+    requests: int
+    intent: Intent | None
+    intent_seq: int
+    blocks: tuple[BlockRecord, ...]
+    bitmap: bytes
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.identity.geometry
+
+    def is_plugged(self, sb_index: int) -> bool:
+        """Whether device block ``sb_index`` (from the region start) is plugged."""
+        if not 0 <= sb_index < self.geometry.nr_subblocks:
+            raise IndexError(f"subblock {sb_index} outside the region")
+        return bool(self.bitmap[sb_index // 8] >> (sb_index % 8) & 1)
+
+    def state_counts(self) -> dict[MemoryBlockState, int]:
+        """Memory blocks per state; every state is a key."""
+        counts = dict.fromkeys(MemoryBlockState, 0)
+        for record in self.blocks:
+            counts[record.state] += 1
+        return counts
+
+    def block(self, index: int) -> BlockRecord:
+        """The record of kernel memory block ``index`` (KeyError if not in the region)."""
+        offset = index - self.geometry.first_memory_block
+        if not 0 <= offset < len(self.blocks):
+            raise KeyError(index)
+        return self.blocks[offset]
+
+
+def identity_of(header: TrackerHeader) -> TrackerIdentity:
+    """The identity a header claims (TrackerError if it cannot be one)."""
+    try:
+        name = header.name.decode()
+        geometry = Geometry(
+            addr=header.addr,
+            region_size=header.region_size,
+            block_size=header.block_size,
+            memory_block_size=header.memory_block_size,
+        )
+        identity = TrackerIdentity(name=name, geometry=geometry)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TrackerError(f"header holds no valid identity: {exc}") from exc
+    derived = (geometry.first_memory_block, geometry.nr_memory_blocks, geometry.nr_subblocks)
+    stored = (header.first_memory_block, header.nr_memory_blocks, header.nr_subblocks)
+    if derived != stored:
+        raise TrackerError(f"header block counts {stored} do not match its geometry {derived}")
+    return identity
+
+
+def check_header(buf: bytes, file_size: int) -> TrackerHeader:
+    """The header of ``buf`` if magic, version and sizes hold; TrackerError otherwise."""
+    if len(buf) < HEADER_SIZE:
+        raise TrackerError(f"truncated: {len(buf)} bytes, header needs {HEADER_SIZE}")
+    header = TrackerHeader.from_buffer_copy(buf, 0)
+    if bytes(header.magic) != MAGIC:
+        raise TrackerError(f"bad magic {bytes(header.magic)!r}")
+    if header.version != VERSION:
+        raise TrackerError(f"version {header.version}, expected {VERSION}")
+    if header.header_size != HEADER_SIZE:
+        raise TrackerError(f"header size {header.header_size}, expected {HEADER_SIZE}")
+    expected = FileLayout(header.nr_memory_blocks, header.nr_subblocks).total_size
+    if header.total_size != expected or file_size != expected:
+        raise TrackerError(
+            f"size mismatch: header says {header.total_size}, file has {file_size}, "
+            f"layout needs {expected}"
+        )
+    return header
+
+
+def enum_or_error(kind: type[_E], value: int, what: str) -> _E:
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise TrackerError(f"{what}: {value} is not a {kind.__name__}") from exc
+
+
+def decode_records(buf: bytes, layout: FileLayout, first_index: int) -> tuple[BlockRecord, ...]:
+    array = (BlockRecordLayout * layout.nr_memory_blocks).from_buffer_copy(
+        buf, layout.records_offset
+    )
+    records = []
+    for offset, raw in enumerate(array):
+        index = first_index + offset
+        if raw.flags & ~KNOWN_FLAGS:
+            raise TrackerError(f"memory{index}: unknown flags {raw.flags:#x}")
+        records.append(
+            BlockRecord(
+                index=index,
+                state=enum_or_error(MemoryBlockState, raw.state, f"memory{index} state"),
+                present=bool(raw.flags & FLAG_PRESENT),
+                zone=enum_or_error(Zone, raw.zone, f"memory{index} zone"),
+                plugged_subblocks=raw.plugged_subblocks,
+                node=raw.node,
+            )
+        )
+    return tuple(records)
+
+
+def decode_intent(header: TrackerHeader) -> Intent | None:
+    if header.intent_op == NO_INTENT:
+        return None
+    op = enum_or_error(RequestType, header.intent_op, "intent op")
+    return Intent(op=op, addr=header.intent_addr, nb_blocks=header.intent_nb_blocks)
+
+
+def broken_reason(header: TrackerHeader) -> str:
+    if header.device_status != DeviceStatus.BROKEN:
+        return ""
+    detail = header.broken_detail.decode(errors="replace")
+    code = enum_or_error(BrokenReason, header.broken_code, "broken code")
+    return detail or code.text
+
+
+def decode(buf: bytes) -> TrackerSnapshot:
+    """A snapshot of a whole-file copy ``buf``; TrackerError if it does not decode."""
+    header = check_header(buf, len(buf))
+    identity = identity_of(header)
+    layout = FileLayout.of(identity.geometry)
+    enum_or_error(DeviceStatus, header.device_status, "device status")
+    bitmap_end = layout.bitmap_offset + layout.bitmap_size
+    return TrackerSnapshot(
+        identity=identity,
+        generation=header.generation,
+        owner_pid=header.owner_pid,
+        requested_size=header.requested_size,
+        usable_region_size=header.usable_region_size,
+        plugged_size=header.plugged_size,
+        node_id=header.node_id,
+        broken=header.device_status == DeviceStatus.BROKEN,
+        broken_reason=broken_reason(header),
+        plugged_bytes=header.plugged_bytes,
+        online_bytes=header.online_bytes,
+        remainder_bytes=header.remainder_bytes,
+        retries=header.retries,
+        requests=header.requests,
+        intent=decode_intent(header),
+        intent_seq=header.intent_seq,
+        blocks=decode_records(buf, layout, identity.geometry.first_memory_block),
+        bitmap=bytes(buf[layout.bitmap_offset : bitmap_end]),
+    )
+
+
+def expected_state(plugged: int, total: int) -> MemoryBlockState:
+    """The state a non-ONLINE block with ``plugged`` of ``total`` subblocks has."""
+    if plugged == 0:
+        return MemoryBlockState.UNPLUGGED
+    if plugged < total:
+        return MemoryBlockState.PARTIAL
+    return MemoryBlockState.PLUGGED
+
+
+def consistency_problem(snap: TrackerSnapshot) -> str | None:
+    """The first broken invariant of ``snap`` (module docstring), or None.
+
+    Used to vet a file before reuse; tests and fuzzers call it too.
+    """
+    geometry = snap.geometry
+    for record in snap.blocks:
+        subblocks = geometry.subblocks_of(record.index)
+        plugged = popcount(snap.bitmap, subblocks.start, len(subblocks))
+        if record.plugged_subblocks != plugged:
+            return (
+                f"memory{record.index}: record says {record.plugged_subblocks} subblocks "
+                f"plugged, bitmap {plugged}"
+            )
+        if record.state is MemoryBlockState.ONLINE:
+            if plugged != len(subblocks):
+                return f"memory{record.index} is ONLINE but not fully plugged"
+            if record.zone is Zone.NONE:
+                return f"memory{record.index} is ONLINE without a zone"
+        elif record.state is not expected_state(plugged, len(subblocks)):
+            return f"memory{record.index}: state {record.state.name} with {plugged} plugged"
+        elif record.zone is not Zone.NONE:
+            return f"memory{record.index} is {record.state.name} with zone {record.zone.name}"
+    spare_bits = int.from_bytes(snap.bitmap, "little") >> geometry.nr_subblocks
+    if spare_bits:
+        return "bitmap has bits set beyond the region"
+    plugged_bytes = int.from_bytes(snap.bitmap, "little").bit_count() * geometry.block_size
+    if snap.plugged_bytes != plugged_bytes:
+        return f"plugged_bytes {snap.plugged_bytes}, bitmap holds {plugged_bytes}"
+    online = snap.state_counts()[MemoryBlockState.ONLINE] * geometry.memory_block_size
+    if snap.online_bytes != online:
+        return f"online_bytes {snap.online_bytes}, records hold {online}"
+    return None
+
+
+def state_of(snap: TrackerSnapshot) -> RegionState:
+    """The in-memory state a snapshot holds (what a restarted owner starts from)."""
+    return RegionState.load(
+        snap.geometry,
+        snap.bitmap,
+        ((rec.index, rec.state, rec.zone, rec.present) for rec in snap.blocks),
+    )
+
+
+def state_disagreement(state: RegionState, snap: TrackerSnapshot) -> str | None:
+    """Where the owner's in-memory ``state`` and the file's ``snap`` differ, or None.
+
+    They must agree after every completed step; the fuzzers check it. Also
+    checks the state's own indexes against a recount (:meth:`RegionState.problem`).
+    """
+    if bytes(state.bitmap) != snap.bitmap:
+        return "bitmap differs from the file"
+    for rec in snap.blocks:
+        held = (
+            state.block_state(rec.index),
+            state.block_zone(rec.index),
+            state.is_present(rec.index),
+        )
+        if held != (rec.state, rec.zone, rec.present):
+            return (
+                f"memory{rec.index}: state holds {held}, file {(rec.state, rec.zone, rec.present)}"
+            )
+    if state.plugged_bytes != snap.plugged_bytes:
+        return f"plugged bytes {state.plugged_bytes}, file {snap.plugged_bytes}"
+    if state.online_bytes != snap.online_bytes:
+        return f"online bytes {state.online_bytes}, file {snap.online_bytes}"
+    return state.problem()

@@ -1,0 +1,307 @@
+"""The owner's in-memory state of one tracker, indexed for the planner.
+
+What is derived from what (docs/design.md, "The tracker"):
+
+* The **file** (bitmap + block records, ``layout.py``) is the shared, crash-safe
+  record. Readers and a restarted agent decode it whole.
+* A :class:`RegionState` is derived from the file: :meth:`RegionState.load`
+  builds it in O(region) when the owner opens the file, on recovery and on a
+  rebuild. After that the owner applies every transition to both, in the same
+  call, at O(what changed): :meth:`set_subblocks` for the bitmap,
+  :meth:`set_block` for a block record. They must agree after every completed
+  step (:func:`disagreement` checks it; the fuzzers call it after every rule).
+* Inside the state, the per-unit counts (subblocks plugged, memory blocks
+  online, online outside ZONE_MOVABLE) are derived from the bitmap and the
+  block states; each unit's :class:`UnitClass` from those counts; the
+  :class:`IndexSet` of each class, and the per-state block counters (like
+  ``mb_count[]`` of Linux's ``virtio_mem_sbm_set_mb_state``), from the classes
+  and states. :meth:`problem` recomputes all of them from scratch (tests only).
+
+Nothing here does I/O; the planner reads a RegionState and never changes it.
+"""
+
+from __future__ import annotations
+
+import enum
+from array import array
+from collections.abc import Iterable, Iterator
+
+from vmem_guest.blocks import Geometry, MemoryBlockState, Unit, UnitGrid, Zone
+from vmem_guest.tracker.indexset import IndexSet
+
+
+class UnitClass(enum.IntEnum):
+    """What a unit holds; the planner asks for units by class."""
+
+    EMPTY = 0  # no subblock plugged
+    PARTIAL = 1  # some, not all, subblocks plugged
+    FULL_OFFLINE = 2  # fully plugged, no memory block online
+    FULL_MOVABLE = 3  # fully plugged, something online, all of it in ZONE_MOVABLE
+    FULL_KERNEL = 4  # fully plugged, something online outside ZONE_MOVABLE
+
+
+FULL_CLASSES = (UnitClass.FULL_OFFLINE, UnitClass.FULL_MOVABLE, UnitClass.FULL_KERNEL)
+
+
+def _bits(bitmap: bytes | bytearray, first: int, count: int) -> int:
+    """Bits ``first .. first+count-1`` of ``bitmap`` as an int (bit k = bit first+k)."""
+    if count <= 0:
+        return 0
+    chunk = int.from_bytes(bitmap[first >> 3 : (first + count + 7) >> 3], "little")
+    return (chunk >> (first & 7)) & ((1 << count) - 1)
+
+
+class RegionState:
+    """Bitmap, block states and the indexes over them, for one device region.
+
+    Memory block ``mb`` (a kernel index) is stored at offset
+    ``mb - geometry.first_memory_block``; unit ``u`` is ``grid[u]``.
+    """
+
+    def __init__(self, geometry: Geometry, bitmap_size: int | None = None) -> None:
+        """An all-UNPLUGGED region; ``bitmap_size`` in bytes (default: just enough)."""
+        self.geometry = geometry
+        self.grid = UnitGrid.of(geometry)
+        self.orphans = self.grid.orphan_subblocks(geometry.nr_subblocks)
+        needed = -(-geometry.nr_subblocks // 8)
+        self.bitmap = bytearray(max(needed, bitmap_size or 0))
+        nr_blocks = geometry.nr_memory_blocks
+        units = len(self.grid)
+        self._first_mb = geometry.first_memory_block
+        self.block_states = bytearray(nr_blocks)  # MemoryBlockState.UNPLUGGED == 0
+        self.block_zones = bytearray(nr_blocks)  # Zone.NONE == 0
+        self.block_present = bytearray(nr_blocks)
+        self.unit_plugged = array("L", bytes(units * array("L").itemsize))
+        self.unit_online = array("L", bytes(units * array("L").itemsize))
+        self.unit_pinned = array("L", bytes(units * array("L").itemsize))
+        self.unit_class = bytearray(units)  # UnitClass.EMPTY == 0
+        self.units_by_class = {cls: IndexSet(units) for cls in UnitClass}
+        self.units_by_class[UnitClass.EMPTY] = IndexSet.full(units)
+        #: Full units with at least one memory block not online.
+        self.not_fully_online = IndexSet(units)
+        self.plugged_subblocks = 0
+        self.block_counts = dict.fromkeys(MemoryBlockState, 0)
+        self.block_counts[MemoryBlockState.UNPLUGGED] = nr_blocks
+        self.movable_online_blocks = 0
+
+    # --- building --------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        geometry: Geometry,
+        bitmap: bytes | bytearray,
+        blocks: Iterable[tuple[int, MemoryBlockState, Zone, bool]],
+    ) -> RegionState:
+        """The state of a decoded file: its bitmap, and (index, state, zone, present)
+        of every block record. O(region): at open, recovery and rebuild only."""
+        state = cls(geometry, len(bitmap))
+        state.bitmap[: len(bitmap)] = bitmap
+        state.plugged_subblocks = int.from_bytes(bitmap, "little").bit_count()
+        for index, block_state, zone, present in blocks:
+            state._store_block(index, block_state, zone, present)
+        for unit in range(len(state.grid)):
+            state._recount_plugged(unit)
+            state._recount_online(unit)
+            state._reclassify(unit)
+        return state
+
+    # --- the transitions (the owner calls these, and only these) ---------------
+
+    def set_subblocks(self, first: int, count: int, *, plugged: bool) -> int:
+        """Set or clear bits ``first .. first+count-1``; the number of bits changed.
+
+        Cost: O(count / 8) for the bits, plus one recount per unit touched.
+        """
+        if count <= 0:
+            return 0
+        lo, hi = first >> 3, (first + count + 7) >> 3
+        shift = first & 7
+        mask = ((1 << count) - 1) << shift
+        word = int.from_bytes(self.bitmap[lo:hi], "little")
+        changed = ((mask & ~word) if plugged else (mask & word)).bit_count()
+        word = (word | mask) if plugged else (word & ~mask)
+        self.bitmap[lo:hi] = word.to_bytes(hi - lo, "little")
+        self.plugged_subblocks += changed if plugged else -changed
+        for unit in self._units_over(first, count):
+            self._recount_plugged(unit)
+            self._reclassify(unit)
+        return changed
+
+    def replace_bitmap(self, bitmap: bytes | bytearray) -> None:
+        """A whole new bitmap (rebuild): O(region), like :meth:`load`."""
+        self.bitmap[:] = bitmap
+        self.plugged_subblocks = int.from_bytes(bitmap, "little").bit_count()
+        for unit in range(len(self.grid)):
+            self._recount_plugged(unit)
+            self._reclassify(unit)
+
+    def set_block(self, index: int, state: MemoryBlockState, zone: Zone, present: bool) -> None:
+        """Block ``index`` now has this record (the owner's ``_set_block_state``)."""
+        self._store_block(index, state, zone, present)
+        unit = self.grid.unit_of_memory_block(index)
+        self._recount_online(unit)
+        self._reclassify(unit)
+
+    # --- queries (the planner's) ------------------------------------------------
+
+    @property
+    def plugged_bytes(self) -> int:
+        return self.plugged_subblocks * self.geometry.block_size
+
+    @property
+    def online_bytes(self) -> int:
+        return self.block_counts[MemoryBlockState.ONLINE] * self.geometry.memory_block_size
+
+    def is_plugged(self, sb_index: int) -> bool:
+        return bool(self.bitmap[sb_index >> 3] >> (sb_index & 7) & 1)
+
+    def plugged_in(self, subblocks: range) -> list[int]:
+        """The plugged subblocks of ``subblocks`` (one unit's worth, say)."""
+        bits = _bits(self.bitmap, subblocks.start, len(subblocks))
+        return [subblocks.start + k for k in range(len(subblocks)) if bits >> k & 1]
+
+    def missing_in(self, subblocks: range) -> list[int]:
+        """The unplugged subblocks of ``subblocks``."""
+        bits = _bits(self.bitmap, subblocks.start, len(subblocks))
+        return [subblocks.start + k for k in range(len(subblocks)) if not bits >> k & 1]
+
+    def block_state(self, index: int) -> MemoryBlockState:
+        return MemoryBlockState(self.block_states[index - self._first_mb])
+
+    def block_zone(self, index: int) -> Zone:
+        return Zone(self.block_zones[index - self._first_mb])
+
+    def is_present(self, index: int) -> bool:
+        return bool(self.block_present[index - self._first_mb])
+
+    def unit(self, unit_index: int) -> Unit:
+        return self.grid[unit_index]
+
+    def units(self, cls: UnitClass) -> IndexSet:
+        return self.units_by_class[cls]
+
+    @property
+    def full_units(self) -> int:
+        """Fully plugged units."""
+        return sum(len(self.units_by_class[cls]) for cls in FULL_CLASSES)
+
+    def full_units_below(self, unit_index: int) -> int:
+        """Fully plugged units lower than ``unit_index``. O(region / 64): rare paths only."""
+        return sum(self.units_by_class[cls].count_below(unit_index) for cls in FULL_CLASSES)
+
+    def online_blocks(self, unit_index: int) -> list[int]:
+        """The online memory blocks of one unit, lowest first."""
+        mbs = self.grid[unit_index].memory_blocks
+        online = MemoryBlockState.ONLINE
+        return [mb for mb in mbs if self.block_states[mb - self._first_mb] == online]
+
+    def highest_plugged_subblock(self) -> int | None:
+        """The highest plugged subblock of the region, or None. O(1) in the region size."""
+        highest: int | None = None
+        for cls in (UnitClass.PARTIAL, *FULL_CLASSES):
+            unit = self.units_by_class[cls].last()
+            if unit is not None:
+                plugged = self.plugged_in(self.grid[unit].subblocks)
+                highest = max(highest if highest is not None else -1, plugged[-1])
+        for sb in self.orphans:
+            if self.is_plugged(sb) and (highest is None or sb > highest):
+                highest = sb
+        return highest
+
+    # --- checking (tests and fuzzers) -------------------------------------------
+
+    def problem(self) -> str | None:
+        """The first index that does not match a recount from scratch, or None. O(region)."""
+        fresh = RegionState.load(self.geometry, bytes(self.bitmap), self._records())
+        if fresh.plugged_subblocks != self.plugged_subblocks:
+            return f"plugged_subblocks {self.plugged_subblocks}, bitmap {fresh.plugged_subblocks}"
+        if fresh.block_counts != self.block_counts:
+            return f"block counts {self.block_counts}, records {fresh.block_counts}"
+        if fresh.movable_online_blocks != self.movable_online_blocks:
+            return f"movable online {self.movable_online_blocks}, {fresh.movable_online_blocks}"
+        for name in ("unit_plugged", "unit_online", "unit_pinned", "unit_class"):
+            if getattr(fresh, name) != getattr(self, name):
+                return f"{name} differs from a recount"
+        for cls in UnitClass:
+            if list(fresh.units_by_class[cls]) != list(self.units_by_class[cls]):
+                return f"units of class {cls.name} differ from a recount"
+        if list(fresh.not_fully_online) != list(self.not_fully_online):
+            return "not-fully-online units differ from a recount"
+        return None
+
+    def _records(self) -> Iterator[tuple[int, MemoryBlockState, Zone, bool]]:
+        for offset, raw_state in enumerate(self.block_states):
+            yield (
+                self._first_mb + offset,
+                MemoryBlockState(raw_state),
+                Zone(self.block_zones[offset]),
+                bool(self.block_present[offset]),
+            )
+
+    # --- internals ----------------------------------------------------------------
+
+    def _store_block(self, index: int, state: MemoryBlockState, zone: Zone, present: bool) -> None:
+        offset = index - self._first_mb
+        old_state = MemoryBlockState(self.block_states[offset])
+        old_movable = (
+            old_state is MemoryBlockState.ONLINE and self.block_zones[offset] == Zone.MOVABLE
+        )
+        new_movable = state is MemoryBlockState.ONLINE and zone is Zone.MOVABLE
+        self.block_counts[old_state] -= 1
+        self.block_counts[state] += 1
+        self.movable_online_blocks += int(new_movable) - int(old_movable)
+        self.block_states[offset] = state
+        self.block_zones[offset] = zone
+        self.block_present[offset] = present
+
+    def _units_over(self, first: int, count: int) -> range:
+        """Units holding any of subblocks ``first .. first+count-1``."""
+        grid = self.grid
+        lo = max(first, grid.first_subblock)
+        hi = min(first + count, grid.subblocks_end)
+        if lo >= hi:
+            return range(0)
+        return range(
+            (lo - grid.first_subblock) // grid.subblocks_per_unit,
+            (hi - 1 - grid.first_subblock) // grid.subblocks_per_unit + 1,
+        )
+
+    def _recount_plugged(self, unit: int) -> None:
+        grid = self.grid
+        first = grid.first_subblock + unit * grid.subblocks_per_unit
+        self.unit_plugged[unit] = _bits(self.bitmap, first, grid.subblocks_per_unit).bit_count()
+
+    def _recount_online(self, unit: int) -> None:
+        online = pinned = 0
+        for mb in self.grid[unit].memory_blocks:
+            offset = mb - self._first_mb
+            if self.block_states[offset] == MemoryBlockState.ONLINE:
+                online += 1
+                pinned += self.block_zones[offset] != Zone.MOVABLE
+        self.unit_online[unit] = online
+        self.unit_pinned[unit] = pinned
+
+    def _reclassify(self, unit: int) -> None:
+        grid = self.grid
+        plugged = self.unit_plugged[unit]
+        online = self.unit_online[unit]
+        if plugged == 0:
+            cls = UnitClass.EMPTY
+        elif plugged < grid.subblocks_per_unit:
+            cls = UnitClass.PARTIAL
+        elif online == 0:
+            cls = UnitClass.FULL_OFFLINE
+        elif self.unit_pinned[unit] == 0:
+            cls = UnitClass.FULL_MOVABLE
+        else:
+            cls = UnitClass.FULL_KERNEL
+        old = UnitClass(self.unit_class[unit])
+        if old is not cls:
+            self.units_by_class[old].discard(unit)
+            self.units_by_class[cls].add(unit)
+            self.unit_class[unit] = cls
+        if cls in FULL_CLASSES and online < grid.memory_blocks_per_unit:
+            self.not_fully_online.add(unit)
+        else:
+            self.not_fully_online.discard(unit)
