@@ -64,16 +64,13 @@ KILL_FIFO = "/run/chaos-kill.fifo"
 
 def _guest_check() -> dict[str, Any]:
     """Check every virtio-mem device with raw STATE requests; change nothing."""
-    import fcntl
-    import os
-
     from vmem_guest import discovery
     from vmem_guest.device import VirtioMemDevice
     from vmem_guest.errors import TrackerError
     from vmem_guest.tracker import (
         DEFAULT_STATE_DIR,
-        LOCK_SUFFIX,
         TrackerReader,
+        device_locked,
         tracker_path,
     )
     from vmem_guest.transport.channel import PciChannel
@@ -92,16 +89,12 @@ def _guest_check() -> dict[str, Any]:
                 # sets the file aside and rebuilds from STATE and sysfs.
                 torn = exc.message
         # The agent's lock: nobody may own the device while we look (the agent is dead).
-        lock_fd = os.open(path.with_suffix(LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with device_locked(DEFAULT_STATE_DIR, dev.bdf):
             mode = "type1" if dev.iommu_kind == "type1" else "noiommu"
             with no_unevictable_compaction(), PciChannel.open(dev.bdf, mode=mode) as channel:
                 result = _check_device(dev.bdf, VirtioMemDevice(channel, dev.bdf), snap)
                 result["tracker_torn"] = torn
                 report.append(result)
-        finally:
-            os.close(lock_fd)
     return {"devices": report}
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -56,7 +55,7 @@ from hypothesis.errors import Flaky
 
 from vmem_guest import spec
 from vmem_guest.device import RequestChannel, parse_response
-from vmem_guest.errors import DeviceBroken, ResponseError, UsageError, VmemError
+from vmem_guest.errors import DeviceBroken, ResponseError, TrackerLocked, UsageError, VmemError
 from vmem_guest.sim.device_model import USABLE_EXTENT_X86, DeviceModel
 from vmem_guest.spec import RequestType, ResponseType
 
@@ -774,29 +773,19 @@ def device_lock(state_dir: Path, bdf: str) -> Iterator[None]:
     """Hold the device's tracker lock (the one the agent holds) while fuzzing.
 
     UsageError when another process (the agent, a manual command) owns the device.
-    Same file and protocol as :mod:`vmem_guest.tracker`: ``<bdf>.lock`` next to
-    the state file, an exclusive flock, our pid inside.
     """
-    from vmem_guest.tracker import LOCK_SUFFIX, STATE_FILE_MODE, tracker_path
+    from vmem_guest.tracker import device_locked
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = tracker_path(state_dir, bdf).with_suffix(LOCK_SUFFIX)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, STATE_FILE_MODE)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UsageError(
-                f"device {bdf} is owned by another vmem-guest process (pid {holder}); "
-                "stop the agent before fuzzing its device",
-                device=bdf,
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+        with device_locked(state_dir, bdf):
+            yield
+    except TrackerLocked as exc:
+        holder = exc.fields.get("holder_pid") or "?"
+        raise UsageError(
+            f"device {bdf} is owned by another vmem-guest process (pid {holder}); "
+            "stop the agent before fuzzing its device",
+            device=bdf,
+        ) from None
 
 
 def kernel_virtio_driver(pci_dir: Path) -> str | None:
