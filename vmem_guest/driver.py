@@ -35,6 +35,13 @@ from vmem_guest.tracker import BlockRecord, Tracker
 
 #: Consecutive NACKs (each followed by a config re-read) before backing off.
 MAX_NACKS_BEFORE_BACKOFF = 3
+#: What ``auto_online_blocks`` does with a new block (memory-hotplug.rst); any
+#: other word ("online": the kernel picks the zone) means AUTO.
+AUTO_ONLINE_ZONES: dict[str, Zone | None] = {
+    "offline": None,
+    "online_movable": Zone.MOVABLE,
+    "online_kernel": Zone.KERNEL,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +114,8 @@ class DeviceDriver:
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self.broken_reason: str | None = None
+        #: ``auto_online_blocks`` as last read; None: read it before the next probe.
+        self._auto_online: str | None = None
 
     # --- config ---------------------------------------------------------------
 
@@ -370,6 +379,7 @@ class DeviceDriver:
         self.tracker.count_requests(1)
         if response.acked:
             if req_type is RequestType.PLUG:
+                self._auto_online = None  # re-read before this plug's blocks are probed
                 self.tracker.record_plugged(addr, nb_blocks)
             elif req_type is RequestType.UNPLUG:
                 self.tracker.record_unplugged(addr, nb_blocks)
@@ -388,39 +398,60 @@ class DeviceDriver:
     def online_block(self, mb: int, zone: Zone) -> None:
         """Probe (if absent) and online fully plugged block ``mb``; record it.
 
-        Copes with a kernel that onlines new blocks on its own (auto_online_blocks)
-        and with a tracker that believes a block present when it is not. Reads
-        sysfs only where the answer is not known already: this is the hot path
-        of every plug. Raises KernelError when the kernel refuses.
+        The hot path of every plug, so it asks sysfs only what it cannot know:
+
+        * a block the tracker holds present is onlined with one write;
+        * a new block is probed; when ``auto_online_blocks`` is ``offline`` the
+          kernel added it offline (the probe's success says so) and one more
+          write onlines it; otherwise the kernel tried to online it inside the
+          probe and ignored any failure (``add_memory_resource`` does not return
+          it), so one read of ``memoryN/state`` tells which.
+
+        A write the kernel refuses is then checked against what sysfs says (a
+        block already online, or absent although the tracker held it present).
+        Raises KernelError when the kernel refuses.
         """
         record = self._require_plugged(mb)
-        if not record.present and self._probe(mb):
-            return
+        if not record.present:
+            self.kernel.probe(self.geometry.memory_block_addr(mb))
+            auto_zone = self._auto_online_zone()
+            if auto_zone is not None and self.kernel.state(mb) is KernelBlockState.ONLINE:
+                landed = auto_zone if auto_zone is not Zone.AUTO else self.kernel.block(mb).zone
+                self.tracker.record_online(mb, landed, self.kernel.node(mb))
+                return
         try:
             self.kernel.online(mb, zone)
-        except KernelError:
-            current = self.kernel.block(mb)
-            if current.state is KernelBlockState.ONLINE:
-                self.tracker.record_online(mb, current.zone, current.node)
-                return
-            if current.state is not KernelBlockState.ABSENT:
-                raise
-            # The tracker believed it present: add it, then online it as planned.
-            if self._probe(mb):
-                return
-            self.kernel.online(mb, zone)
+        except KernelError as exc:
+            self._after_refused_online(mb, zone, exc)
+            return
         landed = zone if zone is not Zone.AUTO else self.kernel.block(mb).zone
         self.tracker.record_online(mb, landed, self.kernel.node(mb))
 
-    def _probe(self, mb: int) -> bool:
-        """Add block ``mb``; True when the kernel onlined it at once (and it is recorded)."""
-        self.kernel.probe(self.geometry.memory_block_addr(mb))
-        self.tracker.record_present(mb)
+    def _after_refused_online(self, mb: int, zone: Zone, refusal: KernelError) -> None:
+        """The kernel refused to online ``mb``: learn why from sysfs, record, or re-raise."""
         current = self.kernel.block(mb)
         if current.state is KernelBlockState.ONLINE:
             self.tracker.record_online(mb, current.zone, current.node)
-            return True
-        return False
+            return
+        if current.state is KernelBlockState.OFFLINE:
+            self.tracker.record_present(mb)
+            raise refusal
+        # The tracker believed it present: add it, then online it as planned.
+        self.kernel.probe(self.geometry.memory_block_addr(mb))
+        current = self.kernel.block(mb)
+        if current.state is not KernelBlockState.ONLINE:
+            self.tracker.record_present(mb)
+            self.kernel.online(mb, zone)
+            current = self.kernel.block(mb)
+        self.tracker.record_online(mb, current.zone, current.node)
+
+    def _auto_online_zone(self) -> Zone | None:
+        """The zone the kernel onlines new blocks to (``auto_online_blocks``), None
+        when it leaves them offline. Read once per PLUG request (it can be changed
+        at run time): see :meth:`request`."""
+        if self._auto_online is None:
+            self._auto_online = self.kernel.auto_online_blocks()
+        return AUTO_ONLINE_ZONES.get(self._auto_online, Zone.AUTO)
 
     def offline_block(self, mb: int) -> None:
         """Offline block ``mb`` and record it; OfflineRefused when the kernel says no."""

@@ -78,6 +78,9 @@ class KernelMemory(Protocol):
     def block(self, index: int) -> KernelBlock:
         """The state of memory block ``index`` (ABSENT if not present)."""
 
+    def state(self, index: int) -> KernelBlockState:
+        """Only the state of block ``index``: one read, no zone or node."""
+
     def probe(self, phys_addr: int) -> bool:
         """Add the memory block at ``phys_addr``; False if it was already present."""
 
@@ -192,19 +195,30 @@ class SysfsMemory:
         return (self.root / "probe").exists()
 
     def block(self, index: int) -> KernelBlock:
+        state = self.state(index)
+        if state is KernelBlockState.ABSENT:
+            return KernelBlock(index, state)
+        if state is KernelBlockState.OFFLINE:
+            return KernelBlock(index, state, Zone.NONE, self.node(index))
+        zone = _zone_from_valid_zones(self._read(f"memory{index}/valid_zones", index))
+        return KernelBlock(index, state, zone, self.node(index))
+
+    def state(self, index: int) -> KernelBlockState:
         name = f"memory{index}"
         try:
-            state_text = (self.root / name / "state").read_text().strip()
+            # os.open/os.read, not pathlib: this is on the path of every block.
+            fd = os.open(f"{self.root}/{name}/state", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                state_text = os.read(fd, 64).decode().strip()
+            finally:
+                os.close(fd)
         except FileNotFoundError as exc:
             if not (self.root / name).is_dir():
-                return KernelBlock(index, KernelBlockState.ABSENT)
+                return KernelBlockState.ABSENT
             raise KernelError(f"read {name}/state", index, errno.ENOENT) from exc
         except OSError as exc:
             raise KernelError(f"read {name}/state", index, exc.errno or errno.EIO) from exc
-        if state_text != "online":
-            return KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.node(index))
-        zone = _zone_from_valid_zones(self._read(f"{name}/valid_zones", index))
-        return KernelBlock(index, KernelBlockState.ONLINE, zone, self.node(index))
+        return KernelBlockState.ONLINE if state_text == "online" else KernelBlockState.OFFLINE
 
     def node(self, index: int) -> int:
         if index not in self._nodes:
@@ -212,10 +226,11 @@ class SysfsMemory:
         return self._nodes[index]
 
     def _read_node(self, index: int) -> int:
-        for entry in (self.root / f"memory{index}").glob("node*"):
-            suffix = entry.name[4:]
-            if suffix.isdigit():
-                return int(suffix)
+        """The ``nodeN`` link in ``memoryN`` (one getdents, no pathlib glob)."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(f"{self.root}/memory{index}"):
+                if name.startswith("node") and name[4:].isdigit():
+                    return int(name[4:])
         return -1
 
     def probe(self, phys_addr: int) -> bool:
@@ -327,6 +342,9 @@ class FakeKernelMemory:
 
     def block(self, index: int) -> KernelBlock:
         return self.blocks.get(index, KernelBlock(index, KernelBlockState.ABSENT))
+
+    def state(self, index: int) -> KernelBlockState:
+        return self.block(index).state
 
     def probe(self, phys_addr: int) -> bool:
         if phys_addr % self.memory_block_size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -18,7 +19,7 @@ from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import MAX_NACKS_BEFORE_BACKOFF, DeviceDriver, Outcome, StepResult
 from vmem_guest.errors import ConfigError, SafetyError
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.hotplug import FakeKernelMemory, KernelBlock, KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.runner import VirtualClock
 from vmem_guest.spec import RequestType, ResponseType
@@ -32,6 +33,7 @@ GEOMETRY = Geometry(ADDR, 1 * GIB, 2 * MIB, MEMORY_BLOCK)
 PER_UNIT = 64  # 2 MiB subblocks per 128 MiB memory block
 MB0 = ADDR // MEMORY_BLOCK  # memory32, the region's first memory block
 NAME = "drv0"
+T = TypeVar("T")
 INITIAL_BACKOFF = 0.05  # BackoffPolicy().initial
 
 
@@ -661,3 +663,107 @@ def test_start_accepts_a_usable_region_shrunk_by_an_unplug_all_it_did_not_record
     assert rig.model.usable_region_size == 0
     rig.open()  # the stale bitmap must not make start() refuse the device
     assert rig.tracker_plugged() == set()
+
+
+class CallLog(FakeKernelMemory):
+    """A fake kernel that logs the calls the driver makes on it, by name (the
+    fake's calls to itself are not logged)."""
+
+    def __init__(self, auto_online: str) -> None:
+        super().__init__(MEMORY_BLOCK, auto_online=auto_online)
+        self.calls: list[str] = []
+        self._depth = 0
+
+    def _logged(self, name: str, call: Callable[[], T]) -> T:
+        if not self._depth:
+            self.calls.append(name)
+        self._depth += 1
+        try:
+            return call()
+        finally:
+            self._depth -= 1
+
+    def block(self, index: int) -> KernelBlock:
+        return self._logged("block", lambda: super(CallLog, self).block(index))
+
+    def state(self, index: int) -> KernelBlockState:
+        return self._logged("state", lambda: super(CallLog, self).state(index))
+
+    def probe(self, phys_addr: int) -> bool:
+        return self._logged("probe", lambda: super(CallLog, self).probe(phys_addr))
+
+    def online(self, index: int, zone: Zone) -> None:
+        self._logged("online", lambda: super(CallLog, self).online(index, zone))
+
+    def auto_online_blocks(self) -> str:
+        return self._logged("auto_online_blocks", super().auto_online_blocks)
+
+    def node(self, index: int) -> int:
+        # SysfsMemory reads a block's node once, then caches it.
+        return self._logged("node", lambda: super(CallLog, self).node(index))
+
+
+@pytest.mark.parametrize(
+    ("auto_online", "per_block"),
+    [
+        # Added offline: the probe's success says so; one write onlines it.
+        ("offline", ["probe", "online", "node"]),
+        # Onlined inside the probe: one read of memoryN/state tells whether it worked.
+        ("online_movable", ["probe", "state", "node"]),
+    ],
+)
+def test_a_new_block_costs_the_fewest_sysfs_calls(
+    tmp_path: Path, auto_online: str, per_block: list[str]
+) -> None:
+    kernel = CallLog(auto_online)
+    rig = Rig(tmp_path, kernel)
+    try:
+        rig.model.resize(256 * MIB)
+        rig.open()
+        kernel.calls.clear()
+        rig.converge()
+        # One PLUG request for both blocks, so auto_online_blocks is read once.
+        assert kernel.calls == ["probe", "auto_online_blocks", *per_block[1:], *per_block]
+        rig.check_consistent()
+    finally:
+        rig.close()
+
+
+def test_a_present_block_is_onlined_with_one_write(tmp_path: Path) -> None:
+    kernel = CallLog("offline")
+    rig = Rig(tmp_path, kernel)
+    try:
+        rig.model.resize(256 * MIB)
+        rig.open()
+        rig.converge()
+        rig.model.resize(0)
+        rig.converge()
+        kernel.calls.clear()
+        rig.model.resize(256 * MIB)
+        rig.converge()
+        assert kernel.calls == ["online", "node", "online", "node"]
+        rig.check_consistent()
+    finally:
+        rig.close()
+
+
+def test_a_block_auto_onlining_failed_for_is_onlined_by_the_driver(tmp_path: Path) -> None:
+    class FailingAutoOnline(CallLog):
+        def probe(self, phys_addr: int) -> bool:
+            added = super().probe(phys_addr)
+            index = phys_addr // MEMORY_BLOCK
+            self.blocks[index] = KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, 0)
+            return added
+
+    kernel = FailingAutoOnline("online_movable")
+    rig = Rig(tmp_path, kernel)
+    try:
+        rig.model.resize(128 * MIB)
+        rig.open()
+        kernel.calls.clear()
+        rig.converge()
+        assert kernel.calls == ["probe", "auto_online_blocks", "state", "online", "node"]
+        assert kernel.block(MB0).state is KernelBlockState.ONLINE
+        rig.check_consistent()
+    finally:
+        rig.close()
