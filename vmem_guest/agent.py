@@ -35,7 +35,8 @@ from vmem_guest.driver import Outcome
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.transport.channel import CONFIG
 
-#: Steps one device may take before the loop looks at its file descriptors again.
+#: Passes over the due devices (one step each) before the loop looks at its
+#: file descriptors again.
 STEPS_PER_TURN = 32
 
 log = logging.getLogger("vmem_guest.agent")
@@ -166,34 +167,44 @@ class Agent:
             slot.wake_at = 0.0
 
     def _drive_devices(self) -> None:
+        """Step the devices that are due side by side, one step each per pass.
+
+        Steps alternate between devices, so one device's slow steps (an offline
+        can take seconds while the kernel migrates pages) hold another's plug up
+        by one step at most, not by a whole turn. After STEPS_PER_TURN passes
+        the loop looks at its file descriptors again.
+        """
         if self.manual_mode:
             return
-        now = self.clock()
-        for slot in self.slots.values():
-            if slot.broken or slot.wake_at is None or slot.wake_at > now:
-                continue
-            self._drive(slot)
-
-    def _drive(self, slot: DeviceSlot) -> None:
-        driver = slot.attached.driver
         for _ in range(STEPS_PER_TURN):
-            if self.stopping:
+            now = self.clock()
+            due = [
+                slot
+                for slot in self.slots.values()
+                if not slot.broken and slot.wake_at is not None and slot.wake_at <= now
+            ]
+            if not due:
                 return
-            try:
-                result = driver.step()
-            except VmemError as exc:
-                self._mark_broken(slot, exc.message)
-                return
-            if result.outcome is Outcome.PROGRESS:
-                continue
-            if result.outcome is Outcome.WAIT:
-                slot.wake_at = self.clock() + result.wait_seconds
-            elif result.outcome is Outcome.DONE:
-                slot.wake_at = None
-            else:
-                self._mark_broken(slot, result.detail)
+            for slot in due:
+                if self.stopping:
+                    return
+                self._step(slot)
+
+    def _step(self, slot: DeviceSlot) -> None:
+        """One step of one device; its timer says when it is due again."""
+        try:
+            result = slot.attached.driver.step()
+        except VmemError as exc:
+            self._mark_broken(slot, exc.message)
             return
-        slot.wake_at = self.clock()  # more to do: come back after a look at the fds
+        if result.outcome is Outcome.PROGRESS:
+            slot.wake_at = self.clock()
+        elif result.outcome is Outcome.WAIT:
+            slot.wake_at = self.clock() + result.wait_seconds
+        elif result.outcome is Outcome.DONE:
+            slot.wake_at = None
+        else:
+            self._mark_broken(slot, result.detail)
 
     def _mark_broken(self, slot: DeviceSlot, reason: str) -> None:
         """Stop touching the device: no requests, no config reads, no interrupts."""
