@@ -147,7 +147,7 @@ class Simulation:
 
     def converge(self) -> SimReport:
         """The agent's loop for one device: config interrupts, then steps, until it settles."""
-        before = self.tracker.snapshot()
+        requests0, retries0 = self.tracker.requests, self.tracker.retries
         steps = 0
         outcome = Outcome.BROKEN if self.error else Outcome.PROGRESS
         while steps < self.options.max_steps and outcome is not Outcome.BROKEN:
@@ -168,7 +168,7 @@ class Simulation:
                 self.clock.advance(result.wait_seconds)
             else:
                 steps += 1
-        return self.report(steps, outcome, before.requests, before.retries)
+        return self.report(steps, outcome, requests0, retries0)
 
     def _broken(self, reason: str) -> None:
         """What the agent does with a device it cannot trust: record why, stop."""
@@ -176,17 +176,17 @@ class Simulation:
         self.tracker.set_broken(reason)
 
     def report(self, steps: int, outcome: Outcome, requests0: int, retries0: int) -> SimReport:
-        snap = self.tracker.snapshot()
-        online = sum(1 for rec in snap.blocks if rec.state is MemoryBlockState.ONLINE)
+        tracker = self.tracker
+        online = tracker.state.block_counts[MemoryBlockState.ONLINE]
         return SimReport(
             requested=self.model.requested_size,
             plugged=self.model.plugged_size,
             online=online * self.options.memory_block_size,
             usable=self.model.usable_region_size,
-            remainder=snap.remainder_bytes,
+            remainder=tracker.remainder_bytes,
             steps=steps,
-            requests=snap.requests - requests0,
-            retries=snap.retries - retries0,
+            requests=tracker.requests - requests0,
+            retries=tracker.retries - retries0,
             converged=outcome is Outcome.DONE,
             broken=outcome is Outcome.BROKEN,
             virtual_seconds=round(self.clock.now, 3),

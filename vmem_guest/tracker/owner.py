@@ -189,6 +189,21 @@ class Tracker:
     def generation(self) -> int:
         return int(self._hdr.generation)
 
+    @property
+    def requests(self) -> int:
+        """Requests sent to the device (the header's counter; no decode)."""
+        return int(self._hdr.requests)
+
+    @property
+    def retries(self) -> int:
+        """Retries counted so far (BUSY, refused offlines)."""
+        return int(self._hdr.retries)
+
+    @property
+    def remainder_bytes(self) -> int:
+        """What the guest cannot use of ``requested_size`` (last Done)."""
+        return int(self._hdr.remainder_bytes)
+
     def snapshot(self) -> TrackerSnapshot:
         """A copy of the current state (the owner needs no seqlock retry).
 
