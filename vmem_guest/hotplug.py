@@ -110,6 +110,11 @@ def _zone_from_valid_zones(text: str) -> Zone:
     return Zone.AUTO
 
 
+def _is_memory_block_name(name: str) -> bool:
+    """``memoryN`` (not ``memory_failure`` or the like)."""
+    return name.startswith("memory") and name[6:].isdigit()
+
+
 class _DeadlinePassed(Exception):
     """Raised by the SIGALRM handler of :func:`_deadline`."""
 
@@ -289,7 +294,11 @@ class SysfsMemory:
         return None
 
     def present_blocks(self) -> list[int]:
-        return sorted(int(entry.name[6:]) for entry in self.root.glob("memory[0-9]*"))
+        try:
+            names = os.listdir(self.root)
+        except OSError as exc:
+            raise KernelError(f"list {self.root}", None, exc.errno or errno.EIO) from exc
+        return sorted(int(name[6:]) for name in names if _is_memory_block_name(name))
 
     def boot_id(self) -> str:
         try:
