@@ -23,6 +23,7 @@ from vmem_guest.device import Response
 from vmem_guest.driver import DeviceDriver
 from vmem_guest.errors import DeviceBroken, DeviceError, KernelError, OfflineRefused, UsageError
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
+from vmem_guest.tracker import UnitClass
 from vmem_guest.units import format_size
 
 #: Called with (bytes done, bytes in total) as an operation advances.
@@ -93,12 +94,11 @@ class ManualOps:
         return units
 
     def _plugged(self, unit: planner.Unit) -> int:
-        snap = self.driver.tracker.snapshot()
-        return sum(1 for sb in unit.subblocks if snap.is_plugged(sb))
+        return len(self.driver.tracker.state.plugged_in(unit.subblocks))
 
     def _result(self, op: str, addr: int, size: int) -> ManualResult:
-        snap = self.driver.tracker.snapshot()
-        return ManualResult(op, addr, size, snap.plugged_bytes, snap.online_bytes)
+        state = self.driver.tracker.state
+        return ManualResult(op, addr, size, state.plugged_bytes, state.online_bytes)
 
     # --- requests -------------------------------------------------------------
 
@@ -168,11 +168,12 @@ class ManualOps:
         """Plug and online ``size`` bytes in the lowest unplugged units."""
         self._check_size(size)
         usable_end = self.driver.refresh_config().usable_end
+        state = self.driver.tracker.state
+        usable_units = state.grid.units_ending_by(self.geometry.subblock_index(usable_end))
         free = [
-            unit
-            for unit in self.layout.units
-            if self._plugged(unit) == 0
-            and self.geometry.subblock_addr(unit.subblocks.stop) <= usable_end
+            state.unit(index)
+            for index in state.units(UnitClass.EMPTY).ascending()
+            if index < usable_units
         ]
         wanted = size // self.layout.unit_bytes
         if len(free) < wanted:
@@ -207,16 +208,15 @@ class ManualOps:
     def _release_unit(self, unit: planner.Unit) -> None:
         """Offline a unit's blocks (all or none) and unplug what of it is plugged."""
         self._offline_all(list(unit.memory_blocks))
-        snap = self.driver.tracker.snapshot()
-        plugged = [sb for sb in unit.subblocks if snap.is_plugged(sb)]
+        plugged = self.driver.tracker.state.plugged_in(unit.subblocks)
         for first, count in planner.runs(plugged, MAX_BLOCKS_PER_REQUEST):
             self._request(RequestType.UNPLUG, self.geometry.subblock_addr(first), count)
 
     def _offline_all(self, blocks: list[int]) -> None:
         """Offline every online block of ``blocks``, highest first; all or nothing."""
-        snap = self.driver.tracker.snapshot()
-        online = [mb for mb in blocks if snap.block(mb).state is MemoryBlockState.ONLINE]
-        zones = {mb: snap.block(mb).zone for mb in online}
+        state = self.driver.tracker.state
+        online = [mb for mb in blocks if state.block_state(mb) is MemoryBlockState.ONLINE]
+        zones = {mb: state.block_zone(mb) for mb in online}
         done: list[int] = []
         try:
             for mb in sorted(online, reverse=True):
@@ -230,12 +230,7 @@ class ManualOps:
     def unplug_size(self, size: int) -> ManualResult:
         """Unplug ``size`` bytes, highest units first, skipping blocks that refuse to offline."""
         self._check_size(size)
-        snap = self.driver.tracker.snapshot()
-        full = [
-            unit for unit in self.layout.units if all(snap.is_plugged(sb) for sb in unit.subblocks)
-        ]
-        inp = self.driver.plan_input()
-        order = planner.shrink_order(inp, full)
+        order = planner.shrink_order(self.driver.plan_input())
         wanted = size // self.layout.unit_bytes
         if len(order) < wanted:
             raise UsageError(
