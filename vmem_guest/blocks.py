@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Sequence
 from typing import overload
 
@@ -63,6 +64,9 @@ class Zone(enum.IntEnum):
 class Geometry:
     """Address arithmetic for one device region; all sizes in bytes.
 
+    Derived sizes are computed once per object (``cached_property``: the
+    fields are frozen, and they are read on every step).
+
     Memory block *indices* here are the kernel's (``memoryN``): physical
     address // memory_block_size. Subblock (device block) indices count from
     the start of the region.
@@ -81,37 +85,37 @@ class Geometry:
         if self.addr % self.block_size or self.region_size % self.block_size:
             raise ValueError("region is not aligned to the device block size")
 
-    @property
+    @functools.cached_property
     def big_block_mode(self) -> bool:
         """True when one device block spans one or more whole memory blocks."""
         return self.block_size >= self.memory_block_size
 
-    @property
+    @functools.cached_property
     def end(self) -> int:
         return self.addr + self.region_size
 
-    @property
+    @functools.cached_property
     def nr_subblocks(self) -> int:
         """Device blocks in the region (bits in the tracker's bitmap)."""
         return self.region_size // self.block_size
 
-    @property
+    @functools.cached_property
     def first_memory_block(self) -> int:
         """Kernel index of the first memory block wholly inside the region."""
         return -(-self.addr // self.memory_block_size)
 
-    @property
+    @functools.cached_property
     def nr_memory_blocks(self) -> int:
         """Memory blocks wholly inside the region."""
         last = self.end // self.memory_block_size
         return max(0, last - self.first_memory_block)
 
-    @property
+    @functools.cached_property
     def subblocks_per_memory_block(self) -> int:
         """Device blocks overlapping one memory block (1 in Big Block Mode)."""
         return max(1, self.memory_block_size // self.block_size)
 
-    @property
+    @functools.cached_property
     def memory_blocks_per_device_block(self) -> int:
         """Memory blocks one device block spans (1 in Sub Block Mode)."""
         return max(1, self.block_size // self.memory_block_size)
@@ -151,7 +155,8 @@ class Geometry:
         return range(lo, max(lo, hi))
 
     def contains_memory_block(self, mb_index: int) -> bool:
-        return mb_index in self.memory_blocks()
+        first = self.first_memory_block
+        return first <= mb_index < first + self.nr_memory_blocks
 
 
 @dataclasses.dataclass(frozen=True)

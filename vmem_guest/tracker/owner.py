@@ -19,12 +19,11 @@ is decoded whole only at open (and by :meth:`Tracker.snapshot`, for readers and 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import mmap
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -462,15 +461,9 @@ class Tracker:
 
     # -- the only places that change state ------------------------------------
 
-    @contextlib.contextmanager
-    def _write_section(self) -> Iterator[TrackerHeader]:
+    def _write_section(self) -> _WriteSection:
         """Make ``generation`` odd for the duration, even after: readers retry meanwhile."""
-        header = self._hdr
-        header.generation += 1
-        try:
-            yield header
-        finally:
-            header.generation += 1
+        return _WriteSection(self._hdr)
 
     def _set_block_state(
         self,
@@ -512,7 +505,8 @@ class Tracker:
         if node is not None:
             raw.node = node
         self.state.set_block(index, state, zone, present)
-        if (old_state, old_present, old_zone) != (state, present, zone):
+        changed = (old_state, old_present, old_zone) != (state, present, zone)
+        if changed and self._log.isEnabledFor(logging.DEBUG):
             self._log.debug(
                 "memory%d %s -> %s (present=%s zone=%s plugged_subblocks=%d)",
                 index,
@@ -672,3 +666,25 @@ class Tracker:
     def _refuse_if_any_online(self, what: str) -> None:
         if self._hdr.online_bytes:
             raise SafetyError(f"{what} while memory blocks are ONLINE")
+
+
+class _WriteSection:
+    """``with tracker._write_section() as header:`` (a class, not a generator: this
+    brackets every transition, several per step)."""
+
+    __slots__ = ("_header",)
+
+    def __init__(self, header: TrackerHeader) -> None:
+        self._header = header
+
+    def __enter__(self) -> TrackerHeader:
+        self._header.generation += 1
+        return self._header
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._header.generation += 1

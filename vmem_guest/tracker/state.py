@@ -243,12 +243,11 @@ class RegionState:
 
     def _store_block(self, index: int, state: MemoryBlockState, zone: Zone, present: bool) -> None:
         offset = index - self._first_mb
-        old_state = MemoryBlockState(self.block_states[offset])
-        old_movable = (
-            old_state is MemoryBlockState.ONLINE and self.block_zones[offset] == Zone.MOVABLE
-        )
-        new_movable = state is MemoryBlockState.ONLINE and zone is Zone.MOVABLE
-        self.block_counts[old_state] -= 1
+        old_state = self.block_states[offset]  # ints: no enum lookups on the hot path
+        online = MemoryBlockState.ONLINE
+        old_movable = old_state == online and self.block_zones[offset] == Zone.MOVABLE
+        new_movable = state == online and zone == Zone.MOVABLE
+        self.block_counts[old_state] -= 1  # type: ignore[index]
         self.block_counts[state] += 1
         self.movable_online_blocks += int(new_movable) - int(old_movable)
         self.block_states[offset] = state
@@ -273,9 +272,10 @@ class RegionState:
         self.unit_plugged[unit] = _bits(self.bitmap, first, grid.subblocks_per_unit).bit_count()
 
     def _recount_online(self, unit: int) -> None:
+        per_unit = self.grid.memory_blocks_per_unit
+        first = unit * per_unit  # offset of the unit's first block (grid starts at offset 0)
         online = pinned = 0
-        for mb in self.grid[unit].memory_blocks:
-            offset = mb - self._first_mb
+        for offset in range(first, first + per_unit):
             if self.block_states[offset] == MemoryBlockState.ONLINE:
                 online += 1
                 pinned += self.block_zones[offset] != Zone.MOVABLE
@@ -296,12 +296,12 @@ class RegionState:
             cls = UnitClass.FULL_MOVABLE
         else:
             cls = UnitClass.FULL_KERNEL
-        old = UnitClass(self.unit_class[unit])
-        if old is not cls:
-            self.units_by_class[old].discard(unit)
+        old = self.unit_class[unit]  # an int: IntEnum keys hash and compare alike
+        if old != cls:
+            self.units_by_class[old].discard(unit)  # type: ignore[index]
             self.units_by_class[cls].add(unit)
             self.unit_class[unit] = cls
-        if cls in FULL_CLASSES and online < grid.memory_blocks_per_unit:
+        if cls >= UnitClass.FULL_OFFLINE and online < grid.memory_blocks_per_unit:
             self.not_fully_online.add(unit)
         else:
             self.not_fully_online.discard(unit)
