@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance chaos pressure clean
@@ -18,6 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+# The benchmarks draw PNGs: matplotlib, from the bench extra (not a runtime dependency).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vmem_guest tests scripts bench
@@ -49,7 +55,7 @@ demo-sim: $(STAMP)
 	$(PY) -m vmem_guest.cli sim --region 4G --block-size 2M --memory-block-size 128M \
 	    --resize 1G,3G,1000M,0
 
-bench-sim: $(STAMP)
+bench-sim: $(BENCH_STAMP)
 	$(PY) bench/bench_sim.py
 
 kernel:
