@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance chaos pressure clean
+        kernel vm-deps test-vm bench-kernel-driver bench bench-scale demo-sim conformance chaos \
+        pressure clean
 
 all: test
 
@@ -70,8 +71,12 @@ test-vm: $(STAMP) vm-deps
 bench-kernel-driver: $(STAMP) vm-deps
 	$(PY) scripts/bench_kernel_driver.py
 
-bench: $(STAMP) vm-deps
+bench: $(BENCH_STAMP) vm-deps
 	$(PY) scripts/bench_agent.py
+
+# The seed's example: 2 x 256 GiB regions, 4 MiB blocks, 2 NUMA nodes; both drivers.
+bench-scale: $(BENCH_STAMP) vm-deps
+	$(PY) scripts/bench_scale.py
 
 # QEMU's virtio-mem device against the model, in a VM (deep; tests/vm runs 30 examples).
 CONFORMANCE_EXAMPLES ?= 500
