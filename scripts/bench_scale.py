@@ -40,6 +40,7 @@ copies. A benchmark, not a test: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -187,12 +188,13 @@ def run_driver(
 ) -> dict[str, Any]:
     """Boot the driver's guest, run every step, measure the idle agent; the record."""
     cfg = scale_config(driver, region)
-    out: dict[str, Any] = {"driver": LABELS[driver]}
+    # The two guests run one after the other: what else loads the host shows here.
+    out: dict[str, Any] = {"driver": LABELS[driver], "host_load_at_boot": os.getloadavg()}
     with TestVM(cfg) as vm:
         assert vm.paths is not None
         print(
-            f"{LABELS[driver]}: VM up in {vm.boot_seconds:.1f} s ({vm.accel});"
-            f" logs: {vm.paths.run_dir}",
+            f"{LABELS[driver]}: VM up in {vm.boot_seconds:.1f} s ({vm.accel}; host load"
+            f" {out['host_load_at_boot'][0]:.2f}); logs: {vm.paths.run_dir}",
             flush=True,
         )
         base_total = vm.mem_total()
@@ -233,6 +235,7 @@ def run_driver(
         finally:
             if driver == "agent":
                 stop_agent(vm, AGENT_TAG)
+        out["host_load_at_end"] = os.getloadavg()
         if driver == "agent":
             log = vm.sh(f"cat {agent_files(AGENT_TAG)[0]}")
             out["agent_log_lines"] = len(log.splitlines())
@@ -272,6 +275,13 @@ def scale_table(result: dict[str, Any]) -> list[str]:
                 f" {f'{cpu:.2f}' if cpu is not None else '':>12}"
             )
     lines.append("ratio = vmem_guest / in-kernel, same step, same end point (goal: <= 1.0).")
+    lines.append(
+        "host load average (1 min) at boot / at the end: "
+        + "; ".join(
+            f"{LABELS[d]} {r['host_load_at_boot'][0]:.2f} / {r['host_load_at_end'][0]:.2f}"
+            for d, r in runs.items()
+        )
+    )
     for driver, run in runs.items():
         base = run["base_memtotal"]
         notes = [
