@@ -409,8 +409,12 @@ def main() -> int:
     if len(kernels) != 1:
         print(f"WARNING: the guests ran different kernels: {sorted(kernels)}")
     if idle_regions:
-        idle_runs, result["idle_table"] = bench_idle.run(idle_regions, bench_idle.IDLE_SECONDS)
-        result["idle_runs"] = idle_runs
+        try:  # the step table is worth having without the idle figures
+            idle_runs, result["idle_table"] = bench_idle.run(idle_regions, bench_idle.IDLE_SECONDS)
+            result["idle_runs"] = idle_runs
+        except Exception as exc:
+            result["idle_table"] = [f"bench_idle failed: {type(exc).__name__}: {exc}"]
+            print(result["idle_table"][0])
     result["wall_s"] = time.time() - t_start
     if "kernel" in runs and "agent" in runs:
         result["ratios"] = [
