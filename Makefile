@@ -5,9 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver bench demo-sim conformance chaos pressure clean
+        kernel vm-deps test-vm bench-kernel-driver bench bench-scale demo-sim conformance chaos \
+        pressure clean
 
 all: test
 
@@ -18,6 +20,11 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+# The benchmarks draw PNGs: matplotlib, from the bench extra (not a runtime dependency).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vmem_guest tests scripts bench
@@ -49,7 +56,7 @@ demo-sim: $(STAMP)
 	$(PY) -m vmem_guest.cli sim --region 4G --block-size 2M --memory-block-size 128M \
 	    --resize 1G,3G,1000M,0
 
-bench-sim: $(STAMP)
+bench-sim: $(BENCH_STAMP)
 	$(PY) bench/bench_sim.py
 
 kernel:
@@ -64,8 +71,12 @@ test-vm: $(STAMP) vm-deps
 bench-kernel-driver: $(STAMP) vm-deps
 	$(PY) scripts/bench_kernel_driver.py
 
-bench: $(STAMP) vm-deps
+bench: $(BENCH_STAMP) vm-deps
 	$(PY) scripts/bench_agent.py
+
+# The seed's example: 2 x 256 GiB regions, 4 MiB blocks, 2 NUMA nodes; both drivers.
+bench-scale: $(BENCH_STAMP) vm-deps
+	$(PY) scripts/bench_scale.py
 
 # QEMU's virtio-mem device against the model, in a VM (deep; tests/vm runs 30 examples).
 CONFORMANCE_EXAMPLES ?= 500

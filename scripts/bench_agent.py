@@ -32,7 +32,12 @@ so only the agent's first plug of a device probes (adds) its blocks; later plugs
 them present and only online them, and its unplugs offline without removing. The
 in-kernel driver adds and removes the blocks every time.
 
-Prints a table and writes results/bench/agent-<time>.json (and agent-latest.json).
+Every measured resize also records QEMU's size and MemTotal against time (a point per
+change); the PNG next to the JSON shows them, one panel per step and run, all three
+rows (in-kernel, agent with and without auto-online) side by side.
+
+Prints a table and writes results/bench/agent-<time>.json (and agent-latest.json), and
+the PNG, results/bench/agent-<time>.png (and agent-latest.png).
 A benchmark, not a test: nothing here asserts on time.
 """
 
@@ -50,9 +55,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchplot
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, paths
 from vmharness.guest_agent import CONTROL_SOCKET, REPO, VMEM_GUEST
 from vmharness.sizes import fmt_size
+from vmharness.watch import Curve
 
 RUNS = 3
 TARGET = 4 * GiB
@@ -207,12 +214,16 @@ def stats(values: list[float]) -> dict[str, Any]:
     }
 
 
-def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[str, float]:
-    """qom-set, then poll QEMU's size fast and MemTotal coarsely until both reached target."""
+def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[str, Any]:
+    """qom-set, then poll QEMU's size fast and MemTotal coarsely until both reached target;
+    the size and MemTotal curves (a point per change) come back with the times."""
     t_qemu = t_guest = None
     qmp_polls = mem_polls = 0
     qmp_time = mem_time = 0.0
     next_mem = 0.0
+    size_curve, mem_curve = Curve(), Curve()
+    size_curve.record(0.0, vm.plugged(dev_id))
+    mem_curve.record(0.0, vm.mem_total())
     t0 = time.perf_counter()
     vm.resize(dev_id, target)
     while t_qemu is None or t_guest is None:
@@ -227,6 +238,7 @@ def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[
             size = vm.plugged(dev_id)
             qmp_time += time.perf_counter() - t
             qmp_polls += 1
+            size_curve.record(time.perf_counter() - t0, size)
             if size == target:
                 t_qemu = time.perf_counter() - t0
         if t_guest is None and (t_qemu is not None or now >= next_mem):
@@ -234,6 +246,7 @@ def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[
             total = vm.mem_total()
             mem_time += time.perf_counter() - t
             mem_polls += 1
+            mem_curve.record(time.perf_counter() - t0, total)
             next_mem = now + MEMTOTAL_INTERVAL
             if total == base_total + target:
                 t_guest = time.perf_counter() - t0
@@ -244,6 +257,7 @@ def timed_resize(vm: TestVM, dev_id: str, target: int, base_total: int) -> dict[
         "guest": t_guest,
         "qmp_poll_s": qmp_time / max(qmp_polls, 1),
         "memtotal_read_s": mem_time / max(mem_polls, 1),
+        "curves": {"size": size_curve.as_dict(), "memtotal": mem_curve.as_dict()},
     }
 
 
@@ -253,6 +267,9 @@ def measure(vm: TestVM, rows: list[tuple[str, str, str]]) -> dict[str, dict[str,
     previous step leaves behind, hits every row alike."""
     samples = {
         key: {step: {"qemu": [], "guest": []} for step in ("0->4G", "4G->0")} for key, _, _ in rows
+    }
+    curves: dict[str, dict[str, list[dict[str, Any]]]] = {
+        key: {"0->4G": [], "4G->0": []} for key, _, _ in rows
     }
     qmp_polls: list[float] = []
     mem_reads: list[float] = []
@@ -266,6 +283,7 @@ def measure(vm: TestVM, rows: list[tuple[str, str, str]]) -> dict[str, dict[str,
                 r = timed_resize(vm, dev_id, target, base_total)
                 samples[key][step]["qemu"].append(r["qemu"])
                 samples[key][step]["guest"].append(r["guest"])
+                curves[key][step].append({**r["curves"], "base_memtotal": base_total})
                 qmp_polls.append(r["qmp_poll_s"])
                 mem_reads.append(r["memtotal_read_s"])
                 print(
@@ -284,6 +302,7 @@ def measure(vm: TestVM, rows: list[tuple[str, str, str]]) -> dict[str, dict[str,
         "qmp_poll_round_trip_s": statistics.mean(qmp_polls),
         "memtotal_read_s": statistics.mean(mem_reads),
     }
+    out["_curves"] = curves
     return out
 
 
@@ -467,8 +486,49 @@ def profile_breakdown(p: dict[str, Any]) -> list[str]:
     ]
 
 
+LABELS = {
+    "kernel": "in-kernel virtio_mem",
+    "agent_auto_online": "vmem_guest, auto-online on",
+    "agent_no_auto_online": "vmem_guest, auto-online off",
+}
+
+
+def curve_panels(
+    curves: dict[str, dict[str, list[dict[str, Any]]]], rows: dict[str, dict[str, Any]]
+) -> list[benchplot.Panel]:
+    """One panel per run and step (a row of panels per run: 0->4G, 4G->0): QEMU's size
+    and MemTotal - base against time, every driver row side by side."""
+    panels = []
+    for run in range(RUNS):
+        for step in ("0->4G", "4G->0"):
+            lines: list[benchplot.Line] = []
+            title = f"run {run + 1}, {step}"
+            for key, by_step in curves.items():
+                if run >= len(by_step[step]):
+                    continue
+                c = by_step[step][run]
+                size, mem = c["size"], c["memtotal"]
+                lines += benchplot.time_lines(
+                    LABELS[key],
+                    size["t"],
+                    size["bytes"],
+                    size["end"],
+                    mem["t"],
+                    mem["bytes"],
+                    mem["end"],
+                    c["base_memtotal"],
+                )
+                s = rows[key][step]
+                title += (
+                    f"\n{LABELS[key]}: QEMU {s['qemu']['runs'][run]:.2f} s,"
+                    f" MemTotal {s['guest']['runs'][run]:.2f} s"
+                )
+            panels.append(benchplot.Panel(title, lines, ylabel="GiB plugged"))
+    return panels
+
+
 def main() -> int:
-    """Run the benchmark; print the table; write the JSON."""
+    """Run the benchmark; print the table; write the JSON and the PNG."""
     t_start = time.time()
     result: dict[str, Any] = {"when": datetime.now().isoformat(timespec="seconds")}
     with TestVM(CONFIG) as vm:
@@ -530,8 +590,10 @@ def main() -> int:
             "log_problems": log_problems(log),
         }
         polling = rows.pop("_polling")
+        curves = rows.pop("_curves")
         result["rows"] = rows
         result["polling"] = polling
+        result["curves"] = curves
 
         profile: dict[str, Any] | None = None
         phases: list[dict[str, Any]] | None = None
@@ -557,11 +619,6 @@ def main() -> int:
         f"{'driver':<30} {'step':<6} {'until':<9} {'median s':>9} {'min':>7} {'max':>7}"
         f" {'spread':>7} {'ratio':>6}  runs 1 2 3",
     ]
-    labels = {
-        "kernel": "in-kernel virtio_mem",
-        "agent_auto_online": "vmem_guest, auto-online on",
-        "agent_no_auto_online": "vmem_guest, auto-online off",
-    }
     ratios: dict[str, dict[str, float]] = {}
     for step in ("0->4G", "4G->0"):
         for side, until in (("qemu", "QEMU size"), ("guest", "MemTotal")):
@@ -573,7 +630,7 @@ def main() -> int:
                     ratios.setdefault(key, {})[f"{step} {side}"] = ratio
                 runs = " ".join(f"{v:.3f}" for v in s["runs"])
                 lines.append(
-                    f"{labels[key]:<30} {step:<6} {until:<9} {s['median']:>9.3f}"
+                    f"{LABELS[key]:<30} {step:<6} {until:<9} {s['median']:>9.3f}"
                     f" {s['min']:>7.3f} {s['max']:>7.3f} {s['spread']:>7.3f} {ratio:>6.2f}  {runs}"
                 )
         lines.append("")
@@ -605,6 +662,15 @@ def main() -> int:
 
     path = paths.write_bench_result("agent", result)
     print(f"wrote {path}")
+    png = benchplot.save_png(
+        path,
+        f"make bench: one VM, 4.5 GiB regions, 2 MiB blocks ({result['accel']});"
+        " solid: QEMU size, dashed: MemTotal - MemTotal before the run",
+        curve_panels(curves, rows),
+        columns=2,
+    )
+    if png:
+        print(f"wrote {png}")
     return 0
 
 

@@ -23,6 +23,9 @@ class MemDevice:
     node: int | None = None  #: NUMA node (needs VMConfig.numa_nodes > node)
     iommu_platform: bool = False  #: set automatically when the VM has a vIOMMU
     memaddr: int | None = None  #: fix the region's guest-physical address
+    #: False: ``reserve=off`` on the RAM backend, so the host reserves no swap space for a
+    #: region far larger than it has (only what the guest touches is ever allocated).
+    reserve: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class VMConfig:
     extra_qemu_args: tuple[str, ...] = ()
     maxmem: int | None = None  #: default: boot memory + all devices and dimms
     slots: int | None = None  #: default: number of dimms, at least 1
+    #: The vCPU's physical address bits (``-cpu ...,phys-bits=N``). None: QEMU's default
+    #: (40 under TCG: 1 TiB of guest-physical space, which a 1 TiB region does not fit).
+    phys_bits: int | None = None
 
     def with_devices(self, *devices: MemDevice) -> VMConfig:
         """A copy with other devices."""
@@ -139,10 +145,11 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
     hotplug = sum(d.size for d in cfg.devices) + sum(d.size for d in cfg.dimms)
     maxmem = cfg.maxmem if cfg.maxmem is not None else cfg.memory + hotplug
     slots = cfg.slots if cfg.slots is not None else max(1, len(cfg.dimms))
+    phys_bits = f",phys-bits={cfg.phys_bits}" if cfg.phys_bits is not None else ""
     accel_args = (
-        ["-accel", "kvm", "-cpu", "host"]
+        ["-accel", "kvm", "-cpu", f"host{phys_bits}"]
         if accel == "kvm"
-        else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        else ["-accel", "tcg,thread=multi", "-cpu", f"max{phys_bits}"]
     )
     argv = [
         qemu,
@@ -179,7 +186,8 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
         "-device", "virtserialport,bus=vser0.0,chardev=cmd0,name=vmharness.cmd",
     ]  # fmt: skip
     for d in cfg.devices:
-        argv += ["-object", f"memory-backend-ram,id=mem-{d.id},size={fmt_size(d.size)}"]
+        backend = f"memory-backend-ram,id=mem-{d.id},size={fmt_size(d.size)}"
+        argv += ["-object", backend + ("" if d.reserve else ",reserve=off")]
         dev = (
             f"virtio-mem-pci,id={d.id},memdev=mem-{d.id},"
             f"requested-size={fmt_size(d.requested_size) if d.requested_size else 0},"
@@ -203,7 +211,7 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
 
 
 def parse_device(spec: str) -> MemDevice:
-    """Parse a CLI device spec "id=vm0,size=4G,block=2M,requested=0,node=0,iommu=1"."""
+    """Parse a CLI device spec "id=vm0,size=4G,block=2M,requested=0,node=0,iommu=1,reserve=off"."""
     kw: dict[str, str] = dict(p.split("=", 1) for p in spec.split(",") if p)
     return MemDevice(
         id=kw.get("id", "vm0"),
@@ -212,4 +220,5 @@ def parse_device(spec: str) -> MemDevice:
         requested_size=parse_size(kw.get("requested", "0")),
         node=int(kw["node"]) if "node" in kw else None,
         iommu_platform=kw.get("iommu", "0") in ("1", "on", "true"),
+        reserve=kw.get("reserve", "on") not in ("0", "off", "false"),
     )

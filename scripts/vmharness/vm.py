@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -104,6 +105,8 @@ class TestVM:
         self._proc: subprocess.Popen[bytes] | None = None
         self._chan: GuestChannel | None = None
         self._qmp: Any = None
+        #: One QMP command at a time: a benchmark polls QEMU from a thread of its own.
+        self._qmp_lock = threading.Lock()
         self._console_seen = 0
 
     # ----- lifecycle -----------------------------------------------------------------
@@ -328,10 +331,12 @@ class TestVM:
 
     # ----- host control --------------------------------------------------------------
     def qmp(self, command: str, **args: Any) -> Any:
-        """Run a QMP command; return its result (raises qemu.qmp.ExecuteError on error)."""
+        """Run a QMP command; return its result (raises qemu.qmp.ExecuteError on error).
+        Safe to call from several threads (one command at a time)."""
         self._check_alive()
-        result = self._qmp.cmd(command, **args)
-        self._qmp.clear_events()
+        with self._qmp_lock:
+            result = self._qmp.cmd(command, **args)
+            self._qmp.clear_events()
         return result
 
     def query(self) -> dict[str, dict[str, Any]]:
