@@ -1,6 +1,6 @@
 """Geometry of a device region and the per-memory-block state machine.
 
-Two granularities meet here (DESIGN.md section 2):
+Two granularities meet here (docs/design.md section 2):
 
 * the *device block* (``block_size``), the unit of PLUG/UNPLUG; we call the
   device blocks inside one memory block its *subblocks*;
@@ -25,7 +25,7 @@ Per-memory-block states (the tracker stores them, the planner reads them)::
         |   PARTIAL -- plug the rest --> PLUGGED
         +----- unplug every plugged subblock (only when not ONLINE) ---------+
 
-Invariant (DESIGN.md 5.1): a block is ONLINE only if every subblock is plugged.
+Invariant (docs/design.md 5.1): a block is ONLINE only if every subblock is plugged.
 """
 
 from __future__ import annotations

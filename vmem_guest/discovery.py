@@ -20,7 +20,8 @@ readers feed the same code and give identical results on a real system. Writes
 to files under ``sysfs_root``; a failed write raises
 :class:`~vmem_guest.errors.TransportError` with ``path``, ``value`` and ``errno``.
 
-Facts used (test-vm-facts.md, "The device"; Linux sysfs-bus-pci, vfio.rst):
+Facts used (docs/test-vm.md section 4 and docs/protocol.md section 3; Linux
+sysfs-bus-pci, vfio.rst):
 
 * ``vfio-pci.ids=`` on the command line does not win against virtio-pci, the rebind at
   run time does.

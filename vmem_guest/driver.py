@@ -5,7 +5,7 @@ runs over the device model (simulator, fuzzers) and over the real virtqueue
 (the agent). It never sleeps; :meth:`DeviceDriver.step` returns how long to
 wait instead, so the caller (a selector loop, or a virtual clock) owns time.
 
-Response handling (DESIGN.md section 5.6, spec 5.15.6):
+Response handling (docs/design.md section 5.6, spec 5.15.6):
 
 * ACK: record the new state in the tracker; reset the backoff.
 * NACK: the config changed under us; re-read it and plan again.
@@ -181,7 +181,7 @@ class DeviceDriver:
         """Rebuild exact state from the device (STATE) and sysfs, then plan from there.
 
         The tracker's content, and its pending intent, are only hints: the device
-        and the kernel are the truth after a crash (DESIGN.md section 5.3).
+        and the kernel are the truth after a crash (docs/design.md section 5.3).
         """
         self.refresh_config(tracker_is_truth=False)
         self.tracker.clear_broken()

@@ -17,7 +17,7 @@ the agent can decide what to do without parsing text::
      |    +-- OfflineRefused   the kernel refused to offline a block (EBUSY and friends)
      +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
      |    +-- TrackerLocked    another process owns the tracker
-     +-- SafetyError           an action would break a safety invariant (DESIGN.md s.5)
+     +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
 """
 
 from __future__ import annotations
@@ -123,4 +123,4 @@ class TrackerLocked(TrackerError):
 
 
 class SafetyError(VmemError):
-    """An action would break a safety invariant (DESIGN.md section 5)."""
+    """An action would break a safety invariant (docs/design.md section 5)."""

@@ -6,7 +6,7 @@ tree), :class:`FakeKernelMemory` is an in-process model for the simulator and
 the fuzzers. Both map failures to :class:`~vmem_guest.errors.KernelError`;
 a refused offline is :class:`~vmem_guest.errors.OfflineRefused`.
 
-Facts (virtio-mem-facts.md section 4, Linux memory-hotplug.rst):
+Facts (docs/protocol.md section 4, Linux memory-hotplug.rst):
 
 * ``probe`` adds one memory block at a block-aligned physical address; EEXIST
   means it is already present. The kernel checks nothing else.

@@ -2,7 +2,7 @@
 
 Used by ``vmem-guest plug|unplug|state|unplug-all``, through the agent's
 control socket when an agent runs in ``--manual`` mode, or directly (holding
-the tracker lock) when none runs. The rules are those of DESIGN.md section 2:
+the tracker lock) when none runs. The rules are those of docs/design.md section 2:
 
 * only whole units are plugged (every memory block that gets plugged is onlined);
 * a block is offlined before any of its subblocks is unplugged; when the kernel

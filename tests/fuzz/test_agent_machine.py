@@ -4,7 +4,7 @@ A hypothesis state machine plays the host (resizes of any size, misaligned
 ones too), the device (BUSY answers), the kernel (refused offlines) and fate
 (killing the agent between any two actions, including between writing the
 intent and getting the response, and between plug and online; rebooting the
-guest). After every rule the safety invariants of DESIGN.md section 5 hold;
+guest). After every rule the safety invariants of docs/design.md section 5 hold;
 at the end, with faults lifted, the driver converges in a bounded number of
 steps to exactly what the guest can use.
 """
@@ -217,7 +217,7 @@ class AgentMachine(RuleBasedStateMachine):
             self.state_dir.mkdir()
         self.start_agent()
 
-    # --- invariants (DESIGN.md section 5) -------------------------------------
+    # --- invariants (docs/design.md section 5) --------------------------------
 
     def online_blocks(self) -> set[int]:
         return {

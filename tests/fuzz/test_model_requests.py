@@ -1,6 +1,6 @@
 """Raw virtio-mem requests, valid and invalid, against the device model and an oracle.
 
-The oracle is a plain, set-based restatement of QEMU's rules (facts sheet,
+The oracle is a plain, set-based restatement of QEMU's rules (docs/protocol.md
 section 1), written independently of the model: after every step the model's
 answer, block state, config and callbacks must equal the oracle's.
 """

@@ -1,11 +1,11 @@
 """The reference planner: the planner as it was before it read an indexed state.
 
-Kept verbatim (only this docstring's first paragraph and the imports differ) as
-an oracle: it scans every unit of the region on every call, which is what made
-it slow at scale, and is easy to check by eye. ``test_planner_reference.py``
-asserts that the live planner, with one unit unplugged at a time
-(``unplug_batch_units=1``, the old behaviour), returns the same step as this
-one for any legal input.
+Kept verbatim (only this docstring's first paragraph, its docs/ file
+citations and the imports differ) as an oracle: it scans every unit of the
+region on every call, which is what made it slow at scale, and is easy to check
+by eye. ``test_planner_reference.py`` asserts that the live planner, with one
+unit unplugged at a time (``unplug_batch_units=1``, the old behaviour), returns
+the same step as this one for any legal input.
 
 Original first line: the one next step toward ``requested_size``.
 
@@ -14,7 +14,7 @@ calls :func:`next_step` after every step it executes, so the loop converges
 from *any* state (after a crash, a refused offline, a NACK, a resize...).
 
 Units. Memory is plugged and onlined, or offlined and unplugged, in *units*
-(DESIGN.md section 2): in Sub Block Mode a unit is one memory block and its
+(docs/design.md section 2): in Sub Block Mode a unit is one memory block and its
 subblocks; in Big Block Mode it is one device block and the memory blocks it
 spans. A unit is *full* when every subblock of it is plugged.
 
@@ -44,14 +44,14 @@ from vmem_guest.device import DeviceConfig
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST
 
 #: At most this many units are plugged ahead of being onlined (Linux caps
-#: added-but-offline memory too, virtio-mem-facts.md section 5).
+#: added-but-offline memory too, docs/protocol.md section 5).
 DEFAULT_PLUG_BATCH_UNITS = 8
 #: Linux's default ``auto_movable_ratio`` (memory-hotplug.rst): 301 %.
 DEFAULT_AUTO_MOVABLE_RATIO = 3.01
 
 
 class OnlinePolicy(enum.Enum):
-    """Which zone new blocks are onlined to (DESIGN.md section 6)."""
+    """Which zone new blocks are onlined to (docs/design.md section 6)."""
 
     MOVABLE = "movable"
     KERNEL = "kernel"

@@ -1,4 +1,4 @@
-"""The device model answers as QEMU's hw/virtio/virtio-mem.c does (facts sheet, section 1)."""
+"""The device model answers as QEMU's hw/virtio/virtio-mem.c does (docs/protocol.md section 1)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ class Rig:
         self.kernel.online(mb, zone)
 
     def check_consistent(self) -> None:
-        """DESIGN.md 5.1-5.3: tracker == device == kernel, online only over plugged."""
+        """docs/design.md 5.1-5.3: tracker == device == kernel, online only over plugged."""
         assert self.tracker is not None
         snap = self.tracker.snapshot()
         assert self.tracker_plugged() == self.model.plugged_blocks()

@@ -2,8 +2,8 @@
 
 Every test builds the state the planner sees (config, geometry, memory block
 records, subblock bitmap) and checks the step it chooses. The property test at
-the end draws random legal states and checks the safety rules of DESIGN.md
-section 5 and the device's rules (facts sheet, section 1) on whatever comes back.
+the end draws random legal states and checks the safety rules of docs/design.md
+section 5 and the device's rules (docs/protocol.md section 1) on whatever comes back.
 """
 
 from __future__ import annotations

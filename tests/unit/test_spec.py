@@ -1,6 +1,6 @@
-"""The wire layouts against the fact sheet (virtio-mem-facts.md section 1).
+"""The wire layouts against the protocol facts (docs/protocol.md section 1).
 
-Every expected number here is copied from the fact sheet's tables, and the
+Every expected number here is copied from that section's tables, and the
 golden byte strings in ``fixtures/`` were written by hand from the spec:
 none of them is produced by the code under test.
 """
@@ -28,7 +28,7 @@ def golden(name: str) -> bytes:
     return bytes.fromhex(digits)
 
 
-# (layout, size from the fact sheet, {field: offset} from the fact sheet)
+# (layout, size from docs/protocol.md, {field: offset} from docs/protocol.md)
 LAYOUTS = [
     (
         spec.VirtioMemConfig,
@@ -52,7 +52,7 @@ LAYOUTS = [
     (spec.VirtioMemResp, 10, {"type": 0, "padding": 2, "state": 8}),
 ]
 
-# (layout, field, size in bytes) from the fact sheet: u64 = 8, u16 = 2, padding arrays.
+# (layout, field, size in bytes) from docs/protocol.md: u64 = 8, u16 = 2, padding arrays.
 FIELD_SIZES = [
     (spec.VirtioMemConfig, "block_size", 8),
     (spec.VirtioMemConfig, "node_id", 2),

@@ -3,7 +3,7 @@
 The model works at the request level: it takes the 24 request bytes a driver
 puts on the virtqueue and returns the 10 response bytes QEMU would write, so it
 is a :class:`vmem_guest.device.RequestChannel`. Every rule below is QEMU's
-``hw/virtio/virtio-mem.c`` (facts sheet, section 1); each method names the QEMU
+``hw/virtio/virtio-mem.c`` (docs/protocol.md section 1); each method names the QEMU
 function it restates. It does no I/O, reads no clock and uses randomness only
 through the ``rng`` it is given (for ``busy_rate``).
 

@@ -1,6 +1,6 @@
 """A device that misbehaves: the device model behind a lying config space and a faulty ring.
 
-The agent must never trust the device (DESIGN.md section 5, spec 5.15.4 and
+The agent must never trust the device (docs/design.md section 5, spec 5.15.4 and
 5.15.6): every config value and every response is checked, and a device that
 breaks the rules is refused (at attach) or no longer touched (later), with a
 clear error. :class:`HostileChannel` is how the tests show it. It runs the

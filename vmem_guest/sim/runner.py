@@ -24,7 +24,7 @@ from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
 
-#: Where QEMU put the first virtio-mem region in our test VM (test-vm-facts.md).
+#: Where QEMU put the first virtio-mem region in our test VM (docs/test-vm.md section 4).
 DEFAULT_REGION_ADDR = 0x1_0000_0000
 #: The simulated guest's boot memory: [0, 1 GiB), or up to the region if it starts lower.
 BOOT_MEMORY = 1 << 30

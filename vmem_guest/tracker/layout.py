@@ -41,7 +41,7 @@ NO_INTENT = 0xFFFF
 #: Suffix of state files; the lock file beside each uses LOCK_SUFFIX.
 STATE_SUFFIX = ".state"
 LOCK_SUFFIX = ".lock"
-#: Permissions (DESIGN.md section 4).
+#: Permissions (docs/design.md section 4).
 STATE_DIR_MODE = 0o755
 STATE_FILE_MODE = 0o644
 #: Arrays in the file start at multiples of this.

@@ -237,7 +237,7 @@ class Tracker:
 
         PLUG/UNPLUG/STATE need an aligned range inside the region; UNPLUG_ALL
         takes addr 0 and nb_blocks 0. SafetyError for an UNPLUG over an ONLINE
-        block or an UNPLUG_ALL while any block is ONLINE (DESIGN.md 5.2).
+        block or an UNPLUG_ALL while any block is ONLINE (docs/design.md 5.2).
         """
         op = RequestType(op)
         if op is RequestType.UNPLUG_ALL:
@@ -283,7 +283,7 @@ class Tracker:
         """The device ACKed an UNPLUG of ``nb_blocks`` device blocks at ``addr``.
 
         SafetyError if the range leaves the region, any block in it is not
-        plugged, or any memory block over it is ONLINE (DESIGN.md 5.2).
+        plugged, or any memory block over it is ONLINE (docs/design.md 5.2).
         """
         first = self._check_range(addr, nb_blocks)
         self._refuse_if_online_over(first, nb_blocks, "unplug")
@@ -315,7 +315,7 @@ class Tracker:
     def record_present(self, index: int) -> None:
         """Memory block ``index`` was probed (added) in the kernel.
 
-        SafetyError unless it is fully plugged (PLUGGED or ONLINE): DESIGN.md
+        SafetyError unless it is fully plugged (PLUGGED or ONLINE): docs/design.md
         5.5, ``probe`` only over fully plugged memory blocks.
         """
         state = self._state(index)

@@ -60,7 +60,7 @@ def check_identity(config: bytes) -> None:
 
 
 def select_features(offered: int, *, mode: Mode) -> int:
-    """The features we accept from ``offered`` (virtio-mem-facts.md section 1).
+    """The features we accept from ``offered`` (docs/protocol.md section 1).
 
     VERSION_1 is required. ACPI_PXM and UNPLUGGED_INACCESSIBLE are accepted
     when offered (QEMU refuses FEATURES_OK if the latter is offered and

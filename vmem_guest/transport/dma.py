@@ -1,6 +1,6 @@
 """Pinned DMA buffers and the bus addresses the device uses for them.
 
-DESIGN.md section 7 and virtio-mem-facts.md section 3:
+docs/design.md section 7 and docs/protocol.md section 3:
 
 * type1 (:class:`IovaBuffer`): the buffer is mapped into the container's
   IOMMU domain at an IOVA we choose; VFIO pins the pages (and long-term pins

@@ -2,7 +2,7 @@
 
 See linux ``Documentation/driver-api/vfio.rst`` and ``include/uapi/linux/vfio.h``.
 
-Two modes (virtio-mem-facts.md section 3):
+Two modes (docs/protocol.md section 3):
 
 * ``type1``: ``/dev/vfio/N``, container IOMMU ``VFIO_TYPE1v2_IOMMU``, DMA
   buffers mapped with ``VFIO_IOMMU_MAP_DMA`` at IOVAs we choose.

@@ -9,7 +9,7 @@ Register accesses go through :class:`Mmio`: exact-width loads and stores via
 32-bit stores, low half first (spec 4.1.3.1; Linux ``vp_iowrite64_twopart``).
 Slicing or ``struct.pack_into`` on the mmap object reaches QEMU as byte
 writes, which it rejects for 16-bit registers such as ``queue_enable``
-(test-vm-facts.md).
+(docs/test-vm.md section 6).
 """
 
 from __future__ import annotations
