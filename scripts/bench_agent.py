@@ -137,6 +137,9 @@ if mode == "timers":
     wrap(hotplug.SysfsMemory, "online", "sysfs: online write")
     wrap(hotplug.SysfsMemory, "offline", "sysfs: offline write")
     wrap(hotplug.SysfsMemory, "block", "sysfs: memoryN state/zone/node reads")
+    wrap(hotplug.SysfsMemory, "state", "sysfs: memoryN state/zone/node reads")
+    wrap(hotplug.SysfsMemory, "node", "sysfs: memoryN state/zone/node reads")
+    wrap(hotplug.SysfsMemory, "auto_online_blocks", "sysfs: auto_online_blocks read")
     wrap(hotplug.SysfsMemory, "block_size", "sysfs: block_size_bytes read")
     for name in ("set_intent", "clear_intent", "record_plugged", "record_unplugged",
                  "record_present", "record_online", "record_offline", "set_remainder",

@@ -9,7 +9,9 @@ nothing for 512 GiB it does not have; only what the guest touches is allocated),
 ``maxmem`` = 2 GiB + 512 GiB:
 
 * in-kernel: ``memhp_default_state=online_movable``, the kernel's ``virtio_mem`` driver;
-* vmem_guest: ``initcall_blacklist=virtio_mem_driver_init`` and no-IOMMU VFIO, the agent
+* vmem_guest: the same ``memhp_default_state=online_movable`` (the kernel onlines each
+  block inside the agent's ``probe`` write, as it does inside the in-kernel driver's
+  ``add_memory``), ``initcall_blacklist=virtio_mem_driver_init`` and no-IOMMU VFIO, the agent
   ``vmem-guest run --noiommu`` (all devices, log level info) started as systemd would.
 
 Steps (the host's ``qom-set requested-size``): vm0 4160M and vm1 3G at once, then vm0 to
@@ -101,6 +103,10 @@ def scale_config(driver: str, region: int) -> VMConfig:
         numa_nodes=NUMA_NODES,
         in_kernel_driver=driver == "kernel",
         noiommu=driver == "agent",
+        # Both kernels online new memory alike: the in-kernel driver needs it, and the
+        # agent then adds and onlines each block with one probe write (it reads
+        # auto_online_blocks and finds the block online), as add_memory does in-kernel.
+        extra_cmdline=() if driver == "kernel" else ("memhp_default_state=online_movable",),
         devices=tuple(
             MemDevice(dev, size=region, block_size=BLOCK, node=node, reserve=False)
             for node, dev in enumerate(DEVICE_IDS)

@@ -569,12 +569,25 @@ class Tracker:
                 )
 
     def _rebuild_block(self, index: int, zone: Zone | None, present: bool) -> None:
-        """Set block ``index`` from the (already rebuilt) bitmap and the kernel's view."""
+        """Set block ``index`` from the (already rebuilt) bitmap and the kernel's view.
+
+        A record that already holds exactly that is left alone: at start, nearly
+        every block of a large region is absent and unplugged, as the file says.
+        """
         plugged, total = self._count_plugged(index)
         if zone is not None:
             state = MemoryBlockState.ONLINE
         else:
             state, zone = expected_state(plugged, total), Zone.NONE
+        raw = self._record(index)
+        if (
+            raw.state == state
+            and raw.zone == zone
+            and raw.plugged_subblocks == plugged
+            and bool(raw.flags & FLAG_PRESENT) == present
+            and (present or raw.node == NODE_UNKNOWN)
+        ):
+            return
         self._set_block_state(
             index,
             state,
