@@ -330,8 +330,7 @@ def _shrink_candidates(inp: PlanInput) -> Iterator[int]:
     state = inp.state
     for cls in FULL_CLASSES:
         for unit_index in state.units(cls).descending():
-            mbs = state.unit(unit_index).memory_blocks
-            if not any(mb in inp.avoid for mb in mbs):
+            if not inp.avoid or not any(mb in inp.avoid for mb in state.unit_blocks(unit_index)):
                 yield unit_index
 
 

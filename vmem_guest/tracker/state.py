@@ -190,10 +190,18 @@ class RegionState:
         """Fully plugged units lower than ``unit_index``. O(region / 64): rare paths only."""
         return sum(self.units_by_class[cls].count_below(unit_index) for cls in FULL_CLASSES)
 
+    def unit_blocks(self, unit_index: int) -> range:
+        """The memory blocks of one unit (no Unit object: this is on every step)."""
+        per_unit = self.grid.memory_blocks_per_unit
+        first = self._first_mb + unit_index * per_unit
+        return range(first, first + per_unit)
+
     def online_blocks(self, unit_index: int) -> list[int]:
         """The online memory blocks of one unit, lowest first."""
-        mbs = self.grid[unit_index].memory_blocks
+        if not self.unit_online[unit_index]:
+            return []
         online = MemoryBlockState.ONLINE
+        mbs = self.unit_blocks(unit_index)
         return [mb for mb in mbs if self.block_states[mb - self._first_mb] == online]
 
     def highest_plugged_subblock(self) -> int | None:
