@@ -9,7 +9,7 @@ What each line measures:
    These are bench/bench_model.py's workloads, run from here. Aim: >= 20,000/s.
 2. ``simulation``: :class:`vmem_guest.sim.runner.Simulation` resizing a region
    from 0 to all of it and back to 0, as ``vmem-guest sim`` does: per driver
-   step the planner runs once on a fresh tracker snapshot, then one request
+   step the planner runs once on the tracker owner's live state, then one request
    (PLUG/UNPLUG) or one probe+online / offline on the fake kernel, each
    written to the tracker file (mmap, tmpfs or disk under $TMPDIR). Printed:
    driver steps/s (steps that did something: requests, onlines, offlines),
