@@ -38,7 +38,13 @@ from vmem_guest.tracker.layout import (
     FileLayout,
     TrackerHeader,
 )
-from vmem_guest.tracker.snapshot import TrackerIdentity, check_header, consistency_problem, decode
+from vmem_guest.tracker.snapshot import (
+    TrackerIdentity,
+    TrackerSnapshot,
+    check_header,
+    consistency_problem,
+    decode,
+)
 
 
 def tracker_path(state_dir: Path, name: str) -> Path:
@@ -155,43 +161,53 @@ def read_pid(fd: int) -> int | None:
         return None
 
 
-def map_existing(path: Path, identity: TrackerIdentity) -> tuple[mmap.mmap | None, str | None]:
-    """The mapping of a valid existing file, or (None, why it was rejected).
+def map_existing(
+    path: Path, identity: TrackerIdentity
+) -> tuple[mmap.mmap | None, str | None, TrackerSnapshot | None]:
+    """The mapping of a valid existing file and the snapshot it was validated by
+    (the owner builds its state from it: one decode at open, not two), or
+    (None, why it was rejected, None).
 
-    (None, None) when there is no file at all.
+    (None, None, None) when there is no file at all.
     """
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return None, None
+        return None, None, None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return None, "is a symbolic link"
-        return None, f"cannot open: {exc.strerror}"
+            return None, "is a symbolic link", None
+        return None, f"cannot open: {exc.strerror}", None
     try:
         st = os.fstat(fd)
-        reason = untrusted_reason(st) or validation_problem(
-            read_all(fd, st.st_size), st.st_size, identity
-        )
-        if reason is not None:
-            return None, reason
-        return mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), None
+        untrusted = untrusted_reason(st)
+        if untrusted is not None:
+            return None, untrusted, None
+        snap, reason = validated(read_all(fd, st.st_size), st.st_size, identity)
+        if snap is None:
+            return None, reason, None
+        flags = mmap.PROT_READ | mmap.PROT_WRITE
+        return mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, flags), None, snap
     finally:
         os.close(fd)
 
 
-def validation_problem(buf: bytes, file_size: int, identity: TrackerIdentity) -> str | None:
-    """Why the file content ``buf`` cannot be reused for ``identity``, or None."""
+def validated(
+    buf: bytes, file_size: int, identity: TrackerIdentity
+) -> tuple[TrackerSnapshot | None, str | None]:
+    """(the snapshot of ``buf``, None) if it can be reused for ``identity``, else
+    (None, why not)."""
     try:
         check_header(buf, file_size)
         snap = decode(buf)
     except TrackerError as exc:
-        return exc.message
+        return None, exc.message
     if snap.identity != identity:
-        return f"identity mismatch: file is for {snap.identity}, wanted {identity}"
+        return None, f"identity mismatch: file is for {snap.identity}, wanted {identity}"
     if snap.generation & 1:
-        return f"interrupted write (generation {snap.generation} is odd)"
-    return consistency_problem(snap)
+        return None, f"interrupted write (generation {snap.generation} is odd)"
+    problem = consistency_problem(snap)
+    return (None, problem) if problem is not None else (snap, None)
 
 
 def set_aside(path: Path) -> Path:

@@ -85,8 +85,12 @@ class Tracker:
         identity: TrackerIdentity,
         lock_fd: int,
         mapping: mmap.mmap,
+        snapshot: TrackerSnapshot | None = None,
     ) -> None:
-        """Use :meth:`open`; this wires an already locked and mapped file."""
+        """Use :meth:`open`; this wires an already locked and mapped file.
+
+        ``snapshot``: the file's content as :meth:`open` validated it (decoded
+        here if not given)."""
         self.path = path
         self.identity = identity
         self.recovered = False
@@ -104,7 +108,7 @@ class Tracker:
         )
         #: What the file holds, indexed for the planner (derived: see state.py).
         #: Decoded once here; every transition below updates it in place.
-        self.state: RegionState = state_of(decode(mapping[:]))
+        self.state: RegionState = state_of(snapshot or decode(mapping[:]))
 
     # -- opening and closing ------------------------------------------------
 
@@ -128,7 +132,7 @@ class Tracker:
     @classmethod
     def _open_locked(cls, path: Path, identity: TrackerIdentity, lock_fd: int) -> Tracker:
         log = logging.getLogger(f"vmem_guest.tracker.{identity.name}")
-        mapping, reason = map_existing(path, identity)
+        mapping, reason, snapshot = map_existing(path, identity)
         aside: Path | None = None
         if mapping is None and reason is not None:
             aside = set_aside(path)
@@ -136,7 +140,7 @@ class Tracker:
         reused = mapping is not None
         if mapping is None:
             mapping = create_fresh(path, identity)
-        tracker = cls(path, identity, lock_fd, mapping)
+        tracker = cls(path, identity, lock_fd, mapping, snapshot)
         tracker.recovered = reused
         tracker.discarded_reason = reason
         tracker.set_aside_path = aside

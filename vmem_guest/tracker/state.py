@@ -9,7 +9,8 @@ What is derived from what (docs/design.md, "The tracker"):
   rebuild. After that the owner applies every transition to both, in the same
   call, at O(what changed): :meth:`set_subblocks` for the bitmap,
   :meth:`set_block` for a block record. They must agree after every completed
-  step (:func:`disagreement` checks it; the fuzzers call it after every rule).
+  step (``snapshot.state_disagreement`` checks it; the fuzzers call it after
+  every rule).
 * Inside the state, the per-unit counts (subblocks plugged, memory blocks
   online, online outside ZONE_MOVABLE) are derived from the bitmap and the
   block states; each unit's :class:`UnitClass` from those counts; the
