@@ -15,6 +15,7 @@ the agent can decide what to do without parsing text::
      |    +-- IoctlError       one ioctl failed (name, errno)
      +-- KernelError           a sysfs memory-hotplug write or read failed (block, errno)
      |    +-- OfflineRefused   the kernel refused to offline a block (EBUSY and friends)
+     |    +-- PageRefused      the kernel would not give up one page (soft offline)
      +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
      |    +-- TrackerLocked    another process owns the tracker
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
@@ -112,6 +113,21 @@ class KernelError(VmemError):
 
 class OfflineRefused(KernelError):
     """The kernel refused to offline a memory block (EBUSY, EAGAIN, ENOMEM...)."""
+
+
+class PageRefused(KernelError):
+    """The kernel would not take one page out of use (``soft_offline_page``).
+
+    EBUSY (migration or isolation failed, a race lost), EIO (unmovable: slab,
+    page tables, reserved), ENOMEM (no migration target), or a page that stayed
+    unpoisoned after the rounds a take allows. ``block`` holds the page frame
+    number's memory block when known; ``fields["pfn"]`` the page.
+    """
+
+    def __init__(self, pfn: int, err: int, detail: str = "", block: int | None = None) -> None:
+        super().__init__(f"soft offline of pfn {pfn:#x}", block, err, detail)
+        self.fields["pfn"] = pfn
+        self.pfn = pfn
 
 
 class TrackerError(VmemError):
