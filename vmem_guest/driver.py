@@ -28,8 +28,15 @@ from collections.abc import Callable
 from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import DeviceConfig, Response, VirtioMemDevice
-from vmem_guest.errors import ConfigError, DeviceBroken, KernelError, OfflineRefused, SafetyError
+from vmem_guest.errors import (
+    ConfigError,
+    DeviceBroken,
+    KernelError,
+    OfflineRefused,
+    SafetyError,
+)
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
+from vmem_guest.pages import PageControl, all_poisoned, give_back, poisoned_count, take
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
 from vmem_guest.tracker import BlockRecord, Tracker
 
@@ -99,23 +106,46 @@ class DeviceDriver:
         *,
         backoff: BackoffPolicy = DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
+        pages: PageControl | None = None,
     ) -> None:
+        """``pages``: the kernel's page-level interface, for taking single subblocks
+        of online blocks; without it (or where the kernel cannot) shrinking goes
+        in whole memory blocks, as ``policy.subblock_unplug`` False does."""
         self.device = device
         self.tracker = tracker
         self.kernel = kernel
+        self.log = logging.getLogger(f"vmem_guest.driver.{device.name}")
+        self.pages = pages
+        self.subblocks_off_reason = self._subblocks_off_reason(policy)
+        if self.subblocks_off_reason is not None:
+            policy = dataclasses.replace(policy, subblock_unplug=False)
         self.policy = policy
         self.clock = clock
         self.backoff = Backoff(backoff)
         self.geometry: Geometry = tracker.geometry
         self.config: DeviceConfig = device.config()
-        self.log = logging.getLogger(f"vmem_guest.driver.{device.name}")
         self.not_before = 0.0
         self.avoid_until: dict[int, float] = {}
+        #: Subblocks whose pages the kernel would not give up (or take back), until when.
+        self.avoid_subblocks_until: dict[int, float] = {}
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self.broken_reason: str | None = None
         #: ``auto_online_blocks`` as last read; None: read it before the next probe.
         self._auto_online: str | None = None
+
+    def _subblocks_off_reason(self, policy: planner.Policy) -> str | None:
+        """Why single subblocks of online blocks will not be taken, None if they will."""
+        if not policy.subblock_unplug:
+            return "turned off by policy"
+        if self.tracker.geometry.big_block_mode:
+            return "Big Block Mode: a device block spans whole memory blocks"
+        if self.pages is None:
+            return "no page-level kernel interface"
+        reason = self.pages.unavailable_reason()
+        if reason is not None:
+            self.log.warning("subblock unplug off, shrinking in whole memory blocks: %s", reason)
+        return reason
 
     # --- config ---------------------------------------------------------------
 
@@ -173,6 +203,7 @@ class DeviceDriver:
         self.refresh_config()
         self.not_before = 0.0
         self.avoid_until.clear()
+        self.avoid_subblocks_until.clear()
         self.last_done = None
 
     # --- recovery -------------------------------------------------------------
@@ -224,8 +255,13 @@ class DeviceDriver:
                 plugged = self._scan_plugged()
         elif config.plugged_size:
             plugged = self._scan_plugged()
-        online = self._offline_unbacked(online, set(plugged))
-        self.tracker.rebuild_from_states(plugged=plugged, online=online, present=present)
+        taken_before = self._taken_hints()
+        plugged_set = set(plugged)
+        online, holes = self._offline_unbacked(online, plugged_set)
+        taken = holes + self._interrupted_takes(taken_before, online, plugged_set)
+        self.tracker.rebuild_from_states(
+            plugged=plugged, online=online, present=present, taken=taken
+        )
         self.tracker.clear_intent()
         self.log.info(
             "state rebuilt: plugged %d blocks, %d memory blocks online", len(plugged), len(online)
@@ -253,11 +289,22 @@ class DeviceDriver:
                 pending += [(first, half), (first + half, count - half)]
         return sorted(plugged)
 
-    def _offline_unbacked(self, online: dict[int, Zone], plugged: set[int]) -> dict[int, Zone]:
-        """Offline online blocks that are not fully plugged: the guest must not use them."""
+    def _offline_unbacked(
+        self, online: dict[int, Zone], plugged: set[int]
+    ) -> tuple[dict[int, Zone], list[int]]:
+        """Offline online blocks over unplugged subblocks that are not holes: the guest
+        must not use them. A hole is an unplugged subblock every page of which the
+        kernel shows poisoned (kpageflags): it stays, recorded taken. Returns the
+        blocks still online and the holes."""
         kept = dict(online)
+        holes: list[int] = []
         for mb, _zone in online.items():
-            if all(sb in plugged for sb in self.geometry.subblocks_of(mb)):
+            unplugged = [sb for sb in self.geometry.subblocks_of(mb) if sb not in plugged]
+            if not unplugged:
+                continue
+            if self._all_pages_poisoned(unplugged):
+                self.log.info("memory%d is online with %d holes", mb, len(unplugged))
+                holes += unplugged
                 continue
             self.log.error("memory%d is online over unplugged device blocks: offlining", mb)
             try:
@@ -269,7 +316,56 @@ class DeviceDriver:
                     errno=exc.errno,
                 ) from exc
             del kept[mb]
-        return kept
+        return kept, holes
+
+    def _all_pages_poisoned(self, subblocks: list[int]) -> bool:
+        if self.pages is None or self.geometry.big_block_mode:
+            return False
+        try:
+            return all(all_poisoned(self.pages, *self._pfns_of(sb, 1)) for sb in subblocks)
+        except KernelError as exc:
+            self.log.warning("cannot read page flags (%s): holes are not trusted", exc.message)
+            return False
+
+    def _taken_hints(self) -> list[int]:
+        """Subblocks the tracker held taken before a rebuild: where a crash may have
+        left poisoned pages under plugged subblocks (a take or give-back cut short)."""
+        state = self.tracker.state
+        if not state.taken_subblocks:
+            return []
+        return [
+            offset * 8 + bit
+            for offset, byte in enumerate(state.taken)
+            if byte
+            for bit in range(8)
+            if byte >> bit & 1
+        ]
+
+    def _interrupted_takes(
+        self, hints: list[int], online: dict[int, Zone], plugged: set[int]
+    ) -> list[int]:
+        """Hinted subblocks that are plugged, in an online block, and hold a poisoned
+        page: a take or give-back to finish (the planner gives them back or unplugs)."""
+        if self.pages is None:
+            return []
+        found = []
+        for sb in hints:
+            blocks = self.geometry.memory_blocks_of(sb)
+            if sb not in plugged or not blocks or blocks[0] not in online:
+                continue
+            try:
+                if poisoned_count(self.pages, *self._pfns_of(sb, 1)):
+                    found.append(sb)
+            except KernelError as exc:
+                self.log.warning("cannot read page flags of subblock %d: %s", sb, exc.message)
+        return found
+
+    def _pfns_of(self, first_sb: int, count: int) -> tuple[int, int]:
+        """(first page frame number, page count) of ``count`` subblocks from ``first_sb``."""
+        assert self.pages is not None
+        page_size = self.pages.page_size
+        addr = self.geometry.subblock_addr(first_sb)
+        return addr // page_size, count * self.geometry.block_size // page_size
 
     # --- the loop -------------------------------------------------------------
 
@@ -281,6 +377,7 @@ class DeviceDriver:
             policy=self.policy,
             avoid=frozenset(self.avoid_until),
             state=self.tracker.state,
+            avoid_subblocks=frozenset(self.avoid_subblocks_until),
         )
 
     def step(self) -> StepResult:
@@ -291,6 +388,10 @@ class DeviceDriver:
         if now < self.not_before:
             return StepResult(Outcome.WAIT, wait_seconds=self.not_before - now)
         self.avoid_until = {mb: t for mb, t in self.avoid_until.items() if t > now}
+        if self.avoid_subblocks_until:
+            self.avoid_subblocks_until = {
+                sb: t for sb, t in self.avoid_subblocks_until.items() if t > now
+            }
         step = planner.next_step(self.plan_input())
         try:
             return self._execute(step)
@@ -309,6 +410,10 @@ class DeviceDriver:
             return self._online(step)
         if isinstance(step, planner.OfflineStep):
             return self._offline(step)
+        if isinstance(step, planner.TakeStep):
+            return self._take(step)
+        if isinstance(step, planner.GiveBackStep):
+            return self._give_back(step)
         return self._done(step)
 
     def _done(self, step: planner.Done) -> StepResult:
@@ -321,10 +426,8 @@ class DeviceDriver:
         now = self.clock()
         # Not min(..., default=...): the default is evaluated even when unused,
         # and next_delay() doubles the backoff.
-        if self.avoid_until:
-            wake = min(self.avoid_until.values())
-        else:
-            wake = now + self.backoff.next_delay()
+        waits = [*self.avoid_until.values(), *self.avoid_subblocks_until.values()]
+        wake = min(waits) if waits else now + self.backoff.next_delay()
         return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
 
     def _plug(self, step: planner.PlugStep) -> StepResult:
@@ -332,8 +435,82 @@ class DeviceDriver:
         return self._after_range_request(step, response)
 
     def _unplug(self, step: planner.UnplugStep) -> StepResult:
+        first = self.geometry.subblock_index(step.addr)
+        if self._online_at(first):
+            refused = self._verify_taken(step, first)
+            if refused is not None:
+                return refused
         response = self.request(RequestType.UNPLUG, step.addr, step.nb_blocks)
         return self._after_range_request(step, response)
+
+    def _online_at(self, sb: int) -> bool:
+        blocks = self.geometry.memory_blocks_of(sb)
+        state = self.tracker.state
+        return bool(blocks) and state.block_state(blocks[0]) is MemoryBlockState.ONLINE
+
+    # --- subblocks of online blocks (docs/design.md, "Subblocks of online blocks") --
+
+    def _take(self, step: planner.TakeStep) -> StepResult:
+        """Record the take (the crash-safe intent), then soft-offline every page."""
+        self.tracker.record_taking(step.addr, step.nb_blocks)
+        return self._verify_taken(step, self.geometry.subblock_index(step.addr)) or StepResult(
+            Outcome.PROGRESS, step
+        )
+
+    def _verify_taken(
+        self, step: planner.TakeStep | planner.UnplugStep, first: int
+    ) -> StepResult | None:
+        """Make sure every page of the step's subblocks is poisoned (kpageflags), taking
+        those that are not: right before an UNPLUG too, so nothing in use is ever
+        unplugged (invariant 5.2). On a refusal the pages go back; None when all are."""
+        pages = self._pages()
+        try:
+            take(pages, *self._pfns_of(first, step.nb_blocks))
+        except KernelError as exc:
+            self._undo_take(first, step.nb_blocks)
+            return self._avoid_subblocks(step, first, step.nb_blocks, exc)
+        return None
+
+    def _undo_take(self, first: int, count: int) -> None:
+        """Give back what a refused take poisoned (its subblocks are still plugged)."""
+        try:
+            self.give_back_subblocks(first, count)
+        except KernelError as exc:
+            self.log.warning("subblocks %d+%d stay taken: %s", first, count, exc.message)
+
+    def give_back_subblocks(self, first: int, count: int) -> None:
+        """Unpoison every page of taken, plugged subblocks and record them in use.
+
+        The tracker checks that the device ACKed their plug before one page goes
+        back (docs/design.md 5.1). KernelError when the kernel refuses."""
+        self.tracker.check_may_give_back(first, count)
+        give_back(self._pages(), *self._pfns_of(first, count))
+        self.tracker.record_given_back(self.geometry.subblock_addr(first), count)
+
+    def _give_back(self, step: planner.GiveBackStep) -> StepResult:
+        first = self.geometry.subblock_index(step.addr)
+        try:
+            self.give_back_subblocks(first, step.nb_blocks)
+        except KernelError as exc:
+            return self._avoid_subblocks(step, first, step.nb_blocks, exc)
+        self.backoff.reset()
+        return StepResult(Outcome.PROGRESS, step)
+
+    def _pages(self) -> PageControl:
+        if self.pages is None:
+            raise SafetyError("a subblock step without a page-level kernel interface")
+        return self.pages
+
+    def _avoid_subblocks(
+        self, step: planner.Step, first: int, count: int, exc: KernelError
+    ) -> StepResult:
+        """The kernel would not give up (or take back) these pages: try others first."""
+        self.tracker.count_retry()
+        until = self.clock() + self.backoff.next_delay()
+        for sb in range(first, first + count):
+            self.avoid_subblocks_until[sb] = until
+        self.log.info("%s; subblocks %d+%d later", exc.message, first, count)
+        return StepResult(Outcome.PROGRESS, step, detail=exc.message)
 
     def _after_range_request(
         self, step: planner.PlugStep | planner.UnplugStep, response: Response

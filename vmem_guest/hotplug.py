@@ -26,7 +26,7 @@ import random
 import signal
 import threading
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -342,6 +342,10 @@ class FakeKernelMemory:
         self.probes: list[int] = []
         self.boots = 1
         self.boot_memory: dict[int, KernelBlock] = {}
+        #: Called with (physical address, size) whenever a block goes online: Linux
+        #: re-initialises its memmap then (``online_pages``), which wipes PG_hwpoison;
+        #: ``sim.pages.FakePages.block_onlined`` models it.
+        self.on_online: Callable[[int, int], None] | None = None
 
     def block_size(self) -> int:
         return self.memory_block_size
@@ -368,8 +372,13 @@ class FakeKernelMemory:
             # online_kernel lands in ZONE_NORMAL; online (kernel's choice) as online(AUTO).
             zone = Zone.KERNEL if self.auto_online == "online_kernel" else Zone.MOVABLE
             state = KernelBlockState.ONLINE
+            self._onlined(index)
         self.blocks[index] = KernelBlock(index, state, zone, self.home_node)
         return True
+
+    def _onlined(self, index: int) -> None:
+        if self.on_online is not None:
+            self.on_online(index * self.memory_block_size, self.memory_block_size)
 
     def node(self, index: int) -> int:
         return self.block(index).node
@@ -381,6 +390,7 @@ class FakeKernelMemory:
         if current.state is KernelBlockState.ONLINE:
             raise KernelError("online", index, errno.EINVAL, "already online")
         landed = Zone.MOVABLE if zone is Zone.AUTO else zone
+        self._onlined(index)
         self.blocks[index] = KernelBlock(index, KernelBlockState.ONLINE, landed, self.home_node)
 
     def offline(self, index: int) -> None:

@@ -56,6 +56,8 @@ DEFAULT_AUTO_MOVABLE_RATIO = 3.01
 __all__ = [
     "BlockInfo",
     "Done",
+    "GiveBackStep",
+    "Goal",
     "Layout",
     "OfflineStep",
     "OnlinePolicy",
@@ -64,8 +66,11 @@ __all__ = [
     "PlugStep",
     "Policy",
     "Step",
+    "TakeStep",
     "Unit",
     "UnplugStep",
+    "goal",
+    "kept_subblocks",
     "layout_of",
     "next_step",
     "runs",
@@ -92,6 +97,10 @@ class Policy:
     kernel_memory_bytes: int = 1 << 30
     plug_batch_units: int = DEFAULT_PLUG_BATCH_UNITS
     unplug_batch_units: int = DEFAULT_UNPLUG_BATCH_UNITS
+    #: Take single subblocks out of online blocks (soft offline) to shrink to
+    #: any multiple of the device block size; off where the kernel cannot
+    #: (docs/design.md, "Subblocks of online blocks"). Sub Block Mode only.
+    subblock_unplug: bool = True
 
 
 DEFAULT_POLICY = Policy()
@@ -159,6 +168,26 @@ class OfflineStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class TakeStep:
+    """Take the pages of ``nb_blocks`` subblocks of online block ``memory_block`` out
+    of use (soft offline, verified); an UNPLUG of them follows."""
+
+    memory_block: int
+    addr: int
+    nb_blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GiveBackStep:
+    """Give the pages of ``nb_blocks`` taken, plugged subblocks of online block
+    ``memory_block`` back to the kernel (unpoison)."""
+
+    memory_block: int
+    addr: int
+    nb_blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Done:
     """Nothing to do now.
 
@@ -171,7 +200,7 @@ class Done:
     blocked: bool = False
 
 
-Step = PlugStep | UnplugStep | OnlineStep | OfflineStep | Done
+Step = PlugStep | UnplugStep | OnlineStep | OfflineStep | TakeStep | GiveBackStep | Done
 
 
 class PlanInput:
@@ -193,6 +222,7 @@ class PlanInput:
         avoid: frozenset[int] = frozenset(),
         *,
         state: RegionState | None = None,
+        avoid_subblocks: frozenset[int] = frozenset(),
     ) -> None:
         if state is None:
             state = _state_from(geometry, blocks or {}, bitmap or b"")
@@ -204,6 +234,13 @@ class PlanInput:
         self.policy = policy
         #: Memory blocks the kernel refused to offline (or online) recently.
         self.avoid = avoid
+        #: Subblocks whose pages the kernel refused to give up (or take back) recently.
+        self.avoid_subblocks = avoid_subblocks
+
+    @property
+    def takes_subblocks(self) -> bool:
+        """Whether single subblocks of online blocks may be taken out of use."""
+        return self.policy.subblock_unplug and not self.geometry.big_block_mode
 
     def is_plugged(self, sb_index: int) -> bool:
         return self.state.is_plugged(sb_index)
@@ -224,10 +261,51 @@ def _state_from(geometry: Geometry, blocks: Mapping[int, BlockInfo], bitmap: byt
 
 
 def target_bytes(config: DeviceConfig, layout: Layout) -> int:
-    """What the guest can use of ``requested_size``: whole units in the usable region."""
+    """What the guest can use of ``requested_size`` in whole units of the usable region
+    (the target when no subblock of an online block is taken: :func:`goal`)."""
     usable_sb = layout.geometry.subblock_index(config.usable_end)
     usable_units = layout.units.units_ending_by(usable_sb)
     return min(config.requested_size // layout.unit_bytes, usable_units) * layout.unit_bytes
+
+
+class Goal(NamedTuple):
+    """Where the planner is heading, in subblocks kept in use.
+
+    ``kept`` counts what the guest uses or will use now: every subblock of a
+    full unit, and the subblocks in use of HOLED units. ``keep`` is what that
+    becomes at the end.
+    """
+
+    kept: int
+    keep: int
+
+
+def kept_subblocks(state: RegionState) -> int:
+    """Subblocks of full units plus those in use in HOLED units."""
+    return state.full_units * state.grid.subblocks_per_unit + state.holed_in_use_subblocks
+
+
+def goal(inp: PlanInput) -> Goal:
+    """How many subblocks to keep for ``requested_size``.
+
+    Growth fills holes of online blocks subblock by subblock, then adds whole
+    units only (a new memory block cannot be onlined in part: docs/design.md
+    5.1). Shrinking ends exactly on the request when subblocks may be taken,
+    else on whole units, short of the request as before.
+    """
+    state, geometry = inp.state, inp.geometry
+    per_unit = state.grid.subblocks_per_unit
+    usable_units = state.grid.units_ending_by(geometry.subblock_index(inp.config.usable_end))
+    wanted = min(inp.config.requested_size // geometry.block_size, usable_units * per_unit)
+    kept = kept_subblocks(state)
+    if wanted >= kept:
+        fill = min(wanted - kept, state.hole_subblocks)
+        whole_units = (wanted - kept - fill) // per_unit
+        return Goal(kept, kept + fill + whole_units * per_unit)
+    if inp.takes_subblocks:
+        return Goal(kept, wanted)
+    dropped_units = -(-(kept - wanted) // per_unit)
+    return Goal(kept, max(0, kept - dropped_units * per_unit))
 
 
 def runs(indices: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
@@ -277,21 +355,25 @@ def _online_next(inp: PlanInput, among_lowest: int | None = None) -> OnlineStep 
     return None
 
 
-def _grow(inp: PlanInput, target_units: int) -> Step | None:
+def _grow(inp: PlanInput, deficit: int) -> Step | None:
+    """Toward ``deficit`` more subblocks in use: online full units, fill holes of
+    online blocks, complete partial units, then plug new whole units."""
     online = _online_next(inp)
     if online is not None:
         return online
     state, geometry = inp.state, inp.geometry
-    headroom = inp.config.requested_size - state.plugged_bytes
+    headroom = (inp.config.requested_size - state.plugged_bytes) // geometry.block_size
+    fill = _fill_holes(inp, min(deficit, headroom))
+    if fill is not None:
+        return fill
     usable_end_sb = geometry.subblock_index(inp.config.usable_end)
     for unit_index in state.units(UnitClass.PARTIAL).ascending():
         missing = state.missing_in(state.unit(unit_index).subblocks)
         first, count = next(runs(missing, MAX_BLOCKS_PER_REQUEST))
-        if first + count <= usable_end_sb and count * geometry.block_size <= headroom:
+        if first + count <= usable_end_sb and count <= headroom:
             return PlugStep(geometry.subblock_addr(first), count)
-    unit_bytes = layout_of(geometry).unit_bytes
-    wanted_units = min(target_units - state.full_units, inp.policy.plug_batch_units)
-    wanted_units = min(wanted_units, headroom // unit_bytes)
+    per_unit = state.grid.subblocks_per_unit
+    wanted_units = min(deficit // per_unit, inp.policy.plug_batch_units, headroom // per_unit)
     if wanted_units <= 0:
         return None
     run = _first_empty_run(state, usable_end_sb, wanted_units)
@@ -299,6 +381,58 @@ def _grow(inp: PlanInput, target_units: int) -> Step | None:
         return None
     first, count = run
     return PlugStep(geometry.subblock_addr(first), count)
+
+
+def _fill_holes(inp: PlanInput, most: int) -> PlugStep | None:
+    """PLUG the lowest run of holes of the lowest HOLED unit, at most ``most`` subblocks
+    (the pages are given back after the ACK: :func:`_taken_step`)."""
+    if most <= 0:
+        return None
+    state = inp.state
+    for unit_index in state.units(UnitClass.HOLED).ascending():
+        holes = state.subblocks_where(state.unit(unit_index).subblocks, plugged=False, taken=True)
+        holes = [sb for sb in holes if sb not in inp.avoid_subblocks]
+        if holes:
+            first, count = next(runs(holes, min(most, MAX_BLOCKS_PER_REQUEST)))
+            return PlugStep(inp.geometry.subblock_addr(first), count)
+    return None
+
+
+def _taken_step(inp: PlanInput, growing: bool) -> Step | None:
+    """Subblocks both taken and plugged (a take done, or a give-back begun): growing,
+    give the lowest back; otherwise UNPLUG the highest (the driver re-verifies first)."""
+    state = inp.state
+    units = state.units_taking
+    for unit_index in units.ascending() if growing else units.descending():
+        mb = state.unit_blocks(unit_index).start
+        subblocks = state.subblocks_where(
+            state.unit(unit_index).subblocks, plugged=True, taken=True
+        )
+        subblocks = [sb for sb in subblocks if sb not in inp.avoid_subblocks]
+        if not subblocks:
+            continue
+        if growing:
+            first, count = next(runs(subblocks, MAX_BLOCKS_PER_REQUEST))
+            return GiveBackStep(mb, inp.geometry.subblock_addr(first), count)
+        return _unplug_highest_run(inp, subblocks)
+    return None
+
+
+def _take_next(inp: PlanInput) -> TakeStep | None:
+    """The highest subblock in use of the best online unit: HOLED units first, then
+    movable, then kernel memory (Linux's order: virtio_mem_sbm_unplug_request), highest
+    unit first; subblocks the kernel refused recently are skipped."""
+    state = inp.state
+    for cls in (UnitClass.HOLED, UnitClass.FULL_MOVABLE, UnitClass.FULL_KERNEL):
+        for unit_index in state.units(cls).descending():
+            in_use = state.subblocks_where(
+                state.unit(unit_index).subblocks, plugged=True, taken=False
+            )
+            for sb in reversed(in_use):
+                if sb not in inp.avoid_subblocks:
+                    mb = state.unit_blocks(unit_index).start
+                    return TakeStep(mb, inp.geometry.subblock_addr(sb), 1)
+    return None
 
 
 def _first_empty_run(
@@ -353,19 +487,32 @@ def shrink_order(inp: PlanInput, full: Sequence[Unit] | None = None) -> list[Uni
 
 
 def _shrink(inp: PlanInput, excess: int) -> Step | None:
+    """Toward ``excess`` fewer subblocks in use: unplug partial units, give back whole
+    units while a whole unit is in excess (one offline beats 32,768 soft offlines),
+    then take single subblocks."""
     state = inp.state
     partial = state.units(UnitClass.PARTIAL).last()
     if partial is not None:
         return _unplug_highest_run(inp, state.plugged_in(state.unit(partial).subblocks))
     if excess <= 0:
         return None
+    per_unit = state.grid.subblocks_per_unit
+    whole = _shrink_whole_units(inp, excess // per_unit) if excess >= per_unit else None
+    if whole is not None or not inp.takes_subblocks:
+        return whole
+    return _take_next(inp)
+
+
+def _shrink_whole_units(inp: PlanInput, excess_units: int) -> Step | None:
+    """Offline, then UNPLUG a batch of, the full units to go first; None if none can."""
+    state = inp.state
     batch = []
     for unit_index in _shrink_candidates(inp):
         online = state.online_blocks(unit_index)
         if online:
             return OfflineStep(online[-1])
         batch.append(unit_index)
-        if len(batch) >= min(excess, max(1, inp.policy.unplug_batch_units)):
+        if len(batch) >= min(excess_units, max(1, inp.policy.unplug_batch_units)):
             break
     if not batch:
         return None
@@ -396,25 +543,24 @@ def next_step(inp: PlanInput) -> Step:
     orphans = [sb for sb in layout.orphan_subblocks if state.is_plugged(sb)]
     if orphans:
         return _unplug_highest_run(inp, orphans)
-    target = target_bytes(inp.config, layout)
-    target_units = target // layout.unit_bytes
+    kept, keep = goal(inp)
+    per_unit = state.grid.subblocks_per_unit
+    target = keep * inp.geometry.block_size
     remainder = inp.config.requested_size - target
-    full_units = state.full_units
-    step: Step | None
-    if full_units < target_units:
-        step = _grow(inp, target_units)
+    step = _taken_step(inp, growing=kept < keep)
+    if step is None and kept < keep:
+        step = _grow(inp, keep - kept) or _shrink(inp, 0)
+    elif step is None:
+        step = _shrink(inp, kept - keep)
         if step is None:
-            step = _shrink(inp, 0)
-    else:
-        step = _shrink(inp, full_units - target_units)
-        if step is None:
-            among = None if full_units == target_units else target_units
+            among = None if kept == keep else keep // per_unit
             step = _online_next(inp, among_lowest=among)
     if step is not None:
         return step
     settled = (
-        full_units == target_units
+        kept == keep
         and not state.not_fully_online
         and not state.units(UnitClass.PARTIAL)
+        and not state.units_taking
     )
     return Done(target, remainder, blocked=not settled)

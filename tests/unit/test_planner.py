@@ -20,12 +20,14 @@ from vmem_guest.device import DeviceConfig
 from vmem_guest.planner import (
     BlockInfo,
     Done,
+    GiveBackStep,
     OfflineStep,
     OnlinePolicy,
     OnlineStep,
     PlanInput,
     PlugStep,
     Policy,
+    TakeStep,
     UnplugStep,
     next_step,
 )
@@ -265,6 +267,8 @@ def test_shrink_offlines_an_online_unit_before_unplugging_it() -> None:
 
 
 ONE_AT_A_TIME = Policy(unplug_batch_units=1)
+#: The planner before subblocks of online blocks could be taken.
+WHOLE_BLOCKS = Policy(subblock_unplug=False)
 
 
 def test_shrink_order_nothing_online_then_movable_then_kernel_highest_first() -> None:
@@ -354,11 +358,25 @@ def test_avoided_blocks_are_skipped_for_offline() -> None:
 
 
 def test_all_candidates_avoided_gives_done_blocked() -> None:
+    """Whole blocks only: nothing else can go."""
     plugged = units(*(mb_n(i) for i in range(3)))
     online = {mb_n(i): Zone.MOVABLE for i in range(3)}
     avoid = {mb_n(i) for i in range(3)}
-    step = next_step(make_input(requested=128 * MIB, plugged=plugged, online=online, avoid=avoid))
-    assert step == Done(128 * MIB, 0, blocked=True)
+    inp = make_input(
+        requested=128 * MIB, plugged=plugged, online=online, avoid=avoid, policy=WHOLE_BLOCKS
+    )
+    assert next_step(inp) == Done(128 * MIB, 0, blocked=True)
+
+
+def test_blocks_that_will_not_offline_give_up_single_subblocks() -> None:
+    """Linux's reach under pressure: a block the kernel will not offline gives
+    its subblocks one by one, the highest block and subblock first."""
+    plugged = units(*(mb_n(i) for i in range(3)))
+    online = {mb_n(i): Zone.MOVABLE for i in range(3)}
+    avoid = {mb_n(i) for i in range(3)}
+    inp = make_input(requested=128 * MIB, plugged=plugged, online=online, avoid=avoid)
+    highest = SBM.subblocks_of(mb_n(2))[-1]
+    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(highest), 1)
 
 
 def test_avoided_online_is_skipped_and_done_blocked_when_nothing_else() -> None:
@@ -646,13 +664,28 @@ def test_planner_never_breaks_a_safety_rule(inp: PlanInput) -> None:
             assert all(inp.is_plugged(sb) for sb in covered), "UNPLUG of an unplugged block"
             for sb in covered:
                 for mb in geometry.memory_blocks_of(sb):
-                    assert inp.block(mb).state is not MemoryBlockState.ONLINE, (
-                        f"UNPLUG of subblock {sb} under online memory{mb}"
+                    online = inp.block(mb).state is MemoryBlockState.ONLINE
+                    assert not online or inp.state.is_taken(sb), (
+                        f"UNPLUG of subblock {sb} in use under online memory{mb}"
                     )
+    elif isinstance(step, TakeStep):
+        assert inp.takes_subblocks
+        assert inp.block(step.memory_block).state is MemoryBlockState.ONLINE
+        first = geometry.subblock_index(step.addr)
+        for sb in range(first, first + step.nb_blocks):
+            assert sb in geometry.subblocks_of(step.memory_block)
+            assert inp.is_plugged(sb) and not inp.state.is_taken(sb)
+            assert sb not in inp.avoid_subblocks
+    elif isinstance(step, GiveBackStep):
+        first = geometry.subblock_index(step.addr)
+        for sb in range(first, first + step.nb_blocks):
+            assert inp.is_plugged(sb) and inp.state.is_taken(sb), "give-back before the plug"
     else:
         assert isinstance(step, Done)
         assert step.target_bytes + step.remainder_bytes == inp.config.requested_size
-        assert step.target_bytes % max(geometry.block_size, geometry.memory_block_size) == 0
+        assert step.target_bytes % geometry.block_size == 0
+        if not inp.takes_subblocks:
+            assert step.target_bytes % max(geometry.block_size, geometry.memory_block_size) == 0
 
 
 @pytest.mark.parametrize("geometry", PROPERTY_GEOMETRIES)

@@ -49,7 +49,8 @@ def as_reference_step(step: planner.Step) -> object:
 
 
 def one_at_a_time(inp: PlanInput) -> PlanInput:
-    policy = dataclasses.replace(inp.policy, unplug_batch_units=1)
+    # The reference is the whole-block planner: no subblock of an online block is taken.
+    policy = dataclasses.replace(inp.policy, unplug_batch_units=1, subblock_unplug=False)
     return PlanInput(inp.config, inp.geometry, policy=policy, avoid=inp.avoid, state=inp.state)
 
 

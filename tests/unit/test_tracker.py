@@ -26,6 +26,7 @@ from vmem_guest.tracker import (
     NO_INTENT,
     NODE_UNKNOWN,
     RECORD_SIZE,
+    VERSION,
     BlockRecordLayout,
     BrokenReason,
     Intent,
@@ -34,10 +35,13 @@ from vmem_guest.tracker import (
     TrackerIdentity,
     TrackerReader,
     TrackerSnapshot,
+    UnitClass,
     consistency_problem,
     list_trackers,
+    state_disagreement,
     tracker_path,
 )
+from vmem_guest.tracker.layout import FileLayout
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -132,9 +136,9 @@ RECORD_OFFSETS = {
 #: The first 104 bytes (up to the generation) of a fresh tracker "sim0" for SBM.
 GOLDEN_SBM_PREFIX = bytes.fromhex(
     "564d454d54524b00"  # magic "VMEMTRK\0"
-    "01000000"  # version 1
+    "02000000"  # version 2
     "00010000"  # header size 256
-    "c001000000000000"  # total size 448 = 256 + 8 records * 16 + 64 bitmap bytes
+    "0002000000000000"  # total size 512 = 256 + 8 records * 16 + 2 bitmaps of 64 bytes
     "73696d30"
     "00000000000000000000000000000000000000000000000000000000"  # name "sim0"
     "0000000001000000"  # addr 4 GiB
@@ -168,24 +172,25 @@ def test_fresh_tracker_matches_golden_prefix(tmp_path: Path) -> None:
     with Tracker.open(tmp_path, ident(SBM, "sim0")) as t:
         data = t.path.read_bytes()
     assert data[: len(GOLDEN_SBM_PREFIX)] == GOLDEN_SBM_PREFIX
-    assert len(data) == 448
+    assert len(data) == 512
     header = TrackerHeader.from_buffer_copy(data)
     assert header.generation == 2  # one write section: the owner claimed it
     assert header.owner_pid == os.getpid()
     assert header.intent_op == NO_INTENT
     records = (BlockRecordLayout * 8).from_buffer_copy(data, HEADER_SIZE)
     assert all(r.state == 0 and r.node == NODE_UNKNOWN for r in records)
-    assert data[HEADER_SIZE + 8 * RECORD_SIZE :] == bytes(64)
+    assert data[HEADER_SIZE + 8 * RECORD_SIZE :] == bytes(128)  # plug and taken bitmaps
 
 
 @pytest.mark.parametrize(
     ("geometry", "total"),
     [
-        (SBM, 256 + 8 * 16 + 64),
-        (BBM, 256 + 8 * 16 + 8),  # 4 subblocks: one 8-byte bitmap word
-        (UNALIGNED, 256 + 3 * 16 + 32),  # 3 whole memory blocks, 256 subblocks
-        (Geometry(0, 66 * MIB, 2 * MIB, 2 * MIB), 256 + 33 * 16 + 8),  # 33 bits: one word
-        (Geometry(0, 130 * MIB, 2 * MIB, 2 * MIB), 256 + 65 * 16 + 16),  # 65 bits: two
+        # Two bitmaps of the same size: plugged and taken.
+        (SBM, 256 + 8 * 16 + 2 * 64),
+        (BBM, 256 + 8 * 16 + 2 * 8),  # 4 subblocks: one 8-byte bitmap word
+        (UNALIGNED, 256 + 3 * 16 + 2 * 32),  # 3 whole memory blocks, 256 subblocks
+        (Geometry(0, 66 * MIB, 2 * MIB, 2 * MIB), 256 + 33 * 16 + 2 * 8),  # 33 bits: one word
+        (Geometry(0, 130 * MIB, 2 * MIB, 2 * MIB), 256 + 65 * 16 + 2 * 16),  # 65 bits: two
     ],
 )
 def test_file_size_follows_geometry(tmp_path: Path, geometry: Geometry, total: int) -> None:
@@ -765,7 +770,7 @@ def corrupt_magic(path: Path) -> None:
 
 
 def corrupt_version(path: Path) -> None:
-    patch(path, header_field("version"), (2).to_bytes(4, "little"))
+    patch(path, header_field("version"), (VERSION + 1).to_bytes(4, "little"))
 
 
 def corrupt_total_size(path: Path) -> None:
@@ -827,13 +832,13 @@ CORRUPTIONS = [
     (corrupt_truncate_tail, "size mismatch"),
     (corrupt_empty, "truncated"),
     (corrupt_magic, "bad magic"),
-    (corrupt_version, "version 2"),
+    (corrupt_version, f"version {VERSION + 1}"),
     (corrupt_total_size, "size mismatch"),
     (corrupt_identity, "identity mismatch"),
     (corrupt_bitmap, "memory33"),
     (corrupt_state_enum, "not a MemoryBlockState"),
     (corrupt_zone_enum, "not a Zone"),
-    (corrupt_online_not_plugged, "ONLINE but not fully plugged"),
+    (corrupt_online_not_plugged, "ONLINE over unplugged subblocks not taken"),
     (corrupt_counter, "online_bytes"),
     (corrupt_odd_generation, "interrupted write"),
     (corrupt_intent_op, "not a RequestType"),
@@ -1173,3 +1178,132 @@ def test_only_the_newest_set_aside_files_are_kept(tmp_path: Path) -> None:
     assert len(kept) == tracker_module.KEEP_SET_ASIDE
     assert newest in kept
     assert other.exists()  # another device's files are not touched
+
+
+# ---------------------------------------------------------------------------
+# Subblocks of online blocks: taken, holes, given back (docs/design.md 5.1, 5.2)
+
+
+def sb_addr(tracker: Tracker, index: int, nth: int) -> int:
+    """Address of the ``nth`` subblock of memory block ``index``."""
+    return tracker.geometry.subblock_addr(tracker.geometry.subblocks_of(index)[nth])
+
+
+def test_a_taken_subblock_of_an_online_block_is_unplugged_and_the_block_stays_online(
+    tracker: Tracker,
+) -> None:
+    plug_and_online(tracker, 33)
+    hole = sb_addr(tracker, 33, 63)
+    tracker.record_taking(hole, 1)
+    tracker.set_intent(RequestType.UNPLUG, hole, 1)
+    tracker.record_unplugged(hole, 1)
+    tracker.clear_intent()
+    snap = tracker.snapshot()
+    record = snap.block(33)
+    assert record.state is MemoryBlockState.ONLINE
+    assert record.zone is Zone.MOVABLE
+    assert record.plugged_subblocks == SUBBLOCKS_PER_BLOCK - 1
+    assert snap.hole_bytes == 2 * MIB
+    assert snap.plugged_bytes == 126 * MIB
+    assert snap.online_bytes == 128 * MIB
+    assert consistency_problem(snap) is None
+    assert state_disagreement(tracker.state, snap) is None
+    assert tracker.state.unit_class[33 - SBM.first_memory_block] == UnitClass.HOLED
+
+
+def test_subblocks_in_use_of_an_online_block_are_never_unplugged(tracker: Tracker) -> None:
+    plug_and_online(tracker, 33)
+    in_use = sb_addr(tracker, 33, 10)
+    with pytest.raises(SafetyError, match="not taken"):
+        tracker.set_intent(RequestType.UNPLUG, in_use, 1)
+    with pytest.raises(SafetyError, match="not taken"):
+        tracker.record_unplugged(in_use, 1)
+    # A run that is partly taken is refused whole.
+    tracker.record_taking(sb_addr(tracker, 33, 11), 1)
+    with pytest.raises(SafetyError, match="not taken"):
+        tracker.record_unplugged(in_use, 2)
+    assert tracker.snapshot().plugged_bytes == 128 * MIB
+
+
+def test_only_subblocks_of_online_blocks_are_taken(tracker: Tracker) -> None:
+    plug_block(tracker, 34)
+    with pytest.raises(SafetyError, match="not ONLINE"):
+        tracker.record_taking(sb_addr(tracker, 34, 0), 1)
+    plug_and_online(tracker, 33)
+    tracker.record_taking(sb_addr(tracker, 33, 0), 1)
+    with pytest.raises(SafetyError, match="not plugged and in use"):
+        tracker.record_taking(sb_addr(tracker, 33, 0), 1)  # already taken
+
+
+def test_a_block_with_taken_subblocks_is_never_offlined(tracker: Tracker) -> None:
+    plug_and_online(tracker, 33)
+    tracker.record_taking(sb_addr(tracker, 33, 5), 1)
+    with pytest.raises(SafetyError, match="taken subblocks"):
+        tracker.record_offline(33)
+    assert tracker.block(33).state is MemoryBlockState.ONLINE
+
+
+def test_a_hole_is_given_back_only_after_its_plug(tracker: Tracker) -> None:
+    plug_and_online(tracker, 33)
+    hole = sb_addr(tracker, 33, 63)
+    tracker.record_taking(hole, 1)
+    tracker.record_unplugged(hole, 1)
+    first = tracker.geometry.subblock_index(hole)
+    with pytest.raises(SafetyError, match="not plugged and taken"):
+        tracker.check_may_give_back(first, 1)
+    with pytest.raises(SafetyError, match="not plugged and taken"):
+        tracker.record_given_back(hole, 1)
+    tracker.record_plugged(hole, 1)  # the device ACKed: plugged, pages still poisoned
+    assert tracker.state.is_taken(first) and tracker.state.is_plugged(first)
+    assert first // 64 in set(tracker.state.units_taking)
+    tracker.record_given_back(hole, 1)
+    snap = tracker.snapshot()
+    assert not snap.is_taken(first)
+    assert snap.hole_bytes == 0
+    assert tracker.state.unit_class[33 - SBM.first_memory_block] == UnitClass.FULL_MOVABLE
+    assert state_disagreement(tracker.state, snap) is None
+
+
+def test_rebuild_keeps_holes_and_refuses_online_over_unplugged_memory(tracker: Tracker) -> None:
+    subblocks = list(SBM.subblocks_of(33))
+    with pytest.raises(SafetyError, match="neither plugged nor taken"):
+        tracker.rebuild_from_states(
+            plugged=subblocks[:-1], online={33: Zone.MOVABLE}, present=[33]
+        )
+    with pytest.raises(SafetyError, match="taken outside an online block"):
+        tracker.rebuild_from_states(plugged=subblocks, online={}, present=[33], taken=[0])
+    tracker.rebuild_from_states(
+        plugged=subblocks[:-1], online={33: Zone.MOVABLE}, present=[33], taken=subblocks[-1:]
+    )
+    snap = tracker.snapshot()
+    assert snap.hole_bytes == 2 * MIB
+    assert consistency_problem(snap) is None
+    assert state_disagreement(tracker.state, snap) is None
+
+
+def test_holes_survive_a_reopen(tmp_path: Path) -> None:
+    with Tracker.open(tmp_path, ident()) as first:
+        plug_and_online(first, 33)
+        hole = sb_addr(first, 33, 0)
+        first.record_taking(hole, 1)
+        first.record_unplugged(hole, 1)
+        before = first.snapshot()
+    with Tracker.open(tmp_path, ident()) as again:
+        assert again.recovered
+        snap = again.snapshot()
+        assert snap.taken == before.taken and snap.bitmap == before.bitmap
+        assert state_disagreement(again.state, snap) is None
+        assert again.state.hole_subblocks == 1
+
+
+def test_a_taken_bit_under_a_block_not_online_is_a_corrupt_file(tmp_path: Path) -> None:
+    with Tracker.open(tmp_path, ident()) as t:
+        plug_block(t, 33)
+        path = t.path
+    layout = FileLayout.of(SBM)
+    first = SBM.subblocks_of(33).start
+    patch(path, layout.taken_offset + first // 8, b"\x01")
+    with Tracker.open(tmp_path, ident()) as t:
+        assert not t.recovered
+        assert t.discarded_reason is not None
+        assert "taken subblocks" in t.discarded_reason

@@ -10,7 +10,16 @@ One file per device, ``<state_dir>/<name>.state``, little-endian::
     +---------------------------+  8-byte aligned
     | subblock bitmap           |  bit i (byte i // 8, bit i % 8) = device block i
     |                           |  plugged; nr_subblocks bits rounded up to 8 bytes
+    +---------------------------+  8-byte aligned
+    | taken bitmap              |  bit i = the agent takes or took the pages of
+    |                           |  subblock i out of use (soft offline): only
+    |                           |  under ONLINE blocks; the same size
     +---------------------------+  total_size
+
+Per subblock of an ONLINE block, (plugged, taken) is (1, 0) in use, (1, 1)
+being taken or given back (some pages may be poisoned), (0, 1) a hole: every
+page verified poisoned before it was unplugged. (0, 0) never happens under an
+ONLINE block (docs/design.md, invariant 1).
 
 Also here: the pure helpers every other module of the package shares (offsets
 of a file, bit reads, the image of a fresh file). No I/O.
@@ -35,7 +44,8 @@ MAGIC = b"VMEMTRK\0"
 #: Set-aside (``.bad-*``) files kept per device, the newest ones.
 KEEP_SET_ASIDE = 5
 #: Bumped whenever the layout changes; a file of another version is set aside.
-VERSION = 1
+#: 2: the taken bitmap (subblocks of online blocks taken out of use).
+VERSION = 2
 #: ``intent_op`` when no request is pending.
 NO_INTENT = 0xFFFF
 #: Suffix of state files; the lock file beside each uses LOCK_SUFFIX.
@@ -211,8 +221,13 @@ class FileLayout:
         return words * BITMAP_WORD_BITS // 8
 
     @property
-    def total_size(self) -> int:
+    def taken_offset(self) -> int:
+        """The taken bitmap: the same size as the plug bitmap, right after it."""
         return self.bitmap_offset + self.bitmap_size
+
+    @property
+    def total_size(self) -> int:
+        return self.taken_offset + self.bitmap_size
 
 
 def read_bits(bitmap: bytes | bytearray | mmap.mmap, first: int, count: int) -> int:

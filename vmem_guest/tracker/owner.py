@@ -12,7 +12,8 @@ C-level copy made by ctypes.
 Only :meth:`Tracker._set_block_state` changes a block record (and with it
 ``online_bytes``); only :meth:`Tracker._write_subblocks` (a range) and
 :meth:`Tracker._replace_bitmap` (all of it, on rebuild) change the bitmap, and
-with it ``plugged_bytes``. Each applies the same change to :attr:`Tracker.state`,
+with it ``plugged_bytes``; only :meth:`Tracker._write_taken` and
+``_replace_bitmap`` change the taken bitmap. Each applies the same change to :attr:`Tracker.state`,
 so the state stays what the file says at O(change) per transition; the file
 is decoded whole only at open (and by :meth:`Tracker.snapshot`, for readers and tests).
 """
@@ -240,8 +241,9 @@ class Tracker:
         """Record the request about to be sent; bumps ``intent_seq``.
 
         PLUG/UNPLUG/STATE need an aligned range inside the region; UNPLUG_ALL
-        takes addr 0 and nb_blocks 0. SafetyError for an UNPLUG over an ONLINE
-        block or an UNPLUG_ALL while any block is ONLINE (docs/design.md 5.2).
+        takes addr 0 and nb_blocks 0. SafetyError for an UNPLUG of a subblock
+        of an ONLINE block that is not taken, or an UNPLUG_ALL while any block is
+        ONLINE (docs/design.md 5.2).
         """
         op = RequestType(op)
         if op is RequestType.UNPLUG_ALL:
@@ -251,7 +253,7 @@ class Tracker:
         else:
             first = self._check_range(addr, nb_blocks)
             if op is RequestType.UNPLUG:
-                self._refuse_if_online_over(first, nb_blocks, "unplug")
+                self._refuse_unplug_in_use(first, nb_blocks)
         with self._write_section() as header:
             header.intent_seq += 1
             header.intent_addr = addr
@@ -273,7 +275,8 @@ class Tracker:
         """The device ACKed a PLUG of ``nb_blocks`` device blocks at ``addr``.
 
         SafetyError if the range leaves the region or any block in it is
-        already plugged.
+        already plugged. Holes of an ONLINE block become plugged and stay
+        taken: their pages are given back by :meth:`record_given_back`.
         """
         first = self._check_range(addr, nb_blocks)
         if read_bits(self._mapped, self._bit(first), nb_blocks):
@@ -287,10 +290,11 @@ class Tracker:
         """The device ACKed an UNPLUG of ``nb_blocks`` device blocks at ``addr``.
 
         SafetyError if the range leaves the region, any block in it is not
-        plugged, or any memory block over it is ONLINE (docs/design.md 5.2).
+        plugged, or a subblock of an ONLINE block in it is not taken
+        (docs/design.md 5.2).
         """
         first = self._check_range(addr, nb_blocks)
-        self._refuse_if_online_over(first, nb_blocks, "unplug")
+        self._refuse_unplug_in_use(first, nb_blocks)
         mask = (1 << nb_blocks) - 1
         if read_bits(self._mapped, self._bit(first), nb_blocks) != mask:
             raise SafetyError("unplug over subblocks not plugged", addr=addr)
@@ -313,6 +317,50 @@ class Tracker:
                     index, MemoryBlockState.UNPLUGGED, plugged_subblocks=0, zone=Zone.NONE
                 )
         self._log.debug("unplugged all")
+
+    # -- transitions: subblocks of online blocks ----------------------------
+
+    def record_taking(self, addr: int, nb_blocks: int) -> None:
+        """The agent is about to take the pages of these subblocks out of use.
+
+        Written before the first soft offline, so a crash at any point leaves a
+        taken bit to resolve from (docs/design.md 5.3). SafetyError unless every
+        subblock is plugged, not yet taken, and in an ONLINE block (only online
+        memory has pages to take; Sub Block Mode only).
+        """
+        first = self._check_range(addr, nb_blocks)
+        self._require_online_subblocks(first, nb_blocks, "take")
+        state = self.state
+        for sb in range(first, first + nb_blocks):
+            if not state.is_plugged(sb) or state.is_taken(sb):
+                raise SafetyError(f"take of subblock {sb}: not plugged and in use", addr=addr)
+        with self._write_section():
+            self._write_taken(first, nb_blocks, taken=True)
+        self._log.debug("taking addr=%#x nb_blocks=%d", addr, nb_blocks)
+
+    def record_given_back(self, addr: int, nb_blocks: int) -> None:
+        """The pages of these subblocks are back in use (or were never taken).
+
+        SafetyError unless every subblock is taken and plugged: a page goes back
+        to the kernel only over memory the device ACKed (docs/design.md 5.1).
+        """
+        first = self._check_range(addr, nb_blocks)
+        self.check_may_give_back(first, nb_blocks)
+        with self._write_section():
+            self._write_taken(first, nb_blocks, taken=False)
+        self._log.debug("given back addr=%#x nb_blocks=%d", addr, nb_blocks)
+
+    def check_may_give_back(self, first: int, count: int) -> None:
+        """SafetyError unless subblocks ``first .. first+count-1`` are taken and plugged.
+
+        The driver calls it before it unpoisons a single page of them."""
+        state = self.state
+        for sb in range(first, first + count):
+            if not (state.is_plugged(sb) and state.is_taken(sb)):
+                raise SafetyError(
+                    f"give-back of subblock {sb}, which is not plugged and taken",
+                    addr=self.geometry.subblock_addr(sb),
+                )
 
     # -- transitions: kernel state ------------------------------------------
 
@@ -351,13 +399,17 @@ class Tracker:
     def record_offline(self, index: int) -> None:
         """Memory block ``index`` was offlined: back to PLUGGED, no zone.
 
-        SafetyError unless it is ONLINE.
+        SafetyError unless it is ONLINE, or while any of its subblocks is taken:
+        a block with poisoned pages is never offlined (docs/design.md 5.1: on
+        6.12 it could never be onlined again; on any kernel onlining would free
+        its holes).
         """
         state = self._state(index)
         if state is not MemoryBlockState.ONLINE:
             raise SafetyError(
                 f"memory{index} is {state.name}, not ONLINE: cannot offline", block=index
             )
+        self._refuse_if_taken(index, "offline")
         with self._write_section():
             self._set_block_state(index, MemoryBlockState.PLUGGED, zone=Zone.NONE, present=True)
 
@@ -366,30 +418,43 @@ class Tracker:
         plugged: Iterable[int],
         online: Mapping[int, Zone],
         present: Iterable[int],
+        taken: Iterable[int] = (),
     ) -> None:
-        """Replace the bitmap and every record with observed truth, in one write section.
+        """Replace the bitmaps and every record with observed truth, in one write section.
 
         ``plugged``: subblock indices the device reported plugged (STATE);
         ``online`` (block index -> zone) and ``present``: memory block indices
-        from sysfs (online implies present). Nodes stay for blocks still present.
-        The intent and the device info are left alone. SafetyError, before any
-        change, if an index is outside the region or an online block is not
-        fully plugged.
+        from sysfs (online implies present); ``taken``: subblocks of online
+        blocks with pages taken out of use (kpageflags). Nodes stay for blocks
+        still present. The intent and the device info are left alone.
+        SafetyError, before any change, if an index is outside the region, an
+        online block has a subblock neither plugged nor taken, or a taken
+        subblock is not in an online block.
         """
         geometry = self.geometry
         bitmap = self._bitmap_of(plugged)
+        taken_map = self._bitmap_of(taken)
         online_zones = {index: Zone(zone) for index, zone in online.items()}
         present_set = set(present) | set(online_zones)
         for index in present_set:
             self._check_index(index)
+        everything = int.from_bytes(bitmap, "little") | int.from_bytes(taken_map, "little")
         for index, zone in online_zones.items():
             subblocks = geometry.subblocks_of(index)
-            if popcount(bitmap, subblocks.start, len(subblocks)) != len(subblocks):
-                raise SafetyError(f"memory{index} is online but not fully plugged", block=index)
+            whole = (1 << len(subblocks)) - 1
+            if (everything >> subblocks.start) & whole != whole:
+                raise SafetyError(
+                    f"memory{index} is online over subblocks neither plugged nor taken",
+                    block=index,
+                )
             if zone is Zone.NONE:
                 raise ValueError(f"memory{index} online without a zone (use AUTO)")
+        online_subblocks = {sb for mb in online_zones for sb in geometry.subblocks_of(mb)}
+        for sb in taken:
+            if sb not in online_subblocks:
+                raise SafetyError(f"subblock {sb} taken outside an online block")
         with self._write_section():
-            self._replace_bitmap(bitmap)
+            self._replace_bitmap(bitmap, taken_map)
             for index in geometry.memory_blocks():
                 self._rebuild_block(index, online_zones.get(index), index in present_set)
         self._log.debug(
@@ -543,34 +608,55 @@ class Tracker:
         header.plugged_bytes += delta if plugged else -delta
         self.state.set_subblocks(first, count, plugged=plugged)
 
-    def _replace_bitmap(self, bitmap: bytes) -> None:
-        """Store a whole new bitmap (``bitmap_size`` bytes); sets ``plugged_bytes`` to match.
+    def _replace_bitmap(self, bitmap: bytes, taken: bytes) -> None:
+        """Store whole new plug and taken bitmaps (``bitmap_size`` bytes each); sets
+        ``plugged_bytes`` to match.
 
-        Called inside a write section with a bitmap built by :meth:`_bitmap_of`.
+        Called inside a write section with bitmaps built by :meth:`_bitmap_of`.
         """
         start = self._layout.bitmap_offset
         self._mapped[start : start + len(bitmap)] = bitmap
+        start = self._layout.taken_offset
+        self._mapped[start : start + len(taken)] = taken
         popcount = int.from_bytes(bitmap, "little").bit_count()
         self._hdr.plugged_bytes = popcount * self.geometry.block_size
-        self.state.replace_bitmap(bitmap)
+        self.state.replace_bitmap(bitmap, taken)
+
+    def _write_taken(self, first: int, count: int, *, taken: bool) -> None:
+        """Set or clear taken bits ``first .. first+count-1`` (in a write section)."""
+        mapping = self._mapped
+        bit = self._layout.taken_offset * 8 + first
+        lo, hi = bit // 8, (bit + count + 7) // 8
+        mask = ((1 << count) - 1) << (bit % 8)
+        word = int.from_bytes(mapping[lo:hi], "little")
+        word = (word | mask) if taken else (word & ~mask)
+        mapping[lo:hi] = word.to_bytes(hi - lo, "little")
+        self.state.set_taken(first, count, taken=taken)
 
     def _refresh_blocks(self, first: int, count: int) -> None:
         """Recompute plugged_subblocks and state of the blocks over subblocks
-        ``first .. first+count-1`` (none of them ONLINE: checked by the caller)."""
+        ``first .. first+count-1``. An ONLINE block stays ONLINE (its holes were
+        plugged or unplugged: the caller checked they are taken)."""
         geometry = self.geometry
         touched = range(
             geometry.subblock_addr(first) // geometry.memory_block_size,
             -(-geometry.subblock_addr(first + count) // geometry.memory_block_size),
         )
         for index in touched:
-            if geometry.contains_memory_block(index):
-                plugged, total = self._count_plugged(index)
+            if not geometry.contains_memory_block(index):
+                continue
+            plugged, total = self._count_plugged(index)
+            if self._state(index) is MemoryBlockState.ONLINE:
                 self._set_block_state(
-                    index,
-                    expected_state(plugged, total),
-                    plugged_subblocks=plugged,
-                    zone=Zone.NONE,
+                    index, MemoryBlockState.ONLINE, plugged_subblocks=plugged
                 )
+                continue
+            self._set_block_state(
+                index,
+                expected_state(plugged, total),
+                plugged_subblocks=plugged,
+                zone=Zone.NONE,
+            )
 
     def _rebuild_block(self, index: int, zone: Zone | None, present: bool) -> None:
         """Set block ``index`` from the (already rebuilt) bitmap and the kernel's view.
@@ -665,20 +751,47 @@ class Tracker:
             bitmap[sb_index // 8] |= 1 << (sb_index % 8)
         return bytes(bitmap)
 
-    def _refuse_if_online_over(self, first: int, count: int, what: str) -> None:
-        """SafetyError if any memory block overlapping subblocks first..first+count-1 is ONLINE."""
+    def _blocks_over(self, first: int, count: int) -> range:
+        """Memory blocks overlapping subblocks ``first .. first+count-1`` (maybe outside)."""
         geometry = self.geometry
         lo = geometry.subblock_addr(first) // geometry.memory_block_size
         hi = -(-geometry.subblock_addr(first + count) // geometry.memory_block_size)
-        for index in range(lo, hi):
+        return range(lo, hi)
+
+    def _refuse_unplug_in_use(self, first: int, count: int) -> None:
+        """SafetyError if a subblock of ``first .. first+count-1`` lies in an ONLINE
+        block and is not taken (docs/design.md 5.2: nothing in use is unplugged)."""
+        geometry = self.geometry
+        for index in self._blocks_over(first, count):
             if not geometry.contains_memory_block(index):
                 continue
-            if self._state(index) is MemoryBlockState.ONLINE:
+            if self._state(index) is not MemoryBlockState.ONLINE:
+                continue
+            block_subblocks = geometry.subblocks_of(index)
+            lo = max(first, block_subblocks.start)
+            hi = min(first + count, block_subblocks.stop)
+            if any(not self.state.is_taken(sb) for sb in range(lo, hi)):
                 raise SafetyError(
-                    f"{what} over memory{index}, which is ONLINE",
+                    f"unplug over memory{index}, which is ONLINE, of subblocks not taken",
                     block=index,
                     addr=geometry.subblock_addr(first),
                 )
+
+    def _require_online_subblocks(self, first: int, count: int, what: str) -> None:
+        """SafetyError unless subblocks ``first .. first+count-1`` all lie in ONLINE
+        memory blocks of a Sub Block Mode region."""
+        geometry = self.geometry
+        if geometry.big_block_mode:
+            raise SafetyError(f"{what} of subblocks in Big Block Mode")
+        for index in self._blocks_over(first, count):
+            self._check_index(index)
+            if self._state(index) is not MemoryBlockState.ONLINE:
+                raise SafetyError(f"{what} of subblocks of memory{index}, not ONLINE", block=index)
+
+    def _refuse_if_taken(self, index: int, what: str) -> None:
+        subblocks = self.geometry.subblocks_of(index)
+        if popcount(self.state.taken, subblocks.start, len(subblocks)):
+            raise SafetyError(f"{what} of memory{index}, which has taken subblocks", block=index)
 
     def _refuse_if_any_online(self, what: str) -> None:
         if self._hdr.online_bytes:

@@ -8,9 +8,10 @@ Invariants of a file (checked by :func:`consistency_problem` when a file is
 reused, and by the fuzzers after every step):
 
 * ``plugged_subblocks`` of every record equals the bits set over that block;
-  its state is UNPLUGGED (no bit), PARTIAL (some), PLUGGED or ONLINE (all).
-* An ONLINE block is fully plugged (docs/design.md, invariant 1) and nothing
-  under an ONLINE block is unplugged (invariant 2); only ONLINE blocks carry a zone.
+  a block that is not ONLINE is UNPLUGGED (no bit), PARTIAL (some) or PLUGGED (all).
+* Every subblock of an ONLINE block is plugged or taken (docs/design.md,
+  invariant 1: an unplugged one is a hole whose pages were verified poisoned);
+  only ONLINE blocks carry a zone and taken bits.
 * ``plugged_bytes == popcount(bitmap) * block_size`` and
   ``online_bytes == count(ONLINE) * memory_block_size``.
 """
@@ -38,6 +39,7 @@ from vmem_guest.tracker.layout import (
     FileLayout,
     TrackerHeader,
     popcount,
+    read_bits,
 )
 from vmem_guest.tracker.state import RegionState
 
@@ -110,6 +112,8 @@ class TrackerSnapshot:
     intent_seq: int
     blocks: tuple[BlockRecord, ...]
     bitmap: bytes
+    #: The taken bitmap (layout.py): subblocks of online blocks taken out of use.
+    taken: bytes
 
     @property
     def geometry(self) -> Geometry:
@@ -120,6 +124,19 @@ class TrackerSnapshot:
         if not 0 <= sb_index < self.geometry.nr_subblocks:
             raise IndexError(f"subblock {sb_index} outside the region")
         return bool(self.bitmap[sb_index // 8] >> (sb_index % 8) & 1)
+
+    def is_taken(self, sb_index: int) -> bool:
+        """Whether the pages of subblock ``sb_index`` are taken (or being taken) out of use."""
+        if not 0 <= sb_index < self.geometry.nr_subblocks:
+            raise IndexError(f"subblock {sb_index} outside the region")
+        return bool(self.taken[sb_index // 8] >> (sb_index % 8) & 1)
+
+    @property
+    def hole_bytes(self) -> int:
+        """Bytes of online blocks taken out of use and unplugged (holes)."""
+        plugged = int.from_bytes(self.bitmap, "little")
+        holes = int.from_bytes(self.taken, "little") & ~plugged
+        return holes.bit_count() * self.geometry.block_size
 
     def state_counts(self) -> dict[MemoryBlockState, int]:
         """Memory blocks per state; every state is a key."""
@@ -246,6 +263,7 @@ def decode(buf: bytes) -> TrackerSnapshot:
         intent_seq=header.intent_seq,
         blocks=decode_records(buf, layout, identity.geometry.first_memory_block),
         bitmap=bytes(buf[layout.bitmap_offset : bitmap_end]),
+        taken=bytes(buf[layout.taken_offset : layout.taken_offset + layout.bitmap_size]),
     )
 
 
@@ -272,11 +290,17 @@ def consistency_problem(snap: TrackerSnapshot) -> str | None:
                 f"memory{record.index}: record says {record.plugged_subblocks} subblocks "
                 f"plugged, bitmap {plugged}"
             )
+        taken = popcount(snap.taken, subblocks.start, len(subblocks))
         if record.state is MemoryBlockState.ONLINE:
-            if plugged != len(subblocks):
-                return f"memory{record.index} is ONLINE but not fully plugged"
+            covered = read_bits(snap.bitmap, subblocks.start, len(subblocks)) | read_bits(
+                snap.taken, subblocks.start, len(subblocks)
+            )
+            if covered != (1 << len(subblocks)) - 1:
+                return f"memory{record.index} is ONLINE over unplugged subblocks not taken"
             if record.zone is Zone.NONE:
                 return f"memory{record.index} is ONLINE without a zone"
+        elif taken:
+            return f"memory{record.index} is {record.state.name} with taken subblocks"
         elif record.state is not expected_state(plugged, len(subblocks)):
             return f"memory{record.index}: state {record.state.name} with {plugged} plugged"
         elif record.zone is not Zone.NONE:
@@ -284,6 +308,8 @@ def consistency_problem(snap: TrackerSnapshot) -> str | None:
     spare_bits = int.from_bytes(snap.bitmap, "little") >> geometry.nr_subblocks
     if spare_bits:
         return "bitmap has bits set beyond the region"
+    if taken_outside_blocks(snap):
+        return "taken bits outside the region's memory blocks"
     plugged_bytes = int.from_bytes(snap.bitmap, "little").bit_count() * geometry.block_size
     if snap.plugged_bytes != plugged_bytes:
         return f"plugged_bytes {snap.plugged_bytes}, bitmap holds {plugged_bytes}"
@@ -293,12 +319,28 @@ def consistency_problem(snap: TrackerSnapshot) -> str | None:
     return None
 
 
+def taken_outside_blocks(snap: TrackerSnapshot) -> bool:
+    """Whether a taken bit lies outside every memory block of the region (an orphan)."""
+    taken = int.from_bytes(snap.taken, "little")
+    if not taken:
+        return False
+    geometry = snap.geometry
+    blocks = geometry.memory_blocks()
+    if not blocks:
+        return True
+    first = geometry.subblocks_of(blocks.start).start
+    end = geometry.subblocks_of(blocks[-1]).stop
+    inside = ((1 << (end - first)) - 1) << first
+    return bool(taken & ~inside)
+
+
 def state_of(snap: TrackerSnapshot) -> RegionState:
     """The in-memory state a snapshot holds (what a restarted owner starts from)."""
     return RegionState.load(
         snap.geometry,
         snap.bitmap,
         ((rec.index, rec.state, rec.zone, rec.present) for rec in snap.blocks),
+        snap.taken,
     )
 
 
@@ -310,6 +352,8 @@ def state_disagreement(state: RegionState, snap: TrackerSnapshot) -> str | None:
     """
     if bytes(state.bitmap) != snap.bitmap:
         return "bitmap differs from the file"
+    if bytes(state.taken) != snap.taken:
+        return "taken bitmap differs from the file"
     for rec in snap.blocks:
         held = (
             state.block_state(rec.index),

@@ -11,12 +11,13 @@ What is derived from what (docs/design.md, "The tracker"):
   :meth:`set_block` for a block record. They must agree after every completed
   step (``snapshot.state_disagreement`` checks it; the fuzzers call it after
   every rule).
-* Inside the state, the per-unit counts (subblocks plugged, memory blocks
-  online, online outside ZONE_MOVABLE) are derived from the bitmap and the
-  block states; each unit's :class:`UnitClass` from those counts; the
-  :class:`IndexSet` of each class, and the per-state block counters (like
-  ``mb_count[]`` of Linux's ``virtio_mem_sbm_set_mb_state``), from the classes
-  and states. :meth:`problem` recomputes all of them from scratch (tests only).
+* Inside the state, the per-unit counts (subblocks plugged, taken, taken
+  and still plugged, memory blocks online, online outside ZONE_MOVABLE) are
+  derived from the two bitmaps and the block states; each unit's
+  :class:`UnitClass` from those counts; the :class:`IndexSet` of each class,
+  and the per-state block counters (like ``mb_count[]`` of Linux's
+  ``virtio_mem_sbm_set_mb_state``), from the classes and states.
+  :meth:`problem` recomputes all of them from scratch (tests only).
 
 Nothing here does I/O; the planner reads a RegionState and never changes it.
 """
@@ -39,6 +40,7 @@ class UnitClass(enum.IntEnum):
     FULL_OFFLINE = 2  # fully plugged, no memory block online
     FULL_MOVABLE = 3  # fully plugged, something online, all of it in ZONE_MOVABLE
     FULL_KERNEL = 4  # fully plugged, something online outside ZONE_MOVABLE
+    HOLED = 5  # online, with subblocks taken out of use (holes, or being taken/given back)
 
 
 FULL_CLASSES = (UnitClass.FULL_OFFLINE, UnitClass.FULL_MOVABLE, UnitClass.FULL_KERNEL)
@@ -50,6 +52,19 @@ def _bits(bitmap: bytes | bytearray, first: int, count: int) -> int:
         return 0
     chunk = int.from_bytes(bitmap[first >> 3 : (first + count + 7) >> 3], "little")
     return (chunk >> (first & 7)) & ((1 << count) - 1)
+
+
+def _store_bits(bitmap: bytearray, first: int, count: int, value: bool) -> int:
+    """Set (``value``) or clear bits ``first .. first+count-1``; how many changed."""
+    if count <= 0:
+        return 0
+    lo, hi = first >> 3, (first + count + 7) >> 3
+    mask = ((1 << count) - 1) << (first & 7)
+    word = int.from_bytes(bitmap[lo:hi], "little")
+    changed = ((mask & ~word) if value else (mask & word)).bit_count()
+    word = (word | mask) if value else (word & ~mask)
+    bitmap[lo:hi] = word.to_bytes(hi - lo, "little")
+    return changed
 
 
 class RegionState:
@@ -66,6 +81,8 @@ class RegionState:
         self.orphans = self.grid.orphan_subblocks(geometry.nr_subblocks)
         needed = -(-geometry.nr_subblocks // 8)
         self.bitmap = bytearray(max(needed, bitmap_size or 0))
+        #: Subblocks of online blocks whose pages the agent takes or took out of use.
+        self.taken = bytearray(len(self.bitmap))
         nr_blocks = geometry.nr_memory_blocks
         units = len(self.grid)
         self._first_mb = geometry.first_memory_block
@@ -75,12 +92,20 @@ class RegionState:
         self.unit_plugged = array("L", bytes(units * array("L").itemsize))
         self.unit_online = array("L", bytes(units * array("L").itemsize))
         self.unit_pinned = array("L", bytes(units * array("L").itemsize))
+        self.unit_taken = array("L", bytes(units * array("L").itemsize))
+        self.unit_taken_plugged = array("L", bytes(units * array("L").itemsize))
         self.unit_class = bytearray(units)  # UnitClass.EMPTY == 0
         self.units_by_class = {cls: IndexSet(units) for cls in UnitClass}
         self.units_by_class[UnitClass.EMPTY] = IndexSet.full(units)
         #: Full units with at least one memory block not online.
         self.not_fully_online = IndexSet(units)
+        #: Units with a subblock both taken and plugged (a take or give-back under way).
+        self.units_taking = IndexSet(units)
         self.plugged_subblocks = 0
+        self.taken_subblocks = 0
+        self.taken_plugged_subblocks = 0
+        #: Subblocks plugged and in use in HOLED units (what those units still give).
+        self.holed_in_use_subblocks = 0
         self.block_counts = dict.fromkeys(MemoryBlockState, 0)
         self.block_counts[MemoryBlockState.UNPLUGGED] = nr_blocks
         self.movable_online_blocks = 0
@@ -93,18 +118,20 @@ class RegionState:
         geometry: Geometry,
         bitmap: bytes | bytearray,
         blocks: Iterable[tuple[int, MemoryBlockState, Zone, bool]],
+        taken: bytes | bytearray = b"",
     ) -> RegionState:
-        """The state of a decoded file: its bitmap, and (index, state, zone, present)
+        """The state of a decoded file: its bitmaps, and (index, state, zone, present)
         of every block record. O(region): at open, recovery and rebuild only."""
         state = cls(geometry, len(bitmap))
         state.bitmap[: len(bitmap)] = bitmap
+        state.taken[: len(taken)] = taken
         state.plugged_subblocks = int.from_bytes(bitmap, "little").bit_count()
+        state.taken_subblocks = int.from_bytes(state.taken, "little").bit_count()
         for index, block_state, zone, present in blocks:
             state._store_block(index, block_state, zone, present)
         for unit in range(len(state.grid)):
-            state._recount_plugged(unit)
             state._recount_online(unit)
-            state._reclassify(unit)
+            state._refresh_unit(unit)
         return state
 
     # --- the transitions (the owner calls these, and only these) ---------------
@@ -114,35 +141,35 @@ class RegionState:
 
         Cost: O(count / 8) for the bits, plus one recount per unit touched.
         """
-        if count <= 0:
-            return 0
-        lo, hi = first >> 3, (first + count + 7) >> 3
-        shift = first & 7
-        mask = ((1 << count) - 1) << shift
-        word = int.from_bytes(self.bitmap[lo:hi], "little")
-        changed = ((mask & ~word) if plugged else (mask & word)).bit_count()
-        word = (word | mask) if plugged else (word & ~mask)
-        self.bitmap[lo:hi] = word.to_bytes(hi - lo, "little")
+        changed = _store_bits(self.bitmap, first, count, plugged)
         self.plugged_subblocks += changed if plugged else -changed
         for unit in self._units_over(first, count):
-            self._recount_plugged(unit)
-            self._reclassify(unit)
+            self._refresh_unit(unit)
         return changed
 
-    def replace_bitmap(self, bitmap: bytes | bytearray) -> None:
-        """A whole new bitmap (rebuild): O(region), like :meth:`load`."""
+    def set_taken(self, first: int, count: int, *, taken: bool) -> int:
+        """Set or clear taken bits ``first .. first+count-1``; the number changed."""
+        changed = _store_bits(self.taken, first, count, taken)
+        self.taken_subblocks += changed if taken else -changed
+        for unit in self._units_over(first, count):
+            self._refresh_unit(unit)
+        return changed
+
+    def replace_bitmap(self, bitmap: bytes | bytearray, taken: bytes | bytearray) -> None:
+        """Whole new bitmaps (rebuild): O(region), like :meth:`load`."""
         self.bitmap[:] = bitmap
+        self.taken[:] = taken
         self.plugged_subblocks = int.from_bytes(bitmap, "little").bit_count()
+        self.taken_subblocks = int.from_bytes(taken, "little").bit_count()
         for unit in range(len(self.grid)):
-            self._recount_plugged(unit)
-            self._reclassify(unit)
+            self._refresh_unit(unit)
 
     def set_block(self, index: int, state: MemoryBlockState, zone: Zone, present: bool) -> None:
         """Block ``index`` now has this record (the owner's ``_set_block_state``)."""
         self._store_block(index, state, zone, present)
         unit = self.grid.unit_of_memory_block(index)
         self._recount_online(unit)
-        self._reclassify(unit)
+        self._refresh_unit(unit)
 
     # --- queries (the planner's) ------------------------------------------------
 
@@ -166,6 +193,25 @@ class RegionState:
         """The unplugged subblocks of ``subblocks``."""
         bits = _bits(self.bitmap, subblocks.start, len(subblocks))
         return [subblocks.start + k for k in range(len(subblocks)) if not bits >> k & 1]
+
+    def is_taken(self, sb_index: int) -> bool:
+        return bool(self.taken[sb_index >> 3] >> (sb_index & 7) & 1)
+
+    def subblocks_where(self, subblocks: range, *, plugged: bool, taken: bool) -> list[int]:
+        """The subblocks of ``subblocks`` with exactly these plugged and taken bits:
+        (True, False) in use, (True, True) being taken or given back, (False, True) holes."""
+        start, count = subblocks.start, len(subblocks)
+        plug_bits = _bits(self.bitmap, start, count)
+        taken_bits = _bits(self.taken, start, count)
+        mask = (1 << count) - 1
+        wanted = (plug_bits if plugged else ~plug_bits) & (taken_bits if taken else ~taken_bits)
+        wanted &= mask
+        return [start + k for k in range(count) if wanted >> k & 1]
+
+    @property
+    def hole_subblocks(self) -> int:
+        """Subblocks of online blocks taken out of use and unplugged."""
+        return self.taken_subblocks - self.taken_plugged_subblocks
 
     def block_state(self, index: int) -> MemoryBlockState:
         return MemoryBlockState(self.block_states[index - self._first_mb])
@@ -208,10 +254,10 @@ class RegionState:
     def highest_plugged_subblock(self) -> int | None:
         """The highest plugged subblock of the region, or None. O(1) in the region size."""
         highest: int | None = None
-        for cls in (UnitClass.PARTIAL, *FULL_CLASSES):
+        for cls in (UnitClass.PARTIAL, *FULL_CLASSES, UnitClass.HOLED):
             unit = self.units_by_class[cls].last()
-            if unit is not None:
-                plugged = self.plugged_in(self.grid[unit].subblocks)
+            plugged = self.plugged_in(self.grid[unit].subblocks) if unit is not None else []
+            if plugged:  # a HOLED unit may have every subblock unplugged
                 highest = max(highest if highest is not None else -1, plugged[-1])
         for sb in self.orphans:
             if self.is_plugged(sb) and (highest is None or sb > highest):
@@ -222,14 +268,20 @@ class RegionState:
 
     def problem(self) -> str | None:
         """The first index that does not match a recount from scratch, or None. O(region)."""
-        fresh = RegionState.load(self.geometry, bytes(self.bitmap), self._records())
+        fresh = RegionState.load(
+            self.geometry, bytes(self.bitmap), self._records(), bytes(self.taken)
+        )
         if fresh.plugged_subblocks != self.plugged_subblocks:
             return f"plugged_subblocks {self.plugged_subblocks}, bitmap {fresh.plugged_subblocks}"
         if fresh.block_counts != self.block_counts:
             return f"block counts {self.block_counts}, records {fresh.block_counts}"
         if fresh.movable_online_blocks != self.movable_online_blocks:
             return f"movable online {self.movable_online_blocks}, {fresh.movable_online_blocks}"
-        for name in ("unit_plugged", "unit_online", "unit_pinned", "unit_class"):
+        for name in ("taken_subblocks", "taken_plugged_subblocks", "holed_in_use_subblocks"):
+            if getattr(fresh, name) != getattr(self, name):
+                return f"{name} {getattr(self, name)}, recount {getattr(fresh, name)}"
+        names = ("unit_plugged", "unit_online", "unit_pinned", "unit_taken", "unit_class")
+        for name in (*names, "unit_taken_plugged"):
             if getattr(fresh, name) != getattr(self, name):
                 return f"{name} differs from a recount"
         for cls in UnitClass:
@@ -237,6 +289,8 @@ class RegionState:
                 return f"units of class {cls.name} differ from a recount"
         if list(fresh.not_fully_online) != list(self.not_fully_online):
             return "not-fully-online units differ from a recount"
+        if list(fresh.units_taking) != list(self.units_taking):
+            return "units with a take under way differ from a recount"
         return None
 
     def _records(self) -> Iterator[tuple[int, MemoryBlockState, Zone, bool]]:
@@ -275,10 +329,29 @@ class RegionState:
             (hi - 1 - grid.first_subblock) // grid.subblocks_per_unit + 1,
         )
 
-    def _recount_plugged(self, unit: int) -> None:
+    def _refresh_unit(self, unit: int) -> None:
+        """Recount a unit's subblocks from the bitmaps, then reclassify it."""
+        self.holed_in_use_subblocks -= self._holed_in_use(unit)
+        self.taken_plugged_subblocks -= self.unit_taken_plugged[unit]
         grid = self.grid
         first = grid.first_subblock + unit * grid.subblocks_per_unit
-        self.unit_plugged[unit] = _bits(self.bitmap, first, grid.subblocks_per_unit).bit_count()
+        plug_bits = _bits(self.bitmap, first, grid.subblocks_per_unit)
+        taken_bits = _bits(self.taken, first, grid.subblocks_per_unit)
+        self.unit_plugged[unit] = plug_bits.bit_count()
+        self.unit_taken[unit] = taken_bits.bit_count()
+        self.unit_taken_plugged[unit] = (plug_bits & taken_bits).bit_count()
+        self._reclassify(unit)
+        self.taken_plugged_subblocks += self.unit_taken_plugged[unit]
+        self.holed_in_use_subblocks += self._holed_in_use(unit)
+        if self.unit_taken_plugged[unit]:
+            self.units_taking.add(unit)
+        else:
+            self.units_taking.discard(unit)
+
+    def _holed_in_use(self, unit: int) -> int:
+        if self.unit_class[unit] != UnitClass.HOLED:
+            return 0
+        return self.unit_plugged[unit] - self.unit_taken_plugged[unit]
 
     def _recount_online(self, unit: int) -> None:
         per_unit = self.grid.memory_blocks_per_unit
@@ -295,7 +368,9 @@ class RegionState:
         grid = self.grid
         plugged = self.unit_plugged[unit]
         online = self.unit_online[unit]
-        if plugged == 0:
+        if online and self.unit_taken[unit]:
+            cls = UnitClass.HOLED
+        elif plugged == 0:
             cls = UnitClass.EMPTY
         elif plugged < grid.subblocks_per_unit:
             cls = UnitClass.PARTIAL
@@ -310,7 +385,7 @@ class RegionState:
             self.units_by_class[old].discard(unit)  # type: ignore[index]
             self.units_by_class[cls].add(unit)
             self.unit_class[unit] = cls
-        if cls >= UnitClass.FULL_OFFLINE and online < grid.memory_blocks_per_unit:
+        if cls in FULL_CLASSES and online < grid.memory_blocks_per_unit:
             self.not_fully_online.add(unit)
         else:
             self.not_fully_online.discard(unit)
