@@ -1267,9 +1267,7 @@ def test_a_hole_is_given_back_only_after_its_plug(tracker: Tracker) -> None:
 def test_rebuild_keeps_holes_and_refuses_online_over_unplugged_memory(tracker: Tracker) -> None:
     subblocks = list(SBM.subblocks_of(33))
     with pytest.raises(SafetyError, match="neither plugged nor taken"):
-        tracker.rebuild_from_states(
-            plugged=subblocks[:-1], online={33: Zone.MOVABLE}, present=[33]
-        )
+        tracker.rebuild_from_states(plugged=subblocks[:-1], online={33: Zone.MOVABLE}, present=[33])
     with pytest.raises(SafetyError, match="taken outside an online block"):
         tracker.rebuild_from_states(plugged=subblocks, online={}, present=[33], taken=[0])
     tracker.rebuild_from_states(

@@ -647,9 +647,7 @@ class Tracker:
                 continue
             plugged, total = self._count_plugged(index)
             if self._state(index) is MemoryBlockState.ONLINE:
-                self._set_block_state(
-                    index, MemoryBlockState.ONLINE, plugged_subblocks=plugged
-                )
+                self._set_block_state(index, MemoryBlockState.ONLINE, plugged_subblocks=plugged)
                 continue
             self._set_block_state(
                 index,
