@@ -19,6 +19,7 @@ from vmem_guest.blocks import Geometry
 from vmem_guest.device import InterruptingChannel, VirtioMemDevice
 from vmem_guest.driver import DeviceDriver
 from vmem_guest.hotplug import KernelMemory
+from vmem_guest.pages import PageControl
 from vmem_guest.tracker import Tracker, TrackerIdentity
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.vfio import Mode
@@ -61,11 +62,18 @@ def attach(
     policy: planner.Policy,
     guard_ranges: list[tuple[int, int]] | None = None,
     boot_record: Path = bootmem.RECORD,
+    pages: PageControl | None = None,
 ) -> Attached:
     """Open ``bdf`` (bound to vfio-pci), lock its tracker and recover its state."""
     channel = PciChannel.open(bdf, mode=mode, guard_ranges=guard_ranges or ())
     return attach_channel(
-        bdf, channel, state_dir=state_dir, kernel=kernel, policy=policy, boot_record=boot_record
+        bdf,
+        channel,
+        state_dir=state_dir,
+        kernel=kernel,
+        policy=policy,
+        boot_record=boot_record,
+        pages=pages,
     )
 
 
@@ -78,6 +86,7 @@ def attach_channel(
     policy: planner.Policy,
     boot_record: Path = bootmem.RECORD,
     clock: Callable[[], float] = time.monotonic,
+    pages: PageControl | None = None,
 ) -> Attached:
     """Take over an open channel: validate the device, lock its tracker, recover its state.
 
@@ -97,7 +106,7 @@ def attach_channel(
     try:
         if tracker.discarded_reason:
             log.warning("%s: tracker set aside: %s", bdf, tracker.discarded_reason)
-        driver = DeviceDriver(device, tracker, kernel, policy, clock=clock)
+        driver = DeviceDriver(device, tracker, kernel, policy, clock=clock, pages=pages)
         driver.start()
     except BaseException:
         tracker.close()

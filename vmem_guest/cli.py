@@ -262,6 +262,7 @@ def _sim_table(rows: Sequence[tuple[int, Any]]) -> str:
         "online",
         "usable",
         "remainder",
+        "holes",
         "steps",
         "requests",
         "retries",
@@ -275,6 +276,7 @@ def _sim_table(rows: Sequence[tuple[int, Any]]) -> str:
             format_size(r.online),
             format_size(r.usable),
             format_size(r.remainder),
+            format_size(r.holes),
             r.steps,
             r.requests,
             r.retries,
@@ -294,19 +296,21 @@ def status(state_dir: Path, as_json: bool) -> None:
     Works while the agent runs: the tracker is read without locks, as a
     consistent snapshot.
     """
+    from vmem_guest.service import guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
     snapshots = []
     for path in list_trackers(state_dir):
         with TrackerReader.open(path) as reader:
             snapshots.append(reader.snapshot())
+    guest = guest_memory()
     if as_json:
-        _emit_json([render.snapshot_dict(snap) for snap in snapshots])
+        _emit_json([render.snapshot_dict(snap, guest) for snap in snapshots])
         return
     if not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
         return
-    click.echo("\n\n".join(render.snapshot_text(snap) for snap in snapshots))
+    click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
 
 
 # --- the real device ---------------------------------------------------------

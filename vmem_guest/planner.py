@@ -299,7 +299,9 @@ def goal(inp: PlanInput) -> Goal:
     wanted = min(inp.config.requested_size // geometry.block_size, usable_units * per_unit)
     kept = kept_subblocks(state)
     if wanted >= kept:
-        fill = min(wanted - kept, state.hole_subblocks)
+        # Taken subblocks come back first: holes (PLUG, then give back) and those
+        # plugged already (give back only).
+        fill = min(wanted - kept, state.taken_subblocks)
         whole_units = (wanted - kept - fill) // per_unit
         return Goal(kept, kept + fill + whole_units * per_unit)
     if inp.takes_subblocks:

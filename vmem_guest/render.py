@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from vmem_guest.blocks import MemoryBlockState, Zone
@@ -15,8 +16,25 @@ BLOCK_GLYPHS = {
     MemoryBlockState.PLUGGED: "+",
     MemoryBlockState.ONLINE: "#",
 }
-MAP_LEGEND = "map: . unplugged  ~ partly plugged  + plugged, not online  # online"
+#: An online block with subblocks taken out of use.
+HOLED_GLYPH = "%"
+MAP_LEGEND = (
+    "map: . unplugged  ~ partly plugged  + plugged, not online  # online  % online with holes"
+)
 MAP_WIDTH = 64
+#: One character per subblock of an online block with holes.
+SUBBLOCK_GLYPHS = {(True, False): "#", (True, True): "o", (False, True): "."}
+SUBBLOCK_LEGEND = (
+    "subblocks: # in use  . hole (unplugged, pages poisoned)  o being taken/given back"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestMemory:
+    """System-wide figures shown beside the devices (from /proc/meminfo, in bytes)."""
+
+    mem_total: int
+    hardware_corrupted: int | None
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -32,9 +50,34 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join(line(row) for row in cells)
 
 
-def snapshot_dict(snap: TrackerSnapshot) -> dict[str, object]:
+def holed_blocks(snap: TrackerSnapshot) -> list[int]:
+    """Online blocks with any subblock taken out of use (or being taken)."""
+    geometry = snap.identity.geometry
+    return [
+        rec.index
+        for rec in snap.blocks
+        if rec.state is MemoryBlockState.ONLINE
+        and any(snap.is_taken(sb) for sb in geometry.subblocks_of(rec.index))
+    ]
+
+
+def subblock_map(snap: TrackerSnapshot, index: int) -> str:
+    """One glyph per subblock of online block ``index`` (SUBBLOCK_GLYPHS)."""
+    subblocks = snap.identity.geometry.subblocks_of(index)
+    return "".join(
+        SUBBLOCK_GLYPHS.get((snap.is_plugged(sb), snap.is_taken(sb)), "?") for sb in subblocks
+    )
+
+
+def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> dict[str, object]:
     """The JSON form of ``vmem-guest status --json`` for one device."""
     geometry = snap.identity.geometry
+    system: dict[str, object] = {}
+    if guest is not None:
+        system = {
+            "guest_mem_total": guest.mem_total,
+            "guest_hardware_corrupted": guest.hardware_corrupted,
+        }
     return {
         "device": snap.identity.name,
         "addr": geometry.addr,
@@ -48,6 +91,11 @@ def snapshot_dict(snap: TrackerSnapshot) -> dict[str, object]:
         "plugged_size": snap.plugged_bytes,
         "online_size": snap.online_bytes,
         "remainder": snap.remainder_bytes,
+        "hole_bytes": snap.hole_bytes,
+        "holed_blocks": [
+            {"index": index, "subblocks": subblock_map(snap, index)} for index in holed_blocks(snap)
+        ],
+        **system,
         "broken": snap.broken,
         "broken_reason": snap.broken_reason or None,
         "owner_pid": snap.owner_pid,
@@ -73,7 +121,10 @@ def snapshot_dict(snap: TrackerSnapshot) -> dict[str, object]:
 def block_map(snap: TrackerSnapshot) -> list[str]:
     """The compact per-memory-block map, one line per MAP_WIDTH blocks, with addresses."""
     geometry = snap.identity.geometry
-    glyphs = "".join(BLOCK_GLYPHS[rec.state] for rec in snap.blocks)
+    holed = set(holed_blocks(snap))
+    glyphs = "".join(
+        HOLED_GLYPH if rec.index in holed else BLOCK_GLYPHS[rec.state] for rec in snap.blocks
+    )
     lines = []
     for offset in range(0, len(glyphs), MAP_WIDTH):
         first = snap.blocks[offset].index
@@ -83,7 +134,7 @@ def block_map(snap: TrackerSnapshot) -> list[str]:
     return lines
 
 
-def snapshot_text(snap: TrackerSnapshot) -> str:
+def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> str:
     """The human form of ``vmem-guest status`` for one device."""
     geometry = snap.identity.geometry
     mode = "big block mode" if geometry.big_block_mode else "sub block mode"
@@ -104,4 +155,19 @@ def snapshot_text(snap: TrackerSnapshot) -> str:
         lines.append(
             f"  in flight: {snap.intent.op.name} {snap.intent.addr:#x} x{snap.intent.nb_blocks}"
         )
+    lines += _holes_text(snap, guest)
     return "\n".join([*lines, *block_map(snap), "  " + MAP_LEGEND])
+
+
+def _holes_text(snap: TrackerSnapshot, guest: GuestMemory | None) -> list[str]:
+    holed = holed_blocks(snap)
+    if not holed:
+        return []
+    lines = [f"  unplugged inside online blocks: {format_size(snap.hole_bytes)}"]
+    if guest is not None and guest.hardware_corrupted is not None:
+        lines.append(
+            f"  guest MemTotal {format_size(guest.mem_total)} (holes still count in it),"
+            f" HardwareCorrupted {format_size(guest.hardware_corrupted)} (their poisoned pages)"
+        )
+    lines += [f"  memory{index} {subblock_map(snap, index)}" for index in holed]
+    return [*lines, "  " + SUBBLOCK_LEGEND]

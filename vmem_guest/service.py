@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import control, discovery, planner
+from vmem_guest import control, discovery, planner, render
 from vmem_guest.agent import Agent, run_manual
 from vmem_guest.attach import Attached, attach, memtotal_bytes
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
+from vmem_guest.pages import ProcPages
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
 from vmem_guest.transport.vfio import Mode
@@ -81,6 +82,7 @@ def attached_devices(
     others are served; if every device is refused, the first refusal is raised.
     """
     kernel = _kernel(offline_timeout)
+    pages = ProcPages()
     if policy.kernel_memory_bytes == planner.DEFAULT_POLICY.kernel_memory_bytes:
         policy = dataclasses.replace(policy, kernel_memory_bytes=memtotal_bytes())
     done: list[Attached] = []
@@ -97,6 +99,7 @@ def attached_devices(
                     kernel=kernel,
                     policy=policy,
                     guard_ranges=known,
+                    pages=pages,
                 )
             except DeviceError as exc:
                 if not skip_refused:
@@ -118,6 +121,14 @@ def attached_devices(
     finally:
         for item in done:
             item.close()
+        pages.close()
+
+
+def guest_memory() -> render.GuestMemory:
+    """MemTotal and HardwareCorrupted of this guest, for ``status`` beside the devices:
+    pages taken out of online blocks stay in MemTotal and count as HardwareCorrupted."""
+    with ProcPages() as pages:
+        return render.GuestMemory(memtotal_bytes(), pages.hardware_corrupted_bytes())
 
 
 def _refuse_if_an_agent_answers(path: Path) -> None:

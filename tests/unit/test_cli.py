@@ -86,9 +86,13 @@ def test_sim_sub_block_mode_with_remainder() -> None:
         assert step["converged"] is True
         assert step["broken"] is False
     assert [s["requested"] for s in steps] == [GiB, 3 * GiB, 1000 * MiB, 0]
-    assert [s["plugged"] for s in steps] == [GiB, 3 * GiB, 896 * MiB, 0]
-    assert [s["online"] for s in steps] == [GiB, 3 * GiB, 896 * MiB, 0]
-    assert [s["remainder"] for s in steps] == [0, 0, 104 * MiB, 0]
+    # 1000M ends exactly: 7 whole blocks and 52 of the 8th block's 64 subblocks;
+    # its 12 highest are holes (taken out of use, unplugged). The 8th block cannot
+    # be offlined with poisoned pages, so at 0 it stays online with only holes.
+    assert [s["plugged"] for s in steps] == [GiB, 3 * GiB, 1000 * MiB, 0]
+    assert [s["online"] for s in steps] == [GiB, 3 * GiB, GiB, 128 * MiB]
+    assert [s["holes"] for s in steps] == [0, 0, 24 * MiB, 128 * MiB]
+    assert [s["remainder"] for s in steps] == [0, 0, 0, 0]
     # usable = min(region, requested + 256 MiB), and it only grows.
     assert [s["usable"] for s in steps] == [1280 * MiB, 3328 * MiB, 3328 * MiB, 3328 * MiB]
 
@@ -143,7 +147,7 @@ def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
     proc = run_module("sim", "--resize", "1G,1000M", "--state-dir", str(state_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     last = json_lines(proc.stdout)[-1]
-    assert last["plugged"] == 896 * MiB
+    assert last["plugged"] == 1000 * MiB
 
     status = run_module("status", "--json", "--state-dir", str(state_dir))
     assert status.returncode == 0, status.stderr
@@ -153,16 +157,22 @@ def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
     assert device["plugged_size"] == last["plugged"]
     assert device["online_size"] == last["online"]
     assert device["requested_size"] == 1000 * MiB
-    assert device["remainder"] == 104 * MiB
-    assert device["blocks"]["online"] == 7
+    assert device["remainder"] == 0
+    assert device["blocks"]["online"] == 8
+    assert device["hole_bytes"] == 24 * MiB
+    holed = device["holed_blocks"]
+    assert [entry["subblocks"] for entry in holed] == ["#" * 52 + "." * 12]
+    assert isinstance(device["guest_mem_total"], int)
     assert device["intent"] is None
     assert device["broken"] is False
 
     text = run_module("status", "--state-dir", str(state_dir))
     assert text.returncode == 0, text.stderr
-    assert "plugged 896MiB" in text.stdout
-    assert "remainder 104MiB" in text.stdout
-    assert "#######....." in text.stdout
+    assert "plugged 1000MiB" in text.stdout
+    assert "remainder 0" in text.stdout
+    assert "#######%...." in text.stdout
+    assert "unplugged inside online blocks: 24MiB" in text.stdout
+    assert f"memory{holed[0]['index']} {'#' * 52}{'.' * 12}" in text.stdout
 
 
 def test_status_of_an_empty_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -257,7 +267,8 @@ def test_sim_table_without_json(capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.splitlines()
     assert lines[0].split()[:6] == ["step", "requested", "plugged", "online", "usable", "remainder"]
     assert len(lines) == 4
-    assert lines[2].split()[:6] == ["2", "1000MiB", "896MiB", "896MiB", "1280MiB", "104MiB"]
+    assert lines[0].split()[6] == "holes"
+    assert lines[2].split()[:7] == ["2", "1000MiB", "1000MiB", "1GiB", "1280MiB", "0", "24MiB"]
 
 
 # --- bad input: one line, exit 2 ---------------------------------------------------------

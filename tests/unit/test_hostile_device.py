@@ -236,5 +236,5 @@ def test_sim_without_a_fault_is_unchanged(capsys: pytest.CaptureFixture[str]) ->
     code, out, err = run_sim(capsys, "--resize", "1G,1000M", "--json")
     reports = [json.loads(line) for line in out.splitlines()]
     assert (code, err) == (0, "")
-    assert [r["plugged"] for r in reports] == [1 * GIB, 896 * MIB]
+    assert [r["plugged"] for r in reports] == [1 * GIB, 1000 * MIB]
     assert [r["error"] for r in reports] == ["", ""]

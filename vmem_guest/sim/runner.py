@@ -18,11 +18,12 @@ from vmem_guest.attach import attach_channel
 from vmem_guest.blocks import Geometry, MemoryBlockState
 from vmem_guest.driver import Outcome
 from vmem_guest.errors import UsageError, VmemError
-from vmem_guest.hotplug import FakeKernelMemory
+from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
 from vmem_guest.sim.channel import CONFIG, SimChannel
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
+from vmem_guest.sim.pages import FakePages
 
 #: Where QEMU put the first virtio-mem region in our test VM (docs/test-vm.md section 4).
 DEFAULT_REGION_ADDR = 0x1_0000_0000
@@ -70,6 +71,10 @@ class SimReport:
     online: int
     usable: int
     remainder: int
+    #: Bytes of online blocks taken out of use and unplugged (subblock holes).
+    holes: int
+    #: What the fake kernel counts as HardwareCorrupted (the holes' poisoned pages).
+    hardware_corrupted: int
     steps: int
     requests: int
     retries: int
@@ -110,6 +115,7 @@ class Simulation:
         )
         boot = min(BOOT_MEMORY, options.addr)
         self.kernel.add_boot_memory(0, boot - boot % options.memory_block_size)
+        self.pages = self._fake_pages(rng)
         self.channel: SimChannel = (
             SimChannel(self.model)
             if options.fault is None
@@ -123,10 +129,27 @@ class Simulation:
             policy=options.policy,
             boot_record=state_dir / "boot-memory",
             clock=self.clock,
+            pages=self.pages,
         )
         self.tracker = self.attached.tracker
         self.driver = self.attached.driver
         self.error = ""
+
+    def _fake_pages(self, rng: random.Random) -> FakePages:
+        """Pages of the fake kernel: online where its blocks are, their poison wiped
+        when a block goes online (as Linux's online_pages does)."""
+        kernel = self.kernel
+        page_size = 4096
+
+        def online(pfn: int) -> bool:
+            block = pfn * page_size // kernel.memory_block_size
+            return kernel.state(block) is KernelBlockState.ONLINE
+
+        pages = FakePages(rng=random.Random(rng.random()), page_size=page_size, online=online)
+        kernel.on_online = lambda addr, size: pages.block_onlined(
+            addr // page_size, size // page_size
+        )
+        return pages
 
     def close(self) -> None:
         self.attached.close()
@@ -184,6 +207,8 @@ class Simulation:
             online=online * self.options.memory_block_size,
             usable=self.model.usable_region_size,
             remainder=tracker.remainder_bytes,
+            holes=tracker.state.hole_subblocks * self.options.block_size,
+            hardware_corrupted=self.pages.hardware_corrupted_bytes() or 0,
             steps=steps,
             requests=tracker.requests - requests0,
             retries=tracker.retries - retries0,
