@@ -1,0 +1,178 @@
+"""Subblocks of online blocks in a real guest: exact shrink, holes, give-back.
+
+The agent shrinks to sizes that are not whole 128 MiB memory blocks by taking
+single 2 MiB (or 4 MiB) subblocks of an online block out of use (soft offline,
+checked in /proc/kpageflags) and unplugging them; it gives them back on re-plug.
+What a user would check (docs/design.md, "Subblocks of online blocks"):
+
+* QEMU's ``size`` ends exactly on the request;
+* every unplugged subblock under an online block has every page HWPOISON and
+  STATE says UNPLUGGED; a process holding memory there keeps its data;
+* giving back: ``HardwareCorrupted`` and MemTotal are as before;
+* with 4 MiB blocks, the seed's sizes end exactly on target at every shrink.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness.guest_agent import VMEM_GUEST, cli_json, start_agent, state, stop_agent
+
+BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
+DEV = "vm0"
+PAGE = 4096
+KPF_HWPOISON = 19
+GUEST_PYTHON = VMEM_GUEST.rsplit("/", 1)[0] + "/python"
+HOLDER = Path(__file__).resolve().parents[2] / "scripts" / "vmharness" / "page_holder.py"
+HOLD_DIR = "/run/tmp/holder"
+
+
+@pytest.fixture(scope="module")
+def vm(boot_vm: BootVM) -> Iterator[TestVM]:
+    cfg = VMConfig(
+        name="subblocks",
+        in_kernel_driver=False,
+        noiommu=True,
+        devices=(MemDevice(DEV, size=4 * GiB, block_size=2 * MiB),),
+    )
+    with boot_vm(cfg) as booted:
+        start_agent(booted)
+        yield booted
+        stop_agent(booted)
+
+
+def the_device(vm: TestVM) -> dict[str, Any]:
+    (dev,) = cli_json(vm, "status --json")
+    assert isinstance(dev, dict)
+    return dev
+
+
+def converge(vm: TestVM, device: str, size: int, plugged: int, timeout: float = 300) -> None:
+    """Resize ``device`` and wait for QEMU's size to reach ``plugged`` and the tracker to settle."""
+    vm.resize(device, size)
+    vm.wait_until(
+        lambda: vm.plugged(device) == plugged, timeout=timeout, what=f"{device} size {plugged}"
+    )
+    vm.wait_until(
+        lambda: all(d["intent"] is None for d in cli_json(vm, "status --json")),
+        timeout=60,
+        what="the tracker to settle",
+    )
+
+
+def meminfo(vm: TestVM, key: str) -> int:
+    """A /proc/meminfo figure of the guest, in bytes."""
+    return vm.meminfo()[key]
+
+
+def poisoned_pages(vm: TestVM, first_pfn: int, count: int) -> int:
+    """How many of ``count`` pages from ``first_pfn`` the guest kernel shows HWPOISON."""
+    script = (
+        "import os,struct,sys;"
+        "f,c=int(sys.argv[1]),int(sys.argv[2]);"
+        "fd=os.open('/proc/kpageflags',os.O_RDONLY);"
+        "d=os.pread(fd,c*8,f*8);"
+        f"print(sum(v>>{KPF_HWPOISON}&1 for (v,) in struct.iter_unpack('=Q',d)))"
+    )
+    out = vm.sh(f"{GUEST_PYTHON} -c {shlex.quote(script)} {first_pfn} {count}")
+    return int(out.strip())
+
+
+def start_holder(vm: TestVM, mib: int) -> list[int]:
+    """A guest process holding ``mib`` MiB with a pattern; the frames it sits on."""
+    vm.sh(f"rm -rf {HOLD_DIR} && mkdir -p {HOLD_DIR}")
+    vm.sh(
+        f"setsid {GUEST_PYTHON} {HOLDER} {mib} {HOLD_DIR}/h </dev/null >{HOLD_DIR}/log 2>&1 &"
+        f" echo $! >{HOLD_DIR}/pid"
+    )
+    vm.wait_until(
+        lambda: vm.guest(f"test -e {HOLD_DIR}/h.ready")[0] == 0, timeout=120, what="holder"
+    )
+    pfns = json.loads(vm.read(f"{HOLD_DIR}/h.pfns"))
+    assert isinstance(pfns, list)
+    return pfns
+
+
+def check_holder(vm: TestVM) -> dict[str, Any]:
+    vm.sh(f"rm -f {HOLD_DIR}/h.check; kill -USR1 $(cat {HOLD_DIR}/pid)")
+    vm.wait_until(
+        lambda: vm.guest(f"test -e {HOLD_DIR}/h.check")[0] == 0, timeout=120, what="check"
+    )
+    result = json.loads(vm.read(f"{HOLD_DIR}/h.check"))
+    assert isinstance(result, dict)
+    return result
+
+
+def hole_subblocks(dev: dict[str, Any]) -> list[tuple[int, int]]:
+    """(memory block, subblock index inside it) of every hole the tracker shows."""
+    return [
+        (entry["index"], offset)
+        for entry in dev["holed_blocks"]
+        for offset, glyph in enumerate(entry["subblocks"])
+        if glyph == "."
+    ]
+
+
+def test_shrink_to_1000m_is_exact_and_every_hole_is_poisoned_and_unplugged(vm: TestVM) -> None:
+    converge(vm, DEV, 3 * GiB, 3 * GiB)
+    before_total = meminfo(vm, "MemTotal")
+    before_corrupted = meminfo(vm, "HardwareCorrupted")
+    # Fill most of the device memory that will stay online, so that the subblocks
+    # to be taken hold the process's pages: 3G -> 1G (whole blocks), then 1010 MiB
+    # (the allocator fills the 1 GiB of device memory from its lowest pages up).
+    converge(vm, DEV, 1 * GiB, 1 * GiB)
+    held = start_holder(vm, 1010)
+
+    converge(vm, DEV, 1000 * MiB, 1000 * MiB)
+    assert vm.plugged(DEV) == 1000 * MiB  # QEMU's size: exactly what the host asked
+
+    dev = the_device(vm)
+    block_size, memory_block = dev["block_size"], dev["memory_block_size"]
+    assert dev["plugged_size"] == 1000 * MiB
+    assert dev["hole_bytes"] == 24 * MiB
+    holes = hole_subblocks(dev)
+    assert len(holes) == 12
+    region_first_sb_addr = dev["addr"]
+    pages_per_subblock = block_size // PAGE
+    hole_pfns: set[int] = set()
+    for mb, offset in holes:
+        addr = mb * memory_block + offset * block_size
+        first_pfn = addr // PAGE
+        # Every page of the hole is poisoned: the kernel never hands it out.
+        assert poisoned_pages(vm, first_pfn, pages_per_subblock) == pages_per_subblock
+        # And the device says it is unplugged.
+        assert state(vm, dev["device"], addr, 1) == "UNPLUGGED"
+        assert addr >= region_first_sb_addr
+        hole_pfns.update(range(first_pfn, first_pfn + pages_per_subblock))
+
+    # HardwareCorrupted rises by the holes; MemTotal does not fall for them.
+    assert meminfo(vm, "HardwareCorrupted") - before_corrupted == 24 * MiB
+    # 3G -> 1000M offlined 16 whole blocks (2 GiB); the 8th block stays online.
+    after_total = meminfo(vm, "MemTotal")
+    assert before_total - after_total == 16 * 128 * MiB, (before_total, after_total)
+
+    # The process kept every byte, and none of its pages sits in a hole.
+    result = check_holder(vm)
+    assert result["bad"] == 0
+    assert not hole_pfns.intersection(result["pfns"])
+    moved = sum(1 for old, new in zip(held, result["pfns"], strict=True) if old != new)
+    were_in_holes = len(hole_pfns & set(held))
+    print(f"holder: {len(held)} pages, {moved} moved, {were_in_holes} were in the holes")
+    assert were_in_holes > 0, "the process held no page of the subblocks taken: nothing proven"
+
+    # Give back: 1000M -> 1G fills the holes (PLUG, then unpoison).
+    converge(vm, DEV, 1 * GiB, 1 * GiB)
+    dev = the_device(vm)
+    assert dev["hole_bytes"] == 0
+    assert meminfo(vm, "HardwareCorrupted") == before_corrupted
+    assert meminfo(vm, "MemTotal") == after_total
+    assert check_holder(vm)["bad"] == 0
+    vm.sh(f"kill $(cat {HOLD_DIR}/pid)")
+    converge(vm, DEV, 0, 0)
