@@ -104,6 +104,15 @@ ONLINE_POLICY = click.option(
     help="Zone for onlined memory: movable (unplug stays reliable), kernel, or auto "
     "(movable up to a ratio of kernel memory).",
 )
+SUBBLOCK_UNPLUG = click.option(
+    "--subblock-unplug/--no-subblock-unplug",
+    default=True,
+    show_default=True,
+    help="Shrink to any multiple of the device block by taking single subblocks of "
+    "online memory blocks out of use (soft offline, then UNPLUG); without it, or where "
+    "the kernel cannot (no MEMORY_FAILURE, no HWPOISON_INJECT, debugfs, lockdown: said "
+    "at start), shrinking goes in whole memory blocks and may stop short.",
+)
 
 
 def _fail(message: str, status: int = EXIT_FAILURE) -> NoReturn:
@@ -179,6 +188,7 @@ def cli() -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the fault dice.")
 @ONLINE_POLICY
+@SUBBLOCK_UNPLUG
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -210,6 +220,7 @@ def sim(
     offline_fail_rate: float,
     seed: int,
     online_policy: str,
+    subblock_unplug: bool,
     state_dir: Path | None,
     misbehave: str | None,
     honest_requests: int,
@@ -234,7 +245,9 @@ def sim(
         busy_rate=busy_rate,
         offline_fail_rate=offline_fail_rate,
         seed=seed,
-        policy=planner.Policy(online=planner.OnlinePolicy(online_policy)),
+        policy=planner.Policy(
+            online=planner.OnlinePolicy(online_policy), subblock_unplug=subblock_unplug
+        ),
         fault=Fault(misbehave) if misbehave else None,
         honest_requests=honest_requests,
     )
@@ -390,6 +403,7 @@ def unbind(bdf: str) -> None:
 
 @cli.command()
 @ONLINE_POLICY
+@SUBBLOCK_UNPLUG
 @click.option(
     "--manual",
     is_flag=True,
@@ -422,6 +436,7 @@ def unbind(bdf: str) -> None:
 )
 def run(
     online_policy: str,
+    subblock_unplug: bool,
     manual: bool,
     noiommu: bool,
     bdfs: tuple[str, ...],
@@ -442,7 +457,9 @@ def run(
     _setup_logging(log_level)
     options = service.RunOptions(
         state_dir=state_dir,
-        policy=planner.Policy(online=planner.OnlinePolicy(online_policy)),
+        policy=planner.Policy(
+            online=planner.OnlinePolicy(online_policy), subblock_unplug=subblock_unplug
+        ),
         manual=manual,
         allow_noiommu=noiommu,
         devices=bdfs,

@@ -119,6 +119,8 @@ class DeviceDriver:
         self.subblocks_off_reason = self._subblocks_off_reason(policy)
         if self.subblocks_off_reason is not None:
             policy = dataclasses.replace(policy, subblock_unplug=False)
+        else:
+            self.log.info("subblock unplug on: shrinking ends on any multiple of the block")
         self.policy = policy
         self.clock = clock
         self.backoff = Backoff(backoff)
