@@ -87,11 +87,11 @@ def test_sim_sub_block_mode_with_remainder() -> None:
         assert step["broken"] is False
     assert [s["requested"] for s in steps] == [GiB, 3 * GiB, 1000 * MiB, 0]
     # 1000M ends exactly: 7 whole blocks and 52 of the 8th block's 64 subblocks;
-    # its 12 highest are holes (taken out of use, unplugged). The 8th block cannot
-    # be offlined with poisoned pages, so at 0 it stays online with only holes.
+    # its 12 highest are holes (taken out of use, unplugged). At 0 the 8th block is
+    # all holes and goes offline (the simulated kernel is one that can online it again).
     assert [s["plugged"] for s in steps] == [GiB, 3 * GiB, 1000 * MiB, 0]
-    assert [s["online"] for s in steps] == [GiB, 3 * GiB, GiB, 128 * MiB]
-    assert [s["holes"] for s in steps] == [0, 0, 24 * MiB, 128 * MiB]
+    assert [s["online"] for s in steps] == [GiB, 3 * GiB, GiB, 0]
+    assert [s["holes"] for s in steps] == [0, 0, 24 * MiB, 0]
     assert [s["remainder"] for s in steps] == [0, 0, 0, 0]
     # usable = min(region, requested + 256 MiB), and it only grows.
     assert [s["usable"] for s in steps] == [1280 * MiB, 3328 * MiB, 3328 * MiB, 3328 * MiB]

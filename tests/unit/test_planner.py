@@ -8,6 +8,7 @@ section 5 and the device's rules (docs/protocol.md section 1) on whatever comes 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -721,3 +722,31 @@ def test_planner_converges_from_empty_by_playing_its_own_steps(
         requested // unit * unit, len(planner.layout_of(geometry).units) * unit
     )
     assert len(online) * geometry.memory_block_size == step.target_bytes
+
+
+def holed_input(policy: Policy = planner.DEFAULT_POLICY, in_use: int = 0) -> PlanInput:
+    """Block 0 online with all but ``in_use`` of its subblocks holes; requested 0."""
+    geometry = SBM
+    mb = mb_n(0)
+    subblocks = list(geometry.subblocks_of(mb))
+    inp = make_input(
+        requested=in_use * geometry.block_size,
+        plugged=subblocks,
+        online={mb: Zone.MOVABLE},
+        policy=policy,
+    )
+    state = inp.state
+    holes = subblocks[in_use:]
+    state.set_taken(holes[0], len(holes), taken=True)
+    state.set_subblocks(holes[0], len(holes), plugged=False)
+    return inp
+
+
+def test_a_block_of_holes_only_is_offlined_where_the_kernel_can_online_it_again() -> None:
+    assert next_step(holed_input()) == OfflineStep(mb_n(0))
+    kept_online = dataclasses.replace(planner.DEFAULT_POLICY, offline_emptied_blocks=False)
+    assert next_step(holed_input(kept_online)) == Done(0, 0)
+
+
+def test_a_block_with_holes_and_memory_in_use_stays_online() -> None:
+    assert next_step(holed_input(in_use=3)) == Done(3 * SBM.block_size, 0)

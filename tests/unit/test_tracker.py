@@ -1238,7 +1238,7 @@ def test_only_subblocks_of_online_blocks_are_taken(tracker: Tracker) -> None:
 def test_a_block_with_taken_subblocks_is_never_offlined(tracker: Tracker) -> None:
     plug_and_online(tracker, 33)
     tracker.record_taking(sb_addr(tracker, 33, 5), 1)
-    with pytest.raises(SafetyError, match="taken subblocks"):
+    with pytest.raises(SafetyError, match="taken subblocks and plugged ones"):
         tracker.record_offline(33)
     assert tracker.block(33).state is MemoryBlockState.ONLINE
 
@@ -1305,3 +1305,29 @@ def test_a_taken_bit_under_a_block_not_online_is_a_corrupt_file(tmp_path: Path) 
         assert not t.recovered
         assert t.discarded_reason is not None
         assert "taken subblocks" in t.discarded_reason
+
+
+def test_a_block_of_holes_only_goes_offline_and_unplugged(tracker: Tracker) -> None:
+    """Nothing of it is plugged: offline leaves it UNPLUGGED with no taken bit, so it
+    comes back only through a whole plug and online."""
+    plug_and_online(tracker, 33)
+    first = SBM.subblocks_of(33).start
+    addr = SBM.subblock_addr(first)
+    tracker.record_taking(addr, SUBBLOCKS_PER_BLOCK)
+    tracker.record_unplugged(addr, SUBBLOCKS_PER_BLOCK)
+    tracker.record_offline(33)
+    snap = tracker.snapshot()
+    assert snap.block(33).state is MemoryBlockState.UNPLUGGED
+    assert snap.block(33).present
+    assert snap.hole_bytes == 0 and not any(snap.taken)
+    assert consistency_problem(snap) is None
+    assert state_disagreement(tracker.state, snap) is None
+
+
+def test_a_block_with_holes_and_memory_in_use_is_not_offlined(tracker: Tracker) -> None:
+    plug_and_online(tracker, 33)
+    hole = sb_addr(tracker, 33, 63)
+    tracker.record_taking(hole, 1)
+    tracker.record_unplugged(hole, 1)
+    with pytest.raises(SafetyError, match="taken subblocks and plugged ones"):
+        tracker.record_offline(33)

@@ -176,3 +176,49 @@ def test_shrink_to_1000m_is_exact_and_every_hole_is_poisoned_and_unplugged(vm: T
     assert check_holder(vm)["bad"] == 0
     vm.sh(f"kill $(cat {HOLD_DIR}/pid)")
     converge(vm, DEV, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def big_vm(boot_vm: BootVM, vm: TestVM) -> Iterator[TestVM]:
+    """The seed's example at its own scale: 4 MiB blocks in a 64 GiB region.
+
+    Depends on ``vm`` so the two guests of this module never run side by side.
+    """
+    cfg = VMConfig(
+        name="subblocks-4m",
+        memory=2 * GiB,  # the memmap of 40 GiB online takes 640 MiB of it
+        in_kernel_driver=False,
+        noiommu=True,
+        devices=(MemDevice(DEV, size=64 * GiB, block_size=4 * MiB, reserve=False),),
+    )
+    stop_agent(vm)
+    with boot_vm(cfg) as booted:
+        start_agent(booted)
+        yield booted
+        stop_agent(booted)
+
+
+#: (requested, QEMU size the agent ends on): growth adds whole 128 MiB blocks (4160M
+#: is 32.5 of them), every shrink ends exactly on the request (4 MiB subblocks).
+SEED_STEPS = [
+    (4160 * MiB, 4096 * MiB),
+    (40960 * MiB, 40960 * MiB),
+    (1024 * MiB, 1024 * MiB),
+    (1000 * MiB, 1000 * MiB),
+    (4160 * MiB, 4096 * MiB),  # the 6 holes come back first, then 24 whole blocks
+    (2 * GiB - 4 * MiB, 2 * GiB - 4 * MiB),
+]
+
+
+def test_the_seeds_sizes_with_4m_blocks_end_exactly_on_every_shrink(big_vm: TestVM) -> None:
+    for requested, expected in SEED_STEPS:
+        converge(big_vm, DEV, requested, expected, timeout=900)
+        dev = the_device(big_vm)
+        assert dev["plugged_size"] == expected
+        assert dev["remainder"] == requested - expected
+        assert dev["hole_bytes"] == dev["online_size"] - expected
+        print(
+            f"requested {requested // MiB}M -> QEMU {big_vm.plugged(DEV) // MiB}M,"
+            f" holes {dev['hole_bytes'] // MiB}M, remainder {dev['remainder'] // MiB}M"
+        )
+    converge(big_vm, DEV, 0, 0, timeout=900)

@@ -397,20 +397,33 @@ class Tracker:
             )
 
     def record_offline(self, index: int) -> None:
-        """Memory block ``index`` was offlined: back to PLUGGED, no zone.
+        """Memory block ``index`` was offlined: back to PLUGGED, no zone; or, for a
+        block whose every subblock is a hole, UNPLUGGED with its taken bits cleared
+        (nothing of it is plugged, so nothing can come back online unplugged).
 
-        SafetyError unless it is ONLINE, or while any of its subblocks is taken:
-        a block with poisoned pages is never offlined (docs/design.md 5.1: on
-        6.12 it could never be onlined again; on any kernel onlining would free
-        its holes).
+        SafetyError unless it is ONLINE, or when it holds taken subblocks and
+        plugged ones (docs/design.md 5.1: onlining it again would free its holes).
         """
         state = self._state(index)
         if state is not MemoryBlockState.ONLINE:
             raise SafetyError(
                 f"memory{index} is {state.name}, not ONLINE: cannot offline", block=index
             )
-        self._refuse_if_taken(index, "offline")
+        subblocks = self.geometry.subblocks_of(index)
+        taken = popcount(self.state.taken, subblocks.start, len(subblocks))
+        plugged, _total = self._count_plugged(index)
+        if taken and plugged:
+            raise SafetyError(
+                f"offline of memory{index}, which has taken subblocks and plugged ones",
+                block=index,
+            )
         with self._write_section():
+            if taken:
+                self._write_taken(subblocks.start, len(subblocks), taken=False)
+                self._set_block_state(
+                    index, MemoryBlockState.UNPLUGGED, zone=Zone.NONE, present=True
+                )
+                return
             self._set_block_state(index, MemoryBlockState.PLUGGED, zone=Zone.NONE, present=True)
 
     def rebuild_from_states(
@@ -785,11 +798,6 @@ class Tracker:
             self._check_index(index)
             if self._state(index) is not MemoryBlockState.ONLINE:
                 raise SafetyError(f"{what} of subblocks of memory{index}, not ONLINE", block=index)
-
-    def _refuse_if_taken(self, index: int, what: str) -> None:
-        subblocks = self.geometry.subblocks_of(index)
-        if popcount(self.state.taken, subblocks.start, len(subblocks)):
-            raise SafetyError(f"{what} of memory{index}, which has taken subblocks", block=index)
 
     def _refuse_if_any_online(self, what: str) -> None:
         if self._hdr.online_bytes:
