@@ -4,7 +4,11 @@
 Boots a QEMU guest with two virtio-mem devices on two NUMA nodes (the in-kernel
 driver kept off them), starts ``vmem-guest run`` inside as systemd would, then
 plays the host: resizes both devices over QMP and prints, while each step
-converges, what QEMU, the agent's tracker and the guest's MemTotal say.
+converges, what QEMU, the agent's tracker and the guest's MemTotal say. The
+default sequence shrinks 3G -> 1000M: QEMU's size ends on exactly 1000M (not a
+multiple of the 128 MiB memory block), the agent having taken the top 24 MiB of one
+online block out of use (the ``holes`` column); their pages stay in MemTotal and
+show in HardwareCorrupted until 512M gives that block back whole.
 
     make demo                      # or: .venv/bin/python scripts/demo.py
     .venv/bin/python scripts/demo.py --sequence 2G,512M,0 --block 4M
@@ -20,7 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmharness import GiB, MemDevice, TestVM, VMConfig, fmt_size, parse_size
-from vmharness.guest_agent import device_bdfs, start_agent, status, stop_agent, target
+from vmharness.guest_agent import (
+    device_bdfs,
+    online_size_for,
+    start_agent,
+    status,
+    stop_agent,
+    target,
+)
 from vmharness.watch import QMP_INTERVAL, SizePoller
 
 DEVICE_IDS = ("vm0", "vm1")
@@ -28,7 +39,7 @@ POLL_SECONDS = 0.5
 STATUS_EVERY = 3.0
 HEADER = (
     f"{'t':>6}  {'device':<6} {'requested':>10} {'qemu size':>10} {'tracker':>10}"
-    f" {'online':>10} {'MemTotal':>10}  state"
+    f" {'online':>10} {'holes':>8} {'MemTotal':>10} {'HWCorrupt':>9}  state"
 )
 
 
@@ -37,20 +48,28 @@ def row(
     dev_id: str,
     qemu: dict[str, int],
     dev: dict[str, object],
-    memtotal: int,
+    memory: dict[str, int],
     converged: bool,
 ) -> str:
+    """One line: QEMU's view, the tracker's (holes: subblocks of online blocks taken
+    out of use and unplugged) and the guest's MemTotal and HardwareCorrupted (the
+    holes' poisoned pages count in the first and show in the second)."""
     requested = int(qemu["requested-size"])
     plugged = int(dev.get("plugged_size", 0))  # type: ignore[call-overload]
     online = int(dev.get("online_size", 0))  # type: ignore[call-overload]
+    holes = int(dev.get("hole_bytes", 0))  # type: ignore[call-overload]
     state = "converged" if converged else ("BROKEN" if dev.get("broken") else "working")
     return (
         f"{elapsed:6.1f}  {dev_id:<6} {fmt_size(requested):>10} {fmt_size(int(qemu['size'])):>10}"
-        f" {fmt_size(plugged):>10} {fmt_size(online):>10} {fmt_size(memtotal):>10}  {state}"
+        f" {fmt_size(plugged):>10} {fmt_size(online):>10} {fmt_size(holes):>8}"
+        f" {fmt_size(memory.get('MemTotal', 0)):>10}"
+        f" {fmt_size(memory.get('HardwareCorrupted', 0)):>9}  {state}"
     )
 
 
-def play_step(vm: TestVM, requested: int, block: int, bdfs: dict[str, str]) -> tuple[float, float]:
+def play_step(
+    vm: TestVM, requested: int, previous: int, block: int, bdfs: dict[str, str]
+) -> tuple[float, float]:
     """Resize both devices; print a row per device whenever something changed; return
     (seconds until QEMU's size was at the target on both devices, seconds until the
     display saw the agent converged), both from just before the first qom-set.
@@ -63,7 +82,8 @@ def play_step(vm: TestVM, requested: int, block: int, bdfs: dict[str, str]) -> t
     """
     print(f"\n== host: qom-set requested-size {fmt_size(requested)} on {', '.join(DEVICE_IDS)}")
     print(HEADER)
-    goal = target(requested, block)
+    goal = target(requested, block, shrinking=requested < previous)
+    online_goal = online_size_for(goal, block)
     started = time.perf_counter()
     for dev_id in DEVICE_IDS:
         vm.resize(dev_id, requested)
@@ -81,14 +101,14 @@ def play_step(vm: TestVM, requested: int, block: int, bdfs: dict[str, str]) -> t
             if reached or time.perf_counter() - snap_at > STATUS_EVERY:
                 snap, snap_at = status(vm), time.perf_counter()
                 query = vm.query()
-            memtotal = vm.mem_total()
+            memory = vm.meminfo()
             elapsed = time.perf_counter() - started
             done = reached and all(
-                snap[bdfs[d]]["online_size"] == goal and snap[bdfs[d]]["intent"] is None
+                snap[bdfs[d]]["online_size"] == online_goal and snap[bdfs[d]]["intent"] is None
                 for d in DEVICE_IDS
             )
             rows = [
-                row(elapsed, d, query[d], snap.get(bdfs[d], {}), memtotal, done) for d in DEVICE_IDS
+                row(elapsed, d, query[d], snap.get(bdfs[d], {}), memory, done) for d in DEVICE_IDS
             ]
             if [r[8:] for r in rows] != [r[8:] for r in last_rows]:
                 print("\n".join(rows))
@@ -142,16 +162,20 @@ def main() -> int:
         print("agent started in the guest: vmem-guest run --noiommu")
         bdfs = device_bdfs(vm)
         times = []
+        goals = []
         try:
+            previous = 0
             for requested in sequence:
-                times.append(play_step(vm, requested, block, bdfs))
+                times.append(play_step(vm, requested, previous, block, bdfs))
+                goals.append(target(requested, block, shrinking=requested < previous))
+                previous = requested
         finally:
             stop_agent(vm)
         print("\nagent stopped (SIGTERM); summary:")
-        for requested, (converged, shown) in zip(sequence, times, strict=True):
+        for requested, goal, (converged, shown) in zip(sequence, goals, times, strict=True):
             print(
                 f"  requested {fmt_size(requested):>8}: converged in {converged:6.2f} s"
-                f" (QEMU size at {fmt_size(target(requested, block))} on both devices;"
+                f" (QEMU size at {fmt_size(goal)} on both devices;"
                 f" the display saw it at {shown:4.1f} s)"
             )
     print("VM shut down.")

@@ -84,10 +84,54 @@ def device_bdfs(vm: TestVM) -> dict[str, str]:
     return {regions[dev["addr"]]: bdf for bdf, dev in status(vm).items()}
 
 
-def target(requested: int, block_size: int) -> int:
-    """What the agent plugs for ``requested``: whole units of max(block, memory block)."""
+def target(requested: int, block_size: int, *, shrinking: bool = False) -> int:
+    """What the agent plugs for ``requested`` from a state with no holes: growing,
+    whole units of max(block, memory block); shrinking in Sub Block Mode, exactly
+    ``requested`` (single subblocks of online blocks are taken out of use)."""
+    if shrinking and block_size < MEMORY_BLOCK:
+        return requested // block_size * block_size
     unit = max(block_size, MEMORY_BLOCK)
     return requested // unit * unit
+
+
+def online_size_for(plugged: int, block_size: int) -> int:
+    """Memory online when ``plugged`` bytes are: a block with holes stays online whole."""
+    if block_size >= MEMORY_BLOCK:
+        return plugged
+    return -(-plugged // MEMORY_BLOCK) * MEMORY_BLOCK
+
+
+def state_mismatches(vm: TestVM, bdf: str, dev: dict[str, Any]) -> list[str]:
+    """STATE over every online block: PLUGGED where the tracker says in use, UNPLUGGED
+    over holes. One STATE request per run of whole blocks, per subblock run in a block
+    with holes. The mismatches, as text (empty: all agree)."""
+    block = int(dev["block_size"])
+    holed = {int(entry["index"]): str(entry["subblocks"]) for entry in dev["holed_blocks"]}
+    wrong = []
+    for first, count in online_runs(dev):
+        whole = [mb for mb in range(first, first + count) if mb not in holed]
+        for run_first, run_count in _runs(whole):
+            blocks = run_count * MEMORY_BLOCK // block
+            answer = state(vm, bdf, run_first * MEMORY_BLOCK, blocks)
+            if answer != "PLUGGED":
+                wrong.append(f"memory{run_first}+{run_count}: {answer}")
+    for mb, glyphs in holed.items():
+        for offset, glyph in enumerate(glyphs):
+            expected = {"#": "PLUGGED", ".": "UNPLUGGED"}.get(glyph)
+            answer = state(vm, bdf, mb * MEMORY_BLOCK + offset * block, 1)
+            if expected is not None and answer != expected:
+                wrong.append(f"memory{mb} subblock {offset} ({glyph}): {answer}")
+    return wrong
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
 
 
 def online_runs(dev: dict[str, Any]) -> list[tuple[int, int]]:
