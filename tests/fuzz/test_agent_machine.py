@@ -81,6 +81,8 @@ class CheckedKernel(FakeKernelMemory):
         self.model = model
         self.geometry = geometry
         self.crash_after_change = False
+        #: Linux 6.2 and later: a block holding poisoned pages cannot be onlined.
+        self.poisoned_blocks_refuse_online: FakePages | None = None
 
     def _assert_backed(self, mb: int) -> None:
         unplugged = [sb for sb in self.geometry.subblocks_of(mb) if not self.model.is_plugged(sb)]
@@ -99,6 +101,12 @@ class CheckedKernel(FakeKernelMemory):
 
     def online(self, index: int, zone: Zone) -> None:
         self._assert_backed(index)
+        pages = self.poisoned_blocks_refuse_online
+        if pages is not None:
+            first = index * self.memory_block_size // PAGE
+            count = self.memory_block_size // PAGE
+            poisoned = any(pages.is_poisoned(pfn) for pfn in range(first, first + count))
+            assert not poisoned, f"memory{index} onlined with poisoned pages (-EHWPOISON on 6.2+)"
         super().online(index, zone)
         self._maybe_crash()
 
@@ -111,12 +119,17 @@ class CheckedPages(FakePages):
     """Fake pages that can kill the agent after the next page write (soft offline
     or unpoison): inside a take or a give-back."""
 
-    def __init__(self, kernel: FakeKernelMemory, seed: int) -> None:
+    def __init__(self, kernel: FakeKernelMemory, seed: int, holes_come_back: bool) -> None:
         def online(pfn: int) -> bool:
             block = pfn * PAGE // kernel.memory_block_size
             return kernel.state(block) is KernelBlockState.ONLINE
 
-        super().__init__(rng=random.Random(seed), page_size=PAGE, online=online)
+        super().__init__(
+            rng=random.Random(seed),
+            page_size=PAGE,
+            online=online,
+            offlined_holes_come_back=holes_come_back,
+        )
         kernel.on_online = lambda addr, size: self.block_onlined(addr // PAGE, size // PAGE)
         self.crash_after_writes: int | None = None
 
@@ -146,14 +159,21 @@ class AgentMachine(RuleBasedStateMachine):
         self.driver: DeviceDriver | None = None
         self.tracker: Tracker | None = None
 
-    @initialize(geometry=st.sampled_from(GEOMETRIES), seed=st.integers(0, 2**16))
-    def boot(self, geometry: tuple[int, int], seed: int) -> None:
+    @initialize(
+        geometry=st.sampled_from(GEOMETRIES),
+        seed=st.integers(0, 2**16),
+        holes_come_back=st.booleans(),  # Linux before 6.2, or 6.2 and later
+    )
+    def boot(self, geometry: tuple[int, int], seed: int, holes_come_back: bool) -> None:
         region_size, block_size = geometry
         self.geometry = Geometry(REGION_ADDR, region_size, block_size, MEMORY_BLOCK)
         self.model = DeviceModel(addr=REGION_ADDR, region_size=region_size, block_size=block_size)
         self.channel = FaultyChannel(self.model)
         self.kernel = CheckedKernel(self.model, self.geometry)
-        self.pages = CheckedPages(self.kernel, seed)
+        self.holes_come_back = holes_come_back
+        self.pages = CheckedPages(self.kernel, seed, holes_come_back)
+        if not holes_come_back:
+            self.kernel.poisoned_blocks_refuse_online = self.pages
         self.clock = VirtualClock()
         self.start_agent()
 
@@ -279,7 +299,10 @@ class AgentMachine(RuleBasedStateMachine):
         self.kill_agent()
         self.model.system_reset()
         self.kernel.reboot()
-        self.pages = CheckedPages(self.kernel, len(self.kernel.probes))  # a new boot's pages
+        # A new boot's pages.
+        self.pages = CheckedPages(self.kernel, len(self.kernel.probes), self.holes_come_back)
+        if not self.holes_come_back:
+            self.kernel.poisoned_blocks_refuse_online = self.pages
         self.channel.crash_before = self.channel.crash_after = False
         self.kernel.crash_after_change = False
         if lose_tracker:
