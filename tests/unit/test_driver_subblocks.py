@@ -1,0 +1,227 @@
+"""The driver core taking single subblocks of online blocks out of use, and back.
+
+The rig of test_driver.py, with fake pages behind the fake kernel (onlining a
+block wipes its poison, as Linux's online_pages does). Checked: shrinking ends
+exactly, every hole's pages are poisoned, refused pages are given back and
+skipped, every page is checked again right before the UNPLUG, crashes in
+between are resolved at restart, and growing gives the holes back.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_driver import GEOMETRY, MB0, MEMORY_BLOCK, MIB, NAME, Rig
+
+from vmem_guest import planner
+from vmem_guest.device import VirtioMemDevice
+from vmem_guest.driver import DeviceDriver, Outcome
+from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.sim.pages import FakePages
+from vmem_guest.spec import RequestType
+from vmem_guest.tracker import Tracker, TrackerIdentity
+
+PAGE = 4096
+PAGES_PER_SUBBLOCK = GEOMETRY.block_size // PAGE
+
+
+class PagesRig(Rig):
+    """A Rig whose driver may take subblocks: FakePages over the fake kernel."""
+
+    def __init__(self, state_dir: Path, *, unavailable: str | None = None) -> None:
+        super().__init__(state_dir, FakeKernelMemory(MEMORY_BLOCK))
+        kernel = self.kernel
+
+        def online(pfn: int) -> bool:
+            return kernel.state(pfn * PAGE // MEMORY_BLOCK) is KernelBlockState.ONLINE
+
+        self.pages = FakePages(
+            rng=random.Random(1), page_size=PAGE, online=online, unavailable=unavailable
+        )
+        kernel.on_online = lambda addr, size: self.pages.block_onlined(addr // PAGE, size // PAGE)
+
+    def open(self, *, start: bool = True, wire: bool = True) -> DeviceDriver:
+        self.tracker = Tracker.open(self.state_dir, TrackerIdentity(NAME, GEOMETRY))
+        device = VirtioMemDevice(self.channel, NAME)
+        self.driver = DeviceDriver(
+            device, self.tracker, self.kernel, clock=self.clock, pages=self.pages
+        )
+        if start:
+            self.driver.start()
+        if wire:
+            self.model.on_config_change = self.driver.config_changed
+        return self.driver
+
+    def resize(self, size: int) -> None:
+        self.model.resize(size)
+
+    def pfns(self, sb: int) -> range:
+        first = GEOMETRY.subblock_addr(sb) // PAGE
+        return range(first, first + PAGES_PER_SUBBLOCK)
+
+    def poisoned_pages(self, sb: int) -> int:
+        return sum(1 for pfn in self.pfns(sb) if self.pages.is_poisoned(pfn))
+
+    def holes(self) -> list[int]:
+        assert self.tracker is not None
+        state = self.tracker.state
+        return [
+            sb
+            for sb in range(GEOMETRY.nr_subblocks)
+            if state.is_taken(sb) and not state.is_plugged(sb)
+        ]
+
+    def check_holes_poisoned(self) -> None:
+        """Invariant 5.1: every unplugged subblock of an online block is all poisoned."""
+        for mb in GEOMETRY.memory_blocks():
+            if self.kernel.state(mb) is not KernelBlockState.ONLINE:
+                continue
+            for sb in GEOMETRY.subblocks_of(mb):
+                if not self.model.is_plugged(sb):
+                    assert self.poisoned_pages(sb) == PAGES_PER_SUBBLOCK, f"subblock {sb}"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[PagesRig]:
+    made = PagesRig(tmp_path)
+    made.open()
+    yield made
+    made.close()
+
+
+def top_subblock(mb: int) -> int:
+    return GEOMETRY.subblocks_of(mb)[-1]
+
+
+def test_a_shrink_to_a_part_of_a_block_ends_exactly_with_poisoned_holes(rig: PagesRig) -> None:
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1000 * MIB)
+    results = rig.converge()
+    assert results[-1].outcome is Outcome.DONE
+    assert rig.model.plugged_size == 1000 * MIB
+    assert rig.holes() == list(range(top_subblock(MB0 + 7) - 11, top_subblock(MB0 + 7) + 1))
+    assert all(rig.kernel.state(MB0 + i) is KernelBlockState.ONLINE for i in range(8))
+    rig.check_holes_poisoned()
+    unplugs = [s for s in rig.channel.sent if s.type is RequestType.UNPLUG]
+    assert [s.nb_blocks for s in unplugs] == [1] * 12
+
+
+def test_a_page_the_kernel_will_not_give_up_makes_the_take_go_back_and_try_another(
+    rig: PagesRig,
+) -> None:
+    rig.resize(1024 * MIB)
+    rig.converge()
+    highest = top_subblock(MB0 + 7)
+    rig.pages.pinned.add(rig.pfns(highest)[300])
+    rig.resize(1022 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 1022 * MIB
+    assert rig.holes() == [highest - 1]
+    # What the refused take poisoned went back: the pinned subblock is whole again.
+    assert rig.poisoned_pages(highest) == 0
+    assert rig.model.is_plugged(highest)
+    assert rig.tracker is not None and rig.tracker.retries >= 1
+    rig.check_holes_poisoned()
+
+
+def test_every_page_is_checked_again_right_before_the_unplug(rig: PagesRig) -> None:
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1022 * MIB)
+    assert rig.driver is not None
+    take = rig.driver.step()
+    assert type(take.step).__name__ == "TakeStep"
+    sb = top_subblock(MB0 + 7)
+    assert rig.poisoned_pages(sb) == PAGES_PER_SUBBLOCK
+    # Someone gives one page back behind the agent's back (root, debugfs).
+    rig.pages.unpoison(rig.pfns(sb)[7])
+    writes = rig.pages.soft_offline_writes
+    unplug = rig.driver.step()
+    assert type(unplug.step).__name__ == "UnplugStep"
+    assert rig.pages.soft_offline_writes == writes + 1  # that page, taken again
+    assert not rig.model.is_plugged(sb)
+    rig.check_holes_poisoned()
+
+
+def test_a_crash_between_the_take_and_the_unplug_is_finished_at_restart(
+    rig: PagesRig,
+) -> None:
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1022 * MIB)
+    assert rig.driver is not None
+    rig.driver.step()  # the take: poisoned, still plugged
+    rig.crash()
+    rig.open()
+    rig.converge()
+    sb = top_subblock(MB0 + 7)
+    assert rig.model.plugged_size == 1022 * MIB
+    assert rig.holes() == [sb]
+    rig.check_holes_poisoned()
+
+
+def test_at_restart_an_unplugged_subblock_with_a_usable_page_gets_its_block_offlined(
+    rig: PagesRig,
+) -> None:
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1022 * MIB)
+    rig.converge()
+    sb = top_subblock(MB0 + 7)
+    rig.crash()
+    rig.pages.unpoison(rig.pfns(sb)[0])  # the hole now has a page the kernel may hand out
+    rig.open()
+    assert rig.kernel.state(MB0 + 7) is KernelBlockState.OFFLINE
+    results = rig.converge()
+    rig.check_holes_poisoned()
+    # Its 63 plugged subblocks cannot be onlined again (one is missing, and plugging
+    # it would pass the request): they are given back; growth is whole blocks.
+    assert rig.model.plugged_size == 896 * MIB
+    assert results[-1].step == planner.Done(896 * MIB, 126 * MIB)
+
+
+def test_growing_gives_the_holes_back_first(rig: PagesRig) -> None:
+    rig.resize(1024 * MIB)
+    rig.converge()
+    corrupted_before = rig.pages.hardware_corrupted_bytes()
+    rig.resize(1000 * MIB)
+    rig.converge()
+    assert rig.pages.hardware_corrupted_bytes() == corrupted_before + 24 * MIB
+    probes = len(rig.kernel.probes)
+    rig.resize(1024 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 1024 * MIB
+    assert rig.holes() == []
+    assert len(rig.kernel.probes) == probes  # no new block: the holes were filled
+    assert rig.pages.hardware_corrupted_bytes() == corrupted_before
+    assert rig.tracker is not None and not rig.tracker.state.taken_subblocks
+
+
+def test_where_the_kernel_cannot_the_agent_shrinks_in_whole_blocks(tmp_path: Path) -> None:
+    rig = PagesRig(tmp_path, unavailable="debugfs is not mounted")
+    driver = rig.open()
+    assert driver.subblocks_off_reason == "debugfs is not mounted"
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1000 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 896 * MIB
+    assert rig.pages.soft_offline_writes == 0
+    rig.close()
+
+
+def test_a_block_emptied_to_holes_only_is_offlined(rig: PagesRig) -> None:
+    rig.resize(128 * MIB)
+    rig.converge()
+    rig.resize(124 * MIB)
+    rig.converge()
+    assert rig.kernel.state(MB0) is KernelBlockState.ONLINE
+    rig.resize(0)
+    rig.converge()
+    assert rig.model.plugged_size == 0
+    assert rig.kernel.state(MB0) is KernelBlockState.OFFLINE
+    assert rig.tracker is not None and rig.tracker.state.taken_subblocks == 0
