@@ -116,12 +116,23 @@ def state_mismatches(vm: TestVM, bdf: str, dev: dict[str, Any]) -> list[str]:
             if answer != "PLUGGED":
                 wrong.append(f"memory{run_first}+{run_count}: {answer}")
     for mb, glyphs in holed.items():
-        for offset, glyph in enumerate(glyphs):
+        for offset, length, glyph in _glyph_runs(glyphs):
             expected = {"#": "PLUGGED", ".": "UNPLUGGED"}.get(glyph)
-            answer = state(vm, bdf, mb * MEMORY_BLOCK + offset * block, 1)
+            answer = state(vm, bdf, mb * MEMORY_BLOCK + offset * block, length)
             if expected is not None and answer != expected:
-                wrong.append(f"memory{mb} subblock {offset} ({glyph}): {answer}")
+                wrong.append(f"memory{mb} subblocks {offset}+{length} ({glyph}): {answer}")
     return wrong
+
+
+def _glyph_runs(glyphs: str) -> list[tuple[int, int, str]]:
+    """(offset, length, glyph) of each run of equal glyphs: one STATE request per run."""
+    runs: list[tuple[int, int, str]] = []
+    for offset, glyph in enumerate(glyphs):
+        if runs and runs[-1][2] == glyph:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, glyph)
+        else:
+            runs.append((offset, 1, glyph))
+    return runs
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
