@@ -82,7 +82,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, fmt_size, parse_size, paths
-from vmharness.guest_agent import AGENT_LOG, agent_died, agent_log, start_agent, status, stop_agent
+from vmharness.guest_agent import (
+    AGENT_LOG,
+    AGENT_PID,
+    agent_died,
+    agent_log,
+    start_agent,
+    status,
+    stop_agent,
+)
 
 #: What boots a VM: TestVM itself, or the VM tests' boot_vm fixture.
 Boot = Callable[[VMConfig], AbstractContextManager[TestVM]]
@@ -472,12 +480,30 @@ def unpoisoned_holes(vm: TestVM, holes: list[int], block_size: int) -> list[int]
     return [addr for addr, n in zip(holes, counts, strict=True) if n != pages]
 
 
-def agent_snapshot(vm: TestVM, tries: int = 5) -> tuple[dict[str, Any], dict[str, int], list[int]]:
+def agent_snapshot(vm: TestVM, tries: int = 10) -> tuple[dict[str, Any], dict[str, int], list[int]]:
     """The agent's status, QEMU's size, MemTotal, HardwareCorrupted and sysfs's online
-    blocks of the region, taken between two equal status reads (the agent may be between
-    a step and its record: read again)."""
-    view = agent_view(vm)
-    for _ in range(tries):
+    blocks of the region, read while the agent is frozen (SIGSTOP), so that they describe
+    one moment: with subblocks the agent changes state every few tens of milliseconds, a
+    status read takes seconds under TCG, and two equal reads in a row may never come. A
+    moment inside a step (a request's intent pending, or sysfs and the tracker apart on a
+    block just offlined) is skipped: thawed for a moment, frozen again."""
+    view, check, online = frozen_read(vm)
+    check["frozen_tries"] = 1
+    while check["frozen_tries"] < tries and not (
+        view["intent"] is None and len(online) * MEMORY_BLOCK == view["online_size"]
+    ):
+        time.sleep(0.2)
+        tried = check["frozen_tries"]
+        view, check, online = frozen_read(vm)
+        check["frozen_tries"] = tried + 1
+    return view, check, online
+
+
+def frozen_read(vm: TestVM) -> tuple[dict[str, Any], dict[str, int], list[int]]:
+    """One read of :func:`agent_snapshot`'s figures, the agent stopped meanwhile."""
+    vm.sh(f"kill -STOP $(cat {AGENT_PID})")
+    try:
+        view = agent_view(vm)
         info = vm.meminfo()
         check = {
             "qemu_size": vm.plugged(DEV),
@@ -485,10 +511,8 @@ def agent_snapshot(vm: TestVM, tries: int = 5) -> tuple[dict[str, Any], dict[str
             "hardware_corrupted": info.get("HardwareCorrupted", 0),
         }
         online = region_online(vm)
-        again = agent_view(vm)
-        if again == view:
-            break
-        view = again
+    finally:
+        vm.sh(f"kill -CONT $(cat {AGENT_PID})")
     return view, check, online
 
 
