@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
-        kernel vm-deps test-vm bench-kernel-driver bench bench-scale demo-sim conformance chaos \
-        pressure clean
+        kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
+        conformance chaos pressure clean
 
 all: test
 
@@ -77,6 +77,10 @@ bench: $(BENCH_STAMP) vm-deps
 # The seed's example: 2 x 256 GiB regions, 4 MiB blocks, 2 NUMA nodes; both drivers.
 bench-scale: $(BENCH_STAMP) vm-deps
 	$(PY) scripts/bench_scale.py
+
+# 64 MiB out of an online 128 MiB block and back: the agent's soft offline vs the in-kernel driver.
+bench-subblock: $(BENCH_STAMP) vm-deps
+	$(PY) scripts/bench_subblock.py
 
 # QEMU's virtio-mem device against the model, in a VM (deep; tests/vm runs 30 examples).
 CONFORMANCE_EXAMPLES ?= 500
