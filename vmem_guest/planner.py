@@ -425,16 +425,21 @@ def _taken_step(inp: PlanInput, growing: bool) -> Step | None:
     return None
 
 
+def _emptied_units(inp: PlanInput) -> list[int]:
+    """HOLED units with nothing plugged, highest first, when the policy offlines them
+    (a block of them the kernel refused is avoided for a while, then tried again: so
+    the planner is not settled while any is left)."""
+    if not inp.policy.offline_emptied_blocks:
+        return []
+    state = inp.state
+    return [u for u in state.units(UnitClass.HOLED).descending() if not state.unit_plugged[u]]
+
+
 def _offline_emptied(inp: PlanInput) -> OfflineStep | None:
     """An online block whose every subblock is a hole: offline it (nothing of it is
     plugged; its poisoned pages are skipped by the kernel's offline)."""
-    if not inp.policy.offline_emptied_blocks:
-        return None
-    state = inp.state
-    for unit_index in state.units(UnitClass.HOLED).descending():
-        if state.unit_plugged[unit_index]:
-            continue
-        for mb in state.online_blocks(unit_index):
+    for unit_index in _emptied_units(inp):
+        for mb in inp.state.online_blocks(unit_index):
             if mb not in inp.avoid:
                 return OfflineStep(mb)
     return None
@@ -586,5 +591,6 @@ def next_step(inp: PlanInput) -> Step:
         and not state.not_fully_online
         and not state.units(UnitClass.PARTIAL)
         and not state.units_taking
+        and not _emptied_units(inp)
     )
     return Done(target, remainder, blocked=not settled)

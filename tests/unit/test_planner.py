@@ -750,3 +750,12 @@ def test_a_block_of_holes_only_is_offlined_where_the_kernel_can_online_it_again(
 
 def test_a_block_with_holes_and_memory_in_use_stays_online() -> None:
     assert next_step(holed_input(in_use=3)) == Done(3 * SBM.block_size, 0)
+
+
+def test_a_block_of_holes_the_kernel_refused_to_offline_is_tried_again() -> None:
+    """Refused (avoided) for now: the planner waits for it, it is not settled."""
+    inp = holed_input()
+    avoided = PlanInput(
+        inp.config, inp.geometry, policy=inp.policy, avoid=frozenset({mb_n(0)}), state=inp.state
+    )
+    assert next_step(avoided) == Done(0, 0, blocked=True)
