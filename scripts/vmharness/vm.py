@@ -17,6 +17,7 @@ when the Python process dies.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import ctypes
 import os
@@ -314,6 +315,15 @@ class TestVM:
         if r["rc"] != 0:
             raise GuestCommandError(f"read {path}", int(r["rc"]), str(r["out"]), self.log_tail())
         return str(r["out"])
+
+    def read_bytes(self, path: str) -> bytes:
+        """A guest file's bytes, read by the runner itself (no process is started)."""
+        assert self._chan is not None, "VM not started"
+        self._check_alive()
+        r = self._chan.request({"op": "read_base64", "path": path}, timeout=30)
+        if r["rc"] != 0:
+            raise GuestCommandError(f"read {path}", int(r["rc"]), str(r["out"]), self.log_tail())
+        return base64.b64decode(str(r["out"]))
 
     def meminfo(self) -> dict[str, int]:
         """The guest's /proc/meminfo in bytes (kB fields converted)."""

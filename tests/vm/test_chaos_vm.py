@@ -1,14 +1,15 @@
 """Crash recovery in a real guest (issue 5 items 2 and 3): a bounded ``make chaos``.
 
 One VM (no-IOMMU, one 2 GiB device with 2 MiB blocks). The agent is killed
-with SIGKILL at random moments after host resizes; with it dead, raw STATE
-requests check that no online memory block has an unplugged subblock and that
-the tracker agrees with the device outside the pending intent; restarted, the
-agent must converge on the requested size (QEMU, tracker, MemTotal, STATE).
-Then a ``system_reset`` with memory plugged: the new boot has nothing plugged
-and the agent, started again, converges. ``make chaos`` is the long run
-(``scripts/chaos.py``).
-"""
+with SIGKILL at random moments after host resizes that mostly end inside a
+memory block, so that it takes subblocks of online blocks out of use and gives
+holes back. With it dead, raw STATE requests and /proc/kpageflags check that
+every page of an online memory block is plugged or HWPOISON and that the tracker
+agrees with the device outside the pending intent; restarted, the agent must
+converge on the requested size (QEMU, tracker, remainder, MemTotal,
+HardwareCorrupted, page flags, STATE). Then a ``system_reset`` with memory
+plugged and holes: the new boot has nothing plugged or poisoned and the agent,
+started again, converges. ``make chaos`` is the long run (``scripts/chaos.py``)."""
 
 from __future__ import annotations
 
