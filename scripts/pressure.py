@@ -22,13 +22,13 @@ with mke2fs on the run's writable share, loop-mounted in the guest; the share is
 without a guest cache, so the pages are cached once, by ext4), read twice so that it
 shows in Cached and Active(file). The workload reports, from /proc/self/pagemap, which
 memory blocks hold its pages. Then the host asks for ``--shrink-to`` (0), waits
-``--settle`` seconds (the same for both drivers; QEMU's size is sampled over QMP,
+``--settle`` seconds (the same for every run; QEMU's size is sampled over QMP,
 nothing runs in the guest meanwhile) and measures: unplugged bytes (QEMU's ``size``
 before minus after), MemTotal before and after, whether the workload is alive and the
-OOM killer stayed away (``dmesg``), that every memory block holding a pinned page is
-still online, and for vmem_guest ``vmem-guest status --json`` (plugged, online,
-remainder, retries, holes), which must agree with QEMU's size, sysfs, MemTotal and
-HardwareCorrupted. Then the workload ends and the agent must converge to the request.
+OOM killer stayed away (``oom_kill`` in /proc/vmstat), that every memory block
+holding a pinned page is still online, and for vmem_guest ``vmem-guest status --json``
+(plugged, online, remainder, retries, holes), which must agree with QEMU's size, sysfs,
+MemTotal and HardwareCorrupted. Then the workload ends and the agent must converge to the request.
 
 Holes (subblocks the agent took out of an online block and unplugged) stay in MemTotal:
 soft-offlined pages are not removed from the zone, they count in HardwareCorrupted. So
@@ -766,7 +766,7 @@ def driver_problems(driver: str, r: dict[str, Any], p: dict[str, Any]) -> list[s
     out: list[str] = []
     after = r["after"]
     if not after["workload_alive"]:
-        out.append(f"{driver}: the workload died (OOM kills in dmesg: {after['dmesg']['oom']})")
+        out.append(f"{driver}: the workload died (OOM kills: {after['dmesg']['oom']})")
     if after["pinned_blocks_offline"]:
         out.append(
             f"{driver}: memory blocks holding pinned pages are offline:"
