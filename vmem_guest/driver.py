@@ -367,8 +367,7 @@ class DeviceDriver:
 
     def _pfns_of(self, first_sb: int, count: int) -> tuple[int, int]:
         """(first page frame number, page count) of ``count`` subblocks from ``first_sb``."""
-        assert self.pages is not None
-        page_size = self.pages.page_size
+        page_size = self._pages().page_size
         addr = self.geometry.subblock_addr(first_sb)
         return addr // page_size, count * self.geometry.block_size // page_size
 
