@@ -121,9 +121,6 @@ class DeviceDriver:
             policy = dataclasses.replace(policy, subblock_unplug=False)
         else:
             self.log.info("subblock unplug on: shrinking ends on any multiple of the block")
-        if pages is not None and not pages.offlined_holes_come_back():
-            # Linux 6.2+: a block offlined with poisoned pages could never come back.
-            policy = dataclasses.replace(policy, offline_emptied_blocks=False)
         self.policy = policy
         self.clock = clock
         self.backoff = Backoff(backoff)

@@ -76,14 +76,6 @@ class PageControl(Protocol):
     def hardware_corrupted_bytes(self) -> int | None:
         """``HardwareCorrupted`` of /proc/meminfo in bytes (None if unreadable)."""
 
-    def offlined_holes_come_back(self) -> bool:
-        """Whether a memory block offlined with poisoned pages can be onlined again.
-
-        False from Linux 6.2 on: ``memory_block_online`` answers -EHWPOISON while
-        the block's ``nr_hwpoison`` is not zero, and only unpoisoning (which needs
-        the block online) or removing the block lowers it (docs/protocol.md
-        section 6). True before: onlining re-initialises the memmap."""
-
 
 def soft_offline_error(pfn: int, err: int) -> KernelError:
     """The error for a soft_offline_page write that failed with ``err``.
@@ -217,9 +209,6 @@ class ProcPages:
                     return int(line.split()[1]) * 1024
         return None
 
-    def offlined_holes_come_back(self) -> bool:
-        return kernel_before_block_poison_counter(os.uname().release)
-
     def unavailable_reason(self) -> str | None:
         """The first missing piece, with the kernel option or the fix that supplies it."""
         for check in (
@@ -288,22 +277,6 @@ class ProcPages:
             f"{self.unpoison_pfn} does not exist: load the hwpoison_inject module "
             "(modprobe hwpoison_inject; needs CONFIG_HWPOISON_INJECT)"
         )
-
-
-#: The first release with the per-memory-block hwpoison counter ("mm/hwpoison:
-#: introduce per-memory_block hwpoison counter", Linux 6.2).
-BLOCK_POISON_COUNTER_RELEASE = (6, 2)
-
-
-def kernel_before_block_poison_counter(release: str) -> bool:
-    """Whether kernel ``release`` (``uname -r``) predates the per-block hwpoison counter;
-    a release that does not parse counts as newer (the safe answer: keep blocks online)."""
-    parts = release.split(".", 2)
-    try:
-        major, minor = int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
-    except (IndexError, ValueError):
-        return False
-    return (major, minor) < BLOCK_POISON_COUNTER_RELEASE
 
 
 def _exists(path: Path) -> bool:

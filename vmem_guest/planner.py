@@ -101,11 +101,6 @@ class Policy:
     #: any multiple of the device block size; off where the kernel cannot
     #: (docs/design.md, "Subblocks of online blocks"). Sub Block Mode only.
     subblock_unplug: bool = True
-    #: Offline an online block once every subblock of it is a hole (its pages all
-    #: poisoned and unplugged), so MemTotal falls as with the in-kernel driver. Only
-    #: where such a block can be onlined again (Linux before 6.2: docs/protocol.md
-    #: section 6); the driver turns it off elsewhere.
-    offline_emptied_blocks: bool = True
 
 
 DEFAULT_POLICY = Policy()
@@ -425,26 +420,6 @@ def _taken_step(inp: PlanInput, growing: bool) -> Step | None:
     return None
 
 
-def _emptied_units(inp: PlanInput) -> list[int]:
-    """HOLED units with nothing plugged, highest first, when the policy offlines them
-    (a block of them the kernel refused is avoided for a while, then tried again: so
-    the planner is not settled while any is left)."""
-    if not inp.policy.offline_emptied_blocks:
-        return []
-    state = inp.state
-    return [u for u in state.units(UnitClass.HOLED).descending() if not state.unit_plugged[u]]
-
-
-def _offline_emptied(inp: PlanInput) -> OfflineStep | None:
-    """An online block whose every subblock is a hole: offline it (nothing of it is
-    plugged; its poisoned pages are skipped by the kernel's offline)."""
-    for unit_index in _emptied_units(inp):
-        for mb in inp.state.online_blocks(unit_index):
-            if mb not in inp.avoid:
-                return OfflineStep(mb)
-    return None
-
-
 def _take_next(inp: PlanInput) -> TakeStep | None:
     """The highest subblock in use of the best online unit: HOLED units first, then
     movable, then kernel memory (Linux's order: virtio_mem_sbm_unplug_request), highest
@@ -575,8 +550,6 @@ def next_step(inp: PlanInput) -> Step:
     target = keep * inp.geometry.block_size
     remainder = inp.config.requested_size - target
     step = _taken_step(inp, growing=kept < keep)
-    if step is None and kept >= keep:
-        step = _offline_emptied(inp)
     if step is None and kept < keep:
         step = _grow(inp, keep - kept) or _shrink(inp, 0)
     elif step is None:
@@ -591,6 +564,5 @@ def next_step(inp: PlanInput) -> Step:
         and not state.not_fully_online
         and not state.units(UnitClass.PARTIAL)
         and not state.units_taking
-        and not _emptied_units(inp)
     )
     return Done(target, remainder, blocked=not settled)

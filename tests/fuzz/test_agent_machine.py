@@ -119,7 +119,7 @@ class CheckedPages(FakePages):
     """Fake pages that can kill the agent after the next page write (soft offline
     or unpoison): inside a take or a give-back."""
 
-    def __init__(self, kernel: FakeKernelMemory, seed: int, holes_come_back: bool) -> None:
+    def __init__(self, kernel: FakeKernelMemory, seed: int) -> None:
         def online(pfn: int) -> bool:
             block = pfn * PAGE // kernel.memory_block_size
             return kernel.state(block) is KernelBlockState.ONLINE
@@ -128,7 +128,6 @@ class CheckedPages(FakePages):
             rng=random.Random(seed),
             page_size=PAGE,
             online=online,
-            offlined_holes_come_back=holes_come_back,
         )
         kernel.on_online = lambda addr, size: self.block_onlined(addr // PAGE, size // PAGE)
         self.crash_after_writes: int | None = None
@@ -171,7 +170,7 @@ class AgentMachine(RuleBasedStateMachine):
         self.channel = FaultyChannel(self.model)
         self.kernel = CheckedKernel(self.model, self.geometry)
         self.holes_come_back = holes_come_back
-        self.pages = CheckedPages(self.kernel, seed, holes_come_back)
+        self.pages = CheckedPages(self.kernel, seed)
         if not holes_come_back:
             self.kernel.poisoned_blocks_refuse_online = self.pages
         self.clock = VirtualClock()
@@ -300,7 +299,7 @@ class AgentMachine(RuleBasedStateMachine):
         self.model.system_reset()
         self.kernel.reboot()
         # A new boot's pages.
-        self.pages = CheckedPages(self.kernel, len(self.kernel.probes), self.holes_come_back)
+        self.pages = CheckedPages(self.kernel, len(self.kernel.probes))
         if not self.holes_come_back:
             self.kernel.poisoned_blocks_refuse_online = self.pages
         self.channel.crash_before = self.channel.crash_after = False

@@ -214,14 +214,30 @@ def test_where_the_kernel_cannot_the_agent_shrinks_in_whole_blocks(tmp_path: Pat
     rig.close()
 
 
-def test_a_block_emptied_to_holes_only_is_offlined(rig: PagesRig) -> None:
+def test_a_block_emptied_to_holes_only_stays_online_and_comes_back_whole(
+    rig: PagesRig,
+) -> None:
+    """Never offlined while it holds poisoned pages (docs/design.md, "Subblocks of
+    online blocks"): HardwareCorrupted says what is unplugged, and growth gives it all
+    back without a probe or an online."""
     rig.resize(128 * MIB)
     rig.converge()
     rig.resize(124 * MIB)
     rig.converge()
-    assert rig.kernel.state(MB0) is KernelBlockState.ONLINE
     rig.resize(0)
     rig.converge()
     assert rig.model.plugged_size == 0
-    assert rig.kernel.state(MB0) is KernelBlockState.OFFLINE
-    assert rig.tracker is not None and rig.tracker.state.taken_subblocks == 0
+    assert rig.kernel.state(MB0) is KernelBlockState.ONLINE
+    assert len(rig.holes()) == MEMORY_BLOCK // GEOMETRY.block_size
+    rig.check_holes_poisoned()
+    assert rig.pages.hardware_corrupted_bytes() == MEMORY_BLOCK
+    probes, onlined = len(rig.kernel.probes), []
+    wipe = rig.kernel.on_online
+    assert wipe is not None
+    rig.kernel.on_online = lambda addr, size: (onlined.append(addr), wipe(addr, size))
+    rig.resize(128 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 128 * MIB
+    assert rig.holes() == []
+    assert rig.pages.hardware_corrupted_bytes() == 0
+    assert (len(rig.kernel.probes), onlined) == (probes, [])

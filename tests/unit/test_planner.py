@@ -8,7 +8,6 @@ section 5 and the device's rules (docs/protocol.md section 1) on whatever comes 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -724,7 +723,7 @@ def test_planner_converges_from_empty_by_playing_its_own_steps(
     assert len(online) * geometry.memory_block_size == step.target_bytes
 
 
-def holed_input(policy: Policy = planner.DEFAULT_POLICY, in_use: int = 0) -> PlanInput:
+def holed_input(in_use: int = 0) -> PlanInput:
     """Block 0 online with all but ``in_use`` of its subblocks holes; requested 0."""
     geometry = SBM
     mb = mb_n(0)
@@ -733,7 +732,6 @@ def holed_input(policy: Policy = planner.DEFAULT_POLICY, in_use: int = 0) -> Pla
         requested=in_use * geometry.block_size,
         plugged=subblocks,
         online={mb: Zone.MOVABLE},
-        policy=policy,
     )
     state = inp.state
     holes = subblocks[in_use:]
@@ -742,20 +740,11 @@ def holed_input(policy: Policy = planner.DEFAULT_POLICY, in_use: int = 0) -> Pla
     return inp
 
 
-def test_a_block_of_holes_only_is_offlined_where_the_kernel_can_online_it_again() -> None:
-    assert next_step(holed_input()) == OfflineStep(mb_n(0))
-    kept_online = dataclasses.replace(planner.DEFAULT_POLICY, offline_emptied_blocks=False)
-    assert next_step(holed_input(kept_online)) == Done(0, 0)
+def test_a_block_of_holes_only_stays_online_and_the_planner_is_settled() -> None:
+    """Never offlined: its poisoned pages would keep HardwareCorrupted raised for the
+    rest of the boot (6.1) or keep it from coming online again (6.2 on)."""
+    assert next_step(holed_input()) == Done(0, 0)
 
 
 def test_a_block_with_holes_and_memory_in_use_stays_online() -> None:
     assert next_step(holed_input(in_use=3)) == Done(3 * SBM.block_size, 0)
-
-
-def test_a_block_of_holes_the_kernel_refused_to_offline_is_tried_again() -> None:
-    """Refused (avoided) for now: the planner waits for it, it is not settled."""
-    inp = holed_input()
-    avoided = PlanInput(
-        inp.config, inp.geometry, policy=inp.policy, avoid=frozenset({mb_n(0)}), state=inp.state
-    )
-    assert next_step(avoided) == Done(0, 0, blocked=True)

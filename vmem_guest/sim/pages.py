@@ -73,7 +73,6 @@ class FakePages:
         migration_in_range_rate: float = 0.0,
         reallocate_rate: float = 0.0,
         unavailable: str | None = None,
-        offlined_holes_come_back: bool = True,
     ) -> None:
         self.rng = rng if rng is not None else random.Random(0)
         self.page_size = page_size
@@ -86,7 +85,6 @@ class FakePages:
         self.migration_in_range_rate = migration_in_range_rate
         self.reallocate_rate = reallocate_rate
         self.unavailable = unavailable
-        self._offlined_holes_come_back = offlined_holes_come_back
         self.soft_offline_writes = 0
         self.unpoison_writes = 0
         self.flag_reads = 0
@@ -105,10 +103,6 @@ class FakePages:
 
     def unavailable_reason(self) -> str | None:
         return self.unavailable
-
-    def offlined_holes_come_back(self) -> bool:
-        """As Linux before 6.2 by default; False models 6.2 and later."""
-        return self._offlined_holes_come_back
 
     def soft_offline(self, pfn: int) -> None:
         """Linux's order (soft_offline_page): no online page, already poisoned,
