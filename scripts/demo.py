@@ -68,7 +68,7 @@ def row(
 
 
 def play_step(
-    vm: TestVM, requested: int, previous: int, block: int, bdfs: dict[str, str]
+    vm: TestVM, requested: int, previous_goal: int, block: int, bdfs: dict[str, str]
 ) -> tuple[float, float]:
     """Resize both devices; print a row per device whenever something changed; return
     (seconds until QEMU's size was at the target on both devices, seconds until the
@@ -82,8 +82,8 @@ def play_step(
     """
     print(f"\n== host: qom-set requested-size {fmt_size(requested)} on {', '.join(DEVICE_IDS)}")
     print(HEADER)
-    goal = target(requested, block, shrinking=requested < previous)
-    online_goal = online_size_for(goal, block)
+    goal = target(requested, block, shrinking=requested < previous_goal)
+    online_goal = online_size_for(goal, block, previous_goal)
     started = time.perf_counter()
     for dev_id in DEVICE_IDS:
         vm.resize(dev_id, requested)
@@ -164,11 +164,11 @@ def main() -> int:
         times = []
         goals = []
         try:
-            previous = 0
+            previous_goal = 0
             for requested in sequence:
-                times.append(play_step(vm, requested, previous, block, bdfs))
-                goals.append(target(requested, block, shrinking=requested < previous))
-                previous = requested
+                times.append(play_step(vm, requested, previous_goal, block, bdfs))
+                previous_goal = target(requested, block, shrinking=requested < previous_goal)
+                goals.append(previous_goal)
         finally:
             stop_agent(vm)
         print("\nagent stopped (SIGTERM); summary:")

@@ -94,11 +94,18 @@ def target(requested: int, block_size: int, *, shrinking: bool = False) -> int:
     return requested // unit * unit
 
 
-def online_size_for(plugged: int, block_size: int) -> int:
-    """Memory online when ``plugged`` bytes are: a block with holes stays online whole."""
+def online_size_for(plugged: int, block_size: int, previous_plugged: int = 0) -> int:
+    """Memory online when ``plugged`` bytes are, after a step from ``previous_plugged``
+    (both from a state with no holes before that): a block with holes stays online
+    whole, and so does a block that held holes before a shrink, even when all of it
+    went, since a block holding poisoned pages is never offlined."""
     if block_size >= MEMORY_BLOCK:
         return plugged
-    return -(-plugged // MEMORY_BLOCK) * MEMORY_BLOCK
+    online = -(-plugged // MEMORY_BLOCK) * MEMORY_BLOCK
+    held_holes = plugged < previous_plugged and previous_plugged % MEMORY_BLOCK != 0
+    if held_holes and previous_plugged // MEMORY_BLOCK * MEMORY_BLOCK >= online:
+        online += MEMORY_BLOCK
+    return online
 
 
 def state_mismatches(vm: TestVM, bdf: str, dev: dict[str, Any]) -> list[str]:

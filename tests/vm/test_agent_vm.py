@@ -74,17 +74,25 @@ def requested_of(dev_id: str, requested: int) -> int:
     return requested // BLOCK_SIZES[dev_id] * BLOCK_SIZES[dev_id]
 
 
-def check_converged(vm: TestVM, requested: int, previous: int, base_memtotal: int) -> None:
-    """Wait for both devices to reach their targets, then check every side agrees.
+def check_converged(
+    vm: TestVM, requested: int, previous: dict[str, int], base_memtotal: int
+) -> dict[str, int]:
+    """Wait for both devices to reach their targets, then check every side agrees;
+    return what each device plugged. ``previous``: what each plugged before.
 
     Growing, the agent plugs whole memory blocks; shrinking (Sub Block Mode), it ends
     exactly on the request, a block with holes staying online."""
     expected = {
-        dev_id: target(requested_of(dev_id, requested), block, shrinking=requested < previous)
+        dev_id: target(
+            requested_of(dev_id, requested),
+            block,
+            shrinking=requested_of(dev_id, requested) < previous[dev_id],
+        )
         for dev_id, block in BLOCK_SIZES.items()
     }
     online = {
-        dev_id: online_size_for(size, BLOCK_SIZES[dev_id]) for dev_id, size in expected.items()
+        dev_id: online_size_for(size, BLOCK_SIZES[dev_id], previous[dev_id])
+        for dev_id, size in expected.items()
     }
 
     def qemu_reached() -> bool:
@@ -114,6 +122,7 @@ def check_converged(vm: TestVM, requested: int, previous: int, base_memtotal: in
         assert state_mismatches(vm, bdfs[dev_id], dev) == []
     # Holes stay in MemTotal (their pages are poisoned, not removed).
     assert vm.mem_total() - base_memtotal == sum(online.values())
+    return expected
 
 
 def check_boot_memory_record(vm: TestVM, present_before: int) -> None:
@@ -134,12 +143,11 @@ def run_sequence(vm: TestVM, agent_args: str) -> None:
     start_agent(vm, agent_args)
     check_boot_memory_record(vm, present)
     try:
-        previous = 0
+        plugged = dict.fromkeys(BLOCK_SIZES, 0)
         for requested in SEQUENCE:
             for dev_id in BLOCK_SIZES:
                 vm.resize(dev_id, requested_of(dev_id, requested))
-            check_converged(vm, requested, previous, base_memtotal)
-            previous = requested
+            plugged = check_converged(vm, requested, plugged, base_memtotal)
     except Exception:
         print(agent_log(vm))
         raise
