@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vmharness import GiB, MemDevice, TestVM, VMConfig, fmt_size, parse_size
 from vmharness.guest_agent import (
     device_bdfs,
-    online_size_for,
     start_agent,
     status,
     stop_agent,
@@ -67,6 +66,16 @@ def row(
     )
 
 
+def converged(dev: dict[str, object], goal: int) -> bool:
+    """The tracker has ``goal`` plugged and exactly that in use online (the rest of
+    what is online, if any, is holes: blocks holding them stay online), no intent."""
+    if not dev or dev["intent"] is not None or dev["plugged_size"] != goal:
+        return False
+    online, holes = dev["online_size"], dev["hole_bytes"]
+    assert isinstance(online, int) and isinstance(holes, int)
+    return online - holes == goal
+
+
 def play_step(
     vm: TestVM, requested: int, previous_goal: int, block: int, bdfs: dict[str, str]
 ) -> tuple[float, float]:
@@ -83,7 +92,6 @@ def play_step(
     print(f"\n== host: qom-set requested-size {fmt_size(requested)} on {', '.join(DEVICE_IDS)}")
     print(HEADER)
     goal = target(requested, block, shrinking=requested < previous_goal)
-    online_goal = online_size_for(goal, block, previous_goal)
     started = time.perf_counter()
     for dev_id in DEVICE_IDS:
         vm.resize(dev_id, requested)
@@ -103,10 +111,7 @@ def play_step(
                 query = vm.query()
             memory = vm.meminfo()
             elapsed = time.perf_counter() - started
-            done = reached and all(
-                snap[bdfs[d]]["online_size"] == online_goal and snap[bdfs[d]]["intent"] is None
-                for d in DEVICE_IDS
-            )
+            done = reached and all(converged(snap.get(bdfs[d], {}), goal) for d in DEVICE_IDS)
             rows = [
                 row(elapsed, d, query[d], snap.get(bdfs[d], {}), memory, done) for d in DEVICE_IDS
             ]
