@@ -161,20 +161,25 @@ class AgentMachine(RuleBasedStateMachine):
     @initialize(
         geometry=st.sampled_from(GEOMETRIES),
         seed=st.integers(0, 2**16),
-        holes_come_back=st.booleans(),  # Linux before 6.2, or 6.2 and later
+        refuses_poisoned_online=st.booleans(),  # Linux 6.2 and later, or before
     )
-    def boot(self, geometry: tuple[int, int], seed: int, holes_come_back: bool) -> None:
+    def boot(self, geometry: tuple[int, int], seed: int, refuses_poisoned_online: bool) -> None:
         region_size, block_size = geometry
         self.geometry = Geometry(REGION_ADDR, region_size, block_size, MEMORY_BLOCK)
         self.model = DeviceModel(addr=REGION_ADDR, region_size=region_size, block_size=block_size)
         self.channel = FaultyChannel(self.model)
         self.kernel = CheckedKernel(self.model, self.geometry)
-        self.holes_come_back = holes_come_back
-        self.pages = CheckedPages(self.kernel, seed)
-        if not holes_come_back:
-            self.kernel.poisoned_blocks_refuse_online = self.pages
+        self.refuses_poisoned_online = refuses_poisoned_online
+        self.new_pages(seed)
         self.clock = VirtualClock()
         self.start_agent()
+
+    def new_pages(self, seed: int) -> None:
+        """A boot's pages; on the 6.2+ kind the kernel refuses to online a block
+        holding poisoned ones (its per-block hwpoison counter)."""
+        self.pages = CheckedPages(self.kernel, seed)
+        if self.refuses_poisoned_online:
+            self.kernel.poisoned_blocks_refuse_online = self.pages
 
     # --- agent lifecycle ------------------------------------------------------
 
@@ -299,9 +304,7 @@ class AgentMachine(RuleBasedStateMachine):
         self.model.system_reset()
         self.kernel.reboot()
         # A new boot's pages.
-        self.pages = CheckedPages(self.kernel, len(self.kernel.probes))
-        if not self.holes_come_back:
-            self.kernel.poisoned_blocks_refuse_online = self.pages
+        self.new_pages(len(self.kernel.probes))
         self.channel.crash_before = self.channel.crash_after = False
         self.kernel.crash_after_change = False
         if lose_tracker:
