@@ -86,13 +86,23 @@ if [ ! -f "$SRC_DIR/.unpacked" ]; then
     touch "$SRC_DIR/.unpacked"
 fi
 
-log "configuring in $OBJ_DIR (x86_64_defconfig + kvm_guest.config + $(basename "$FRAGMENT"))"
-rm -rf "$OBJ_DIR"
-mkdir -p "$OBJ_DIR"
-make -s -C "$SRC_DIR" O="$OBJ_DIR" x86_64_defconfig >/dev/null
-(cd "$SRC_DIR" && scripts/kconfig/merge_config.sh -m -O "$OBJ_DIR" "$OBJ_DIR/.config" \
+# Configure in a staging tree. A build tree left by an interrupted build with the
+# same final .config is kept, so the build resumes where it stopped.
+STAGE_DIR="$OBJ_DIR.config-stage"
+log "configuring (x86_64_defconfig + kvm_guest.config + $(basename "$FRAGMENT"))"
+rm -rf "$STAGE_DIR"
+mkdir -p "$STAGE_DIR"
+make -s -C "$SRC_DIR" O="$STAGE_DIR" x86_64_defconfig >/dev/null
+(cd "$SRC_DIR" && scripts/kconfig/merge_config.sh -m -O "$STAGE_DIR" "$STAGE_DIR/.config" \
     kernel/configs/kvm_guest.config "$FRAGMENT" >/dev/null)
-make -s -C "$SRC_DIR" O="$OBJ_DIR" olddefconfig >/dev/null
+make -s -C "$SRC_DIR" O="$STAGE_DIR" olddefconfig >/dev/null
+if [ -f "$OBJ_DIR/.config" ] && cmp -s "$STAGE_DIR/.config" "$OBJ_DIR/.config"; then
+    log "resuming the build tree in $OBJ_DIR (same .config)"
+    rm -rf "$STAGE_DIR"
+else
+    rm -rf "$OBJ_DIR"
+    mv "$STAGE_DIR" "$OBJ_DIR"
+fi
 
 # Every `CONFIG_X=y` of the fragment must have survived olddefconfig.
 missing=()
@@ -118,8 +128,10 @@ while kill -0 "$MAKE_PID" 2>/dev/null; do
         sleep 1
     done
     if kill -0 "$MAKE_PID" 2>/dev/null; then
-        n="$(find "$OBJ_DIR" -name '*.o' 2>/dev/null | wc -l)"
-        log "$(( $(date +%s) - START ))s: $n objects built; last: $(tail -n1 "$BUILD_LOG" | cut -c1-80)"
+        # find may meet a compiler's temporary file vanishing and exit 1: under
+        # pipefail and set -e that would end this script and orphan the build.
+        n="$(find "$OBJ_DIR" -name '*.o' 2>/dev/null | wc -l || true)"
+        log "$(( $(date +%s) - START ))s: $n objects built; last: $(tail -n1 "$BUILD_LOG" | cut -c1-80 || true)"
     fi
 done
 if ! wait "$MAKE_PID"; then

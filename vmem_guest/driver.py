@@ -9,8 +9,9 @@ Response handling (docs/design.md section 5.6, spec 5.15.6):
 
 * ACK: record the new state in the tracker; reset the backoff.
 * NACK: the config changed under us; re-read it and plan again.
-* BUSY (device), EBUSY (kernel offline) and friends: exponential, bounded
-  backoff; a config change cuts the wait short.
+* BUSY (device): exponential, bounded backoff; a config change cuts the wait
+  short. A kernel refusal (EBUSY offline, a page it will not give up) avoids that
+  block or subblock for a window of its own and tries others (``retry.py``).
 * ERROR: a driver bug or a broken device: mark it broken and stop.
 
 Every request is bracketed by the tracker's pending intent, so a crash at any
@@ -37,6 +38,7 @@ from vmem_guest.errors import (
 )
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.pages import PageControl, all_poisoned, give_back, poisoned_count, take
+from vmem_guest.retry import DEFAULT_BACKOFF, Backoff, BackoffPolicy, Refusals
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
 from vmem_guest.tracker import BlockRecord, Tracker
 
@@ -49,34 +51,6 @@ AUTO_ONLINE_ZONES: dict[str, Zone | None] = {
     "online_movable": Zone.MOVABLE,
     "online_kernel": Zone.KERNEL,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class BackoffPolicy:
-    """Bounded exponential backoff (Linux uses 50 s doubling to 300 s; we retry sooner)."""
-
-    initial: float = 0.05
-    maximum: float = 30.0
-    factor: float = 2.0
-
-
-DEFAULT_BACKOFF = BackoffPolicy()
-
-
-class Backoff:
-    """The current delay of one retry sequence; reset by any success."""
-
-    def __init__(self, policy: BackoffPolicy) -> None:
-        self.policy = policy
-        self.delay = 0.0
-
-    def next_delay(self) -> float:
-        base = self.delay * self.policy.factor if self.delay else self.policy.initial
-        self.delay = min(base, self.policy.maximum)
-        return self.delay
-
-    def reset(self) -> None:
-        self.delay = 0.0
 
 
 class Outcome(enum.Enum):
@@ -127,9 +101,10 @@ class DeviceDriver:
         self.geometry: Geometry = tracker.geometry
         self.config: DeviceConfig = device.config()
         self.not_before = 0.0
-        self.avoid_until: dict[int, float] = {}
-        #: Subblocks whose pages the kernel would not give up (or take back), until when.
-        self.avoid_subblocks_until: dict[int, float] = {}
+        #: Memory blocks the kernel refused to offline (or online) lately.
+        self.refused_blocks = Refusals(backoff)
+        #: Subblocks whose pages the kernel would not give up (or take back) lately.
+        self.refused_subblocks = Refusals(backoff)
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self.broken_reason: str | None = None
@@ -204,8 +179,8 @@ class DeviceDriver:
         """A config-change interrupt: re-read, and cut any backoff short."""
         self.refresh_config()
         self.not_before = 0.0
-        self.avoid_until.clear()
-        self.avoid_subblocks_until.clear()
+        self.refused_blocks.clear()
+        self.refused_subblocks.clear()
         self.last_done = None
 
     # --- recovery -------------------------------------------------------------
@@ -376,9 +351,9 @@ class DeviceDriver:
             config=self.config,
             geometry=self.geometry,
             policy=self.policy,
-            avoid=frozenset(self.avoid_until),
+            avoid=self.refused_blocks.keys(),
             state=self.tracker.state,
-            avoid_subblocks=frozenset(self.avoid_subblocks_until),
+            avoid_subblocks=self.refused_subblocks.keys(),
         )
 
     def step(self) -> StepResult:
@@ -388,11 +363,8 @@ class DeviceDriver:
         now = self.clock()
         if now < self.not_before:
             return StepResult(Outcome.WAIT, wait_seconds=self.not_before - now)
-        self.avoid_until = {mb: t for mb, t in self.avoid_until.items() if t > now}
-        if self.avoid_subblocks_until:
-            self.avoid_subblocks_until = {
-                sb: t for sb, t in self.avoid_subblocks_until.items() if t > now
-            }
+        self.refused_blocks.expire(now)
+        self.refused_subblocks.expire(now)
         step = planner.next_step(self.plan_input())
         try:
             return self._execute(step)
@@ -427,7 +399,8 @@ class DeviceDriver:
         now = self.clock()
         # Not min(..., default=...): the default is evaluated even when unused,
         # and next_delay() doubles the backoff.
-        waits = [*self.avoid_until.values(), *self.avoid_subblocks_until.values()]
+        earliest = (self.refused_blocks.earliest(), self.refused_subblocks.earliest())
+        waits = [t for t in earliest if t is not None]
         wake = min(waits) if waits else now + self.backoff.next_delay()
         return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
 
@@ -465,11 +438,13 @@ class DeviceDriver:
         those that are not: right before an UNPLUG too, so nothing in use is ever
         unplugged (invariant 5.2). On a refusal the pages go back; None when all are."""
         pages = self._pages()
+        started = self.clock()
         try:
             take(pages, *self._pfns_of(first, step.nb_blocks))
         except KernelError as exc:
             self._undo_take(first, step.nb_blocks)
-            return self._avoid_subblocks(step, first, step.nb_blocks, exc)
+            return self._avoid_subblocks(step, first, step.nb_blocks, exc, started)
+        self.refused_subblocks.succeeded(range(first, first + step.nb_blocks))
         return None
 
     def _undo_take(self, first: int, count: int) -> None:
@@ -490,10 +465,12 @@ class DeviceDriver:
 
     def _give_back(self, step: planner.GiveBackStep) -> StepResult:
         first = self.geometry.subblock_index(step.addr)
+        started = self.clock()
         try:
             self.give_back_subblocks(first, step.nb_blocks)
         except KernelError as exc:
-            return self._avoid_subblocks(step, first, step.nb_blocks, exc)
+            return self._avoid_subblocks(step, first, step.nb_blocks, exc, started)
+        self.refused_subblocks.succeeded(range(first, first + step.nb_blocks))
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
 
@@ -503,14 +480,14 @@ class DeviceDriver:
         return self.pages
 
     def _avoid_subblocks(
-        self, step: planner.Step, first: int, count: int, exc: KernelError
+        self, step: planner.Step, first: int, count: int, exc: KernelError, started: float
     ) -> StepResult:
-        """The kernel would not give up (or take back) these pages: try others first."""
+        """The kernel would not give up (or take back) these pages: try others first,
+        for longer each time these are refused (:class:`~vmem_guest.retry.Refusals`)."""
         self.tracker.count_retry()
-        until = self.clock() + self.backoff.next_delay()
-        for sb in range(first, first + count):
-            self.avoid_subblocks_until[sb] = until
-        self.log.info("%s; subblocks %d+%d later", exc.message, first, count)
+        now = self.clock()
+        until = self.refused_subblocks.refuse(range(first, first + count), now, now - started)
+        self.log.info("%s; subblocks %d+%d again in %.2f s", exc.message, first, count, until - now)
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)
 
     def _after_range_request(
@@ -641,24 +618,30 @@ class DeviceDriver:
         self.tracker.record_offline(mb)
 
     def _online(self, step: planner.OnlineStep) -> StepResult:
+        started = self.clock()
         try:
             self.online_block(step.memory_block, step.zone)
         except KernelError as exc:
-            return self._avoid(step, step.memory_block, exc)
+            return self._avoid(step, step.memory_block, exc, started)
+        self.refused_blocks.succeeded((step.memory_block,))
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
 
     def _offline(self, step: planner.OfflineStep) -> StepResult:
+        started = self.clock()
         try:
             self.offline_block(step.memory_block)
         except OfflineRefused as exc:
-            return self._avoid(step, step.memory_block, exc)
+            return self._avoid(step, step.memory_block, exc, started)
+        self.refused_blocks.succeeded((step.memory_block,))
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
 
-    def _avoid(self, step: planner.Step, mb: int, exc: KernelError) -> StepResult:
-        """The kernel said no for this block: try others, come back to it later."""
+    def _avoid(self, step: planner.Step, mb: int, exc: KernelError, started: float) -> StepResult:
+        """The kernel said no for this block: try others, come back to it later (later
+        each time it says no again, and never before the others had their turn)."""
         self.tracker.count_retry()
-        self.avoid_until[mb] = self.clock() + self.backoff.next_delay()
-        self.log.info("%s; retrying memory%d later", exc.message, mb)
+        now = self.clock()
+        until = self.refused_blocks.refuse((mb,), now, now - started)
+        self.log.info("%s; retrying memory%d in %.2f s", exc.message, mb, until - now)
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)

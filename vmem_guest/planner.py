@@ -28,7 +28,8 @@ Order of business (each call returns the first that applies):
    the highest address down, preferring units with nothing online, then
    movable ones, skipping blocks the kernel refused to offline recently. Up to
    ``unplug_batch_units`` of them are offlined before one UNPLUG gives back
-   the run of them; full units that stay are onlined;
+   the run of them, fewer once the kernel has refused one (what is offline
+   goes back before the next offline is tried); full units that stay are onlined;
 4. nothing left: :class:`Done`, with the remainder the guest cannot use.
 """
 
@@ -508,9 +509,13 @@ def _shrink(inp: PlanInput, excess: int) -> Step | None:
 def _shrink_whole_units(inp: PlanInput, excess_units: int) -> Step | None:
     """Offline, then UNPLUG a batch of, the full units to go first; None if none can."""
     state = inp.state
-    batch = []
+    batch: list[int] = []
     for unit_index in _shrink_candidates(inp):
         online = state.online_blocks(unit_index)
+        if online and batch and inp.avoid:
+            # The kernel is refusing offlines: give back what is offline now rather
+            # than hold it for a batch behind offlines that may each take a deadline.
+            break
         if online:
             return OfflineStep(online[-1])
         batch.append(unit_index)

@@ -466,7 +466,7 @@ def test_refused_offline_avoids_the_block_and_offlines_another(rig: Rig) -> None
     assert result.outcome is Outcome.PROGRESS
     assert "memory35" in result.detail
     assert rig.kernel.offline_refusals == 1
-    assert MB0 + 3 in driver.avoid_until
+    assert MB0 + 3 in driver.refused_blocks
     results = rig.converge()
     steps = [r.step for r in results]
     assert steps[0] == planner.OfflineStep(MB0 + 2)
@@ -480,38 +480,95 @@ def test_refused_offline_avoids_the_block_and_offlines_another(rig: Rig) -> None
     rig.check_consistent()
 
 
-def test_refused_offlines_everywhere_wait_with_backoff_doubling_per_refusal(rig: Rig) -> None:
+def test_refused_offlines_everywhere_wait_each_block_doubling_per_its_own_refusal(
+    rig: Rig,
+) -> None:
     rig.model.resize(256 * MIB)
     driver = rig.open()
     rig.converge()
     rig.kernel.refuse_offline.update({MB0, MB0 + 1})
     rig.model.resize(0)
     policy = driver.backoff.policy
+    refused: dict[int, int] = {}
     waits = 0
     for _ in range(60):
         result = driver.step()
         if result.outcome is Outcome.WAIT:
             # Nothing else to try: wait for the first block to come off the avoid list.
             assert result.step == planner.Done(0, 0, blocked=True)
-            assert rig.clock.now + result.wait_seconds == pytest.approx(
-                min(driver.avoid_until.values())
-            )
+            earliest = driver.refused_blocks.earliest()
+            assert earliest is not None
+            assert rig.clock.now + result.wait_seconds == pytest.approx(earliest)
             waits += 1
             rig.clock.advance(result.wait_seconds)
-        else:
-            assert result.outcome is Outcome.PROGRESS
-            assert isinstance(result.step, planner.OfflineStep)
-        # The backoff doubles with each refusal, not with each wait.
-        refusals = rig.kernel.offline_refusals
-        expected = min(policy.initial * policy.factor ** (refusals - 1), policy.maximum)
-        assert driver.backoff.delay == pytest.approx(expected)
+            continue
+        assert result.outcome is Outcome.PROGRESS
+        assert isinstance(result.step, planner.OfflineStep)
+        mb = result.step.memory_block
+        refused[mb] = refused.get(mb, 0) + 1
+        # Each block's window doubles with its own refusals, not with the other's.
+        window = driver.refused_blocks.until[mb] - rig.clock.now
+        assert window == pytest.approx(policy.delay(refused[mb]))
     assert waits >= 10
-    assert driver.backoff.delay == policy.maximum
+    assert set(refused) == {MB0, MB0 + 1}
+    assert abs(refused[MB0] - refused[MB0 + 1]) <= 1
     assert rig.model.plugged_size == 256 * MIB
     # Once the kernel lets go, the driver gets there.
     rig.kernel.refuse_offline.clear()
     rig.converge()
     assert rig.model.plugged_size == 0
+    assert not driver.refused_blocks.in_a_row
+    rig.check_consistent()
+
+
+class SlowRefusingKernel(FakeKernelMemory):
+    """A kernel whose refused offlines each take ``cost`` seconds (a migration
+    deadline), counted on the rig's virtual clock."""
+
+    def __init__(self, clock: VirtualClock, cost: float) -> None:
+        super().__init__(MEMORY_BLOCK)
+        self.clock = clock
+        self.cost = cost
+        self.attempts: list[int] = []
+
+    def offline(self, index: int) -> None:
+        self.attempts.append(index)
+        if index in self.refuse_offline:
+            self.clock.advance(self.cost)
+        super().offline(index)
+
+
+def test_a_slow_refused_offline_waits_its_cost_and_what_is_offline_goes_back_first(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    kernel = SlowRefusingKernel(clock, cost=2.0)
+    rig = Rig(tmp_path, kernel)
+    rig.clock = clock
+    rig.model.resize(512 * MIB)
+    driver = rig.open()
+    rig.converge()
+    kernel.refuse_offline.add(MB0 + 3)
+    rig.model.resize(0)
+    assert driver.step().step == planner.OfflineStep(MB0 + 3)
+    # Avoided for twice what the refusal cost, not the 50 ms of a device backoff.
+    until = driver.refused_blocks.until[MB0 + 3]
+    assert until - clock.now == pytest.approx(4.0)
+    assert driver.step().step == planner.OfflineStep(MB0 + 2)
+    # A success elsewhere does not shorten the window ...
+    assert driver.refused_blocks.until[MB0 + 3] == until
+    # ... and with the kernel refusing, what is offline goes back before the next offline.
+    unplug = driver.step()
+    assert unplug.step == planner.UnplugStep(GEOMETRY.subblock_addr(2 * PER_UNIT), PER_UNIT)
+    assert unplug.outcome is Outcome.PROGRESS
+    assert kernel.attempts == [MB0 + 3, MB0 + 2]
+    while (result := driver.step()).outcome is Outcome.PROGRESS:
+        pass
+    # Everything else went within the refused block's window: it was tried once.
+    assert result.outcome is Outcome.WAIT
+    assert result.step == planner.Done(0, 0, blocked=True)
+    assert rig.model.plugged_blocks() == set(unit(3))
+    assert kernel.attempts.count(MB0 + 3) == 1
     rig.check_consistent()
 
 

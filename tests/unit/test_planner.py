@@ -343,6 +343,22 @@ def test_unplug_batch_takes_only_the_highest_adjacent_run() -> None:
     assert step == UnplugStep(sb_addr(5 * PER_UNIT), 2 * PER_UNIT)
 
 
+def test_with_an_offline_refused_the_offline_units_go_back_before_the_next_offline() -> None:
+    # Units 4, 3 and 2 offline (batched), 5, 1 and 0 online; then 5's offline is refused
+    # (avoided). Batching would offline unit 1 next; with the kernel refusing, the
+    # offline units go back first: each further offline may cost a whole deadline.
+    plugged = units(*(mb_n(i) for i in range(6)))
+    online = {mb_n(i): Zone.MOVABLE for i in (0, 1, 5)}
+    batched = make_input(requested=0, plugged=plugged, online=online)
+    assert next_step(batched) == OfflineStep(mb_n(5))
+    refusing = make_input(requested=0, plugged=plugged, online=online, avoid={mb_n(5)})
+    assert next_step(refusing) == UnplugStep(sb_addr(2 * PER_UNIT), 3 * PER_UNIT)
+    # With nothing offline yet, the next candidate is offlined as before.
+    online |= {mb_n(i): Zone.MOVABLE for i in (2, 3, 4)}
+    refusing = make_input(requested=0, plugged=plugged, online=online, avoid={mb_n(5)})
+    assert next_step(refusing) == OfflineStep(mb_n(4))
+
+
 def test_shrink_keeps_the_lowest_units_when_all_are_alike() -> None:
     plugged = units(*(mb_n(i) for i in range(4)))
     online = {mb_n(i): Zone.MOVABLE for i in range(4)}
