@@ -53,6 +53,8 @@ DEFAULT_PLUG_BATCH_UNITS = 8
 DEFAULT_UNPLUG_BATCH_UNITS = 8
 #: Linux's default ``auto_movable_ratio`` (memory-hotplug.rst): 301 %.
 DEFAULT_AUTO_MOVABLE_RATIO = 3.01
+#: Kernel memory assumed by a planner that was never told (the test VM's boot memory).
+DEFAULT_KERNEL_MEMORY_BYTES = 1 << 30
 
 __all__ = [
     "BlockInfo",
@@ -94,8 +96,11 @@ class Policy:
 
     online: OnlinePolicy = OnlinePolicy.MOVABLE
     auto_movable_ratio: float = DEFAULT_AUTO_MOVABLE_RATIO
-    #: Memory in kernel zones (boot memory): the base of the ``auto`` ratio.
-    kernel_memory_bytes: int = 1 << 30
+    #: Memory in kernel zones (boot memory): the base of the ``auto`` ratio. None:
+    #: not told; the service measures MemTotal at start (``service.resolve_policy``),
+    #: and a planner never told (simulator, tests) takes
+    #: ``DEFAULT_KERNEL_MEMORY_BYTES``.
+    kernel_memory_bytes: int | None = None
     plug_batch_units: int = DEFAULT_PLUG_BATCH_UNITS
     unplug_batch_units: int = DEFAULT_UNPLUG_BATCH_UNITS
     #: Take single subblocks out of online blocks (soft offline) to shrink to
@@ -339,7 +344,10 @@ def _zone_for(inp: PlanInput) -> Zone:
         return Zone.KERNEL
     block = inp.geometry.memory_block_size
     movable_online = inp.state.movable_online_blocks * block
-    limit = policy.auto_movable_ratio * policy.kernel_memory_bytes
+    kernel_memory = policy.kernel_memory_bytes
+    if kernel_memory is None:
+        kernel_memory = DEFAULT_KERNEL_MEMORY_BYTES
+    limit = policy.auto_movable_ratio * kernel_memory
     return Zone.MOVABLE if movable_online + block <= limit else Zone.KERNEL
 
 

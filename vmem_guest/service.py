@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,15 @@ def _bind(dev: discovery.VirtioMemPci, allow_noiommu: bool) -> Mode:
     return "type1" if kind == "type1" else "noiommu"
 
 
+def resolve_policy(policy: planner.Policy, memtotal: Callable[[], int]) -> planner.Policy:
+    """``policy`` with what it leaves to be measured filled in: the kernel memory the
+    ``auto`` ratio is based on is MemTotal at start unless the caller gave it (even
+    when what it gave equals a default)."""
+    if policy.kernel_memory_bytes is None:
+        return dataclasses.replace(policy, kernel_memory_bytes=memtotal())
+    return policy
+
+
 @contextlib.contextmanager
 def attached_devices(
     devices: list[discovery.VirtioMemPci],
@@ -83,8 +92,7 @@ def attached_devices(
     """
     kernel = _kernel(offline_timeout)
     pages = ProcPages()
-    if policy.kernel_memory_bytes == planner.DEFAULT_POLICY.kernel_memory_bytes:
-        policy = dataclasses.replace(policy, kernel_memory_bytes=memtotal_bytes())
+    policy = resolve_policy(policy, memtotal_bytes)
     done: list[Attached] = []
     refused: list[DeviceError] = []
     try:

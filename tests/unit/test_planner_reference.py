@@ -30,7 +30,11 @@ def reference_input(inp: PlanInput) -> reference.PlanInput:
     policy = reference.Policy(
         online=reference.OnlinePolicy(inp.policy.online.value),
         auto_movable_ratio=inp.policy.auto_movable_ratio,
-        kernel_memory_bytes=inp.policy.kernel_memory_bytes,
+        kernel_memory_bytes=(
+            planner.DEFAULT_KERNEL_MEMORY_BYTES
+            if inp.policy.kernel_memory_bytes is None
+            else inp.policy.kernel_memory_bytes
+        ),
         plug_batch_units=inp.policy.plug_batch_units,
     )
     return reference.PlanInput(

@@ -85,3 +85,28 @@ def test_manual_commands_do_not_skip_a_refused_device(
         ),
     ):
         pass
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        (None, 3 * GIB),  # not told: MemTotal at start
+        (planner.DEFAULT_KERNEL_MEMORY_BYTES, planner.DEFAULT_KERNEL_MEMORY_BYTES),
+        (2 * GIB, 2 * GIB),
+    ],
+)
+def test_kernel_memory_is_measured_only_when_not_given(
+    tmp_path: Path,
+    fake_devices: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    given: int | None,
+    used: int,
+) -> None:
+    # A caller who asks for exactly the default gets it, not MemTotal.
+    monkeypatch.setattr(service, "memtotal_bytes", lambda: 3 * GIB)
+    policy = planner.Policy(online=planner.OnlinePolicy.AUTO, kernel_memory_bytes=given)
+    with service.attached_devices(
+        fake_devices[1:], state_dir=tmp_path / "state", policy=policy, allow_noiommu=True
+    ) as attached:
+        assert attached[0].driver.policy.kernel_memory_bytes == used
+        assert attached[0].driver.policy.online is planner.OnlinePolicy.AUTO
