@@ -27,13 +27,11 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vmem_guest import manual
+from vmem_guest import control, manual
 from vmem_guest.attach import Attached
-from vmem_guest.blocks import Zone
-from vmem_guest.control import ControlServer, Emit
+from vmem_guest.control import ControlServer, Emit, Handler
 from vmem_guest.driver import Outcome
-from vmem_guest.errors import UsageError, VmemError
-from vmem_guest.transport.channel import CONFIG
+from vmem_guest.errors import UsageError
 
 #: Passes over the due devices (one step each) before the loop looks at its
 #: file descriptors again.
@@ -48,11 +46,15 @@ class DeviceSlot:
 
     attached: Attached
     wake_at: float | None = 0.0  # None: converged, waiting for a config change
-    broken: str | None = None
 
     @property
     def bdf(self) -> str:
         return self.attached.bdf
+
+    @property
+    def broken(self) -> str | None:
+        """The driver core's verdict (the tracker's flag), never the agent's own."""
+        return self.attached.driver.broken_reason
 
 
 class Agent:
@@ -61,8 +63,7 @@ class Agent:
     def __init__(
         self,
         devices: list[Attached],
-        control: Callable[[Callable[[dict[str, Any], Emit], dict[str, Any]]], ControlServer]
-        | None = None,
+        control: Callable[[Handler], ControlServer] | None = None,
         *,
         manual_mode: bool = False,
         clock: Callable[[], float] = time.monotonic,
@@ -152,19 +153,11 @@ class Agent:
                 self._interrupt(key.data)
 
     def _interrupt(self, slot: DeviceSlot) -> None:
-        causes = slot.attached.channel.handle_interrupt()
-        if CONFIG in causes:
-            try:
-                slot.attached.driver.config_changed()
-            except VmemError as exc:
-                self._mark_broken(slot, exc.message)
-                return
-            log.info(
-                "%s: config changed, requested %#x",
-                slot.bdf,
-                slot.attached.driver.config.requested_size,
-            )
+        driver = slot.attached.driver
+        if driver.interrupt(slot.attached.channel.handle_interrupt()):
             slot.wake_at = 0.0
+        elif slot.broken:
+            self._forget(slot)
 
     def _drive_devices(self) -> None:
         """Step the devices that are due side by side, one step each per pass.
@@ -192,11 +185,7 @@ class Agent:
 
     def _step(self, slot: DeviceSlot) -> None:
         """One step of one device; its timer says when it is due again."""
-        try:
-            result = slot.attached.driver.step()
-        except VmemError as exc:
-            self._mark_broken(slot, exc.message)
-            return
+        result = slot.attached.driver.step()
         if result.outcome is Outcome.PROGRESS:
             slot.wake_at = self.clock()
         elif result.outcome is Outcome.WAIT:
@@ -204,76 +193,40 @@ class Agent:
         elif result.outcome is Outcome.DONE:
             slot.wake_at = None
         else:
-            self._mark_broken(slot, result.detail)
+            self._forget(slot)
 
-    def _mark_broken(self, slot: DeviceSlot, reason: str) -> None:
-        """Stop touching the device: no requests, no config reads, no interrupts."""
-        slot.broken = reason
-        slot.attached.tracker.set_broken(reason)
+    def _forget(self, slot: DeviceSlot) -> None:
+        """The driver marked the device broken: no more interrupts from it either."""
+        slot.wake_at = None
         channel = slot.attached.channel
         for fd in {channel.interrupt_fd(), channel.config_change_fd()}:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(fd)
-        log.error("%s: device broken, not touching it any more: %s", slot.bdf, reason)
 
     # --- control requests -----------------------------------------------------
 
-    def handle_request(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """Serve one control request (see control.py for the protocol)."""
-        op = request["op"]
-        if op == "ping":
+    def handle_request(self, operation: control.Operation, emit: Emit) -> dict[str, Any]:
+        """Serve one control request (see control.py for the protocol). STATE is
+        served in either mode; what changes memory only in manual mode."""
+        if isinstance(operation, control.Ping):
             return {"pid": os.getpid(), "manual": self.manual_mode, "devices": list(self.slots)}
-        slot = self._slot_for(request.get("device"))
-        if op == "state":
-            ops = manual.ManualOps(slot.attached.driver)
-            state = ops.state(_int(request, "addr"), _int(request, "blocks"))
-            return {"state": state.name}
-        if not self.manual_mode:
+        slot = self._slot_for(operation.device)
+        if not self.manual_mode and not isinstance(operation, control.QueryState):
             raise UsageError(
-                f"the agent follows the host's requested size; '{op}' needs an agent started"
-                " with --manual (or no agent)",
-                op=op,
+                f"the agent follows the host's requested size; '{operation.op}' needs an agent"
+                " started with --manual (or no agent)",
+                op=operation.op,
             )
-        return run_manual(slot.attached, request, emit)
+        return manual.perform(slot.attached.driver, operation, emit)
 
-    def _slot_for(self, bdf: object) -> DeviceSlot:
+    def _slot_for(self, bdf: str | None) -> DeviceSlot:
         if bdf is None:
             if len(self.slots) != 1:
                 raise UsageError(f"several devices: choose one of {', '.join(self.slots)}")
             return next(iter(self.slots.values()))
-        if not isinstance(bdf, str) or bdf not in self.slots:
+        if bdf not in self.slots:
             raise UsageError(f"the agent does not own device {bdf!r}", device=str(bdf))
         slot = self.slots[bdf]
         if slot.broken:
             raise UsageError(f"device {bdf} is broken: {slot.broken}", device=bdf)
         return slot
-
-
-def _int(request: dict[str, Any], key: str) -> int:
-    value = request.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise UsageError(f"control request needs a non-negative integer {key!r}", key=key)
-    return value
-
-
-def run_manual(attached: Attached, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
-    """Run one manual operation described by a control request on ``attached``."""
-    ops = manual.ManualOps(
-        attached.driver, progress=lambda done, total: emit({"done": done, "total": total})
-    )
-    op = request["op"]
-    zone = Zone.KERNEL if request.get("zone") == "kernel" else Zone.MOVABLE
-    if op == "state":
-        return {"state": ops.state(_int(request, "addr"), _int(request, "blocks")).name}
-    if op == "unplug-all":
-        return ops.unplug_all().as_dict()
-    if op not in ("plug", "unplug"):
-        raise UsageError(f"unknown control operation {op!r}", op=op)
-    block_size = attached.driver.geometry.block_size
-    if "addr" in request:
-        addr, size = _int(request, "addr"), _int(request, "blocks") * block_size
-        result = ops.plug_range(addr, size, zone) if op == "plug" else ops.unplug_range(addr, size)
-    else:
-        size = _int(request, "size")
-        result = ops.plug_size(size, zone) if op == "plug" else ops.unplug_size(size)
-    return result.as_dict()

@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 import click
 
-from vmem_guest import planner, render
+from vmem_guest import control, planner, render
+from vmem_guest.blocks import Zone
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.sim.faults import Fault
 from vmem_guest.units import format_size, parse_address, parse_size, parse_size_list
@@ -468,13 +469,15 @@ def run(
     service.run_agent(options)
 
 
-def _manual(request: dict[str, Any], state_dir: Path, noiommu: bool, as_json: bool) -> None:
+def _manual(
+    request: control.DeviceOperation, state_dir: Path, noiommu: bool, as_json: bool
+) -> None:
     from vmem_guest import service
 
     def progress(update: dict[str, Any]) -> None:
         if not as_json:
             done, total = update.get("done", 0), update.get("total", 0)
-            click.echo(f"  {request['op']}: {format_size(done)} / {format_size(total)}", err=True)
+            click.echo(f"  {request.op}: {format_size(done)} / {format_size(total)}", err=True)
 
     result = service.manual_command(
         request, state_dir=state_dir, allow_noiommu=noiommu, on_progress=progress
@@ -490,16 +493,14 @@ def _manual(request: dict[str, Any], state_dir: Path, noiommu: bool, as_json: bo
         )
 
 
-def _range_request(
-    op: str, size: int | None, addr: int | None, blocks: int | None, bdf: str | None
-) -> dict[str, Any]:
+def _extent(op: str, size: int | None, addr: int | None, blocks: int | None) -> control.Extent:
     if (size is None) == (addr is None):
         raise UsageError(f"{op}: give either SIZE or --addr with --blocks")
     if addr is not None and blocks is None:
         raise UsageError(f"{op}: --addr needs --blocks")
     if addr is not None:
-        return {"op": op, "device": bdf, "addr": addr, "blocks": blocks}
-    return {"op": op, "device": bdf, "size": size}
+        return control.Extent(addr=addr, blocks=blocks)
+    return control.Extent(size=size)
 
 
 ADDR = click.option(
@@ -540,8 +541,8 @@ def plug(
     Only whole memory blocks are plugged, and every plugged block is onlined.
     The host must request at least as much (the device NACKs beyond it).
     """
-    request = _range_request("plug", size, addr, blocks, bdf)
-    request["zone"] = zone
+    zone_of = Zone.KERNEL if zone == "kernel" else Zone.MOVABLE
+    request = control.Plug(bdf, _extent("plug", size, addr, blocks), zone_of)
     _manual(request, state_dir, noiommu, as_json)
 
 
@@ -567,7 +568,8 @@ def unplug(
     A block the kernel refuses to offline is skipped (SIZE) or reported with its
     errno (range); blocks offlined on the way are onlined again.
     """
-    _manual(_range_request("unplug", size, addr, blocks, bdf), state_dir, noiommu, as_json)
+    request = control.Unplug(bdf, _extent("unplug", size, addr, blocks))
+    _manual(request, state_dir, noiommu, as_json)
 
 
 @cli.command()
@@ -583,8 +585,7 @@ def state(
     addr: int, blocks: int, bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool
 ) -> None:
     """Ask the device whether a range is PLUGGED, UNPLUGGED or MIXED (STATE request)."""
-    request = {"op": "state", "device": bdf, "addr": addr, "blocks": blocks}
-    _manual(request, state_dir, noiommu, as_json)
+    _manual(control.QueryState(bdf, addr, blocks), state_dir, noiommu, as_json)
 
 
 @cli.command("unplug-all")
@@ -594,7 +595,7 @@ def state(
 @JSON
 def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -> None:
     """Offline every memory block of the device, then UNPLUG_ALL (all or nothing)."""
-    _manual({"op": "unplug-all", "device": bdf}, state_dir, noiommu, as_json)
+    _manual(control.UnplugAll(bdf), state_dir, noiommu, as_json)
 
 
 @cli.command()

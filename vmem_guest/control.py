@@ -18,6 +18,7 @@ every refusal is logged and the agent carries on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -27,8 +28,9 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from vmem_guest.blocks import Zone
 from vmem_guest.errors import UsageError, VmemError
 
 SOCKET_NAME = "control.sock"
@@ -36,14 +38,142 @@ MAX_MESSAGE_BYTES = 64 * 1024
 #: How long the agent waits for a connected client to finish its request line
 #: (in all: a client trickling bytes cannot hold the agent's loop any longer).
 CLIENT_TIMEOUT = 5.0
-#: The operations the agent serves.
-OPS = frozenset({"ping", "state", "plug", "unplug", "unplug-all"})
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger("vmem_guest.control")
 
 Emit = Callable[[dict[str, Any]], None]
-Handler = Callable[[dict[str, Any], Emit], dict[str, Any]]
+
+
+# --- operations: every request, parsed once into one of these -------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """Is an agent there, which devices does it own, is it in manual mode."""
+
+    op: ClassVar[str] = "ping"
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryState:
+    """STATE of ``blocks`` device blocks from ``addr`` (spec 5.15.6.4)."""
+
+    op: ClassVar[str] = "state"
+    device: str | None
+    addr: int
+    blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """What a plug or unplug covers: ``size`` bytes where the driver chooses, or
+    exactly ``blocks`` device blocks from ``addr``."""
+
+    size: int | None = None
+    addr: int | None = None
+    blocks: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plug:
+    """Plug and online whole units (``zone``: where the new blocks go)."""
+
+    op: ClassVar[str] = "plug"
+    device: str | None
+    extent: Extent
+    zone: Zone = Zone.MOVABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class Unplug:
+    """Offline and unplug whole units."""
+
+    op: ClassVar[str] = "unplug"
+    device: str | None
+    extent: Extent
+
+
+@dataclasses.dataclass(frozen=True)
+class UnplugAll:
+    """UNPLUG_ALL, after offlining everything online (spec 5.15.6.3)."""
+
+    op: ClassVar[str] = "unplug-all"
+    device: str | None
+
+
+#: What is asked of one device (the rest is asked of the agent).
+DeviceOperation = QueryState | Plug | Unplug | UnplugAll
+Operation = Ping | DeviceOperation
+#: The operations the agent serves, by wire name.
+OPS: dict[str, type[Operation]] = {
+    cls.op: cls for cls in (Ping, QueryState, Plug, Unplug, UnplugAll)
+}
+#: Zones a plug request may name.
+_ZONES = {"movable": Zone.MOVABLE, "kernel": Zone.KERNEL}
+
+Handler = Callable[[Operation, Emit], dict[str, Any]]
+
+
+def _count(message: dict[str, Any], key: str) -> int:
+    value = message.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"control request needs a non-negative integer {key!r}", key=key)
+    return value
+
+
+def _device(message: dict[str, Any]) -> str | None:
+    device = message.get("device")
+    if device is not None and not isinstance(device, str):
+        raise UsageError('control request: "device" must be a PCI address string')
+    return device
+
+
+def _extent(message: dict[str, Any]) -> Extent:
+    if "addr" in message:
+        return Extent(addr=_count(message, "addr"), blocks=_count(message, "blocks"))
+    return Extent(size=_count(message, "size"))
+
+
+def operation_of(message: dict[str, Any]) -> Operation:
+    """A decoded request -> its typed operation; UsageError for anything else."""
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise UsageError('control request must be a JSON object with a string "op"')
+    if op not in OPS:
+        raise UsageError(
+            f"unknown control operation {op[:40]!r} (known: {', '.join(sorted(OPS))})",
+            op=op[:40],
+        )
+    if op == Ping.op:
+        return Ping()
+    device = _device(message)
+    if op == QueryState.op:
+        return QueryState(device, _count(message, "addr"), _count(message, "blocks"))
+    if op == UnplugAll.op:
+        return UnplugAll(device)
+    if op == Unplug.op:
+        return Unplug(device, _extent(message))
+    zone = message.get("zone", "movable")
+    if zone not in _ZONES:
+        raise UsageError(f"control request: zone must be one of {', '.join(_ZONES)}")
+    return Plug(device, _extent(message), _ZONES[zone])
+
+
+def message_of(operation: Operation) -> dict[str, Any]:
+    """The wire form of ``operation`` (what :func:`operation_of` reads back)."""
+    message: dict[str, Any] = {"op": operation.op}
+    if isinstance(operation, Ping):
+        return message
+    message["device"] = operation.device
+    if isinstance(operation, QueryState):
+        message.update(addr=operation.addr, blocks=operation.blocks)
+    elif isinstance(operation, Plug | Unplug):
+        extent = dataclasses.asdict(operation.extent)
+        message.update({key: value for key, value in extent.items() if value is not None})
+        if isinstance(operation, Plug):
+            message["zone"] = "kernel" if operation.zone is Zone.KERNEL else "movable"
+    return message
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -65,8 +195,8 @@ def _error_reply(exc: VmemError) -> dict[str, Any]:
     return {"ok": False, "error": exc.as_dict()}
 
 
-def parse_request(line: bytes) -> dict[str, Any]:
-    """A request line -> dict with a string ``op``; UsageError otherwise."""
+def parse_request(line: bytes) -> Operation:
+    """A request line -> its typed operation; UsageError otherwise."""
     try:
         message = json.loads(line)
     except (UnicodeDecodeError, ValueError):
@@ -74,14 +204,9 @@ def parse_request(line: bytes) -> dict[str, Any]:
     except RecursionError:
         # "[[[[..." nested deeper than the parser's recursion limit.
         raise UsageError("control request is nested too deeply") from None
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+    if not isinstance(message, dict):
         raise UsageError('control request must be a JSON object with a string "op"')
-    if message["op"] not in OPS:
-        op = message["op"][:40]
-        raise UsageError(
-            f"unknown control operation {op!r} (known: {', '.join(sorted(OPS))})", op=op
-        )
-    return message
+    return operation_of(message)
 
 
 class ControlServer:
@@ -141,7 +266,7 @@ class ControlServer:
         try:
             result = self.handler(request, _ProgressSender(conn))
         except VmemError as exc:
-            log.warning("control request %r refused: %s", request["op"], exc.message)
+            log.warning("control request %r refused: %s", request.op, exc.message)
             _send(conn, _error_reply(exc))
             return
         _send(conn, {"ok": True, "result": result})
@@ -195,9 +320,7 @@ class AgentError(VmemError):
     """An error the agent reported over the control socket (its fields are kept)."""
 
 
-def call(
-    path: Path, request: dict[str, Any], on_progress: Emit | None = None
-) -> dict[str, Any] | None:
+def call(path: Path, request: Operation, on_progress: Emit | None = None) -> dict[str, Any] | None:
     """Send one request to a running agent; None when no agent listens at ``path``.
 
     Raises AgentError (or UsageError for usage errors the agent reported).
@@ -215,7 +338,7 @@ def call(
                     path=str(path),
                 ) from None
             raise
-        _send(sock, request)
+        _send(sock, message_of(request))
         for message in _messages(sock):
             if "progress" in message:
                 if on_progress is not None:

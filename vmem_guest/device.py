@@ -10,6 +10,7 @@ bounds-checked here before anything else sees it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from typing import Protocol
 
@@ -20,6 +21,15 @@ from vmem_guest.spec import BlockState, RequestType, ResponseType
 #: Smallest block size a device may announce: one 4 KiB page (QEMU's minimum is 1 MiB).
 MIN_BLOCK_SIZE = 4096
 _U64_LIMIT = 1 << 64
+
+
+class Cause(enum.Flag):
+    """Why a device interrupted (spec 4.1.4.5: ISR bit 0 queue, bit 1 config; with
+    MSI-X, which vector fired). The real and the simulated transports report these."""
+
+    NONE = 0
+    QUEUE = enum.auto()
+    CONFIG = enum.auto()
 
 
 class RequestChannel(Protocol):
@@ -44,8 +54,8 @@ class InterruptingChannel(RequestChannel, Protocol):
     def config_change_fd(self) -> int:
         """Readable on a config change (may be the same fd as interrupt_fd)."""
 
-    def handle_interrupt(self) -> set[str]:
-        """Consume pending interrupts; return a subset of {"queue", "config"}."""
+    def handle_interrupt(self) -> Cause:
+        """Consume pending interrupts and say which causes they had."""
 
     def close(self) -> None:
         """Release the device (a device reset keeps block state, spec 5.15.5)."""

@@ -28,13 +28,14 @@ from collections.abc import Callable
 
 from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
-from vmem_guest.device import DeviceConfig, Response, VirtioMemDevice
+from vmem_guest.device import Cause, DeviceConfig, Response, VirtioMemDevice
 from vmem_guest.errors import (
     ConfigError,
     DeviceBroken,
     KernelError,
     OfflineRefused,
     SafetyError,
+    VmemError,
 )
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.pages import PageControl, all_poisoned, give_back, poisoned_count, take
@@ -107,7 +108,7 @@ class DeviceDriver:
         self.refused_subblocks = Refusals(backoff)
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
-        self.broken_reason: str | None = None
+        self._broken_text = ""
         #: ``auto_online_blocks`` as last read; None: read it before the next probe.
         self._auto_online: str | None = None
 
@@ -193,6 +194,7 @@ class DeviceDriver:
         """
         self.refresh_config(tracker_is_truth=False)
         self.tracker.clear_broken()
+        self._broken_text = ""
         previous = self.tracker.snapshot()
         if previous.intent is not None:
             self.log.info("resolving pending %s from a previous run", previous.intent)
@@ -356,22 +358,57 @@ class DeviceDriver:
             avoid_subblocks=self.refused_subblocks.keys(),
         )
 
+    @property
+    def broken_reason(self) -> str | None:
+        """Why the device is broken (None: it is not). Whether it is comes from the
+        tracker's one flag; the text is the whole reason when this driver marked it
+        (the tracker keeps 39 bytes of it)."""
+        stored = self.tracker.broken_reason
+        if stored is None:
+            return None
+        return self._broken_text or stored
+
+    def mark_broken(self, reason: str) -> None:
+        """Stop touching the device: the only place a device is marked broken (the
+        flag lives in the tracker, so ``status`` and a restarted agent see it too,
+        until :meth:`start` finds the device sound again)."""
+        self._broken_text = reason
+        self.tracker.set_broken(reason)
+        self.log.error("device broken, not touching it any more: %s", reason)
+
+    def interrupt(self, causes: Cause) -> bool:
+        """Handle the causes of an interrupt; True when the config changed (steps are
+        due again). Queue causes need nothing: requests wait for their own answer."""
+        if Cause.CONFIG not in causes or self.broken_reason is not None:
+            return False
+        try:
+            self.config_changed()
+        except VmemError as exc:
+            self.mark_broken(exc.message)
+            return False
+        self.log.info("config changed, requested %#x", self.config.requested_size)
+        return True
+
     def step(self) -> StepResult:
-        """Take the next step, or say how long to wait before the next one."""
-        if self.broken_reason is not None:
-            return StepResult(Outcome.BROKEN, detail=self.broken_reason)
+        """Take the next step, or say how long to wait before the next one.
+
+        Anything that makes the device untrustworthy (an ERROR answer, a config or
+        response that breaks the spec, a safety check) marks it broken here, once.
+        """
+        reason = self.broken_reason
+        if reason is not None:
+            return StepResult(Outcome.BROKEN, detail=reason)
         now = self.clock()
         if now < self.not_before:
             return StepResult(Outcome.WAIT, wait_seconds=self.not_before - now)
         self.refused_blocks.expire(now)
         self.refused_subblocks.expire(now)
-        step = planner.next_step(self.plan_input())
+        step: planner.Step | None = None
         try:
+            step = planner.next_step(self.plan_input())
             return self._execute(step)
-        except DeviceBroken as exc:
-            self.broken_reason = exc.message
-            self.tracker.set_broken(exc.message)
-            self.log.error("device broken: %s", exc.message)
+        except VmemError as exc:
+            self.mark_broken(exc.message)
             return StepResult(Outcome.BROKEN, step, detail=exc.message)
 
     def _execute(self, step: planner.Step) -> StepResult:

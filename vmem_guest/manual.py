@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
-from vmem_guest import planner
+from vmem_guest import control, planner
 from vmem_guest.blocks import MemoryBlockState, Zone
 from vmem_guest.device import Response
 from vmem_guest.driver import DeviceDriver
@@ -123,7 +124,7 @@ class ManualOps:
             )
         if response.type is ResponseType.BUSY:
             raise DeviceError(f"the device stayed BUSY for {req_type.name}", addr=addr)
-        self.driver.tracker.set_broken(f"{req_type.name} {addr:#x} answered ERROR")
+        self.driver.mark_broken(f"{req_type.name} {addr:#x} answered ERROR")
         raise DeviceBroken(f"{req_type.name} {addr:#x} x{nb_blocks} answered ERROR", addr=addr)
 
     def _range_requests(self, req_type: RequestType, subblocks: range) -> None:
@@ -287,3 +288,39 @@ class ManualOps:
         self._offline_all(list(self.geometry.memory_blocks()))
         self._request(RequestType.UNPLUG_ALL, 0, 0)
         return self._result("unplug-all", self.geometry.addr, self.geometry.region_size)
+
+
+def perform(
+    driver: DeviceDriver, operation: control.DeviceOperation, emit: control.Emit
+) -> dict[str, Any]:
+    """Run one manual operation on ``driver``'s device: the one place each is handled
+    (the agent's socket and the direct path both come here)."""
+    ops = ManualOps(driver, progress=lambda done, total: emit({"done": done, "total": total}))
+    if isinstance(operation, control.QueryState):
+        return {"state": ops.state(operation.addr, operation.blocks).name}
+    if isinstance(operation, control.UnplugAll):
+        return ops.unplug_all().as_dict()
+    if isinstance(operation, control.Plug):
+        return _plug(ops, driver, operation).as_dict()
+    return _unplug(ops, driver, operation.extent).as_dict()
+
+
+def _plug(ops: ManualOps, driver: DeviceDriver, operation: control.Plug) -> ManualResult:
+    extent = operation.extent
+    if extent.size is not None:
+        return ops.plug_size(extent.size, operation.zone)
+    addr, size = _range_of(driver, extent)
+    return ops.plug_range(addr, size, operation.zone)
+
+
+def _unplug(ops: ManualOps, driver: DeviceDriver, extent: control.Extent) -> ManualResult:
+    if extent.size is not None:
+        return ops.unplug_size(extent.size)
+    return ops.unplug_range(*_range_of(driver, extent))
+
+
+def _range_of(driver: DeviceDriver, extent: control.Extent) -> tuple[int, int]:
+    """(addr, size in bytes) of an extent given as device blocks."""
+    if extent.addr is None or extent.blocks is None:
+        raise UsageError("a range needs both addr and blocks")
+    return extent.addr, extent.blocks * driver.geometry.block_size

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import control, discovery, planner, render
-from vmem_guest.agent import Agent, run_manual
+from vmem_guest import control, discovery, manual, planner, render
+from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach, memtotal_bytes
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
@@ -142,7 +142,7 @@ def guest_memory() -> render.GuestMemory:
 def _refuse_if_an_agent_answers(path: Path) -> None:
     """UsageError when an agent already serves ``path`` (before any device is touched:
     a second agent must neither open a device nor replace the first one's socket)."""
-    running = control.call(path, {"op": "ping"})
+    running = control.call(path, control.Ping())
     if running is not None:
         raise UsageError(
             f"an agent is already running (pid {running.get('pid', '?')}, devices"
@@ -190,7 +190,7 @@ def _serve(attached: list[Attached], path: Path, options: RunOptions) -> None:
 
 
 def manual_command(
-    request: dict[str, Any],
+    request: control.DeviceOperation,
     *,
     state_dir: Path,
     allow_noiommu: bool = False,
@@ -200,8 +200,8 @@ def manual_command(
     via_agent = control.call(control.socket_path(state_dir), request, on_progress)
     if via_agent is not None:
         return via_agent
-    bdf = request.get("device")
-    devices = _select((bdf,) if isinstance(bdf, str) else ())
+    bdf = request.device
+    devices = _select((bdf,) if bdf is not None else ())
     if len(devices) != 1:
         names = ", ".join(dev.bdf for dev in devices)
         raise UsageError(f"several virtio-mem devices ({names}): choose one with --device")
@@ -213,7 +213,7 @@ def manual_command(
             policy=planner.DEFAULT_POLICY,
             allow_noiommu=allow_noiommu,
         ) as attached:
-            return run_manual(attached[0], request, emit)
+            return manual.perform(attached[0].driver, request, emit)
     except TrackerLocked as exc:
         raise UsageError(
             f"device {devices[0].bdf} is owned by another vmem-guest process"

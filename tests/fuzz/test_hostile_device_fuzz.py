@@ -30,7 +30,6 @@ from vmem_guest.hotplug import FakeKernelMemory
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
-from vmem_guest.transport.channel import CONFIG
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -45,20 +44,17 @@ sizes = st.integers(0, REGION // (2 * MIB)).map(lambda blocks: blocks * 2 * MIB)
 def drive(attached: Attached, channel: HostileChannel, kernel: FakeKernelMemory) -> str:
     """The agent's loop for one device after a resize: "done", "wait" or the broken reason."""
     driver = attached.driver
-    try:
-        if CONFIG in channel.handle_interrupt():
-            driver.config_changed()
-        for _ in range(STEPS_PER_RESIZE):
-            result = driver.step()
-            assert channel.unacked_online(kernel) == []
-            if result.outcome is Outcome.BROKEN:
-                assert result.detail
-                return result.detail
-            if result.outcome is not Outcome.PROGRESS:
-                return result.outcome.value
-    except VmemError as exc:
-        assert exc.message
-        return exc.message
+    driver.interrupt(channel.handle_interrupt())
+    for _ in range(STEPS_PER_RESIZE):
+        result = driver.step()
+        assert channel.unacked_online(kernel) == []
+        if result.outcome is Outcome.BROKEN:
+            # The reason is in the step's result and in the tracker's one flag.
+            assert result.detail and driver.broken_reason
+            assert driver.broken_reason in result.detail or result.detail in (driver.broken_reason)
+            return result.detail
+        if result.outcome is not Outcome.PROGRESS:
+            return result.outcome.value
     raise AssertionError(f"no convergence in {STEPS_PER_RESIZE} steps")
 
 

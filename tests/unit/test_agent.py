@@ -22,7 +22,7 @@ import pytest
 from vmem_guest import control
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached
-from vmem_guest.blocks import Geometry
+from vmem_guest.blocks import Geometry, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome, StepResult
 from vmem_guest.errors import UsageError
@@ -121,8 +121,8 @@ def test_agent_follows_resizes_then_sleeps(rig: Rig) -> None:
         wait_for(lambda: rig.online_bytes() == 1 * GIB)
         rig.channel.host_resize(384 * MIB)
         wait_for(lambda: rig.online_bytes() == 384 * MIB)
-        seen["ping"] = control.call(rig.socket, {"op": "ping"})
-        seen["state"] = control.call(rig.socket, {"op": "state", "addr": ADDR, "blocks": 192})
+        seen["ping"] = control.call(rig.socket, control.Ping())
+        seen["state"] = control.call(rig.socket, control.QueryState(None, ADDR, 192))
 
     agent = run_agent(rig, host)
     assert rig.model.plugged_size == 384 * MIB
@@ -136,7 +136,7 @@ def test_agent_follows_resizes_then_sleeps(rig: Rig) -> None:
 def test_automatic_agent_refuses_manual_plug(rig: Rig) -> None:
     def user() -> None:
         with pytest.raises(UsageError, match="--manual"):
-            control.call(rig.socket, {"op": "plug", "size": 128 * MIB})
+            control.call(rig.socket, control.Plug(None, control.Extent(size=128 * MIB)))
 
     run_agent(rig, user)
     assert rig.model.plugged_size == 0
@@ -149,11 +149,11 @@ def test_manual_agent_plug_state_unplug(rig: Rig) -> None:
     def user() -> None:
         rig.channel.host_resize(1 * GIB)  # the device NACKs plugs beyond requested_size
         results["plug"] = control.call(
-            rig.socket, {"op": "plug", "size": 256 * MIB}, progress.append
+            rig.socket, control.Plug(None, control.Extent(size=256 * MIB)), progress.append
         )
-        results["state"] = control.call(rig.socket, {"op": "state", "addr": ADDR, "blocks": 128})
-        results["unplug"] = control.call(rig.socket, {"op": "unplug", "size": 128 * MIB})
-        results["all"] = control.call(rig.socket, {"op": "unplug-all"})
+        results["state"] = control.call(rig.socket, control.QueryState(None, ADDR, 128))
+        results["unplug"] = control.call(rig.socket, control.Unplug(None, control.Extent(size=128 * MIB)))
+        results["all"] = control.call(rig.socket, control.UnplugAll(None))
 
     run_agent(rig, user, manual=True)
     assert results["plug"]["plugged_size"] == 256 * MIB
@@ -171,10 +171,10 @@ def test_manual_unplug_reports_refused_offline_and_keeps_memory(rig: Rig) -> Non
 
     def user() -> None:
         rig.channel.host_resize(1 * GIB)
-        control.call(rig.socket, {"op": "plug", "size": 256 * MIB})
+        control.call(rig.socket, control.Plug(None, control.Extent(size=256 * MIB)))
         rig.kernel.refuse_offline.update({32, 33})
         with pytest.raises(control.AgentError, match=r"memory3[23]") as err:
-            control.call(rig.socket, {"op": "unplug", "addr": ADDR, "blocks": 128})
+            control.call(rig.socket, control.Unplug(None, control.Extent(addr=ADDR, blocks=128)))
         results["error"] = err.value
 
     run_agent(rig, user, manual=True)
@@ -236,11 +236,43 @@ def test_control_logs_every_refusal_and_survives_deep_nesting(
         assert text in logged, (text, logged)
 
 
-def test_parse_request_names_the_known_operations() -> None:
-    for op in sorted(control.OPS):
-        assert control.parse_request(f'{{"op": "{op}"}}'.encode())["op"] == op
+#: One valid request line per operation, and the typed operation it parses to.
+REQUESTS = [
+    (b'{"op": "ping"}', control.Ping()),
+    (b'{"op": "state", "addr": 4096, "blocks": 2}', control.QueryState(None, 4096, 2)),
+    (
+        b'{"op": "plug", "device": "0000:00:03.0", "size": 1024, "zone": "kernel"}',
+        control.Plug("0000:00:03.0", control.Extent(size=1024), Zone.KERNEL),
+    ),
+    (
+        b'{"op": "unplug", "addr": 4096, "blocks": 3}',
+        control.Unplug(None, control.Extent(addr=4096, blocks=3)),
+    ),
+    (b'{"op": "unplug-all", "device": "0000:00:04.0"}', control.UnplugAll("0000:00:04.0")),
+]
+
+
+def test_parse_request_gives_each_known_operation_typed_and_back() -> None:
+    assert {operation.op for _, operation in REQUESTS} == set(control.OPS)
+    for line, operation in REQUESTS:
+        assert control.parse_request(line) == operation
+        assert control.operation_of(control.message_of(operation)) == operation
     with pytest.raises(UsageError, match=r"unknown control operation 'plugg'.*unplug-all"):
         control.parse_request(b'{"op": "plugg", "size": 1}')
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        (b'{"op": "state", "addr": 4096}', "non-negative integer 'blocks'"),
+        (b'{"op": "plug", "size": -1}', "non-negative integer 'size'"),
+        (b'{"op": "plug", "size": 1, "zone": "dma"}', "zone must be one of"),
+        (b'{"op": "unplug-all", "device": 3}', "PCI address string"),
+    ],
+)
+def test_parse_request_refuses_bad_fields_clearly(line: bytes, complaint: str) -> None:
+    with pytest.raises(UsageError, match=complaint):
+        control.parse_request(line)
 
 
 def test_a_client_trickling_bytes_cannot_hold_the_agent(
@@ -286,13 +318,13 @@ def test_call_as_a_user_the_socket_refuses_is_a_usage_error(
 
     monkeypatch.setattr(control.socket, "socket", Refused)
     with pytest.raises(UsageError, match=r"permission denied: .* is for root only") as info:
-        control.call(tmp_path / "control.sock", {"op": "ping"})
+        control.call(tmp_path / "control.sock", control.Ping())
     assert "\n" not in str(info.value)
 
 
 def test_control_refuses_other_uids(tmp_path: Path) -> None:
     path = tmp_path / "ctl.sock"
-    served: list[dict[str, Any]] = []
+    served: list[control.Operation] = []
     server = control.ControlServer(
         path, lambda req, emit: served.append(req) or {}, allowed_uids=frozenset({12345})
     )
@@ -333,6 +365,9 @@ def test_a_client_that_goes_away_does_not_cut_an_operation_short(tmp_path: Path)
 
 class ScriptedDriver:
     """A driver stub: ``steps`` PROGRESS results, then DONE; logs each step taken."""
+
+    #: Never broken: the agent reads the driver's verdict, it has none of its own.
+    broken_reason: str | None = None
 
     def __init__(self, name: str, steps: int, log: list[str]) -> None:
         self.name, self.left, self.log = name, steps, log

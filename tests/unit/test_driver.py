@@ -618,14 +618,22 @@ def test_online_of_a_block_not_fully_plugged_is_a_safety_error(
         return planner.OnlineStep(MB0 + 1, Zone.MOVABLE)
 
     monkeypatch.setattr(planner, "next_step", bad_plan)
-    with pytest.raises(SafetyError, match="memory33 is not fully plugged"):
-        driver.step()
+    result = driver.step()
+    # The safety check stops the device: marked broken once, in the tracker.
+    assert result.outcome is Outcome.BROKEN
+    assert "memory33 is not fully plugged" in result.detail
+    assert driver.broken_reason is not None
+    assert rig.tracker.snapshot().broken
+    assert driver.step().outcome is Outcome.BROKEN  # and it stays so
     assert rig.kernel.probes == []
     assert rig.kernel.block(MB0 + 1).state is KernelBlockState.ABSENT
-    # An unplugged block is refused too.
+    # An unplugged block is refused too (on a device found sound again at a restart).
+    driver.start()
+    assert driver.broken_reason is None
     monkeypatch.setattr(planner, "next_step", lambda inp: planner.OnlineStep(MB0 + 2, Zone.KERNEL))
-    with pytest.raises(SafetyError, match="memory34"):
-        driver.step()
+    result = driver.step()
+    assert result.outcome is Outcome.BROKEN
+    assert "memory34" in result.detail
     assert rig.kernel.probes == []
 
 

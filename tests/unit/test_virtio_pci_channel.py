@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmem_guest._linux.eventfd import EventFd
+from vmem_guest.device import Cause
 from vmem_guest.errors import TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import channel as ch
@@ -102,7 +103,7 @@ def test_intx_interrupt_reads_isr_and_unmasks() -> None:
     channel, vfio, efd = intx_channel([vp.ISR_QUEUE | vp.ISR_CONFIG])
     efd.signal()
     assert channel.interrupt_fd() == channel.config_change_fd() == efd.fd
-    assert channel.handle_interrupt() == {"queue", "config"}
+    assert channel.handle_interrupt() == Cause.QUEUE | Cause.CONFIG
     assert vfio.unmasks == 1
     assert not efd.wait(0)  # drained
     efd.close()
@@ -115,7 +116,7 @@ def test_config_change_during_a_request_is_kept_for_the_outer_loop() -> None:
     efd.signal()
     assert channel._wait_for_queue(0.1)  # then the answer
     assert vfio.unmasks == 2
-    assert channel.handle_interrupt() == {"config"}  # what the request wait saw
+    assert channel.handle_interrupt() == Cause.CONFIG  # what the request wait saw
     assert not channel._wait_for_queue(0.01)
     efd.close()
 
@@ -136,5 +137,5 @@ def test_submit_re_signals_a_config_change_it_swallowed() -> None:
     channel.queue, channel.buffer = Queue(), Buffer()  # type: ignore[assignment]
     assert channel.submit(b"request") == b"answer"
     assert efd.wait(0)  # the outer selector loop wakes up...
-    assert channel.handle_interrupt() == {"config"}  # ...and learns about the change
+    assert channel.handle_interrupt() == Cause.CONFIG  # ...and learns about the change
     efd.close()

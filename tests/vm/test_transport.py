@@ -39,7 +39,7 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
     import logging
     import select
 
-    from vmem_guest.device import Response, VirtioMemDevice
+    from vmem_guest.device import Cause, Response, VirtioMemDevice
     from vmem_guest.transport.channel import PciChannel
     from vmem_guest.transport.dma import no_unevictable_compaction
 
@@ -89,14 +89,14 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
         elif action == "wait-config":
             Path(f"/run/transport-{mode}.ready").write_text("ready\n")
             fd = channel.config_change_fd()
-            causes: set[str] = set()
+            causes = Cause.NONE
             start, cpu_start = time.monotonic(), time.process_time()
             deadline = start + 60
-            while "config" not in causes and time.monotonic() < deadline:
+            while Cause.CONFIG not in causes and time.monotonic() < deadline:
                 ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
                 if ready:
                     causes |= channel.handle_interrupt()
-            out["causes"] = sorted(causes)
+            out["causes"] = sorted(c.name.lower() for c in Cause if c in causes and c.name)
             out["waited_s"] = round(time.monotonic() - start, 3)
             out["wait_cpu_s"] = round(time.process_time() - cpu_start, 3)
             out["requested_size"] = dev.config().requested_size

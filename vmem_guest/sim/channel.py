@@ -12,10 +12,8 @@ import contextlib
 import os
 import threading
 
+from vmem_guest.device import Cause
 from vmem_guest.sim.device_model import DeviceModel
-
-QUEUE = "queue"
-CONFIG = "config"
 
 
 class SimChannel:
@@ -25,11 +23,11 @@ class SimChannel:
         self.model = model
         self.lock = threading.Lock()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._causes: set[str] = set()
+        self._causes = Cause.NONE
         model.on_config_change = self._config_interrupt
 
     def _config_interrupt(self) -> None:
-        self._causes.add(CONFIG)
+        self._causes |= Cause.CONFIG
         os.eventfd_write(self._efd, 1)
 
     def host_resize(self, requested_size: int) -> None:
@@ -51,11 +49,11 @@ class SimChannel:
     def config_change_fd(self) -> int:
         return self._efd
 
-    def handle_interrupt(self) -> set[str]:
+    def handle_interrupt(self) -> Cause:
         with self.lock:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._efd)
-            causes, self._causes = self._causes, set()
+            causes, self._causes = self._causes, Cause.NONE
         return causes
 
     def close(self) -> None:

@@ -17,9 +17,9 @@ from vmem_guest import planner
 from vmem_guest.attach import attach_channel
 from vmem_guest.blocks import Geometry, MemoryBlockState
 from vmem_guest.driver import Outcome
-from vmem_guest.errors import UsageError, VmemError
+from vmem_guest.errors import UsageError
 from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
-from vmem_guest.sim.channel import CONFIG, SimChannel
+from vmem_guest.sim.channel import SimChannel
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
@@ -169,19 +169,15 @@ class Simulation:
         return self.converge()
 
     def converge(self) -> SimReport:
-        """The agent's loop for one device: config interrupts, then steps, until it settles."""
+        """The agent's loop for one device: config interrupts, then steps, until it
+        settles. The driver decides everything (a broken device answers BROKEN at once);
+        this loop only owns the virtual clock."""
         requests0, retries0 = self.tracker.requests, self.tracker.retries
         steps = 0
-        outcome = Outcome.BROKEN if self.error else Outcome.PROGRESS
-        while steps < self.options.max_steps and outcome is not Outcome.BROKEN:
-            try:
-                if CONFIG in self.channel.handle_interrupt():
-                    self.driver.config_changed()
-                result = self.driver.step()
-            except VmemError as exc:
-                self._broken(exc.message)
-                outcome = Outcome.BROKEN
-                break
+        outcome = Outcome.PROGRESS
+        while steps < self.options.max_steps:
+            self.driver.interrupt(self.channel.handle_interrupt())
+            result = self.driver.step()
             outcome = result.outcome
             if outcome is Outcome.BROKEN:
                 self.error = result.detail
@@ -192,11 +188,6 @@ class Simulation:
             else:
                 steps += 1
         return self.report(steps, outcome, requests0, retries0)
-
-    def _broken(self, reason: str) -> None:
-        """What the agent does with a device it cannot trust: record why, stop."""
-        self.error = reason
-        self.tracker.set_broken(reason)
 
     def report(self, steps: int, outcome: Outcome, requests0: int, retries0: int) -> SimReport:
         tracker = self.tracker

@@ -58,6 +58,7 @@ from vmem_guest.tracker.snapshot import (
     BlockRecord,
     TrackerIdentity,
     TrackerSnapshot,
+    broken_reason,
     decode,
     expected_state,
     state_of,
@@ -207,6 +208,15 @@ class Tracker:
     def remainder_bytes(self) -> int:
         """What the guest cannot use of ``requested_size`` (last Done)."""
         return int(self._hdr.remainder_bytes)
+
+    @property
+    def broken_reason(self) -> str | None:
+        """Why the device is marked broken, None when it is not: the one flag every
+        part of the agent reads (only the driver core sets it)."""
+        header = self._hdr
+        if header.device_status != DeviceStatus.BROKEN:
+            return None
+        return broken_reason(header)
 
     def snapshot(self) -> TrackerSnapshot:
         """A copy of the current state (the owner needs no seqlock retry).

@@ -24,16 +24,13 @@ from vmem_guest import spec
 from vmem_guest._linux import pagemap
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
+from vmem_guest.device import Cause
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import virtio_pci as vp
 from vmem_guest.transport.dma import PAGE_SIZE, DmaBuffer, IovaBuffer, PhysBuffer
 from vmem_guest.transport.vfio import DEV_ROOT, SYSFS_ROOT, Mode, VfioDevice, choose_iova
 from vmem_guest.transport.virtqueue import RingLayout, Virtqueue
-
-#: Causes :meth:`PciChannel.handle_interrupt` reports.
-QUEUE = "queue"
-CONFIG = "config"
 
 #: Where the first DMA buffer goes in the IOMMU domain (type1). Below the x86
 #: MSI window (0xfee00000) and above the first 256 MiB.
@@ -108,7 +105,7 @@ class PciChannel:
         self.guard_ranges: list[tuple[int, int]] = []
         self._irq: EventFd | None = None  # INTx, or the MSI-X queue vector
         self._config_irq: EventFd | None = None  # MSI-X config vector
-        self._pending: set[str] = set()
+        self._pending = Cause.NONE
 
     @classmethod
     def open(
@@ -262,17 +259,17 @@ class PciChannel:
             return self._config_irq.fd
         return self.interrupt_fd()
 
-    def handle_interrupt(self) -> set[str]:
-        """Consume pending interrupts: a subset of {'queue', 'config'}.
+    def handle_interrupt(self) -> Cause:
+        """Consume pending interrupts and say which causes they had.
 
         With INTx: drain the eventfd, read ISR (clears it), unmask INTx.
         """
-        causes, self._pending = self._pending, set()
+        causes, self._pending = self._pending, Cause.NONE
         if self.msix:
             if self._config_irq is not None and self._config_irq.drain():
-                causes.add(CONFIG)
+                causes |= Cause.CONFIG
             if self._irq is not None and self._irq.drain():
-                causes.add(QUEUE)
+                causes |= Cause.QUEUE
             return causes
         transport, _, _ = self._live()
         if self._irq is not None:
@@ -280,18 +277,17 @@ class PciChannel:
         isr = transport.read_isr()
         self.vfio.unmask_intx()
         if isr & vp.ISR_QUEUE:
-            causes.add(QUEUE)
+            causes |= Cause.QUEUE
         if isr & vp.ISR_CONFIG:
-            causes.add(CONFIG)
+            causes |= Cause.CONFIG
         return causes
 
     def _wait_for_queue(self, timeout: float) -> bool:
         """Virtqueue seam: block on the interrupt eventfd, keep config causes for later."""
         if self._irq is None or not self._irq.wait(timeout):
             return False
-        causes = self.handle_interrupt()
-        if CONFIG in causes:
-            self._pending.add(CONFIG)
+        # A config change seen while waiting is kept for the outer loop.
+        self._pending |= self.handle_interrupt() & Cause.CONFIG
         return True
 
     # -- lifetime ---------------------------------------------------------------------
