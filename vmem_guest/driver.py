@@ -127,15 +127,21 @@ class DeviceDriver:
 
     # --- config ---------------------------------------------------------------
 
-    def refresh_config(self, *, tracker_is_truth: bool = True) -> DeviceConfig:
-        """Re-read the device config and publish it in the tracker.
+    def refresh_config(self) -> DeviceConfig:
+        """Re-read the device config, check it against what the driver knows, and
+        publish it in the tracker.
 
         ``addr``, ``region_size`` and ``block_size`` change only at a system reset
         (spec 5.15.4): a device that changes them under us is not trusted further.
-        Nor is one whose usable region drops plugged blocks; that is judged by
-        the tracker's bitmap, except before :meth:`start` has rebuilt it
-        (``tracker_is_truth`` False): a crash may have left it stale.
+        Nor is one whose usable region drops plugged blocks, judged by the tracker's
+        bitmap (which :meth:`start` rebuilds first: a crash may have left it stale).
         """
+        config = self._read_config()
+        self._check_plugged_inside_usable(config)
+        return self._publish(config)
+
+    def _read_config(self) -> DeviceConfig:
+        """The device's config, with the region the tracker was made for."""
         config = self.device.config()
         geometry = self.geometry
         if (config.addr, config.region_size, config.block_size) != (
@@ -151,16 +157,17 @@ class DeviceDriver:
                 region_size=config.region_size,
                 block_size=config.block_size,
             )
-        if tracker_is_truth:
-            self._check_plugged_inside_usable(config)
+        return config
+
+    def _publish(self, config: DeviceConfig) -> DeviceConfig:
         self.config = config
         self.tracker.set_device_info(
-            requested_size=self.config.requested_size,
-            usable_region_size=self.config.usable_region_size,
-            plugged_size=self.config.plugged_size,
-            node_id=self.config.node_id,
+            requested_size=config.requested_size,
+            usable_region_size=config.usable_region_size,
+            plugged_size=config.plugged_size,
+            node_id=config.node_id,
         )
-        return self.config
+        return config
 
     def _check_plugged_inside_usable(self, config: DeviceConfig) -> None:
         """A usable region that no longer holds plugged blocks is a lying device.
@@ -191,22 +198,30 @@ class DeviceDriver:
 
         The tracker's content, and its pending intent, are only hints: the device
         and the kernel are the truth after a crash (docs/design.md section 5.3).
+        Plugged memory of which nothing is online is given back with one
+        UNPLUG_ALL (spec 5.15.5) first.
         """
-        self.refresh_config(tracker_is_truth=False)
+        self._publish(self._read_config())
         self.tracker.clear_broken()
         self._broken_text = ""
         previous = self.tracker.snapshot()
         if previous.intent is not None:
             self.log.info("resolving pending %s from a previous run", previous.intent)
-        self.resync(unplug_unused=True)
+        online, present = self._kernel_view()
+        if self.config.plugged_size and not online:
+            plugged = self._unplug_all_unused(present)
+        else:
+            plugged = self._scan_plugged() if self.config.plugged_size else []
+        self._rebuild(plugged, online, present)
 
-    def resync(self, *, unplug_unused: bool) -> None:
-        """Replace the tracker's state with the device's (STATE) and the kernel's.
+    def resync(self) -> None:
+        """Replace the tracker's state with the device's (STATE) and the kernel's."""
+        online, present = self._kernel_view()
+        plugged = self._scan_plugged() if self.config.plugged_size else []
+        self._rebuild(plugged, online, present)
 
-        With ``unplug_unused``, plugged memory of which nothing is online is given
-        back with one UNPLUG_ALL (spec 5.15.5), as at start-up.
-        """
-        config = self.config
+    def _kernel_view(self) -> tuple[dict[int, Zone], list[int]]:
+        """The region's online blocks (with their zones) and present blocks, from sysfs."""
         # One directory listing, then only the region's present blocks are read:
         # a 1 TiB region has 8,192 memory blocks, of which few are present at start.
         region = self.geometry.memory_blocks()
@@ -218,22 +233,25 @@ class DeviceDriver:
         present = [
             mb for mb, kb in kernel_blocks.items() if kb.state is not KernelBlockState.ABSENT
         ]
-        plugged: list[int] = []
-        if config.plugged_size and not online and unplug_unused:
-            # Forget what the tracker believed first: it may say ONLINE for a block
-            # a crash left offline, and the tracker refuses UNPLUG_ALL over those.
-            self.tracker.rebuild_from_states(plugged=[], online={}, present=present)
-            response = self.request(RequestType.UNPLUG_ALL, 0, 0)
-            if response.type is ResponseType.ERROR:
-                raise DeviceBroken("UNPLUG_ALL answered ERROR")
-            if response.acked:
-                # ACKed UNPLUG_ALL zeroes plugged_size and may shrink the usable
-                # region, with no config interrupt: re-read it.
-                self.refresh_config()
-            else:
-                plugged = self._scan_plugged()
-        elif config.plugged_size:
-            plugged = self._scan_plugged()
+        return online, present
+
+    def _unplug_all_unused(self, present: list[int]) -> list[int]:
+        """UNPLUG_ALL, nothing being online; the subblocks still plugged after it."""
+        # Forget what the tracker believed first: it may say ONLINE for a block
+        # a crash left offline, and the tracker refuses UNPLUG_ALL over those.
+        self.tracker.rebuild_from_states(plugged=[], online={}, present=present)
+        response = self.request(RequestType.UNPLUG_ALL, 0, 0)
+        if response.type is ResponseType.ERROR:
+            raise DeviceBroken("UNPLUG_ALL answered ERROR")
+        if not response.acked:
+            return self._scan_plugged()
+        # ACKed UNPLUG_ALL zeroes plugged_size and may shrink the usable
+        # region, with no config interrupt: re-read it.
+        self.refresh_config()
+        return []
+
+    def _rebuild(self, plugged: list[int], online: dict[int, Zone], present: list[int]) -> None:
+        """Record what the device and the kernel say, resolving interrupted takes."""
         taken_before = self._taken_hints()
         plugged_set = set(plugged)
         online, holes = self._offline_unbacked(online, plugged_set)
@@ -541,7 +559,7 @@ class DeviceDriver:
                 # The device holds plugged memory we do not know of: every plan
                 # would NACK again. Learn the truth before planning.
                 self.log.warning("device plugged size differs from the tracker: resync")
-                self.resync(unplug_unused=False)
+                self.resync()
             if self.nacks_in_a_row <= MAX_NACKS_BEFORE_BACKOFF:
                 return StepResult(Outcome.PROGRESS, step, detail="NACK")
             return self._wait(step, "NACK")

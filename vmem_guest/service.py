@@ -73,6 +73,18 @@ def resolve_policy(policy: planner.Policy, memtotal: Callable[[], int]) -> plann
     return policy
 
 
+#: What to do with a device refused for what it says: raise, or log and skip it.
+OnRefused = Callable[[str, DeviceError], None]
+
+
+def _raise_refusal(bdf: str, exc: DeviceError) -> None:
+    raise exc
+
+
+def _skip_refusal(bdf: str, exc: DeviceError) -> None:
+    log.error("%s: device refused, not serving it: %s", bdf, exc.message)
+
+
 @contextlib.contextmanager
 def attached_devices(
     devices: list[discovery.VirtioMemPci],
@@ -81,15 +93,43 @@ def attached_devices(
     policy: planner.Policy,
     allow_noiommu: bool,
     offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
-    skip_refused: bool = False,
 ) -> Iterator[list[Attached]]:
-    """Bind and attach ``devices``; release them all on the way out.
+    """Bind and attach every one of ``devices`` (a refused one raises its DeviceError);
+    release them all on the way out. For manual commands."""
+    with _attached(
+        devices, _raise_refusal, state_dir, policy, allow_noiommu, offline_timeout
+    ) as attached:
+        yield attached
 
-    With ``skip_refused`` (the agent), a device that is refused for what it
-    says (DeviceError: a config that breaks the spec, a region over boot
-    memory, a bad answer during recovery) is logged and left alone while the
-    others are served; if every device is refused, the first refusal is raised.
-    """
+
+@contextlib.contextmanager
+def trusted_devices(
+    devices: list[discovery.VirtioMemPci],
+    *,
+    state_dir: Path,
+    policy: planner.Policy,
+    allow_noiommu: bool,
+    offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
+) -> Iterator[list[Attached]]:
+    """The agent's: bind and attach ``devices``, leaving alone (logged) each device
+    refused for what it says (DeviceError: a config that breaks the spec, a region
+    over boot memory, a bad answer during recovery) while the others are served. If
+    every device is refused, the first refusal is raised."""
+    with _attached(
+        devices, _skip_refusal, state_dir, policy, allow_noiommu, offline_timeout
+    ) as attached:
+        yield attached
+
+
+@contextlib.contextmanager
+def _attached(
+    devices: list[discovery.VirtioMemPci],
+    on_refused: OnRefused,
+    state_dir: Path,
+    policy: planner.Policy,
+    allow_noiommu: bool,
+    offline_timeout: float,
+) -> Iterator[list[Attached]]:
     kernel = _kernel(offline_timeout)
     pages = ProcPages()
     policy = resolve_policy(policy, memtotal_bytes)
@@ -110,9 +150,7 @@ def attached_devices(
                     pages=pages,
                 )
             except DeviceError as exc:
-                if not skip_refused:
-                    raise
-                log.error("%s: device refused, not serving it: %s", dev.bdf, exc.message)
+                on_refused(dev.bdf, exc)
                 refused.append(exc)
                 continue
             done.append(attached)
@@ -159,13 +197,12 @@ def run_agent(options: RunOptions) -> None:
     try:
         with (
             no_unevictable_compaction(),
-            attached_devices(
+            trusted_devices(
                 devices,
                 state_dir=options.state_dir,
                 policy=options.policy,
                 allow_noiommu=options.allow_noiommu,
                 offline_timeout=options.offline_timeout,
-                skip_refused=True,
             ) as attached,
         ):
             _serve(attached, path, options)

@@ -1,4 +1,5 @@
-"""service.attached_devices: the agent serves the devices it can trust and leaves the rest."""
+"""service.trusted_devices: the agent serves the devices it can trust and leaves the rest;
+service.attached_devices (manual commands): all of them or an error."""
 
 from __future__ import annotations
 
@@ -45,12 +46,11 @@ def fake_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def test_the_agent_serves_the_good_device_and_logs_the_refused_one(
     tmp_path: Path, fake_devices: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with service.attached_devices(
+    with service.trusted_devices(
         fake_devices,
         state_dir=tmp_path / "state",
         policy=planner.DEFAULT_POLICY,
         allow_noiommu=True,
-        skip_refused=True,
     ) as attached:
         assert [item.bdf for item in attached] == [GOOD]
     assert f"{BAD}: device refused, not serving it: block_size 0x0" in caplog.text
@@ -61,12 +61,11 @@ def test_with_every_device_refused_the_refusal_is_raised(
 ) -> None:
     with (
         pytest.raises(ConfigError, match="block_size 0x0"),
-        service.attached_devices(
+        service.trusted_devices(
             fake_devices[:1],
             state_dir=tmp_path / "state",
             policy=planner.DEFAULT_POLICY,
             allow_noiommu=True,
-            skip_refused=True,
         ),
     ):
         pass
