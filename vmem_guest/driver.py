@@ -39,7 +39,13 @@ from vmem_guest.errors import (
 )
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.pages import PageControl, all_poisoned, give_back, poisoned_count, take
-from vmem_guest.retry import DEFAULT_BACKOFF, Backoff, BackoffPolicy, Refusals
+from vmem_guest.retry import (
+    DEFAULT_BACKOFF,
+    DEFAULT_REFUSAL_BACKOFF,
+    Backoff,
+    BackoffPolicy,
+    Refusals,
+)
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
 from vmem_guest.tracker import BlockRecord, Tracker
 
@@ -80,6 +86,7 @@ class DeviceDriver:
         policy: planner.Policy = planner.DEFAULT_POLICY,
         *,
         backoff: BackoffPolicy = DEFAULT_BACKOFF,
+        refusal_backoff: BackoffPolicy = DEFAULT_REFUSAL_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         pages: PageControl | None = None,
     ) -> None:
@@ -103,9 +110,9 @@ class DeviceDriver:
         self.config: DeviceConfig = device.config()
         self.not_before = 0.0
         #: Memory blocks the kernel refused to offline (or online) lately.
-        self.refused_blocks = Refusals(backoff)
+        self.refused_blocks = Refusals(refusal_backoff)
         #: Subblocks whose pages the kernel would not give up (or take back) lately.
-        self.refused_subblocks = Refusals(backoff)
+        self.refused_subblocks = Refusals(refusal_backoff)
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self._broken_text = ""
@@ -542,7 +549,9 @@ class DeviceDriver:
         self.tracker.count_retry()
         now = self.clock()
         until = self.refused_subblocks.refuse(range(first, first + count), now, now - started)
-        self.log.info("%s; subblocks %d+%d again in %.2f s", exc.message, first, count, until - now)
+        self.log.info(
+            "%s; subblocks %d+%d later (in %.2f s)", exc.message, first, count, until - now
+        )
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)
 
     def _after_range_request(
@@ -698,5 +707,5 @@ class DeviceDriver:
         self.tracker.count_retry()
         now = self.clock()
         until = self.refused_blocks.refuse((mb,), now, now - started)
-        self.log.info("%s; retrying memory%d in %.2f s", exc.message, mb, until - now)
+        self.log.info("%s; retrying memory%d later (in %.2f s)", exc.message, mb, until - now)
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)

@@ -446,6 +446,38 @@ def _take_next(inp: PlanInput) -> TakeStep | None:
     return None
 
 
+def _unplug_offline_units(inp: PlanInput, excess_units: int) -> UnplugStep | None:
+    """One UNPLUG of the highest run of full units with nothing online, if any."""
+    offline = inp.state.units(UnitClass.FULL_OFFLINE)
+    batch = []
+    for unit_index in offline.descending():
+        batch.append(unit_index)
+        if len(batch) >= min(excess_units, max(1, inp.policy.unplug_batch_units)):
+            break
+    return _unplug_run_of_units(inp, batch) if batch else None
+
+
+def _take_from_refused(inp: PlanInput) -> TakeStep | None:
+    """The highest subblock in use (not avoided) of the highest online unit with a block
+    the kernel refused to offline: O(avoided blocks x subblocks per unit)."""
+    state = inp.state
+    grid = state.grid
+    first_mb = grid.first_memory_block
+    unit_mbs = range(first_mb, first_mb + grid.nr_units * grid.memory_blocks_per_unit)
+    refused_units = {
+        grid.unit_of_memory_block(mb)
+        for mb in inp.avoid
+        if mb in unit_mbs and state.block_state(mb) is MemoryBlockState.ONLINE
+    }
+    for unit_index in sorted(refused_units, reverse=True):
+        in_use = state.subblocks_where(state.unit(unit_index).subblocks, plugged=True, taken=False)
+        for sb in reversed(in_use):
+            if sb not in inp.avoid_subblocks:
+                mb = state.unit_blocks(unit_index).start
+                return TakeStep(mb, inp.geometry.subblock_addr(sb), 1)
+    return None
+
+
 def _first_empty_run(
     state: RegionState, usable_end_sb: int, wanted_units: int
 ) -> tuple[int, int] | None:
@@ -508,6 +540,14 @@ def _shrink(inp: PlanInput, excess: int) -> Step | None:
     if excess <= 0:
         return None
     per_unit = state.grid.subblocks_per_unit
+    if excess >= per_unit and inp.takes_subblocks and inp.avoid:
+        # Linux's fallback (virtio_mem_sbm_unplug_any_sb_online): a block that would
+        # not go whole gives single subblocks next, before another block's offline
+        # is tried, for a refused offline may have cost a whole migration deadline.
+        # What is offline already goes back first (one UNPLUG, no kernel work).
+        fallback = _unplug_offline_units(inp, excess // per_unit) or _take_from_refused(inp)
+        if fallback is not None:
+            return fallback
     whole = _shrink_whole_units(inp, excess // per_unit) if excess >= per_unit else None
     if whole is not None or not inp.takes_subblocks:
         return whole

@@ -488,7 +488,7 @@ def test_refused_offlines_everywhere_wait_each_block_doubling_per_its_own_refusa
     rig.converge()
     rig.kernel.refuse_offline.update({MB0, MB0 + 1})
     rig.model.resize(0)
-    policy = driver.backoff.policy
+    policy = driver.refused_blocks.policy
     refused: dict[int, int] = {}
     waits = 0
     for _ in range(60):
@@ -542,7 +542,8 @@ def test_a_slow_refused_offline_waits_its_cost_and_what_is_offline_goes_back_fir
     tmp_path: Path,
 ) -> None:
     clock = VirtualClock()
-    kernel = SlowRefusingKernel(clock, cost=2.0)
+    # An offline that takes 8 s to be refused (past the 5 s first window).
+    kernel = SlowRefusingKernel(clock, cost=8.0)
     rig = Rig(tmp_path, kernel)
     rig.clock = clock
     rig.model.resize(512 * MIB)
@@ -551,9 +552,10 @@ def test_a_slow_refused_offline_waits_its_cost_and_what_is_offline_goes_back_fir
     kernel.refuse_offline.add(MB0 + 3)
     rig.model.resize(0)
     assert driver.step().step == planner.OfflineStep(MB0 + 3)
-    # Avoided for twice what the refusal cost, not the 50 ms of a device backoff.
+    # Avoided for twice what the refusal cost, not the first window of a cheap one.
     until = driver.refused_blocks.until[MB0 + 3]
-    assert until - clock.now == pytest.approx(4.0)
+    assert driver.refused_blocks.policy.initial < 16.0
+    assert until - clock.now == pytest.approx(16.0)
     assert driver.step().step == planner.OfflineStep(MB0 + 2)
     # A success elsewhere does not shorten the window ...
     assert driver.refused_blocks.until[MB0 + 3] == until

@@ -343,20 +343,27 @@ def test_unplug_batch_takes_only_the_highest_adjacent_run() -> None:
     assert step == UnplugStep(sb_addr(5 * PER_UNIT), 2 * PER_UNIT)
 
 
-def test_with_an_offline_refused_the_offline_units_go_back_before_the_next_offline() -> None:
-    # Units 4, 3 and 2 offline (batched), 5, 1 and 0 online; then 5's offline is refused
-    # (avoided). Batching would offline unit 1 next; with the kernel refusing, the
-    # offline units go back first: each further offline may cost a whole deadline.
+def test_with_an_offline_refused_what_is_offline_goes_back_then_that_block_gives_subblocks() -> (
+    None
+):
+    # Units 4, 3 and 2 offline (batched), 5, 1 and 0 online. Batching would offline
+    # unit 5 next; once its offline is refused (avoided), the offline units go back
+    # first (one UNPLUG), then unit 5 gives single subblocks, highest first (Linux:
+    # virtio_mem_sbm_unplug_any_sb_online), before another block's offline is tried:
+    # each refused offline may cost a whole migration deadline.
     plugged = units(*(mb_n(i) for i in range(6)))
     online = {mb_n(i): Zone.MOVABLE for i in (0, 1, 5)}
     batched = make_input(requested=0, plugged=plugged, online=online)
     assert next_step(batched) == OfflineStep(mb_n(5))
     refusing = make_input(requested=0, plugged=plugged, online=online, avoid={mb_n(5)})
     assert next_step(refusing) == UnplugStep(sb_addr(2 * PER_UNIT), 3 * PER_UNIT)
-    # With nothing offline yet, the next candidate is offlined as before.
-    online |= {mb_n(i): Zone.MOVABLE for i in (2, 3, 4)}
+    plugged = units(mb_n(0), mb_n(1), mb_n(5))
     refusing = make_input(requested=0, plugged=plugged, online=online, avoid={mb_n(5)})
-    assert next_step(refusing) == OfflineStep(mb_n(4))
+    highest = unit_subblocks(SBM, mb_n(5))[-1]
+    assert next_step(refusing) == TakeStep(mb_n(5), sb_addr(highest), 1)
+    # Every subblock of unit 5 refused too: the next block's offline is tried.
+    refusing.avoid_subblocks = frozenset(unit_subblocks(SBM, mb_n(5)))
+    assert next_step(refusing) == OfflineStep(mb_n(1))
 
 
 def test_shrink_keeps_the_lowest_units_when_all_are_alike() -> None:
@@ -367,9 +374,13 @@ def test_shrink_keeps_the_lowest_units_when_all_are_alike() -> None:
 
 
 def test_avoided_blocks_are_skipped_for_offline() -> None:
+    """Whole blocks only (with subblocks, an avoided block gives subblocks first:
+    test_with_an_offline_refused_what_is_offline_goes_back_then_that_block_gives_subblocks)."""
     plugged = units(*(mb_n(i) for i in range(3)))
     online = {mb_n(i): Zone.MOVABLE for i in range(3)}
-    inp = make_input(requested=256 * MIB, plugged=plugged, online=online, avoid={mb_n(2)})
+    inp = make_input(
+        requested=256 * MIB, plugged=plugged, online=online, avoid={mb_n(2)}, policy=WHOLE_BLOCKS
+    )
     assert next_step(inp) == OfflineStep(mb_n(1))
 
 

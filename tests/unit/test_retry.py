@@ -49,3 +49,11 @@ def test_expiry_keeps_the_count_and_success_forgets_it() -> None:
     assert refusals.keys() == frozenset({3})
     refusals.clear()
     assert not refusals.in_a_row and not refusals
+
+
+def test_a_costly_window_doubles_too_and_is_capped_no_lower_than_itself() -> None:
+    refusals = Refusals(POLICY)
+    windows = [refusals.refuse((5,), now=0.0, cost=2.0) for _ in range(6)]
+    assert windows == pytest.approx([4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+    # A first window beyond the maximum is kept, not cut to it.
+    assert Refusals(POLICY).refuse((6,), now=0.0, cost=20.0) == pytest.approx(40.0)
