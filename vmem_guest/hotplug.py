@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import os
 import random
 import signal
@@ -30,18 +31,19 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from vmem_guest._linux.procfs import MEMINFO, PROC_ROOT, meminfo_bytes
+from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value, write_word
 from vmem_guest.blocks import Zone
 from vmem_guest.errors import KernelError, OfflineRefused
 
-SYSFS_MEMORY = Path("/sys/devices/system/memory")
+SYSFS_MEMORY = SYSFS_ROOT / "devices/system/memory"
 #: A random id the kernel draws at every boot.
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID = PROC_ROOT / "sys/kernel/random/boot_id"
 
 #: Seconds one offline may take before it is interrupted and counted as refused.
 DEFAULT_OFFLINE_TIMEOUT = 10.0
 #: Memory that must stay available after an offline (on top of the block itself).
 OFFLINE_RESERVE = 64 << 20
-MEMINFO = Path("/proc/meminfo")
 #: errnos with which the kernel refuses an offline that may succeed later.
 RETRYABLE_OFFLINE_ERRNOS = frozenset(
     {errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.ETIMEDOUT}
@@ -98,6 +100,18 @@ class KernelMemory(Protocol):
 
     def boot_id(self) -> str:
         """An id of the running boot: it changes when the guest reboots."""
+
+
+def offline_error(index: int, err: int) -> KernelError:
+    """The error for an offline of block ``index`` that failed with ``err``.
+
+    The kernel's refusals that may be lifted later (busy, unmovable pages) are
+    :class:`OfflineRefused`; anything else (EINVAL: already offline...) a plain
+    :class:`KernelError`.
+    """
+    if err in RETRYABLE_OFFLINE_ERRNOS:
+        return OfflineRefused("offline", index, err)
+    return KernelError("offline", index, err)
 
 
 def _zone_from_valid_zones(text: str) -> Zone:
@@ -159,23 +173,16 @@ class SysfsMemory:
 
     def _read(self, rel: str, block: int | None = None) -> str:
         try:
-            return (self.root / rel).read_text().strip()
+            return read_value(self.root / rel)
         except OSError as exc:
             raise KernelError(f"read {rel}", block, exc.errno or errno.EIO) from exc
 
-    def _write(self, rel: str, text: str, op: str, block: int | None) -> None:
+    def _write(self, rel: str, word: str, error: Callable[[int], KernelError]) -> None:
+        """Write ``word`` to ``rel``; a failure raises ``error(errno)``."""
         try:
-            # One write(2) of the whole word: sysfs stores act on each write.
-            fd = os.open(self.root / rel, os.O_WRONLY)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            write_word(self.root / rel, word)
         except OSError as exc:
-            err = exc.errno or errno.EIO
-            if op == "offline" and err in RETRYABLE_OFFLINE_ERRNOS:
-                raise OfflineRefused(op, block, err) from exc
-            raise KernelError(op, block, err) from exc
+            raise error(exc.errno or errno.EIO) from exc
 
     def block_size(self) -> int:
         if self._block_size is None:
@@ -211,12 +218,8 @@ class SysfsMemory:
     def state(self, index: int) -> KernelBlockState:
         name = f"memory{index}"
         try:
-            # os.open/os.read, not pathlib: this is on the path of every block.
-            fd = os.open(f"{self.root}/{name}/state", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                state_text = os.read(fd, 64).decode().strip()
-            finally:
-                os.close(fd)
+            # A str path, not pathlib: this is on the path of every block.
+            state_text = read_value(f"{self.root}/{name}/state")
         except FileNotFoundError as exc:
             if not (self.root / name).is_dir():
                 return KernelBlockState.ABSENT
@@ -239,8 +242,9 @@ class SysfsMemory:
         return -1
 
     def probe(self, phys_addr: int) -> bool:
+        error = functools.partial(KernelError, "probe", phys_addr // self.block_size())
         try:
-            self._write("probe", f"{phys_addr:#x}", "probe", phys_addr // self.block_size())
+            self._write("probe", f"{phys_addr:#x}", error)
         except KernelError as exc:
             if exc.errno == errno.EEXIST:
                 return False
@@ -248,7 +252,8 @@ class SysfsMemory:
         return True
 
     def online(self, index: int, zone: Zone) -> None:
-        self._write(f"memory{index}/state", zone.sysfs_word, "online", index)
+        error = functools.partial(KernelError, "online", index)
+        self._write(f"memory{index}/state", zone.sysfs_word, error)
 
     def offline(self, index: int) -> None:
         """Offline with a deadline: Linux's offline_pages() retries page migration
@@ -261,9 +266,10 @@ class SysfsMemory:
         its pages look for room, and a guest with none left OOM-kills its
         biggest process (seen in the pressure test)."""
         self._check_room_for(index)
+        error = functools.partial(offline_error, index)
         try:
             with _deadline(self.offline_timeout):
-                self._write(f"memory{index}/state", "offline", "offline", index)
+                self._write(f"memory{index}/state", "offline", error)
         except _DeadlinePassed:
             if self.block(index).state is KernelBlockState.OFFLINE:
                 return  # the alarm raced with a successful offline
@@ -287,11 +293,7 @@ class SysfsMemory:
 
     def mem_available(self) -> int | None:
         """MemAvailable from /proc/meminfo in bytes (None if it cannot be read)."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in self.meminfo.read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return None
+        return meminfo_bytes("MemAvailable", self.meminfo)
 
     def present_blocks(self) -> list[int]:
         try:
@@ -302,7 +304,7 @@ class SysfsMemory:
 
     def boot_id(self) -> str:
         try:
-            return self.boot_id_file.read_text().strip()
+            return read_value(self.boot_id_file)
         except OSError as exc:
             raise KernelError(f"read {self.boot_id_file}", None, exc.errno or errno.EIO) from exc
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from vmem_guest import control, discovery, manual, planner, render
+from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest.agent import Agent
-from vmem_guest.attach import Attached, attach, memtotal_bytes
+from vmem_guest.attach import Attached, attach
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory

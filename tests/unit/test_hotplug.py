@@ -242,6 +242,16 @@ def test_online_ebusy_is_not_an_offline_refusal(
     assert (info.value.op, info.value.errno) == ("online", errno.EBUSY)
 
 
+@pytest.mark.parametrize(
+    ("err", "refused"),
+    [(errno.EBUSY, True), (errno.ETIMEDOUT, True), (errno.EINVAL, False), (errno.EIO, False)],
+)
+def test_offline_error(err: int, refused: bool) -> None:
+    error = hotplug.offline_error(33, err)
+    assert isinstance(error, OfflineRefused) is refused
+    assert (error.op, error.block, error.errno) == ("offline", 33, err)
+
+
 def test_directory_in_place_of_state_file(sysfs: Path, mem: SysfsMemory) -> None:
     state = sysfs / "memory33" / "state"
     state.unlink()

@@ -15,7 +15,6 @@ against fake trees. Every ioctl failure raises :class:`IoctlError`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -30,11 +29,11 @@ from typing import Literal
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.ioctl import ioctl
+from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.errors import IoctlError, TransportError
 
 Mode = Literal["type1", "noiommu"]
 
-SYSFS_ROOT = Path("/sys")
 DEV_ROOT = Path("/dev")
 
 #: PCI config space: Command register (PCI Local Bus spec 6.2.2) and its bits.
@@ -80,9 +79,7 @@ def find_group(bdf: str, *, sysfs_root: Path = SYSFS_ROOT, dev_root: Path = DEV_
     if not name.isdigit():
         raise TransportError(f"{bdf}: unexpected iommu_group link {target!r}", bdf=bdf)
     number = int(name)
-    group_name = ""
-    with contextlib.suppress(OSError):
-        group_name = (sysfs_root / "kernel/iommu_groups" / name / "name").read_text().strip()
+    group_name = read_value_or_none(sysfs_root / "kernel/iommu_groups" / name / "name")
     noiommu_node = dev_root / "vfio" / f"noiommu-{number}"
     if group_name == _NOIOMMU_GROUP_NAME or noiommu_node.exists():
         return IommuGroup(number, True, noiommu_node)
