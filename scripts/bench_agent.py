@@ -200,7 +200,7 @@ summary = {
     "sysfs_online": cum("vmem_guest/hotplug.py", "online"),
     "sysfs_block_read": cum("vmem_guest/hotplug.py", "block"),
     "sysfs_block_size_read": cum("vmem_guest/hotplug.py", "block_size"),
-    "sysfs_write_syscall": called_from("<built-in method posix.write>", "hotplug.py", "_write"),
+    "sysfs_write_syscall": called_from("<built-in method posix.write>", "sysfs.py", "write_word"),
 }
 print("JSON " + json.dumps(summary))
 """

@@ -3,8 +3,8 @@
 
 ``chaos.py`` runs this with the checkout's ``.venv`` python and ``-S``: under TCG
 the venv's site start-up alone costs seconds per call, and nothing here needs more
-than the standard library and ``vmem_guest`` from the checkout (discovery falls
-back to reading sysfs without pyudev). Each mode prints one JSON line:
+than the standard library and ``vmem_guest`` from the checkout (``vmem_guest.pci``
+falls back to reading sysfs without pyudev). Each mode prints one JSON line:
 
 ``dead``
     The agent is dead (SIGKILLed). With raw STATE requests and reads of sysfs,
@@ -37,7 +37,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 KPAGEFLAGS = "/proc/kpageflags"
@@ -102,7 +102,7 @@ def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
 def dead_check() -> dict[str, Any]:
     """Check every virtio-mem device with raw STATE requests; change nothing."""
     _import_checkout()
-    from vmem_guest import discovery
+    from vmem_guest import pci
     from vmem_guest.device import VirtioMemDevice
     from vmem_guest.errors import TrackerError
     from vmem_guest.tracker import DEFAULT_STATE_DIR, TrackerReader, device_locked, tracker_path
@@ -110,7 +110,7 @@ def dead_check() -> dict[str, Any]:
     from vmem_guest.transport.dma import no_unevictable_compaction
 
     report: list[dict[str, Any]] = []
-    for dev in discovery.list_devices():
+    for dev in pci.list_devices():
         path = tracker_path(DEFAULT_STATE_DIR, dev.bdf)
         snap, torn = None, ""
         if path.exists():
@@ -123,7 +123,7 @@ def dead_check() -> dict[str, Any]:
                 torn = exc.message
         # The agent's lock: nobody may own the device while we look (the agent is dead).
         with device_locked(DEFAULT_STATE_DIR, dev.bdf):
-            mode: Literal["type1", "noiommu"] = "type1" if dev.iommu_kind == "type1" else "noiommu"
+            mode = dev.vfio_mode
             with no_unevictable_compaction(), PciChannel.open(dev.bdf, mode=mode) as channel:
                 result = DeadCheck(dev.bdf, VirtioMemDevice(channel, dev.bdf), snap).run()
                 result["tracker_torn"] = torn

@@ -7,7 +7,6 @@ exact state (DeviceDriver.start) and release everything on the way out.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -24,18 +23,7 @@ from vmem_guest.tracker import Tracker, TrackerIdentity
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.vfio import Mode
 
-MEMINFO = Path("/proc/meminfo")
-
 log = logging.getLogger("vmem_guest.attach")
-
-
-def memtotal_bytes(meminfo: Path = MEMINFO) -> int:
-    """MemTotal from /proc/meminfo, in bytes (0 if unreadable)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 @dataclasses.dataclass

@@ -2,8 +2,8 @@
 
 :class:`KernelMemory` is the seam: :class:`SysfsMemory` is the real thing over
 ``/sys/devices/system/memory`` (any root, so tests can point it at a fake
-tree), :class:`FakeKernelMemory` is an in-process model for the simulator and
-the fuzzers. Both map failures to :class:`~vmem_guest.errors.KernelError`;
+tree), ``sim.kernel.FakeKernelMemory`` is an in-process model for the simulator
+and the fuzzers. Both map failures to :class:`~vmem_guest.errors.KernelError`;
 a refused offline is :class:`~vmem_guest.errors.OfflineRefused`.
 
 Facts (docs/protocol.md section 4, Linux memory-hotplug.rst):
@@ -21,27 +21,31 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import os
-import random
 import signal
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from vmem_guest._linux.procfs import MEMINFO, PROC_ROOT, meminfo_bytes
+from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value, write_word
 from vmem_guest.blocks import Zone
 from vmem_guest.errors import KernelError, OfflineRefused
 
-SYSFS_MEMORY = Path("/sys/devices/system/memory")
+if TYPE_CHECKING:
+    from vmem_guest.sim.kernel import FakeKernelMemory as FakeKernelMemory
+
+SYSFS_MEMORY = SYSFS_ROOT / "devices/system/memory"
 #: A random id the kernel draws at every boot.
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID = PROC_ROOT / "sys/kernel/random/boot_id"
 
 #: Seconds one offline may take before it is interrupted and counted as refused.
 DEFAULT_OFFLINE_TIMEOUT = 10.0
 #: Memory that must stay available after an offline (on top of the block itself).
 OFFLINE_RESERVE = 64 << 20
-MEMINFO = Path("/proc/meminfo")
 #: errnos with which the kernel refuses an offline that may succeed later.
 RETRYABLE_OFFLINE_ERRNOS = frozenset(
     {errno.EBUSY, errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.ETIMEDOUT}
@@ -98,6 +102,18 @@ class KernelMemory(Protocol):
 
     def boot_id(self) -> str:
         """An id of the running boot: it changes when the guest reboots."""
+
+
+def offline_error(index: int, err: int) -> KernelError:
+    """The error for an offline of block ``index`` that failed with ``err``.
+
+    The kernel's refusals that may be lifted later (busy, unmovable pages) are
+    :class:`OfflineRefused`; anything else (EINVAL: already offline...) a plain
+    :class:`KernelError`.
+    """
+    if err in RETRYABLE_OFFLINE_ERRNOS:
+        return OfflineRefused("offline", index, err)
+    return KernelError("offline", index, err)
 
 
 def _zone_from_valid_zones(text: str) -> Zone:
@@ -159,23 +175,16 @@ class SysfsMemory:
 
     def _read(self, rel: str, block: int | None = None) -> str:
         try:
-            return (self.root / rel).read_text().strip()
+            return read_value(self.root / rel)
         except OSError as exc:
             raise KernelError(f"read {rel}", block, exc.errno or errno.EIO) from exc
 
-    def _write(self, rel: str, text: str, op: str, block: int | None) -> None:
+    def _write(self, rel: str, word: str, error: Callable[[int], KernelError]) -> None:
+        """Write ``word`` to ``rel``; a failure raises ``error(errno)``."""
         try:
-            # One write(2) of the whole word: sysfs stores act on each write.
-            fd = os.open(self.root / rel, os.O_WRONLY)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            write_word(self.root / rel, word)
         except OSError as exc:
-            err = exc.errno or errno.EIO
-            if op == "offline" and err in RETRYABLE_OFFLINE_ERRNOS:
-                raise OfflineRefused(op, block, err) from exc
-            raise KernelError(op, block, err) from exc
+            raise error(exc.errno or errno.EIO) from exc
 
     def block_size(self) -> int:
         if self._block_size is None:
@@ -211,12 +220,8 @@ class SysfsMemory:
     def state(self, index: int) -> KernelBlockState:
         name = f"memory{index}"
         try:
-            # os.open/os.read, not pathlib: this is on the path of every block.
-            fd = os.open(f"{self.root}/{name}/state", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                state_text = os.read(fd, 64).decode().strip()
-            finally:
-                os.close(fd)
+            # A str path, not pathlib: this is on the path of every block.
+            state_text = read_value(f"{self.root}/{name}/state")
         except FileNotFoundError as exc:
             if not (self.root / name).is_dir():
                 return KernelBlockState.ABSENT
@@ -239,8 +244,9 @@ class SysfsMemory:
         return -1
 
     def probe(self, phys_addr: int) -> bool:
+        error = functools.partial(KernelError, "probe", phys_addr // self.block_size())
         try:
-            self._write("probe", f"{phys_addr:#x}", "probe", phys_addr // self.block_size())
+            self._write("probe", f"{phys_addr:#x}", error)
         except KernelError as exc:
             if exc.errno == errno.EEXIST:
                 return False
@@ -248,7 +254,8 @@ class SysfsMemory:
         return True
 
     def online(self, index: int, zone: Zone) -> None:
-        self._write(f"memory{index}/state", zone.sysfs_word, "online", index)
+        error = functools.partial(KernelError, "online", index)
+        self._write(f"memory{index}/state", zone.sysfs_word, error)
 
     def offline(self, index: int) -> None:
         """Offline with a deadline: Linux's offline_pages() retries page migration
@@ -261,9 +268,10 @@ class SysfsMemory:
         its pages look for room, and a guest with none left OOM-kills its
         biggest process (seen in the pressure test)."""
         self._check_room_for(index)
+        error = functools.partial(offline_error, index)
         try:
             with _deadline(self.offline_timeout):
-                self._write(f"memory{index}/state", "offline", "offline", index)
+                self._write(f"memory{index}/state", "offline", error)
         except _DeadlinePassed:
             if self.block(index).state is KernelBlockState.OFFLINE:
                 return  # the alarm raced with a successful offline
@@ -287,11 +295,7 @@ class SysfsMemory:
 
     def mem_available(self) -> int | None:
         """MemAvailable from /proc/meminfo in bytes (None if it cannot be read)."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in self.meminfo.read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return None
+        return meminfo_bytes("MemAvailable", self.meminfo)
 
     def present_blocks(self) -> list[int]:
         try:
@@ -302,7 +306,7 @@ class SysfsMemory:
 
     def boot_id(self) -> str:
         try:
-            return self.boot_id_file.read_text().strip()
+            return read_value(self.boot_id_file)
         except OSError as exc:
             raise KernelError(f"read {self.boot_id_file}", None, exc.errno or errno.EIO) from exc
 
@@ -314,115 +318,11 @@ class SysfsMemory:
                 yield index
 
 
-class FakeKernelMemory:
-    """An in-process kernel for the simulator and the fuzzers.
+def __getattr__(name: str) -> Any:
+    """``hotplug.FakeKernelMemory``, transitional: the simulator's kernel moved to
+    :mod:`vmem_guest.sim.kernel`, and ``sim/runner.py`` still imports it from here."""
+    if name == "FakeKernelMemory":
+        from vmem_guest.sim.kernel import FakeKernelMemory
 
-    It records every probe, online and offline, refuses offlines on chosen
-    blocks (``refuse_offline``) or at random (``offline_fail_rate``), and can
-    online new blocks on its own like ``auto_online_blocks`` would.
-    """
-
-    def __init__(
-        self,
-        memory_block_size: int = 128 << 20,
-        *,
-        auto_online: str = "offline",
-        offline_fail_rate: float = 0.0,
-        rng: random.Random | None = None,
-        node: int = 0,
-    ) -> None:
-        self.memory_block_size = memory_block_size
-        self.auto_online = auto_online
-        self.offline_fail_rate = offline_fail_rate
-        self.rng = rng or random.Random(0)
-        self.home_node = node
-        self.blocks: dict[int, KernelBlock] = {}
-        self.refuse_offline: set[int] = set()
-        self.offline_refusals = 0
-        self.probes: list[int] = []
-        self.boots = 1
-        self.boot_memory: dict[int, KernelBlock] = {}
-        #: Called with (physical address, size) whenever a block goes online: Linux
-        #: re-initialises its memmap then (``online_pages``), which wipes PG_hwpoison;
-        #: ``sim.pages.FakePages.block_onlined`` models it.
-        self.on_online: Callable[[int, int], None] | None = None
-
-    def block_size(self) -> int:
-        return self.memory_block_size
-
-    def auto_online_blocks(self) -> str:
-        return self.auto_online
-
-    def block(self, index: int) -> KernelBlock:
-        return self.blocks.get(index, KernelBlock(index, KernelBlockState.ABSENT))
-
-    def state(self, index: int) -> KernelBlockState:
-        return self.block(index).state
-
-    def probe(self, phys_addr: int) -> bool:
-        if phys_addr % self.memory_block_size:
-            raise KernelError("probe", None, errno.EINVAL, f"{phys_addr:#x} not block aligned")
-        index = phys_addr // self.memory_block_size
-        if index in self.blocks:
-            return False
-        self.probes.append(phys_addr)
-        state = KernelBlockState.OFFLINE
-        zone = Zone.NONE
-        if self.auto_online.startswith("online"):
-            # online_kernel lands in ZONE_NORMAL; online (kernel's choice) as online(AUTO).
-            zone = Zone.KERNEL if self.auto_online == "online_kernel" else Zone.MOVABLE
-            state = KernelBlockState.ONLINE
-            self._onlined(index)
-        self.blocks[index] = KernelBlock(index, state, zone, self.home_node)
-        return True
-
-    def _onlined(self, index: int) -> None:
-        if self.on_online is not None:
-            self.on_online(index * self.memory_block_size, self.memory_block_size)
-
-    def node(self, index: int) -> int:
-        return self.block(index).node
-
-    def online(self, index: int, zone: Zone) -> None:
-        current = self.block(index)
-        if current.state is KernelBlockState.ABSENT:
-            raise KernelError("online", index, errno.ENOENT)
-        if current.state is KernelBlockState.ONLINE:
-            raise KernelError("online", index, errno.EINVAL, "already online")
-        landed = Zone.MOVABLE if zone is Zone.AUTO else zone
-        self._onlined(index)
-        self.blocks[index] = KernelBlock(index, KernelBlockState.ONLINE, landed, self.home_node)
-
-    def offline(self, index: int) -> None:
-        current = self.block(index)
-        if current.state is KernelBlockState.ABSENT:
-            raise KernelError("offline", index, errno.ENOENT)
-        if current.state is KernelBlockState.OFFLINE:
-            # Linux: device_offline() of an offline device returns 1, state_store -> EINVAL.
-            raise KernelError("offline", index, errno.EINVAL, "already offline")
-        refused = index in self.refuse_offline or (
-            self.offline_fail_rate > 0 and self.rng.random() < self.offline_fail_rate
-        )
-        if refused:
-            self.offline_refusals += 1
-            raise OfflineRefused("offline", index, errno.EBUSY)
-        self.blocks[index] = KernelBlock(index, KernelBlockState.OFFLINE, Zone.NONE, self.home_node)
-
-    def present_blocks(self) -> list[int]:
-        return sorted(self.blocks)
-
-    def boot_id(self) -> str:
-        return f"fake-boot-{self.boots}"
-
-    def add_boot_memory(self, start: int, size: int) -> None:
-        """Online ``[start, start + size)`` as the kernel's own boot memory (ZONE_NORMAL)."""
-        first, count = start // self.memory_block_size, size // self.memory_block_size
-        for index in range(first, first + count):
-            block = KernelBlock(index, KernelBlockState.ONLINE, Zone.KERNEL, self.home_node)
-            self.boot_memory[index] = self.blocks[index] = block
-
-    def reboot(self) -> None:
-        """A guest reboot: hotplugged blocks are gone, boot memory is back online."""
-        self.blocks = dict(self.boot_memory)
-        self.refuse_offline.clear()
-        self.boots += 1
+        return FakeKernelMemory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

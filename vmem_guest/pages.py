@@ -19,7 +19,6 @@ and :func:`give_back` are the algorithms over it that the driver calls.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -28,15 +27,17 @@ import types
 from pathlib import Path
 from typing import Protocol
 
+from vmem_guest._linux.procfs import MEMINFO, PROC_ROOT, meminfo_bytes
+from vmem_guest._linux.sysfs import SYSFS_ROOT
 from vmem_guest.errors import KernelError, PageRefused
-from vmem_guest.hotplug import MEMINFO, SYSFS_MEMORY
+from vmem_guest.hotplug import SYSFS_MEMORY
 
 #: Bit of /proc/kpageflags set for a poisoned page (Linux uapi kernel-page-flags.h).
 KPF_HWPOISON = 19
 
-KPAGEFLAGS = Path("/proc/kpageflags")
-DEBUGFS = Path("/sys/kernel/debug")
-LOCKDOWN = Path("/sys/kernel/security/lockdown")
+KPAGEFLAGS = PROC_ROOT / "kpageflags"
+DEBUGFS = SYSFS_ROOT / "kernel/debug"
+LOCKDOWN = SYSFS_ROOT / "kernel/security/lockdown"
 #: The soft-offline file in the sysfs memory directory (CONFIG_MEMORY_FAILURE).
 SOFT_OFFLINE_PAGE = "soft_offline_page"
 #: The unpoison file under debugfs (CONFIG_HWPOISON_INJECT, module hwpoison_inject).
@@ -203,11 +204,7 @@ class ProcPages:
             raise KernelError("unpoison", None, exc.errno or errno.EIO, f"pfn {pfn:#x}") from exc
 
     def hardware_corrupted_bytes(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in self.meminfo.read_text().splitlines():
-                if line.startswith("HardwareCorrupted:"):
-                    return int(line.split()[1]) * 1024
-        return None
+        return meminfo_bytes("HardwareCorrupted", self.meminfo)
 
     def unavailable_reason(self) -> str | None:
         """The first missing piece, with the kernel option or the fix that supplies it."""

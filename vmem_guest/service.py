@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import control, discovery, manual, planner, render
+from vmem_guest import binding, control, discovery, manual, pci, planner, render
+from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest.agent import Agent
-from vmem_guest.attach import Attached, attach, memtotal_bytes
+from vmem_guest.attach import Attached, attach
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
@@ -49,19 +50,18 @@ def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
     return kernel
 
 
-def _select(devices: tuple[str, ...]) -> list[discovery.VirtioMemPci]:
+def _select(devices: tuple[str, ...]) -> list[pci.VirtioMemPci]:
     if devices:
-        return [discovery.get_device(bdf) for bdf in devices]
-    found = discovery.list_devices()
+        return [pci.get_device(bdf) for bdf in devices]
+    found = pci.list_devices()
     if not found:
         raise UsageError("no virtio-mem device (1af4:1058) found")
     return found
 
 
-def _bind(dev: discovery.VirtioMemPci, allow_noiommu: bool) -> Mode:
-    discovery.bind(dev.bdf, allow_noiommu=allow_noiommu)
-    kind = discovery.get_device(dev.bdf).iommu_kind
-    return "type1" if kind == "type1" else "noiommu"
+def _bind(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Mode:
+    binding.bind(dev.bdf, allow_noiommu=allow_noiommu)
+    return pci.get_device(dev.bdf).vfio_mode
 
 
 def resolve_policy(policy: planner.Policy, memtotal: Callable[[], int]) -> planner.Policy:

@@ -31,8 +31,9 @@ from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.pages import FakePages
 from vmem_guest.sim.runner import VirtualClock
 from vmem_guest.tracker import Tracker, TrackerIdentity, state_disagreement, state_of

@@ -26,10 +26,10 @@ from vmem_guest import planner
 from vmem_guest.attach import Attached, attach_channel
 from vmem_guest.driver import Outcome
 from vmem_guest.errors import VmemError
-from vmem_guest.hotplug import FakeKernelMemory
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
+from vmem_guest.sim.kernel import FakeKernelMemory
 
 MIB = 1 << 20
 GIB = 1 << 30

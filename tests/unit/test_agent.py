@@ -26,9 +26,10 @@ from vmem_guest.blocks import Geometry, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome, StepResult
 from vmem_guest.errors import UsageError
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.sim.device_model import DeviceModel
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.tracker import Tracker, TrackerIdentity, TrackerReader
 
 MIB = 1 << 20

@@ -19,8 +19,9 @@ from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import MAX_NACKS_BEFORE_BACKOFF, DeviceDriver, Outcome, StepResult
 from vmem_guest.errors import ConfigError, SafetyError
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlock, KernelBlockState
+from vmem_guest.hotplug import KernelBlock, KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.runner import VirtualClock
 from vmem_guest.spec import RequestType, ResponseType
 from vmem_guest.tracker import Intent, Tracker, TrackerIdentity

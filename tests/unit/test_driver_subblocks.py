@@ -19,7 +19,8 @@ from test_driver import GEOMETRY, MB0, MEMORY_BLOCK, MIB, NAME, Rig
 from vmem_guest import planner
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.hotplug import KernelBlockState
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.pages import FakePages
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import Tracker, TrackerIdentity

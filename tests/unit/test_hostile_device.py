@@ -22,10 +22,10 @@ from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach_channel
 from vmem_guest.driver import Outcome
 from vmem_guest.errors import ConfigError, ResponseError
-from vmem_guest.hotplug import FakeKernelMemory
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.tracker import TrackerReader
 
 MIB = 1 << 20

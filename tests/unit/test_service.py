@@ -12,9 +12,9 @@ import pytest
 from vmem_guest import planner, service
 from vmem_guest.attach import Attached, attach_channel
 from vmem_guest.errors import ConfigError
-from vmem_guest.hotplug import FakeKernelMemory
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.sim.device_model import DeviceModel
+from vmem_guest.sim.kernel import FakeKernelMemory
 
 GIB = 1 << 30
 GOOD, BAD = "0000:00:03.0", "0000:00:04.0"

@@ -12,9 +12,10 @@ import mmap
 import os
 from pathlib import Path
 
+from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest.errors import TransportError
 
-PAGEMAP = Path("/proc/self/pagemap")
+PAGEMAP = PROC_ROOT / "self/pagemap"
 PM_ENTRY_BYTES = 8
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62

@@ -20,10 +20,11 @@ outside that set.
 from __future__ import annotations
 
 from vmem_guest import spec
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.ring import ring_pair
 from vmem_guest.spec import RequestType, ResponseType
 

@@ -24,12 +24,13 @@ from vmem_guest import spec
 from vmem_guest._linux import pagemap
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
+from vmem_guest._linux.sysfs import SYSFS_ROOT
 from vmem_guest.device import Cause
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import virtio_pci as vp
 from vmem_guest.transport.dma import PAGE_SIZE, DmaBuffer, IovaBuffer, PhysBuffer
-from vmem_guest.transport.vfio import DEV_ROOT, SYSFS_ROOT, Mode, VfioDevice, choose_iova
+from vmem_guest.transport.vfio import DEV_ROOT, Mode, VfioDevice, choose_iova
 from vmem_guest.transport.virtqueue import RingLayout, Virtqueue
 
 #: Where the first DMA buffer goes in the IOMMU domain (type1). Below the x86

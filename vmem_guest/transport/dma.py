@@ -24,11 +24,12 @@ from pathlib import Path
 
 from vmem_guest._linux import pagemap, secretmem
 from vmem_guest._linux.mman import map_locked
+from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest.errors import SafetyError, TransportError
 from vmem_guest.transport.vfio import VfioContainer
 
 PAGE_SIZE = mmap.PAGESIZE
-COMPACT_UNEVICTABLE = Path("/proc/sys/vm/compact_unevictable_allowed")
+COMPACT_UNEVICTABLE = PROC_ROOT / "sys/vm/compact_unevictable_allowed"
 #: Anonymous allocations tried before giving up on placing a no-IOMMU buffer.
 DEFAULT_PLACEMENT_ATTEMPTS = 256
 

@@ -15,14 +15,12 @@ against fake trees. Every ioctl failure raises :class:`IoctlError`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
 import logging
 import mmap
 import os
-import re
 import types
 from pathlib import Path
 from typing import Literal
@@ -30,12 +28,18 @@ from typing import Literal
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.ioctl import ioctl
+from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.errors import IoctlError, TransportError
+from vmem_guest.pci_address import check_bdf
 
+#: How a function is opened: behind a real IOMMU (``type1``) or without one
+#: (``noiommu``). The one such type: :mod:`vmem_guest.pci` classifies functions by it.
 Mode = Literal["type1", "noiommu"]
 
-SYSFS_ROOT = Path("/sys")
+#: Where the device nodes are (``/dev/vfio``).
 DEV_ROOT = Path("/dev")
+#: The name vfio gives the IOMMU groups it makes up for devices without an IOMMU.
+NOIOMMU_GROUP_NAME = "vfio-noiommu"
 
 #: PCI config space: Command register (PCI Local Bus spec 6.2.2) and its bits.
 PCI_COMMAND = 0x04
@@ -43,15 +47,13 @@ PCI_COMMAND_MEMORY = 1 << 1
 PCI_COMMAND_MASTER = 1 << 2
 PCI_CONFIG_SIZE = 256
 
-_BDF_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-_NOIOMMU_GROUP_NAME = "vfio-noiommu"
 
-
-def check_bdf(bdf: str) -> str:
-    """Validate a full PCI address (``0000:00:03.0``); return it."""
-    if not _BDF_RE.match(bdf):
-        raise TransportError(f"not a PCI address: {bdf!r}", bdf=bdf)
-    return bdf
+def group_node(number: int, mode: Mode, dev_root: Path = DEV_ROOT) -> Path:
+    """The node of VFIO group ``number``: ``/dev/vfio/N`` (type1) or
+    ``/dev/vfio/noiommu-N`` (no-IOMMU)."""
+    if mode == "type1":
+        return dev_root / "vfio" / str(number)
+    return dev_root / "vfio" / f"noiommu-{number}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +82,11 @@ def find_group(bdf: str, *, sysfs_root: Path = SYSFS_ROOT, dev_root: Path = DEV_
     if not name.isdigit():
         raise TransportError(f"{bdf}: unexpected iommu_group link {target!r}", bdf=bdf)
     number = int(name)
-    group_name = ""
-    with contextlib.suppress(OSError):
-        group_name = (sysfs_root / "kernel/iommu_groups" / name / "name").read_text().strip()
-    noiommu_node = dev_root / "vfio" / f"noiommu-{number}"
-    if group_name == _NOIOMMU_GROUP_NAME or noiommu_node.exists():
+    group_name = read_value_or_none(sysfs_root / "kernel/iommu_groups" / name / "name")
+    noiommu_node = group_node(number, "noiommu", dev_root)
+    if group_name == NOIOMMU_GROUP_NAME or noiommu_node.exists():
         return IommuGroup(number, True, noiommu_node)
-    return IommuGroup(number, False, dev_root / "vfio" / str(number))
+    return IommuGroup(number, False, group_node(number, "type1", dev_root))
 
 
 def parse_iova_ranges(info: bytes) -> list[tuple[int, int]]:
