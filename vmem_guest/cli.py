@@ -77,7 +77,7 @@ class BdfType(click.ParamType[str, Any]):
     name = "bdf"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from vmem_guest.discovery import normalize_bdf
+        from vmem_guest.pci_address import normalize_bdf
 
         try:
             return normalize_bdf(str(value))
@@ -359,9 +359,9 @@ def _setup_logging(level: str) -> None:
 @JSON
 def devices(as_json: bool) -> None:
     """List virtio-mem PCI devices (1af4:1058) and the driver each is bound to."""
-    from vmem_guest import discovery
+    from vmem_guest import pci
 
-    found = discovery.list_devices()
+    found = pci.list_devices()
     if as_json:
         _emit_json([dev.as_dict() for dev in found])
         return
@@ -386,20 +386,20 @@ def devices(as_json: bool) -> None:
 @NOIOMMU
 def bind(bdf: str, noiommu: bool) -> None:
     """Bind device BDF to vfio-pci so that vmem-guest can drive it."""
-    from vmem_guest import discovery
+    from vmem_guest import binding, pci_address
 
-    node = discovery.bind(bdf, allow_noiommu=noiommu)
-    click.echo(f"{discovery.normalize_bdf(bdf)} bound to vfio-pci ({node})")
+    node = binding.bind(bdf, allow_noiommu=noiommu)
+    click.echo(f"{pci_address.normalize_bdf(bdf)} bound to vfio-pci ({node})")
 
 
 @cli.command()
 @click.argument("bdf")
 def unbind(bdf: str) -> None:
     """Give device BDF back to the kernel (virtio-pci, and so the in-kernel driver)."""
-    from vmem_guest import discovery
+    from vmem_guest import binding, pci_address
 
-    driver = discovery.unbind(bdf)
-    click.echo(f"{discovery.normalize_bdf(bdf)} now bound to {driver or 'no driver'}")
+    driver = binding.unbind(bdf)
+    click.echo(f"{pci_address.normalize_bdf(bdf)} now bound to {driver or 'no driver'}")
 
 
 @cli.command()

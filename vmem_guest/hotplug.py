@@ -28,15 +28,12 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 from vmem_guest._linux.procfs import MEMINFO, PROC_ROOT, meminfo_bytes
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value, write_word
 from vmem_guest.blocks import Zone
 from vmem_guest.errors import KernelError, OfflineRefused
-
-if TYPE_CHECKING:
-    from vmem_guest.sim.kernel import FakeKernelMemory as FakeKernelMemory
 
 SYSFS_MEMORY = SYSFS_ROOT / "devices/system/memory"
 #: A random id the kernel draws at every boot.
@@ -316,13 +313,3 @@ class SysfsMemory:
             index = int(entry.name[6:])
             if self.block(index).state is KernelBlockState.ONLINE:
                 yield index
-
-
-def __getattr__(name: str) -> Any:
-    """``hotplug.FakeKernelMemory``, transitional: the simulator's kernel moved to
-    :mod:`vmem_guest.sim.kernel`, and ``sim/runner.py`` still imports it from here."""
-    if name == "FakeKernelMemory":
-        from vmem_guest.sim.kernel import FakeKernelMemory
-
-        return FakeKernelMemory
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import binding, control, discovery, manual, pci, planner, render
+from vmem_guest import binding, control, manual, pci, planner, render
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach
@@ -87,7 +87,7 @@ def _skip_refusal(bdf: str, exc: DeviceError) -> None:
 
 @contextlib.contextmanager
 def attached_devices(
-    devices: list[discovery.VirtioMemPci],
+    devices: list[pci.VirtioMemPci],
     *,
     state_dir: Path,
     policy: planner.Policy,
@@ -104,7 +104,7 @@ def attached_devices(
 
 @contextlib.contextmanager
 def trusted_devices(
-    devices: list[discovery.VirtioMemPci],
+    devices: list[pci.VirtioMemPci],
     *,
     state_dir: Path,
     policy: planner.Policy,
@@ -123,7 +123,7 @@ def trusted_devices(
 
 @contextlib.contextmanager
 def _attached(
-    devices: list[discovery.VirtioMemPci],
+    devices: list[pci.VirtioMemPci],
     on_refused: OnRefused,
     state_dir: Path,
     policy: planner.Policy,

@@ -18,11 +18,12 @@ from vmem_guest.attach import attach_channel
 from vmem_guest.blocks import Geometry, MemoryBlockState
 from vmem_guest.driver import Outcome
 from vmem_guest.errors import UsageError
-from vmem_guest.hotplug import FakeKernelMemory, KernelBlockState
+from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.hostile import HostileChannel
+from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.pages import FakePages
 
 #: Where QEMU put the first virtio-mem region in our test VM (docs/test-vm.md section 4).
