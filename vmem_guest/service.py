@@ -77,11 +77,13 @@ def resolve_policy(policy: planner.Policy, memtotal: Callable[[], int]) -> plann
 OnRefused = Callable[[str, DeviceError], None]
 
 
-def _raise_refusal(bdf: str, exc: DeviceError) -> None:
+def raise_refusal(bdf: str, exc: DeviceError) -> None:
+    """Manual commands: a refused device is an error."""
     raise exc
 
 
-def _skip_refusal(bdf: str, exc: DeviceError) -> None:
+def skip_refusal(bdf: str, exc: DeviceError) -> None:
+    """The agent: a refused device is logged and left alone; the others are served."""
     log.error("%s: device refused, not serving it: %s", bdf, exc.message)
 
 
@@ -93,43 +95,15 @@ def attached_devices(
     policy: planner.Policy,
     allow_noiommu: bool,
     offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
+    on_refused: OnRefused = raise_refusal,
 ) -> Iterator[list[Attached]]:
-    """Bind and attach every one of ``devices`` (a refused one raises its DeviceError);
-    release them all on the way out. For manual commands."""
-    with _attached(
-        devices, _raise_refusal, state_dir, policy, allow_noiommu, offline_timeout
-    ) as attached:
-        yield attached
+    """Bind and attach ``devices``; release them all on the way out.
 
-
-@contextlib.contextmanager
-def trusted_devices(
-    devices: list[pci.VirtioMemPci],
-    *,
-    state_dir: Path,
-    policy: planner.Policy,
-    allow_noiommu: bool,
-    offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
-) -> Iterator[list[Attached]]:
-    """The agent's: bind and attach ``devices``, leaving alone (logged) each device
-    refused for what it says (DeviceError: a config that breaks the spec, a region
-    over boot memory, a bad answer during recovery) while the others are served. If
-    every device is refused, the first refusal is raised."""
-    with _attached(
-        devices, _skip_refusal, state_dir, policy, allow_noiommu, offline_timeout
-    ) as attached:
-        yield attached
-
-
-@contextlib.contextmanager
-def _attached(
-    devices: list[pci.VirtioMemPci],
-    on_refused: OnRefused,
-    state_dir: Path,
-    policy: planner.Policy,
-    allow_noiommu: bool,
-    offline_timeout: float,
-) -> Iterator[list[Attached]]:
+    A device refused for what it says (DeviceError: a config that breaks the spec, a
+    region over boot memory, a bad answer during recovery) goes to ``on_refused``:
+    :func:`raise_refusal` (the default, manual commands) or :func:`skip_refusal` (the
+    agent). If every device is refused, the first refusal is raised.
+    """
     kernel = _kernel(offline_timeout)
     pages = ProcPages()
     policy = resolve_policy(policy, memtotal_bytes)
@@ -197,12 +171,13 @@ def run_agent(options: RunOptions) -> None:
     try:
         with (
             no_unevictable_compaction(),
-            trusted_devices(
+            attached_devices(
                 devices,
                 state_dir=options.state_dir,
                 policy=options.policy,
                 allow_noiommu=options.allow_noiommu,
                 offline_timeout=options.offline_timeout,
+                on_refused=skip_refusal,
             ) as attached,
         ):
             _serve(attached, path, options)

@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,6 @@ from vmem_guest import binding
 from vmem_guest.binding import VFIO_PCI, bind, unbind
 from vmem_guest.errors import TransportError, UsageError
 from vmem_guest.pci import NOIOMMU_PARAM, get_device
-
-
-@pytest.fixture
-def fk(tmp_path: Path) -> Iterator[FakeKernel]:
-    with FakeKernel(tmp_path).running() as k:
-        yield k
-
-
-@pytest.fixture
-def fk_type1(tmp_path: Path) -> Iterator[FakeKernel]:
-    with FakeKernel(tmp_path, iommu_group=5).running() as k:
-        yield k
 
 
 def test_bind_noiommu_and_back(fk: FakeKernel, caplog: pytest.LogCaptureFixture) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,6 @@ from vmem_guest.binding import bind
 from vmem_guest.errors import UsageError
 from vmem_guest.pci import NOIOMMU_PARAM, VirtioMemPci, get_device, list_devices
 from vmem_guest.transport.vfio import NOIOMMU_GROUP_NAME
-
-
-@pytest.fixture
-def fk(tmp_path: Path) -> Iterator[FakeKernel]:
-    with FakeKernel(tmp_path).running() as k:
-        yield k
-
-
-@pytest.fixture
-def fk_type1(tmp_path: Path) -> Iterator[FakeKernel]:
-    with FakeKernel(tmp_path, iommu_group=5).running() as k:
-        yield k
 
 
 def test_list_devices_noiommu(fk: FakeKernel) -> None:

@@ -1,5 +1,5 @@
-"""service.trusted_devices: the agent serves the devices it can trust and leaves the rest;
-service.attached_devices (manual commands): all of them or an error."""
+"""service.attached_devices: the agent (skip_refusal) serves the devices it can trust and
+leaves the rest; manual commands (raise_refusal, the default) get all of them or an error."""
 
 from __future__ import annotations
 
@@ -46,11 +46,12 @@ def fake_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def test_the_agent_serves_the_good_device_and_logs_the_refused_one(
     tmp_path: Path, fake_devices: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with service.trusted_devices(
+    with service.attached_devices(
         fake_devices,
         state_dir=tmp_path / "state",
         policy=planner.DEFAULT_POLICY,
         allow_noiommu=True,
+        on_refused=service.skip_refusal,
     ) as attached:
         assert [item.bdf for item in attached] == [GOOD]
     assert f"{BAD}: device refused, not serving it: block_size 0x0" in caplog.text
@@ -61,11 +62,12 @@ def test_with_every_device_refused_the_refusal_is_raised(
 ) -> None:
     with (
         pytest.raises(ConfigError, match="block_size 0x0"),
-        service.trusted_devices(
+        service.attached_devices(
             fake_devices[:1],
             state_dir=tmp_path / "state",
             policy=planner.DEFAULT_POLICY,
             allow_noiommu=True,
+            on_refused=service.skip_refusal,
         ),
     ):
         pass

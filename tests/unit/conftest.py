@@ -1,0 +1,23 @@
+"""Fixtures shared by the unit tests: fake PCI/VFIO kernels (test_pci, test_binding)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fake_pci_sysfs import FakeKernel
+
+
+@pytest.fixture
+def fk(tmp_path: Path) -> Iterator[FakeKernel]:
+    """A fake /sys and /dev with one virtio-mem function and no IOMMU."""
+    with FakeKernel(tmp_path).running() as k:
+        yield k
+
+
+@pytest.fixture
+def fk_type1(tmp_path: Path) -> Iterator[FakeKernel]:
+    """The same function in IOMMU group 5 (type1)."""
+    with FakeKernel(tmp_path, iommu_group=5).running() as k:
+        yield k
