@@ -152,7 +152,9 @@ def test_manual_agent_plug_state_unplug(rig: Rig) -> None:
             rig.socket, control.Plug(None, control.Extent(size=256 * MIB)), progress.append
         )
         results["state"] = control.call(rig.socket, control.QueryState(None, ADDR, 128))
-        results["unplug"] = control.call(rig.socket, control.Unplug(None, control.Extent(size=128 * MIB)))
+        results["unplug"] = control.call(
+            rig.socket, control.Unplug(None, control.Extent(size=128 * MIB))
+        )
         results["all"] = control.call(rig.socket, control.UnplugAll(None))
 
     run_agent(rig, user, manual=True)
