@@ -323,9 +323,9 @@ def test_device_reaches_the_agent_in_the_long_form(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The agent knows devices as 0000:00:03.0; 00:03.0 (or upper case) names the same."""
-    requests: list[dict[str, object]] = []
+    requests: list[control.DeviceOperation] = []
 
-    def manual_command(request: dict[str, object], **kwargs: object) -> dict[str, object]:
+    def manual_command(request: control.DeviceOperation, **kwargs: object) -> dict[str, object]:
         requests.append(request)
         return {"state": "PLUGGED"}
 
@@ -335,7 +335,7 @@ def test_device_reaches_the_agent_in_the_long_form(
     )
     assert (code, out, err) == (0, "PLUGGED\n", "")
     code, _, _ = run_main(["unplug-all", "--device", "0000:00:0A.0"], capsys)
-    assert [r["device"] for r in requests] == ["0000:00:03.0", "0000:00:0a.0"]
+    assert [r.device for r in requests] == ["0000:00:03.0", "0000:00:0a.0"]
 
 
 def test_state_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
