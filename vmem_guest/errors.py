@@ -19,6 +19,12 @@ the agent can decide what to do without parsing text::
      +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
      |    +-- TrackerLocked    another process owns the tracker
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
+     +-- Mismatch              fuzzing: the device and the model disagree (after, differences)
+     +-- DeviceLost            fuzzing: the device under test stopped answering (reason, after)
+
+Mismatch and DeviceLost carry the request sequence that led to them, so they
+are defined beside it, in :mod:`vmem_guest.conformance.findings`; only the
+conformance fuzzer raises them.
 """
 
 from __future__ import annotations

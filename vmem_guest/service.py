@@ -50,7 +50,12 @@ def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
     return kernel
 
 
-def _select(devices: tuple[str, ...]) -> list[pci.VirtioMemPci]:
+def select_devices(devices: tuple[str, ...]) -> list[pci.VirtioMemPci]:
+    """The functions named in ``devices`` (``--device``), or every virtio-mem function.
+
+    UsageError when none is named and none is found, or when a named one is
+    malformed, absent or not virtio-mem (:func:`pci.get_device`).
+    """
     if devices:
         return [pci.get_device(bdf) for bdf in devices]
     found = pci.list_devices()
@@ -59,7 +64,8 @@ def _select(devices: tuple[str, ...]) -> list[pci.VirtioMemPci]:
     return found
 
 
-def _bind(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Mode:
+def bind_device(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Mode:
+    """Bind ``dev`` to vfio-pci; the VFIO mode its group can then be opened in."""
     binding.bind(dev.bdf, allow_noiommu=allow_noiommu)
     return pci.get_device(dev.bdf).vfio_mode
 
@@ -111,7 +117,7 @@ def attached_devices(
     refused: list[DeviceError] = []
     try:
         for dev in devices:
-            mode = _bind(dev, allow_noiommu)
+            mode = bind_device(dev, allow_noiommu)
             known = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
             try:
                 attached = attach(
@@ -167,7 +173,7 @@ def run_agent(options: RunOptions) -> None:
     """``vmem-guest run``: serve every (chosen) device until SIGTERM."""
     path = control.socket_path(options.state_dir)
     _refuse_if_an_agent_answers(path)
-    devices = _select(options.devices)
+    devices = select_devices(options.devices)
     try:
         with (
             no_unevictable_compaction(),
@@ -213,7 +219,7 @@ def manual_command(
     if via_agent is not None:
         return via_agent
     bdf = request.device
-    devices = _select((bdf,) if bdf is not None else ())
+    devices = select_devices((bdf,) if bdf is not None else ())
     if len(devices) != 1:
         names = ", ".join(dev.bdf for dev in devices)
         raise UsageError(f"several virtio-mem devices ({names}): choose one with --device")

@@ -226,7 +226,7 @@ def test_second_agent_is_refused_before_touching_a_device(
     def no_devices(devices: tuple[str, ...]) -> list[object]:
         raise AssertionError("a second agent looked for devices")
 
-    monkeypatch.setattr(service, "_select", no_devices)
+    monkeypatch.setattr(service, "select_devices", no_devices)
     server = control.ControlServer(
         control.socket_path(tmp_path),
         lambda req, emit: {"pid": 4242, "manual": False, "devices": ["0000:00:03.0"]},
@@ -253,7 +253,7 @@ def test_agent_on_a_locked_tracker_is_a_usage_error(
         raise TrackerLocked("tracker x.state is locked by pid 77", holder_pid=77)
         yield []
 
-    monkeypatch.setattr(service, "_select", lambda devices: [])
+    monkeypatch.setattr(service, "select_devices", lambda devices: [])
     monkeypatch.setattr(service, "attached_devices", locked)
     monkeypatch.setattr(service, "no_unevictable_compaction", contextlib.nullcontext)
     code, out, err = run_main(["run", "--state-dir", str(tmp_path)], capsys)

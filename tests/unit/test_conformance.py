@@ -1,4 +1,4 @@
-"""The conformance fuzzer (vmem_guest/conformance.py) against device models.
+"""The conformance fuzzer (vmem_guest/conformance/) against device models.
 
 A DeviceModel stands in for the device under test: against an identical model
 the fuzzer finds nothing; against a model that deviates from QEMU in one rule
@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from vmem_guest import conformance, spec
-from vmem_guest.conformance import Action, Step
+from vmem_guest.conformance.kinds import Action, Kind, resolve
+from vmem_guest.conformance.pci_runner import device_lock, kernel_virtio_driver, online_blocks_in
+from vmem_guest.conformance.steps import Step
 from vmem_guest.errors import UsageError
 from vmem_guest.sim import DeviceModel
 from vmem_guest.spec import RequestType, ResponseType
@@ -133,26 +135,26 @@ def test_device_that_stops_answering_is_reported_without_shrinking() -> None:
 def test_in_kernel_driver_is_seen(tmp_path: Path) -> None:
     pci = tmp_path / "0000:00:03.0"
     (pci / "virtio1").mkdir(parents=True)
-    assert conformance.kernel_virtio_driver(pci) is None
+    assert kernel_virtio_driver(pci) is None
     (tmp_path / "virtio_mem").mkdir()
     (pci / "virtio1" / "driver").symlink_to(tmp_path / "virtio_mem")
-    assert conformance.kernel_virtio_driver(pci) == "virtio_mem"
+    assert kernel_virtio_driver(pci) == "virtio_mem"
 
 
 def test_resolve_kinds_give_the_intended_requests() -> None:
     model = device()
     bs, usable_end = model.block_size, model.addr + model.usable_region_size
-    zero = conformance.resolve(Action("zero", RequestType.STATE, 0, 0), model)
+    zero = resolve(Action(Kind.ZERO, RequestType.STATE, 0, 0), model)
     assert zero.nb_blocks == 0
-    mis = conformance.resolve(Action("misaligned", RequestType.PLUG, 0, 1), model)
+    mis = resolve(Action(Kind.MISALIGNED, RequestType.PLUG, 0, 1), model)
     assert mis.addr % bs
-    end = conformance.resolve(Action("at_usable_end", RequestType.PLUG, 0, 0), model)
+    end = resolve(Action(Kind.AT_USABLE_END, RequestType.PLUG, 0, 0), model)
     assert end.addr == usable_end
-    over = conformance.resolve(Action("overflow", RequestType.UNPLUG, 3, 2), model)
+    over = resolve(Action(Kind.OVERFLOW, RequestType.UNPLUG, 3, 2), model)
     assert over.addr + over.nb_blocks * bs > (1 << 64) - 1
-    beyond = conformance.resolve(Action("plug_beyond_requested", 0, 0, 0), model)
+    beyond = resolve(Action(Kind.PLUG_BEYOND_REQUESTED, 0, 0, 0), model)
     assert beyond.nb_blocks * bs > model.requested_size
-    short = conformance.resolve(Action("short", RequestType.PLUG, 10), model)
+    short = resolve(Action(Kind.SHORT, RequestType.PLUG, 10), model)
     assert short.op == "malformed" and len(short.raw()) == 10
 
 
@@ -164,12 +166,12 @@ def test_step_round_trips_through_json() -> None:
 
 def test_device_lock_refuses_a_second_owner(tmp_path: Path) -> None:
     with (
-        conformance.device_lock(tmp_path, "0000:00:03.0"),
+        device_lock(tmp_path, "0000:00:03.0"),
         pytest.raises(UsageError, match="owned by another"),
-        conformance.device_lock(tmp_path, "0000:00:03.0"),
+        device_lock(tmp_path, "0000:00:03.0"),
     ):
         pass
-    with conformance.device_lock(tmp_path, "0000:00:03.0"):
+    with device_lock(tmp_path, "0000:00:03.0"):
         assert (tmp_path / "0000:00:03.0.lock").exists()
 
 
@@ -177,7 +179,7 @@ def test_online_blocks_in_region(tmp_path: Path) -> None:
     for index, state in ((32, "online"), (33, "offline"), (40, "online")):
         (tmp_path / f"memory{index}").mkdir()
         (tmp_path / f"memory{index}" / "state").write_text(f"{state}\n")
-    found = conformance.online_blocks_in(tmp_path, 4 * GiB, 1 * GiB, 128 * MiB)
+    found = online_blocks_in(tmp_path, 4 * GiB, 1 * GiB, 128 * MiB)
     assert found == [32]
 
 

@@ -38,7 +38,7 @@ def fake_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         )
 
     monkeypatch.setattr(service, "_kernel", lambda timeout: kernel)
-    monkeypatch.setattr(service, "_bind", lambda dev, allow: "noiommu")
+    monkeypatch.setattr(service, "bind_device", lambda dev, allow: "noiommu")
     monkeypatch.setattr(service, "attach", attach)
     return [types.SimpleNamespace(bdf=BAD), types.SimpleNamespace(bdf=GOOD)]
 

@@ -1,0 +1,70 @@
+"""The outcome of a run, :class:`FuzzResult`, and its report (``vmem-guest fuzz --json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from vmem_guest.conformance.checker import Counts
+from vmem_guest.conformance.findings import DeviceLost, Mismatch
+
+
+@dataclasses.dataclass
+class FuzzResult:
+    """The outcome of :func:`~vmem_guest.conformance.run.fuzz`.
+
+    ``mismatch`` is the shrunk mismatch (``flaky``: it failed once and passed
+    on replay, so it is the last failure seen), ``lost`` the sequence that
+    lost the device; ``saved`` where the failure was written; ``device`` the
+    PCI address when the device under test is one.
+    """
+
+    seed: int
+    max_examples: int
+    counts: Counts
+    geometry: dict[str, int]
+    mismatch: Mismatch | None = None
+    lost: DeviceLost | None = None
+    flaky: bool = False
+    saved: Path | None = None
+    device: str = ""
+
+    @property
+    def mismatches(self) -> int:
+        """1 when the run failed (a mismatch or a lost device), else 0."""
+        return int(self.mismatch is not None or self.lost is not None)
+
+    def _failure(self) -> dict[str, Any] | None:
+        """The report's ``mismatch``: the differences and sequence, or None."""
+        if self.mismatch is not None:
+            return {
+                "differences": [d.as_dict() for d in self.mismatch.differences],
+                "sequence": [t.as_dict() for t in self.mismatch.trace],
+                "start_config": self.mismatch.start_config,
+                "flaky": self.flaky,
+            }
+        if self.lost is not None:
+            return {
+                "device_lost": self.lost.reason,
+                "sequence": [t.as_dict() for t in self.lost.trace],
+            }
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report: what ran, the device's answers by kind, the failure if any."""
+        return {
+            "device": self.device,
+            "seed": self.seed,
+            "max_examples": self.max_examples,
+            "examples": self.counts.examples,
+            "requests_compared": self.counts.requests_compared,
+            "model_only_requests": self.counts.model_only,
+            "resizes": self.counts.resizes,
+            "cleanup_requests": self.counts.cleanup_requests,
+            "answers": dict(sorted(self.counts.answers.items())),
+            "mismatches": self.mismatches,
+            "mismatch": self._failure(),
+            "saved": str(self.saved) if self.saved else None,
+            "geometry": self.geometry,
+        }
