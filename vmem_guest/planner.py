@@ -28,8 +28,11 @@ Order of business (each call returns the first that applies):
    the highest address down, preferring units with nothing online, then
    movable ones, skipping blocks the kernel refused to offline recently. Up to
    ``unplug_batch_units`` of them are offlined before one UNPLUG gives back
-   the run of them, fewer once the kernel has refused one (what is offline
-   goes back before the next offline is tried); full units that stay are onlined;
+   the run of them. Once the kernel has refused a block's offline, what is
+   offline goes back first (one UNPLUG), then that block gives single subblocks
+   (Linux's fallback), before another block's offline is tried; while no whole
+   unit is in excess, single subblocks are taken, highest first; full units that
+   stay are onlined;
 4. nothing left: :class:`Done`, with the remainder the guest cannot use.
 """
 
