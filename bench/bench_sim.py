@@ -58,7 +58,6 @@ from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import DeviceConfig
 from vmem_guest.driver import Outcome
-from vmem_guest.sim.channel import CONFIG
 from vmem_guest.sim.device_model import usable_region_for
 from vmem_guest.sim.runner import SimOptions, Simulation
 from vmem_guest.units import format_size, parse_size
@@ -250,8 +249,7 @@ def drive(sim: Simulation, requested: int, phase: str, seconds: float) -> PhaseC
         start = time.perf_counter()
         deadline = start + seconds
         while True:
-            if CONFIG in sim.channel.handle_interrupt():
-                sim.driver.config_changed()
+            sim.driver.interrupt(sim.channel.handle_interrupt())
             result = sim.driver.step()
             if result.outcome is Outcome.DONE:
                 converged = True

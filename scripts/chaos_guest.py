@@ -389,8 +389,7 @@ class ConvergedCheck:
             for start in range(first, first + count, MAX_BLOCKS_PER_REQUEST):
                 nb = min(MAX_BLOCKS_PER_REQUEST, first + count - start)
                 addr = self.geo.subblock_addr(start)
-                request = {"op": "state", "device": self.snap.identity.name}
-                request.update(addr=addr, blocks=nb)
+                request = control.QueryState(self.snap.identity.name, addr, nb)
                 self.requests += 1
                 answer = (control.call(self.socket, request) or {}).get("state")
                 if answer != expected:
