@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -451,13 +452,14 @@ def _take_next(inp: PlanInput) -> TakeStep | None:
 
 def _unplug_offline_units(inp: PlanInput, excess_units: int) -> UnplugStep | None:
     """One UNPLUG of the highest run of full units with nothing online, if any."""
-    offline = inp.state.units(UnitClass.FULL_OFFLINE)
-    batch = []
-    for unit_index in offline.descending():
-        batch.append(unit_index)
-        if len(batch) >= min(excess_units, max(1, inp.policy.unplug_batch_units)):
-            break
+    offline = inp.state.units(UnitClass.FULL_OFFLINE).descending()
+    batch = list(itertools.islice(offline, _batch_limit(inp, excess_units)))
     return _unplug_run_of_units(inp, batch) if batch else None
+
+
+def _batch_limit(inp: PlanInput, excess_units: int) -> int:
+    """How many units one UNPLUG gives back: the excess, at most a batch."""
+    return min(excess_units, max(1, inp.policy.unplug_batch_units))
 
 
 def _take_from_refused(inp: PlanInput) -> TakeStep | None:
@@ -570,7 +572,7 @@ def _shrink_whole_units(inp: PlanInput, excess_units: int) -> Step | None:
         if online:
             return OfflineStep(online[-1])
         batch.append(unit_index)
-        if len(batch) >= min(excess_units, max(1, inp.policy.unplug_batch_units)):
+        if len(batch) >= _batch_limit(inp, excess_units):
             break
     if not batch:
         return None
