@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
@@ -32,6 +32,7 @@ from vmem_guest.device import Cause, DeviceConfig, Response, VirtioMemDevice
 from vmem_guest.errors import (
     ConfigError,
     DeviceBroken,
+    DeviceError,
     KernelError,
     OfflineRefused,
     SafetyError,
@@ -48,7 +49,11 @@ from vmem_guest.retry import (
 )
 from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
 from vmem_guest.tracker import BlockRecord, Tracker
+from vmem_guest.units import format_size
 
+#: How the manual API waits out a BUSY device, and how often before it gives up.
+MANUAL_BUSY = BackoffPolicy(initial=0.05, maximum=2.0)
+MANUAL_BUSY_RETRIES = 8
 #: Consecutive NACKs (each followed by a config re-read) before backing off.
 MAX_NACKS_BEFORE_BACKOFF = 3
 #: What ``auto_online_blocks`` does with a new block (memory-hotplug.rst); any
@@ -247,7 +252,7 @@ class DeviceDriver:
         # Forget what the tracker believed first: it may say ONLINE for a block
         # a crash left offline, and the tracker refuses UNPLUG_ALL over those.
         self.tracker.rebuild_from_states(plugged=[], online={}, present=present)
-        response = self.request(RequestType.UNPLUG_ALL, 0, 0)
+        response = self._request(RequestType.UNPLUG_ALL, 0, 0)
         if response.type is ResponseType.ERROR:
             raise DeviceBroken("UNPLUG_ALL answered ERROR")
         if not response.acked:
@@ -281,7 +286,7 @@ class DeviceDriver:
         plugged: list[int] = []
         while pending:
             first, count = pending.pop()
-            response = self.request(RequestType.STATE, self.geometry.subblock_addr(first), count)
+            response = self._request(RequestType.STATE, self.geometry.subblock_addr(first), count)
             if not response.acked:
                 raise DeviceBroken(f"STATE answered {response.type.name}", first=first)
             if response.state is BlockState.PLUGGED:
@@ -467,7 +472,7 @@ class DeviceDriver:
         return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
 
     def _plug(self, step: planner.PlugStep) -> StepResult:
-        response = self.request(RequestType.PLUG, step.addr, step.nb_blocks)
+        response = self._request(RequestType.PLUG, step.addr, step.nb_blocks)
         return self._after_range_request(step, response)
 
     def _unplug(self, step: planner.UnplugStep) -> StepResult:
@@ -476,7 +481,7 @@ class DeviceDriver:
             refused = self._verify_taken(step, first)
             if refused is not None:
                 return refused
-        response = self.request(RequestType.UNPLUG, step.addr, step.nb_blocks)
+        response = self._request(RequestType.UNPLUG, step.addr, step.nb_blocks)
         return self._after_range_request(step, response)
 
     def _online_at(self, sb: int) -> bool:
@@ -512,11 +517,11 @@ class DeviceDriver:
     def _undo_take(self, first: int, count: int) -> None:
         """Give back what a refused take poisoned (its subblocks are still plugged)."""
         try:
-            self.give_back_subblocks(first, count)
+            self._give_back_subblocks(first, count)
         except KernelError as exc:
             self.log.warning("subblocks %d+%d stay taken: %s", first, count, exc.message)
 
-    def give_back_subblocks(self, first: int, count: int) -> None:
+    def _give_back_subblocks(self, first: int, count: int) -> None:
         """Unpoison every page of taken, plugged subblocks and record them in use.
 
         The tracker checks that the device ACKed their plug before one page goes
@@ -529,7 +534,7 @@ class DeviceDriver:
         first = self.geometry.subblock_index(step.addr)
         started = self.clock()
         try:
-            self.give_back_subblocks(first, step.nb_blocks)
+            self._give_back_subblocks(first, step.nb_blocks)
         except KernelError as exc:
             return self._avoid_subblocks(step, first, step.nb_blocks, exc, started)
         self.refused_subblocks.succeeded(range(first, first + step.nb_blocks))
@@ -588,7 +593,7 @@ class DeviceDriver:
         self.not_before = self.clock() + delay
         return StepResult(Outcome.WAIT, step, wait_seconds=delay, detail=why)
 
-    def request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
+    def _request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
         """One request, bracketed by the tracker's intent; ACKs recorded before it clears."""
         self.tracker.set_intent(req_type, addr, nb_blocks)
         if req_type is RequestType.PLUG:
@@ -618,7 +623,7 @@ class DeviceDriver:
             raise SafetyError(f"memory{mb} is not fully plugged ({record.state.name})", block=mb)
         return record
 
-    def online_block(self, mb: int, zone: Zone) -> None:
+    def _online_block(self, mb: int, zone: Zone) -> None:
         """Probe (if absent) and online fully plugged block ``mb``; record it.
 
         The hot path of every plug, so it asks sysfs only what it cannot know:
@@ -671,12 +676,12 @@ class DeviceDriver:
     def _auto_online_zone(self) -> Zone | None:
         """The zone the kernel onlines new blocks to (``auto_online_blocks``), None
         when it leaves them offline. Read once per PLUG request (it can be changed
-        at run time): see :meth:`request`."""
+        at run time): see :meth:`_request`."""
         if self._auto_online is None:
             self._auto_online = self.kernel.auto_online_blocks()
         return AUTO_ONLINE_ZONES.get(self._auto_online, Zone.AUTO)
 
-    def offline_block(self, mb: int) -> None:
+    def _offline_block(self, mb: int) -> None:
         """Offline block ``mb`` and record it; OfflineRefused when the kernel says no."""
         self.kernel.offline(mb)
         self.tracker.record_offline(mb)
@@ -684,7 +689,7 @@ class DeviceDriver:
     def _online(self, step: planner.OnlineStep) -> StepResult:
         started = self.clock()
         try:
-            self.online_block(step.memory_block, step.zone)
+            self._online_block(step.memory_block, step.zone)
         except KernelError as exc:
             return self._avoid(step, step.memory_block, exc, started)
         self.refused_blocks.succeeded((step.memory_block,))
@@ -694,7 +699,7 @@ class DeviceDriver:
     def _offline(self, step: planner.OfflineStep) -> StepResult:
         started = self.clock()
         try:
-            self.offline_block(step.memory_block)
+            self._offline_block(step.memory_block)
         except OfflineRefused as exc:
             return self._avoid(step, step.memory_block, exc, started)
         self.refused_blocks.succeeded((step.memory_block,))
@@ -709,3 +714,83 @@ class DeviceDriver:
         until = self.refused_blocks.refuse((mb,), now, now - started)
         self.log.info("%s; retrying memory%d later (in %.2f s)", exc.message, mb, until - now)
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)
+
+    # --- The manual API (manual.py): whole units, blocking, all or nothing ------------
+    #
+    # ``vmem-guest plug|unplug|state|unplug-all`` run outside the step loop, from a
+    # command or the agent's control socket in --manual mode; they may block, so they
+    # take the sleep to use. They keep the same invariants: only whole units are plugged
+    # and every plugged block is onlined; a block is offline before any of its
+    # subblocks is unplugged; nothing this API plugged is left unused when it fails.
+
+    def manual_request(
+        self, req_type: RequestType, addr: int, nb_blocks: int, sleep: Callable[[float], None]
+    ) -> Response:
+        """One request; BUSY retried per :data:`MANUAL_BUSY`, NACK and ERROR raised
+        (ERROR marks the device broken: spec 5.15.6, the request was valid)."""
+        for attempt in range(MANUAL_BUSY_RETRIES + 1):
+            response = self._request(req_type, addr, nb_blocks)
+            if response.type is not ResponseType.BUSY:
+                break
+            self.tracker.count_retry()
+            sleep(MANUAL_BUSY.delay(attempt + 1))
+        if response.type is ResponseType.ACK:
+            return response
+        config = self.refresh_config()
+        if response.type is ResponseType.NACK:
+            raise DeviceError(
+                f"the device refused {req_type.name} (NACK): the host requests"
+                f" {format_size(config.requested_size)}, {format_size(config.plugged_size)}"
+                " are plugged",
+                requested_size=config.requested_size,
+                plugged_size=config.plugged_size,
+            )
+        if response.type is ResponseType.BUSY:
+            raise DeviceError(f"the device stayed BUSY for {req_type.name}", addr=addr)
+        self.mark_broken(f"{req_type.name} {addr:#x} answered ERROR")
+        raise DeviceBroken(f"{req_type.name} {addr:#x} x{nb_blocks} answered ERROR", addr=addr)
+
+    def plug_unit(self, unit: planner.Unit, zone: Zone, sleep: Callable[[float], None]) -> None:
+        """PLUG every subblock of an unplugged ``unit`` and online its memory blocks; when
+        the kernel refuses an online, give the whole unit back and re-raise."""
+        for first in range(unit.subblocks.start, unit.subblocks.stop, MAX_BLOCKS_PER_REQUEST):
+            count = min(MAX_BLOCKS_PER_REQUEST, unit.subblocks.stop - first)
+            self.manual_request(RequestType.PLUG, self.geometry.subblock_addr(first), count, sleep)
+        try:
+            for mb in unit.memory_blocks:
+                self._online_block(mb, zone)
+        except KernelError:
+            # Plugged memory that cannot be onlined would leak: give it back.
+            self.release_unit(unit, sleep)
+            raise
+
+    def release_unit(self, unit: planner.Unit, sleep: Callable[[float], None]) -> None:
+        """Offline ``unit``'s memory blocks (all or none), then UNPLUG what of it is plugged."""
+        self.offline_all(unit.memory_blocks)
+        plugged = self.tracker.state.plugged_in(unit.subblocks)
+        for first, count in planner.runs(plugged, MAX_BLOCKS_PER_REQUEST):
+            self.manual_request(
+                RequestType.UNPLUG, self.geometry.subblock_addr(first), count, sleep
+            )
+
+    def offline_all(self, blocks: Iterable[int]) -> None:
+        """Offline every online block of ``blocks``, highest first, all or nothing: when
+        the kernel refuses one, those offlined here are onlined again and the refusal
+        (naming the block and the errno) is re-raised."""
+        state = self.tracker.state
+        online = [mb for mb in blocks if state.block_state(mb) is MemoryBlockState.ONLINE]
+        zones = {mb: state.block_zone(mb) for mb in online}
+        done: list[int] = []
+        try:
+            for mb in sorted(online, reverse=True):
+                self._offline_block(mb)
+                done.append(mb)
+        except KernelError:
+            for mb in done:
+                self._online_block(mb, zones[mb])
+            raise
+
+    def unplug_everything(self, sleep: Callable[[float], None]) -> None:
+        """Offline every online block of the device (all or none), then UNPLUG_ALL."""
+        self.offline_all(self.geometry.memory_blocks())
+        self.manual_request(RequestType.UNPLUG_ALL, 0, 0, sleep)

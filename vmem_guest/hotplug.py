@@ -227,6 +227,16 @@ class SysfsMemory:
             raise KernelError(f"read {name}/state", index, exc.errno or errno.EIO) from exc
         return KernelBlockState.ONLINE if state_text == "online" else KernelBlockState.OFFLINE
 
+    def online_blocks_in(self, addr: int, size: int) -> list[int]:
+        """The online memory blocks overlapping [addr, addr + size)."""
+        block_size = self.block_size()
+        first, last = addr // block_size, (addr + size - 1) // block_size
+        return [
+            index
+            for index in range(first, last + 1)
+            if self.state(index) is KernelBlockState.ONLINE
+        ]
+
     def node(self, index: int) -> int:
         if index not in self._nodes:
             self._nodes[index] = self._read_node(index)

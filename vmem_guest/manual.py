@@ -2,7 +2,11 @@
 
 Used by ``vmem-guest plug|unplug|state|unplug-all``, through the agent's
 control socket when an agent runs in ``--manual`` mode, or directly (holding
-the tracker lock) when none runs. The rules are those of docs/design.md section 2:
+the tracker lock) when none runs. This module checks and chooses (which units,
+in which order, with progress); the device and the kernel are touched only through
+the driver's manual API (:meth:`DeviceDriver.plug_unit`, ``release_unit``,
+``manual_request``, ``unplug_everything``), which keeps the rules of
+docs/design.md section 2:
 
 * only whole units are plugged (every memory block that gets plugged is onlined);
 * a block is offlined before any of its subblocks is unplugged; when the kernel
@@ -19,18 +23,15 @@ from collections.abc import Callable
 from typing import Any
 
 from vmem_guest import control, planner
-from vmem_guest.blocks import MemoryBlockState, Zone
-from vmem_guest.device import Response
+from vmem_guest.blocks import Zone
 from vmem_guest.driver import DeviceDriver
-from vmem_guest.errors import DeviceBroken, DeviceError, KernelError, OfflineRefused, UsageError
-from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType, ResponseType
+from vmem_guest.errors import OfflineRefused, UsageError
+from vmem_guest.spec import MAX_BLOCKS_PER_REQUEST, BlockState, RequestType
 from vmem_guest.tracker import UnitClass
 from vmem_guest.units import format_size
 
 #: Called with (bytes done, bytes in total) as an operation advances.
 Progress = Callable[[int, int], None]
-#: BUSY answers tolerated for one request before the operation gives up.
-MAX_BUSY_RETRIES = 8
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -101,37 +102,6 @@ class ManualOps:
         state = self.driver.tracker.state
         return ManualResult(op, addr, size, state.plugged_bytes, state.online_bytes)
 
-    # --- requests -------------------------------------------------------------
-
-    def _request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
-        """One request; BUSY retried with backoff, NACK and ERROR raised."""
-        for attempt in range(MAX_BUSY_RETRIES + 1):
-            response = self.driver.request(req_type, addr, nb_blocks)
-            if response.type is not ResponseType.BUSY:
-                break
-            self.driver.tracker.count_retry()
-            self.sleep(min(0.05 * 2**attempt, 2.0))
-        if response.type is ResponseType.ACK:
-            return response
-        config = self.driver.refresh_config()
-        if response.type is ResponseType.NACK:
-            raise DeviceError(
-                f"the device refused {req_type.name} (NACK): the host requests"
-                f" {format_size(config.requested_size)}, {format_size(config.plugged_size)}"
-                " are plugged",
-                requested_size=config.requested_size,
-                plugged_size=config.plugged_size,
-            )
-        if response.type is ResponseType.BUSY:
-            raise DeviceError(f"the device stayed BUSY for {req_type.name}", addr=addr)
-        self.driver.mark_broken(f"{req_type.name} {addr:#x} answered ERROR")
-        raise DeviceBroken(f"{req_type.name} {addr:#x} x{nb_blocks} answered ERROR", addr=addr)
-
-    def _range_requests(self, req_type: RequestType, subblocks: range) -> None:
-        for first in range(subblocks.start, subblocks.stop, MAX_BLOCKS_PER_REQUEST):
-            count = min(MAX_BLOCKS_PER_REQUEST, subblocks.stop - first)
-            self._request(req_type, self.geometry.subblock_addr(first), count)
-
     # --- operations -----------------------------------------------------------
 
     def plug_range(self, addr: int, size: int, zone: Zone = Zone.MOVABLE) -> ManualResult:
@@ -150,20 +120,10 @@ class ManualOps:
             )
         done = 0
         for unit in units:
-            self._plug_unit(unit, zone)
+            self.driver.plug_unit(unit, zone, self.sleep)
             done += self.layout.unit_bytes
             self.progress(done, size)
         return self._result("plug", addr, size)
-
-    def _plug_unit(self, unit: planner.Unit, zone: Zone) -> None:
-        self._range_requests(RequestType.PLUG, unit.subblocks)
-        try:
-            for mb in unit.memory_blocks:
-                self.driver.online_block(mb, zone)
-        except KernelError:
-            # Plugged memory that cannot be onlined would leak: give it back.
-            self._release_unit(unit)
-            raise
 
     def plug_size(self, size: int, zone: Zone = Zone.MOVABLE) -> ManualResult:
         """Plug and online ``size`` bytes in the lowest unplugged units."""
@@ -184,7 +144,7 @@ class ManualOps:
                 available=len(free) * self.layout.unit_bytes,
             )
         for done, unit in enumerate(free[:wanted], 1):
-            self._plug_unit(unit, zone)
+            self.driver.plug_unit(unit, zone, self.sleep)
             self.progress(done * self.layout.unit_bytes, size)
         return self._result("plug", self.geometry.subblock_addr(free[0].subblocks.start), size)
 
@@ -201,32 +161,10 @@ class ManualOps:
         units = self._units_in(addr, size)
         done = 0
         for unit in units:
-            self._release_unit(unit)
+            self.driver.release_unit(unit, self.sleep)
             done += self.layout.unit_bytes
             self.progress(done, size)
         return self._result("unplug", addr, size)
-
-    def _release_unit(self, unit: planner.Unit) -> None:
-        """Offline a unit's blocks (all or none) and unplug what of it is plugged."""
-        self._offline_all(list(unit.memory_blocks))
-        plugged = self.driver.tracker.state.plugged_in(unit.subblocks)
-        for first, count in planner.runs(plugged, MAX_BLOCKS_PER_REQUEST):
-            self._request(RequestType.UNPLUG, self.geometry.subblock_addr(first), count)
-
-    def _offline_all(self, blocks: list[int]) -> None:
-        """Offline every online block of ``blocks``, highest first; all or nothing."""
-        state = self.driver.tracker.state
-        online = [mb for mb in blocks if state.block_state(mb) is MemoryBlockState.ONLINE]
-        zones = {mb: state.block_zone(mb) for mb in online}
-        done: list[int] = []
-        try:
-            for mb in sorted(online, reverse=True):
-                self.driver.offline_block(mb)
-                done.append(mb)
-        except KernelError:
-            for mb in done:
-                self.driver.online_block(mb, zones[mb])
-            raise
 
     def unplug_size(self, size: int) -> ManualResult:
         """Unplug ``size`` bytes, highest units first, skipping blocks that refuse to offline."""
@@ -244,7 +182,7 @@ class ManualOps:
             if released == wanted:
                 break
             try:
-                self._release_unit(unit)
+                self.driver.release_unit(unit, self.sleep)
             except OfflineRefused as exc:
                 refusals.append(exc)
                 continue
@@ -279,14 +217,13 @@ class ManualOps:
                 f" {config.addr:#x}-{config.usable_end:#x}",
                 addr=addr,
             )
-        response = self._request(RequestType.STATE, addr, nb_blocks)
+        response = self.driver.manual_request(RequestType.STATE, addr, nb_blocks, self.sleep)
         assert response.state is not None  # parse_response guarantees it for an ACKed STATE
         return response.state
 
     def unplug_all(self) -> ManualResult:
         """Offline every online block of the device (all or none), then UNPLUG_ALL."""
-        self._offline_all(list(self.geometry.memory_blocks()))
-        self._request(RequestType.UNPLUG_ALL, 0, 0)
+        self.driver.unplug_everything(self.sleep)
         return self._result("unplug-all", self.geometry.addr, self.geometry.region_size)
 
 

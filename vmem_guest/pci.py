@@ -75,6 +75,15 @@ class VirtioMemPci:
         ``noiommu`` (VFIO refuses, at open, a group that is not no-IOMMU either)."""
         return "type1" if self.iommu_kind == "type1" else "noiommu"
 
+    def virtio_driver(self) -> str | None:
+        """The virtio driver bound under this function (``virtio_mem``), if any: the
+        in-kernel driver that owns the device's memory while it is bound."""
+        for child in sorted(self.sysfs_path.glob("virtio*")):
+            name = link_name(child / "driver")
+            if name is not None:
+                return name
+        return None
+
     def group_node(self, dev_root: Path = DEV_ROOT) -> Path | None:
         """``/dev/vfio/N`` or ``/dev/vfio/noiommu-N`` for the current group (None: no group)."""
         if self.iommu_group is None:

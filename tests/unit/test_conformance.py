@@ -16,7 +16,7 @@ import pytest
 
 from vmem_guest import conformance, spec
 from vmem_guest.conformance.kinds import Action, Kind, resolve
-from vmem_guest.conformance.pci_runner import device_lock, kernel_virtio_driver, online_blocks_in
+from vmem_guest.conformance.pci_runner import device_lock
 from vmem_guest.conformance.steps import Step
 from vmem_guest.errors import UsageError
 from vmem_guest.sim import DeviceModel
@@ -132,15 +132,6 @@ def test_device_that_stops_answering_is_reported_without_shrinking() -> None:
     assert result.counts.examples > 1
 
 
-def test_in_kernel_driver_is_seen(tmp_path: Path) -> None:
-    pci = tmp_path / "0000:00:03.0"
-    (pci / "virtio1").mkdir(parents=True)
-    assert kernel_virtio_driver(pci) is None
-    (tmp_path / "virtio_mem").mkdir()
-    (pci / "virtio1" / "driver").symlink_to(tmp_path / "virtio_mem")
-    assert kernel_virtio_driver(pci) == "virtio_mem"
-
-
 def test_resolve_kinds_give_the_intended_requests() -> None:
     model = device()
     bs, usable_end = model.block_size, model.addr + model.usable_region_size
@@ -173,14 +164,6 @@ def test_device_lock_refuses_a_second_owner(tmp_path: Path) -> None:
         pass
     with device_lock(tmp_path, "0000:00:03.0"):
         assert (tmp_path / "0000:00:03.0.lock").exists()
-
-
-def test_online_blocks_in_region(tmp_path: Path) -> None:
-    for index, state in ((32, "online"), (33, "offline"), (40, "online")):
-        (tmp_path / f"memory{index}").mkdir()
-        (tmp_path / f"memory{index}" / "state").write_text(f"{state}\n")
-    found = online_blocks_in(tmp_path, 4 * GiB, 1 * GiB, 128 * MiB)
-    assert found == [32]
 
 
 def serve_resizes(directory: Path, real: DeviceModel, stop: threading.Event) -> None:

@@ -613,7 +613,9 @@ def test_online_of_a_block_not_fully_plugged_is_a_safety_error(
 ) -> None:
     rig.model.resize(256 * MIB)
     driver = rig.open()
-    driver.request(RequestType.PLUG, GEOMETRY.subblock_addr(PER_UNIT), PER_UNIT // 2)
+    driver.manual_request(
+        RequestType.PLUG, GEOMETRY.subblock_addr(PER_UNIT), PER_UNIT // 2, lambda _s: None
+    )
     assert rig.tracker is not None
     assert rig.tracker.snapshot().block(MB0 + 1).state is MemoryBlockState.PARTIAL
 
@@ -680,7 +682,7 @@ def test_block_the_tracker_believes_present_but_absent_is_probed(rig: Rig) -> No
     rig.kernel.blocks.clear()  # the kernel lost the block; the tracker still says present
     assert rig.tracker is not None
     rig.tracker.record_offline(MB0)
-    driver.online_block(MB0, Zone.MOVABLE)
+    driver._online_block(MB0, Zone.MOVABLE)
     assert rig.kernel.block(MB0).state is KernelBlockState.ONLINE
     assert rig.kernel.probes.count(MB0 * MEMORY_BLOCK) == 2
     assert rig.tracker.block(MB0).state is MemoryBlockState.ONLINE

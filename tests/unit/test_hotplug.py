@@ -265,3 +265,14 @@ def test_write_to_absent_block_fails(mem: SysfsMemory) -> None:
     with pytest.raises(KernelError) as info:
         mem.online(40, Zone.MOVABLE)
     assert (info.value.block, info.value.errno) == (40, errno.ENOENT)
+
+
+def test_online_blocks_in_a_region(tmp_path: Path) -> None:
+    (tmp_path / "block_size_bytes").write_text(f"{128 << 20:x}\n")
+    for index, state in ((32, "online"), (33, "offline"), (40, "online")):
+        (tmp_path / f"memory{index}").mkdir()
+        (tmp_path / f"memory{index}" / "state").write_text(f"{state}\n")
+    memory = hotplug.SysfsMemory(root=tmp_path)
+    # Blocks 32..39 cover [4 GiB, 5 GiB); 34..39 are absent, 40 is outside.
+    assert memory.online_blocks_in(4 << 30, 1 << 30) == [32]
+    assert memory.online_blocks_in(4 << 30, (1 << 30) + 1) == [32, 40]

@@ -108,3 +108,13 @@ def test_udev_and_sysfs_readers_agree_on_this_host() -> None:
         pytest.skip("no PCI devices on this host")
     assert pci._pci_records(use_udev=True) == direct
     assert list_devices(use_udev=True) == list_devices(use_udev=False)
+
+
+def test_the_in_kernel_virtio_driver_is_seen(tmp_path: Path) -> None:
+    function_dir = tmp_path / "0000:00:03.0"
+    (function_dir / "virtio1").mkdir(parents=True)
+    dev = VirtioMemPci("0000:00:03.0", None, None, None, -1, 0, function_dir)
+    assert dev.virtio_driver() is None
+    (tmp_path / "virtio_mem").mkdir()
+    (function_dir / "virtio1" / "driver").symlink_to(tmp_path / "virtio_mem")
+    assert dev.virtio_driver() == "virtio_mem"

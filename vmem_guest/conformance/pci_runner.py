@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from vmem_guest.conformance.compare import config_fields
 from vmem_guest.conformance.result import FuzzResult
 from vmem_guest.conformance.run import DEFAULT_EXAMPLES, DEFAULT_MAX_STEPS, fuzz
 from vmem_guest.errors import TrackerLocked, UsageError, VmemError
-from vmem_guest.hotplug import SYSFS_MEMORY, SysfsMemory
+from vmem_guest.hotplug import SysfsMemory
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import device_locked
 from vmem_guest.transport.channel import PciChannel
@@ -48,32 +47,6 @@ def device_lock(state_dir: Path, bdf: str) -> Iterator[None]:
             "stop the agent before fuzzing its device",
             device=bdf,
         ) from None
-
-
-def kernel_virtio_driver(pci_dir: Path) -> str | None:
-    """The virtio driver (``virtio_mem``) bound under a PCI function, if any."""
-    for child in sorted(pci_dir.glob("virtio*")):
-        link = child / "driver"
-        if link.exists():
-            return os.path.basename(os.readlink(link))
-    return None
-
-
-def online_blocks_in(
-    memory_root: Path, addr: int, region_size: int, memory_block_size: int
-) -> list[int]:
-    """Online memory blocks overlapping [addr, addr + region_size)."""
-    first = addr // memory_block_size
-    last = (addr + region_size - 1) // memory_block_size
-    found = []
-    for index in range(first, last + 1):
-        state = memory_root / f"memory{index}" / "state"
-        try:
-            if state.read_text().strip() == "online":
-                found.append(index)
-        except FileNotFoundError:
-            continue
-    return found
 
 
 def fuzz_pci_device(
@@ -105,10 +78,9 @@ def fuzz_pci_device(
     with device_lock(state_dir, dev.bdf):
         _refuse_kernel_driver(dev)
         mode = service.bind_device(dev, allow_noiommu)
-        memory_block = SysfsMemory().block_size()
         with no_unevictable_compaction():
             with PciChannel.open(dev.bdf, mode=mode) as channel:
-                cfg = _unused_config(channel, dev.bdf, memory_block)
+                cfg = _unused_config(channel, dev.bdf, SysfsMemory())
                 log.info("fuzzing %s: %s", dev.bdf, cfg)
                 result = fuzz(
                     channel,
@@ -135,7 +107,7 @@ def _one_device(bdf: str | None) -> pci.VirtioMemPci:
 
 
 def _refuse_kernel_driver(dev: pci.VirtioMemPci) -> None:
-    owner = kernel_virtio_driver(dev.sysfs_path)
+    owner = dev.virtio_driver()
     if owner is not None:
         raise UsageError(
             f"{dev.bdf} is driven by the in-kernel {owner} driver: it owns the device's "
@@ -143,11 +115,11 @@ def _refuse_kernel_driver(dev: pci.VirtioMemPci) -> None:
         )
 
 
-def _unused_config(channel: PciChannel, bdf: str, memory_block: int) -> dict[str, int]:
-    """The device's config fields; UsageError when a memory block (of
-    ``memory_block`` bytes) of its region is online."""
+def _unused_config(channel: PciChannel, bdf: str, memory: SysfsMemory) -> dict[str, int]:
+    """The device's config fields; UsageError when a memory block of its region is
+    online."""
     cfg = config_fields(channel.read_config())
-    online = online_blocks_in(SYSFS_MEMORY, cfg["addr"], cfg["region_size"], memory_block)
+    online = memory.online_blocks_in(cfg["addr"], cfg["region_size"])
     if online:
         raise UsageError(
             f"memory blocks {online} of {bdf}'s region are online: the "
