@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos pressure clean
+        conformance chaos pressure test-matrix qemu clean
 
 all: test
 
@@ -59,10 +59,17 @@ demo-sim: $(STAMP)
 bench-sim: $(BENCH_STAMP)
 	$(PY) bench/bench_sim.py
 
+# The matrix's two axes: QEMU (the system's 7.2; 10.0 from backports into the cache)
+# and the guest kernel (6.1; 6.12), each built or unpacked once and cached by version.
 kernel:
-	bash scripts/build-kernel.sh
+	bash scripts/build-kernel.sh --linux 6.1
+	bash scripts/build-kernel.sh --linux 6.12
 
-vm-deps: kernel
+qemu:
+	bash scripts/install-qemu.sh system
+	bash scripts/install-qemu.sh 10.0
+
+vm-deps: kernel qemu
 	bash scripts/install-vm-deps.sh
 
 test-vm: $(STAMP) vm-deps
@@ -95,6 +102,11 @@ chaos: $(STAMP) vm-deps
 # Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver.
 pressure: $(STAMP) vm-deps
 	$(PY) scripts/pressure.py
+
+# The agent VM tests, `make conformance` and `make chaos N=20` on all four pairs of
+# QEMU {7.2, 10.0} x Linux {6.1, 6.12}; one table at the end (results/matrix/).
+test-matrix: $(STAMP) vm-deps
+	$(PY) scripts/matrix.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -4,7 +4,13 @@
 # Debian's linux-source tarball + x86_64_defconfig + kvm_guest.config + our fragment
 # scripts/kernel/vmem-guest.config, then olddefconfig and `make bzImage`.
 #
-# Cache: ${VMEM_GUEST_CACHE:-~/.cache/vmem-guest}/kernel/<source-version>-<fragment-hash>/
+# The kernel series is chosen explicitly: --linux SERIES, else $VMEM_GUEST_LINUX, else 6.1
+# (never "the newest tarball in /usr/src", which changes under a test run when another
+# linux-source is installed). 6.1 is Debian 12's own linux-source package; another series
+# (6.12 from bookworm-security) is downloaded with scripts/fetch-debs.sh into the cache
+# and unpacked there: /usr/src is not touched.
+#
+# Cache: ${VMEM_GUEST_CACHE:-~/.cache/vmem-guest}/kernel/<series>_<version>-<fragment-hash>/
 # (bzImage, config, build.log). The build tree lives in ${VMEM_GUEST_CACHE}/build/,
 # never in the checkout. A rebuild happens only when the linux-source package version or
 # the fragment's options (comments do not count) change.
@@ -12,6 +18,7 @@
 #   scripts/build-kernel.sh               build if needed, print the bzImage path
 #   scripts/build-kernel.sh --print-path  print the bzImage path (exit 1 if not built)
 #   scripts/build-kernel.sh --force       rebuild even when cached
+#   scripts/build-kernel.sh --linux 6.12 [--print-path|--force]
 set -euo pipefail
 
 # Everything runs inside main(), which bash parses whole before running it: editing
@@ -21,40 +28,80 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 FRAGMENT="$HERE/kernel/vmem-guest.config"
 CACHE="${VMEM_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmem-guest}"
 MODE="build"
-case "${1:-}" in
-    --print-path) MODE="print" ;;
-    --force) MODE="force" ;;
-    "") ;;
-    *) echo "usage: $0 [--print-path|--force]" >&2; exit 2 ;;
-esac
+SERIES="${VMEM_GUEST_LINUX:-6.1}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --print-path) MODE="print" ;;
+        --force) MODE="force" ;;
+        --linux) SERIES="${2:?--linux needs a series, for example 6.12}"; shift ;;
+        *) echo "usage: $0 [--linux SERIES] [--print-path|--force]" >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ "$SERIES" =~ ^[0-9]+\.[0-9]+$ ]] || { echo "build-kernel: bad series '$SERIES'" >&2; exit 2; }
 
 log() { echo "build-kernel: $*"; }
 die() { echo "build-kernel: ERROR: $*" >&2; exit 1; }
 
-# The newest linux-source tarball and the version of the package that ships it.
-find_source() {
-    TARBALL="$(ls -1 /usr/src/linux-source-*.tar.xz 2>/dev/null | sort -V | tail -n1 || true)"
-    [ -n "$TARBALL" ] || return 1
-    SRC_PKG="$(basename "$TARBALL" .tar.xz)"           # linux-source-6.1
-    SRC_VER="$(dpkg-query -W -f='${Version}' "$SRC_PKG" 2>/dev/null || true)"
-    [ -n "$SRC_VER" ] || SRC_VER="$(stat -c %Y "$TARBALL")"
-    # Hash only the option lines: editing the comments does not force a rebuild.
-    FRAG_HASH="$(grep -E '^(CONFIG_|# CONFIG_)' "$FRAGMENT" | sort | sha256sum | cut -c1-12)"
-    KEY="${SRC_PKG#linux-source-}_${SRC_VER}-${FRAG_HASH}"
+# Hash only the option lines: editing the comments does not force a rebuild.
+FRAG_HASH="$(grep -E '^(CONFIG_|# CONFIG_)' "$FRAGMENT" | sort | sha256sum | cut -c1-12)"
+
+# Sets SRC_VER, KEY, OUT_DIR, BZIMAGE for the source version $1.
+key_for() {
+    SRC_VER="$1"
+    KEY="${SERIES}_${SRC_VER}-${FRAG_HASH}"
     OUT_DIR="$CACHE/kernel/$KEY"
     BZIMAGE="$OUT_DIR/bzImage"
 }
 
+# The system's linux-source-$SERIES (Debian 12: 6.1), if installed.
+system_source() {
+    TARBALL="/usr/src/linux-source-$SERIES.tar.xz"
+    [ -f "$TARBALL" ] || return 1
+    local ver
+    ver="$(dpkg-query -W -f='${Version}' "linux-source-$SERIES" 2>/dev/null || true)"
+    [ -n "$ver" ] || ver="$(stat -c %Y "$TARBALL")"
+    key_for "$ver"
+}
+
+# The newest bzImage of the series already built with this fragment (no network).
+cached_build() {
+    local d
+    d="$(ls -1d "$CACHE/kernel/${SERIES}_"*"-$FRAG_HASH" 2>/dev/null | sort -V | tail -n1 || true)"
+    [ -n "$d" ] && [ -f "$d/bzImage" ] || return 1
+    d="$(basename "$d")"
+    d="${d#"${SERIES}_"}"
+    key_for "${d%-"$FRAG_HASH"}"
+}
+
+# Download linux-source-$SERIES into the cache (never /usr/src) and unpack its tarball.
+fetched_source() {
+    local ver dir
+    ver="$(bash "$HERE/fetch-debs.sh" version "linux-source-$SERIES" '*')" ||
+        die "linux-source-$SERIES is not packaged for this Debian release (looked in -security and -backports)"
+    dir="$CACHE/src/linux-source-${SERIES}_$ver"
+    TARBALL="$dir/usr/src/linux-source-$SERIES.tar.xz"
+    if [ ! -f "$TARBALL" ]; then
+        log "downloading linux-source-$SERIES $ver (about 150 MB) into $dir"
+        rm -rf "$dir.partial"
+        bash "$HERE/fetch-debs.sh" download "$dir.partial/debs" "linux-source-$SERIES=$ver"
+        dpkg-deb -x "$dir.partial"/debs/*.deb "$dir.partial"
+        rm -rf "$dir.partial/debs" "$dir"
+        mv "$dir.partial" "$dir"
+    fi
+    key_for "$ver"
+}
+
 if [ "$MODE" = "print" ]; then
-    find_source || die "linux-source is not installed (run scripts/install-vm-deps.sh)"
-    [ -f "$BZIMAGE" ] || die "kernel not built yet: $BZIMAGE (run make kernel)"
+    if system_source && [ -f "$BZIMAGE" ]; then echo "$BZIMAGE"; exit 0; fi
+    cached_build || die "Linux $SERIES kernel not built yet (run scripts/build-kernel.sh --linux $SERIES)"
     echo "$BZIMAGE"
     exit 0
 fi
 
-# Make sure the build dependencies (and the source) are installed.
+# Make sure the build dependencies (and, for 6.1, the source) are installed.
 bash "$HERE/install-vm-deps.sh" --kernel
-find_source || die "no /usr/src/linux-source-*.tar.xz after installing linux-source"
+system_source || fetched_source
 
 if [ "$MODE" != "force" ] && [ -f "$BZIMAGE" ]; then
     log "cached: $BZIMAGE"
@@ -76,7 +123,7 @@ if [ "$MODE" != "force" ] && [ -f "$BZIMAGE" ]; then
 fi
 
 START=$(date +%s)
-SRC_DIR="$CACHE/build/src-${SRC_PKG#linux-source-}_$SRC_VER"
+SRC_DIR="$CACHE/build/src-${SERIES}_$SRC_VER"
 OBJ_DIR="$CACHE/build/obj-$KEY"
 if [ ! -f "$SRC_DIR/.unpacked" ]; then
     log "unpacking $TARBALL -> $SRC_DIR"
@@ -145,7 +192,7 @@ cp "$OBJ_DIR/arch/x86/boot/bzImage" "$OUT_DIR/bzImage.tmp"
 cp "$OBJ_DIR/.config" "$OUT_DIR/config"
 cp "$BUILD_LOG" "$OUT_DIR/build.log"
 cat >"$OUT_DIR/info.txt" <<INFO
-source: $SRC_PKG $SRC_VER
+source: linux-source-$SERIES $SRC_VER ($TARBALL)
 fragment: $FRAGMENT (hash of its option lines: $FRAG_HASH)
 built: $(date -u +%FT%TZ) in $(( $(date +%s) - START ))s with -j$JOBS
 INFO

@@ -94,6 +94,9 @@ def attach_channel(
     try:
         if tracker.discarded_reason:
             log.warning("%s: tracker set aside: %s", bdf, tracker.discarded_reason)
+        tracker.set_transport_info(
+            device_features=channel.device_features, interrupt_mode=channel.interrupt_mode
+        )
         driver = DeviceDriver(device, tracker, kernel, policy, clock=clock, pages=pages)
         driver.start()
     except BaseException:

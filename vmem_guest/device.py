@@ -32,6 +32,25 @@ class Cause(enum.Flag):
     CONFIG = enum.auto()
 
 
+class InterruptMode(enum.IntEnum):
+    """How a device's interrupts reach the driver (kept in the tracker header's
+    ``interrupt_mode``; 0 is what a tracker written before that field existed holds)."""
+
+    UNKNOWN = 0
+    INTX = 1  # one INTx line; ISR says queue or config (spec 4.1.4.5)
+    MSIX = 2  # MSI-X: vector 0 config changes, vector 1 the request queue
+    MODEL = 3  # the simulator's device model (no PCI)
+
+    @property
+    def text(self) -> str:
+        """``INTx``, ``MSI-X``, ``model``, ``unknown`` (for ``vmem-guest status``)."""
+        return {1: "INTx", 2: "MSI-X", 3: "model"}.get(self.value, "unknown")
+
+
+#: The device-type feature bits of a virtio feature word (spec 6: bits 0-23).
+DEVICE_FEATURE_MASK = 0x00FF_FFFF
+
+
 class RequestChannel(Protocol):
     """What carries virtio-mem requests: one request in flight at a time."""
 
@@ -56,6 +75,14 @@ class InterruptingChannel(RequestChannel, Protocol):
 
     def handle_interrupt(self) -> Cause:
         """Consume pending interrupts and say which causes they had."""
+
+    @property
+    def interrupt_mode(self) -> InterruptMode:
+        """How this channel's interrupts arrive."""
+
+    @property
+    def device_features(self) -> int:
+        """The virtio-mem feature bits (0-23) negotiated with the device."""
 
     def close(self) -> None:
         """Release the device (a device reset keeps block state, spec 5.15.5)."""

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 
 from vmem_guest.blocks import MemoryBlockState, Zone
+from vmem_guest.spec import Feature
 from vmem_guest.tracker import TrackerSnapshot
 from vmem_guest.units import format_size
 
@@ -86,6 +87,8 @@ def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> di
         "memory_block_size": geometry.memory_block_size,
         "big_block_mode": geometry.big_block_mode,
         "node_id": snap.node_id,
+        "interrupts": snap.interrupt_mode.text,
+        "device_features": feature_names(snap.device_features),
         "requested_size": snap.requested_size,
         "usable_region_size": snap.usable_region_size,
         "plugged_size": snap.plugged_bytes,
@@ -116,6 +119,19 @@ def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> di
             if rec.state is MemoryBlockState.ONLINE
         ],
     }
+
+
+def feature_names(device_features: int) -> list[str]:
+    """The names of the virtio-mem feature bits set in ``device_features`` (spec 5.15.3);
+    an unknown bit as ``bit N``."""
+    names = []
+    for bit in range(device_features.bit_length()):
+        if device_features >> bit & 1:
+            try:
+                names.append(Feature(bit).name)
+            except ValueError:
+                names.append(f"bit {bit}")
+    return names
 
 
 def block_map(snap: TrackerSnapshot) -> list[str]:
@@ -150,6 +166,8 @@ def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> st
         f", online {format_size(snap.online_bytes)}, usable {format_size(snap.usable_region_size)}"
         f", remainder {format_size(snap.remainder_bytes)}",
         f"  memory blocks: {counts}",
+        f"  {snap.interrupt_mode.text} interrupts, features:"
+        f" {', '.join(feature_names(snap.device_features)) or 'none'}",
     ]
     if snap.intent is not None:
         lines.append(

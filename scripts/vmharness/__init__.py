@@ -6,10 +6,12 @@ See README "## The test VM".
 
 from .config import Dimm, MemDevice, VMConfig
 from .errors import GuestCommandError, HarnessError, HostUnavailable, VMError, VMTimeout
+from .host import NEWER_PAIR, Pair
 from .sizes import GiB, MiB, fmt_size, parse_size
 from .vm import TestVM
 
 __all__ = [
+    "NEWER_PAIR",
     "Dimm",
     "GiB",
     "GuestCommandError",
@@ -17,6 +19,7 @@ __all__ = [
     "HostUnavailable",
     "MemDevice",
     "MiB",
+    "Pair",
     "TestVM",
     "VMConfig",
     "VMError",

@@ -1,5 +1,13 @@
 """Host prerequisites: QEMU (installed when missing), the guest kernel (built when
-missing), and the accelerator (KVM only when a probe boot proves it works)."""
+missing), and the accelerator (KVM only when a probe boot proves it works).
+
+The two axes of the test matrix are a :class:`Pair`: a QEMU series (``system``, the
+host's own: 7.2 on Debian 12; or ``10.0``, from backports into the cache by
+scripts/install-qemu.sh) and a guest Linux series (``6.1`` or ``6.12``, built by
+scripts/build-kernel.sh). ``VMEM_GUEST_QEMU_VERSION`` and ``VMEM_GUEST_LINUX`` choose
+the default pair; ``VMEM_GUEST_QEMU`` and ``VMEM_GUEST_KERNEL`` (paths) override the
+default pair's binaries outright.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +17,76 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
 from .errors import HostUnavailable
 
 QEMU_NAME = "qemu-system-x86_64"
+#: The QEMU series that means "the host's own qemu-system-x86_64".
+SYSTEM_QEMU = "system"
+DEFAULT_LINUX = "6.1"
 
 
-def find_qemu(install: bool = True) -> str:
-    """Path of qemu-system-x86_64; installs Debian's qemu-system-x86 when missing."""
-    exe = os.environ.get("VMEM_GUEST_QEMU") or shutil.which(QEMU_NAME)
+@dataclass(frozen=True)
+class Pair:
+    """One cell of the matrix: a QEMU series and a guest Linux series."""
+
+    qemu: str = SYSTEM_QEMU
+    linux: str = DEFAULT_LINUX
+
+    @classmethod
+    def from_env(cls) -> Pair:
+        """The default pair: ``$VMEM_GUEST_QEMU_VERSION`` and ``$VMEM_GUEST_LINUX``."""
+        return cls(
+            qemu=os.environ.get("VMEM_GUEST_QEMU_VERSION") or SYSTEM_QEMU,
+            linux=os.environ.get("VMEM_GUEST_LINUX") or DEFAULT_LINUX,
+        )
+
+    @property
+    def is_default(self) -> bool:
+        """True when this is the pair the environment chose (where path overrides apply)."""
+        return self == Pair.from_env()
+
+    def label(self) -> str:
+        """``qemu-system+linux-6.1``, ``qemu-10.0+linux-6.12``."""
+        return f"qemu-{self.qemu}+linux-{self.linux}"
+
+
+#: The newest pair the project is tested on besides the default one.
+NEWER_PAIR = Pair(qemu="10.0", linux="6.12")
+
+
+def _run_script(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, check=False)
+
+
+def _last_line(result: subprocess.CompletedProcess[str]) -> str:
+    return ((result.stderr or result.stdout).strip().splitlines() or ["?"])[-1]
+
+
+def qemu_version(exe: str) -> str:
+    """``10.0.2`` from ``qemu-system-x86_64 --version``."""
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    words = r.stdout.split()
+    return words[3] if len(words) > 3 and words[:3] == ["QEMU", "emulator", "version"] else "?"
+
+
+def find_qemu(install: bool = True, pair: Pair | None = None) -> str:
+    """Path of the pair's qemu-system-x86_64 (default: :meth:`Pair.from_env`).
+
+    The system one is installed with apt when missing; another series is unpacked
+    into the cache by scripts/install-qemu.sh (about 13 MB, once).
+    """
+    pair = pair or Pair.from_env()
+    if pair.qemu != SYSTEM_QEMU and not (pair.is_default and os.environ.get("VMEM_GUEST_QEMU")):
+        r = _run_script(paths.INSTALL_QEMU, *(() if install else ("--print-path",)), pair.qemu)
+        if r.returncode != 0:
+            raise HostUnavailable(f"QEMU {pair.qemu}: {_last_line(r)}")
+        return _checked_qemu(r.stdout.strip())
+    env = os.environ.get("VMEM_GUEST_QEMU") if pair.is_default else None
+    exe = env or shutil.which(QEMU_NAME)
     if not exe and install:
         r = subprocess.run(
             ["bash", str(paths.INSTALL_DEPS), "--qemu"],
@@ -33,6 +100,11 @@ def find_qemu(install: bool = True) -> str:
             raise HostUnavailable(f"{QEMU_NAME} not found and install failed: {last[0]}")
     if not exe:
         raise HostUnavailable(f"{QEMU_NAME} not found")
+    return _checked_qemu(exe)
+
+
+def _checked_qemu(exe: str) -> str:
+    """``exe`` if it runs (``--version``); HostUnavailable otherwise."""
     try:
         r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
     except OSError as e:
@@ -42,35 +114,30 @@ def find_qemu(install: bool = True) -> str:
     return exe
 
 
-def find_kernel(build: bool = True) -> Path:
-    """The guest bzImage: $VMEM_GUEST_KERNEL, else the build-kernel.sh cache (building it
-    when the cache is empty and build is True; that takes about 9 minutes)."""
-    env = os.environ.get("VMEM_GUEST_KERNEL")
+def find_kernel(build: bool = True, pair: Pair | None = None) -> Path:
+    """The pair's guest bzImage: $VMEM_GUEST_KERNEL for the default pair, else the
+    build-kernel.sh cache (building it when the cache is empty and build is True; that
+    takes 9 to 15 minutes on two cores, with progress on the terminal)."""
+    pair = pair or Pair.from_env()
+    env = os.environ.get("VMEM_GUEST_KERNEL") if pair.is_default else None
     if env:
         if not Path(env).is_file():
             raise HostUnavailable(f"VMEM_GUEST_KERNEL={env} does not exist")
         return Path(env)
-    r = subprocess.run(
-        ["bash", str(paths.BUILD_KERNEL), "--print-path"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    series = ("--linux", pair.linux)
+    r = _run_script(paths.BUILD_KERNEL, *series, "--print-path")
     if r.returncode == 0:
         return Path(r.stdout.strip())
     if not build:
-        raise HostUnavailable(f"guest kernel not built: {r.stderr.strip()}")
-    built = subprocess.run(["bash", str(paths.BUILD_KERNEL)], check=False)
+        raise HostUnavailable(f"guest kernel not built: {_last_line(r)}")
+    built = subprocess.run(["bash", str(paths.BUILD_KERNEL), *series], check=False)
     if built.returncode != 0:
-        raise HostUnavailable("guest kernel cannot be built (scripts/build-kernel.sh failed)")
-    r = subprocess.run(
-        ["bash", str(paths.BUILD_KERNEL), "--print-path"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+        raise HostUnavailable(
+            f"Linux {pair.linux} guest kernel cannot be built (scripts/build-kernel.sh failed)"
+        )
+    r = _run_script(paths.BUILD_KERNEL, *series, "--print-path")
     if r.returncode != 0:
-        raise HostUnavailable(f"guest kernel missing after build: {r.stderr.strip()}")
+        raise HostUnavailable(f"guest kernel missing after build: {_last_line(r)}")
     return Path(r.stdout.strip())
 
 

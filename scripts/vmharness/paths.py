@@ -16,6 +16,7 @@ GUEST_INIT = SCRIPTS_DIR / "guest-init.sh"
 GUEST_RUNNER = Path(__file__).resolve().parent / "guest_runner.py"
 BUILD_KERNEL = SCRIPTS_DIR / "build-kernel.sh"
 INSTALL_DEPS = SCRIPTS_DIR / "install-vm-deps.sh"
+INSTALL_QEMU = SCRIPTS_DIR / "install-qemu.sh"
 
 
 def results_dir() -> Path:

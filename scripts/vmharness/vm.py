@@ -95,8 +95,13 @@ class TestVM:
         *,
         boot_timeout: float = 120.0,
         accel: str | None = None,
+        pair: host.Pair | None = None,
     ) -> None:
+        """``pair``: the QEMU and guest Linux series (default: the environment's)."""
         self.config = config or VMConfig()
+        self.pair = pair or host.Pair.from_env()
+        #: QEMU's version as it reports it (``7.2.x``, ``10.0.2``), set by start().
+        self.qemu_version = ""
         self.boot_timeout = boot_timeout
         self._accel = accel
         self.accel = ""
@@ -126,8 +131,9 @@ class TestVM:
     def start(self) -> None:
         """Start QEMU and wait for the guest runner. Raises HostUnavailable when QEMU or
         the kernel cannot be had, VMTimeout when the guest does not come up."""
-        qemu = host.find_qemu()
-        kernel = host.find_kernel()
+        qemu = host.find_qemu(pair=self.pair)
+        kernel = host.find_kernel(pair=self.pair)
+        self.qemu_version = host.qemu_version(qemu)
         self.accel = self._accel or host.choose_accel(qemu, kernel)
         root = paths.results_dir() / "vm"
         root.mkdir(parents=True, exist_ok=True)

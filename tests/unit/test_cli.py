@@ -165,11 +165,13 @@ def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
     assert isinstance(device["guest_mem_total"], int)
     assert device["intent"] is None
     assert device["broken"] is False
+    assert (device["interrupts"], device["device_features"]) == ("model", [])
 
     text = run_module("status", "--state-dir", str(state_dir))
     assert text.returncode == 0, text.stderr
     assert "plugged 1000MiB" in text.stdout
     assert "remainder 0" in text.stdout
+    assert "model interrupts, features: none" in text.stdout
     assert "#######%...." in text.stdout
     assert "unplugged inside online blocks: 24MiB" in text.stdout
     assert f"memory{holed[0]['index']} {'#' * 52}{'.' * 12}" in text.stdout

@@ -16,8 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmem_guest import render
 from vmem_guest import tracker as tracker_module
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.device import InterruptMode
 from vmem_guest.errors import SafetyError, TrackerError, TrackerLocked
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import (
@@ -110,7 +112,7 @@ HEADER_OFFSETS = {
     "usable_region_size": 128,
     "plugged_size": 136,
     "node_id": 144,
-    "reserved0": 148,
+    "device_features": 148,
     "plugged_bytes": 152,
     "online_bytes": 160,
     "remainder_bytes": 168,
@@ -120,7 +122,7 @@ HEADER_OFFSETS = {
     "intent_addr": 200,
     "intent_nb_blocks": 208,
     "intent_op": 212,
-    "reserved1": 214,
+    "interrupt_mode": 214,
     "broken_detail": 216,
 }
 RECORD_OFFSETS = {
@@ -1331,3 +1333,14 @@ def test_a_block_with_holes_and_memory_in_use_is_not_offlined(tracker: Tracker) 
     tracker.record_unplugged(hole, 1)
     with pytest.raises(SafetyError, match="taken subblocks and plugged ones"):
         tracker.record_offline(33)
+
+
+def test_transport_info_is_kept_for_status(tracker: Tracker) -> None:
+    assert tracker.snapshot().interrupt_mode is InterruptMode.UNKNOWN  # a fresh file: zeros
+    tracker.set_transport_info(device_features=0b11, interrupt_mode=InterruptMode.MSIX)
+    snap = tracker.snapshot()
+    assert (snap.device_features, snap.interrupt_mode) == (0b11, InterruptMode.MSIX)
+    assert render.feature_names(snap.device_features) == ["ACPI_PXM", "UNPLUGGED_INACCESSIBLE"]
+    assert render.feature_names(1 << 7) == ["bit 7"]
+    with pytest.raises(ValueError, match="device_features"):
+        tracker.set_transport_info(device_features=1 << 24, interrupt_mode=InterruptMode.INTX)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
-from vmem_guest.device import Cause
+from vmem_guest.device import Cause, InterruptMode
 from vmem_guest.errors import TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import channel as ch
@@ -139,3 +142,76 @@ def test_submit_re_signals_a_config_change_it_swallowed() -> None:
     assert efd.wait(0)  # the outer selector loop wakes up...
     assert channel.handle_interrupt() == Cause.CONFIG  # ...and learns about the change
     efd.close()
+
+
+class IrqVfio:
+    """The VFIO calls _setup_interrupts makes: vectors per index, what was enabled."""
+
+    def __init__(self, msix_vectors: int) -> None:
+        self.counts = {uapi.VFIO_PCI_INTX_IRQ_INDEX: 1, uapi.VFIO_PCI_MSIX_IRQ_INDEX: msix_vectors}
+        self.enabled: list[tuple[int, int]] = []  # (index, eventfds)
+        self.disabled = 0
+
+    def irq_info(self, index: int) -> SimpleNamespace:
+        return SimpleNamespace(count=self.counts.get(index, 0))
+
+    def enable_irqs(self, index: int, eventfds: list[EventFd]) -> None:
+        self.enabled.append((index, len(eventfds)))
+
+    def disable_irqs(self) -> None:
+        self.disabled += 1
+
+
+class VectorTransport:
+    """msix_config / queue_msix_vector as the device reads them back."""
+
+    def __init__(self, accepts: bool) -> None:
+        self.accepts = accepts
+        self.config_vector = self.queue_vector = vp.VIRTIO_MSI_NO_VECTOR
+
+    def _take(self, vector: int) -> int:
+        return (
+            vector if self.accepts or vector == vp.VIRTIO_MSI_NO_VECTOR else vp.VIRTIO_MSI_NO_VECTOR
+        )
+
+    def set_config_vector(self, vector: int) -> bool:
+        self.config_vector = self._take(vector)
+        return self.config_vector == vector
+
+    def set_queue_vector(self, index: int, vector: int) -> bool:
+        assert index == 0
+        self.queue_vector = self._take(vector)
+        return self.queue_vector == vector
+
+
+def irq_channel(msix_vectors: int, accepts: bool) -> tuple[ch.PciChannel, IrqVfio, VectorTransport]:
+    vfio = IrqVfio(msix_vectors)
+    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
+    transport = VectorTransport(accepts)
+    channel._setup_interrupts(transport)  # type: ignore[arg-type]
+    return channel, vfio, transport
+
+
+def test_two_msix_vectors_route_config_and_queue_apart() -> None:
+    channel, vfio, transport = irq_channel(2, accepts=True)
+    assert channel.interrupt_mode is InterruptMode.MSIX
+    assert vfio.enabled == [(uapi.VFIO_PCI_MSIX_IRQ_INDEX, 2)]
+    assert (transport.config_vector, transport.queue_vector) == (ch.CONFIG_VECTOR, ch.QUEUE_VECTOR)
+    assert channel.config_change_fd() != channel.interrupt_fd()
+
+
+def test_without_msix_the_channel_uses_intx() -> None:
+    channel, vfio, _ = irq_channel(0, accepts=True)
+    assert channel.interrupt_mode is InterruptMode.INTX
+    assert vfio.enabled == [(uapi.VFIO_PCI_INTX_IRQ_INDEX, 1)]
+    assert channel.config_change_fd() == channel.interrupt_fd()
+
+
+def test_a_device_that_refuses_its_vectors_falls_back_to_intx() -> None:
+    channel, vfio, transport = irq_channel(2, accepts=False)
+    assert channel.interrupt_mode is InterruptMode.INTX
+    # MSI-X was tried, turned off again, and both vectors left at "no vector".
+    assert vfio.enabled == [(uapi.VFIO_PCI_MSIX_IRQ_INDEX, 2), (uapi.VFIO_PCI_INTX_IRQ_INDEX, 1)]
+    assert vfio.disabled == 1
+    assert transport.config_vector == transport.queue_vector == vp.VIRTIO_MSI_NO_VECTOR
+    assert channel._config_irq is None

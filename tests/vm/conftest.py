@@ -20,11 +20,12 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from vmharness import HostUnavailable, TestVM, VMConfig  # noqa: E402
+from vmharness import HostUnavailable, Pair, TestVM, VMConfig  # noqa: E402
 from vmharness import host as vmhost  # noqa: E402
 from vmharness.vm import LIVE_VMS  # noqa: E402
 
-_SKIP_REASON: list[str] = []
+#: Why a pair cannot run here, once found out (one probe per pair per session).
+_SKIP_REASON: dict[Pair, str] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,30 +36,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.vm)
 
 
-def _host_ready() -> None:
-    """Find QEMU (installing it if needed) and the kernel (building it if needed) once;
-    skip with one clear line when either is impossible."""
-    if _SKIP_REASON:
-        pytest.skip(_SKIP_REASON[0])
+def _host_ready(pair: Pair) -> None:
+    """Find the pair's QEMU (installing it if needed) and kernel (building it if needed)
+    once; skip with one clear line when either is impossible."""
+    if pair in _SKIP_REASON:
+        pytest.skip(_SKIP_REASON[pair])
     try:
-        vmhost.find_qemu()
-        vmhost.find_kernel()
+        vmhost.find_qemu(pair=pair)
+        vmhost.find_kernel(pair=pair)
     except HostUnavailable as e:
-        _SKIP_REASON.append(f"VM tests skipped: {e}")
-        pytest.skip(_SKIP_REASON[0])
+        _SKIP_REASON[pair] = f"VM tests on {pair.label()} skipped: {e}"
+        pytest.skip(_SKIP_REASON[pair])
 
 
 @contextmanager
-def boot(config: VMConfig) -> Iterator[TestVM]:
-    """Boot a VM for a module fixture (skips when the host cannot run VMs)."""
-    _host_ready()
-    with TestVM(config) as vm:
+def boot(config: VMConfig, pair: Pair | None = None) -> Iterator[TestVM]:
+    """Boot a VM for a module fixture (skips when the host cannot run the pair)."""
+    pair = pair or Pair.from_env()
+    _host_ready(pair)
+    with TestVM(config, pair=pair) as vm:
         yield vm
 
 
 @pytest.fixture(scope="session")
-def boot_vm() -> Callable[[VMConfig], AbstractContextManager[TestVM]]:
-    """``with boot_vm(VMConfig(...)) as vm:`` in a module-scoped fixture."""
+def boot_vm() -> Callable[..., AbstractContextManager[TestVM]]:
+    """``with boot_vm(VMConfig(...)[, pair]) as vm:`` in a module-scoped fixture."""
     return boot
 
 

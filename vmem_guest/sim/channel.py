@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 
-from vmem_guest.device import Cause
+from vmem_guest.device import Cause, InterruptMode
 from vmem_guest.sim.device_model import DeviceModel
 
 
@@ -55,6 +55,15 @@ class SimChannel:
                 os.eventfd_read(self._efd)
             causes, self._causes = self._causes, Cause.NONE
         return causes
+
+    @property
+    def interrupt_mode(self) -> InterruptMode:
+        return InterruptMode.MODEL
+
+    @property
+    def device_features(self) -> int:
+        """No feature negotiation happens with the model: no bits."""
+        return 0
 
     def close(self) -> None:
         if self._efd >= 0:

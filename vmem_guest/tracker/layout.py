@@ -152,7 +152,8 @@ class TrackerHeader(ctypes.LittleEndianStructure, LayoutCheck):
         ("usable_region_size", ctypes.c_uint64),
         ("plugged_size", ctypes.c_uint64),
         ("node_id", ctypes.c_uint32),
-        ("reserved0", ctypes.c_uint32),
+        # The virtio-mem feature bits negotiated (bits 0-23, spec 5.15.3).
+        ("device_features", ctypes.c_uint32),
         # counters
         ("plugged_bytes", ctypes.c_uint64),
         ("online_bytes", ctypes.c_uint64),
@@ -164,7 +165,7 @@ class TrackerHeader(ctypes.LittleEndianStructure, LayoutCheck):
         ("intent_addr", ctypes.c_uint64),
         ("intent_nb_blocks", ctypes.c_uint32),
         ("intent_op", ctypes.c_uint16),
-        ("reserved1", ctypes.c_uint16),
+        ("interrupt_mode", ctypes.c_uint16),  # InterruptMode
         ("broken_detail", ctypes.c_char * BROKEN_DETAIL_SIZE),
     )
 

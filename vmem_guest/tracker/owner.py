@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Self
 
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.device import DEVICE_FEATURE_MASK, InterruptMode
 from vmem_guest.errors import SafetyError, TrackerError
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker.files import (
@@ -511,6 +512,17 @@ class Tracker:
             usable_region_size,
             plugged_size,
             node_id,
+        )
+
+    def set_transport_info(self, *, device_features: int, interrupt_mode: InterruptMode) -> None:
+        """Store what the transport negotiated: the virtio-mem feature bits accepted and
+        the interrupt mode (for ``status``; nothing is recovered from them)."""
+        check_unsigned("device_features", device_features, DEVICE_FEATURE_MASK)
+        with self._write_section() as header:
+            header.device_features = device_features
+            header.interrupt_mode = InterruptMode(interrupt_mode)
+        self._log.info(
+            "transport: features %#x, %s interrupts", device_features, interrupt_mode.text
         )
 
     def set_broken(self, reason: str | BrokenReason) -> None:

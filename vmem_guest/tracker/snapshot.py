@@ -23,6 +23,7 @@ import enum
 from typing import TypeVar
 
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
+from vmem_guest.device import InterruptMode
 from vmem_guest.errors import TrackerError
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker.layout import (
@@ -101,6 +102,9 @@ class TrackerSnapshot:
     usable_region_size: int
     plugged_size: int
     node_id: int
+    #: The virtio-mem feature bits negotiated, and how interrupts arrive.
+    device_features: int
+    interrupt_mode: InterruptMode
     broken: bool
     broken_reason: str
     plugged_bytes: int
@@ -252,6 +256,8 @@ def decode(buf: bytes) -> TrackerSnapshot:
         usable_region_size=header.usable_region_size,
         plugged_size=header.plugged_size,
         node_id=header.node_id,
+        device_features=header.device_features,
+        interrupt_mode=enum_or_error(InterruptMode, header.interrupt_mode, "interrupt mode"),
         broken=header.device_status == DeviceStatus.BROKEN,
         broken_reason=broken_reason(header),
         plugged_bytes=header.plugged_bytes,

@@ -25,7 +25,7 @@ from vmem_guest._linux import pagemap
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.sysfs import SYSFS_ROOT
-from vmem_guest.device import Cause
+from vmem_guest.device import DEVICE_FEATURE_MASK, Cause, InterruptMode
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import virtio_pci as vp
@@ -39,6 +39,11 @@ DEFAULT_IOVA = 0x1000_0000
 #: One request in flight needs two descriptors; a small ring fits in one page.
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_TIMEOUT = 5.0
+
+#: MSI-X table entries the channel uses: config changes and the request queue.
+CONFIG_VECTOR = 0
+QUEUE_VECTOR = 1
+MSIX_VECTORS = 2
 
 _OPTIONAL_FEATURES = (Feature.ACPI_PXM, Feature.UNPLUGGED_INACCESSIBLE, Feature.ACCESS_PLATFORM)
 
@@ -178,7 +183,7 @@ class PciChannel:
         assert self.buffer is not None
         self.buffer.check_outside(self.guard_ranges)
 
-        queue_vector = self._setup_interrupts(transport)
+        self._setup_interrupts(transport)
         self.queue = Virtqueue(
             self.buffer,
             layout,
@@ -192,7 +197,6 @@ class PciChannel:
             desc=self.queue.desc_bus,
             driver=self.queue.avail_bus,
             device=self.queue.used_bus,
-            msix_vector=queue_vector,
         )
         transport.driver_ok()
         self.log.info(
@@ -200,24 +204,58 @@ class PciChannel:
             mode,
             size,
             self.queue.desc_bus,
-            "MSI-X" if self.msix else "INTx",
+            self.interrupt_mode.text,
         )
 
-    def _setup_interrupts(self, transport: vp.VirtioPciTransport) -> int | None:
-        """MSI-X with a config and a queue vector when there are two, else INTx."""
-        msix = self.vfio.irq_info(uapi.VFIO_PCI_MSIX_IRQ_INDEX)
-        if msix.count >= 2:
-            self._config_irq, self._irq = EventFd(), EventFd()
-            self.vfio.enable_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [self._config_irq, self._irq])
-            transport.set_config_vector(0)
-            self.msix = True
-            return 1
+    def _setup_interrupts(self, transport: vp.VirtioPciTransport) -> None:
+        """MSI-X with a config and a queue vector when the device has two and takes
+        them, else INTx (QEMU 7.2's virtio-mem-pci has no MSI-X; 10.0 has two vectors)."""
+        if self._try_msix(transport):
+            return
         intx = self.vfio.irq_info(uapi.VFIO_PCI_INTX_IRQ_INDEX)
         if intx.count < 1:
             raise TransportError(f"{self.bdf} has neither MSI-X nor INTx", bdf=self.bdf)
         self._irq = EventFd()
         self.vfio.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [self._irq])
-        return None
+
+    def _try_msix(self, transport: vp.VirtioPciTransport) -> bool:
+        """Vector 0 for config changes, 1 for the request queue; False (and MSI-X off
+        again) when the function has fewer vectors or the device refuses one."""
+        vectors = self.vfio.irq_info(uapi.VFIO_PCI_MSIX_IRQ_INDEX).count
+        if vectors < MSIX_VECTORS:
+            self.log.info("%d MSI-X vectors: INTx", vectors)
+            return False
+        config_irq, queue_irq = EventFd(), EventFd()
+        try:
+            self.vfio.enable_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [config_irq, queue_irq])
+        except TransportError as exc:
+            self.log.warning("MSI-X cannot be enabled (%s): falling back to INTx", exc)
+            config_irq.close()
+            queue_irq.close()
+            return False
+        if transport.set_config_vector(CONFIG_VECTOR) and transport.set_queue_vector(
+            spec.REQUEST_QUEUE, QUEUE_VECTOR
+        ):
+            self._config_irq, self._irq = config_irq, queue_irq
+            self.msix = True
+            return True
+        self.log.warning("the device refused its MSI-X vectors: falling back to INTx")
+        transport.set_config_vector(vp.VIRTIO_MSI_NO_VECTOR)
+        transport.set_queue_vector(spec.REQUEST_QUEUE, vp.VIRTIO_MSI_NO_VECTOR)
+        self.vfio.disable_irqs()
+        config_irq.close()
+        queue_irq.close()
+        return False
+
+    @property
+    def interrupt_mode(self) -> InterruptMode:
+        """MSI-X (two vectors) or INTx: how this device's interrupts arrive."""
+        return InterruptMode.MSIX if self.msix else InterruptMode.INTX
+
+    @property
+    def device_features(self) -> int:
+        """The virtio-mem feature bits (0-23, spec 5.15.3) accepted at negotiation."""
+        return self.features & DEVICE_FEATURE_MASK
 
     # -- RequestChannel ------------------------------------------------------------
 

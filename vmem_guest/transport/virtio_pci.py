@@ -429,9 +429,10 @@ class VirtioPciTransport:
         desc: int,
         driver: int,
         device: int,
-        msix_vector: int | None = None,
     ) -> QueueInfo:
         """Program split queue ``index`` with ``size`` entries and enable it (spec 4.1.5.1.3).
+
+        Its MSI-X vector, if any, is set before with :meth:`set_queue_vector`.
 
         ``size`` must be a power of two no larger than :meth:`max_queue_size`
         (split rings, spec 2.7). ``desc``, ``driver`` and ``device`` are bus
@@ -445,10 +446,6 @@ class VirtioPciTransport:
         common.write64(_reg("queue_desc")[0], desc)
         common.write64(_reg("queue_driver")[0], driver)
         common.write64(_reg("queue_device")[0], device)
-        if msix_vector is not None:
-            common.write16(_reg("queue_msix_vector")[0], msix_vector)
-            if common.read16(_reg("queue_msix_vector")[0]) != msix_vector:
-                raise TransportError(f"queue {index}: MSI-X vector {msix_vector} refused")
         notify_off = common.read16(_reg("queue_notify_off")[0])
         notify_offset = notify_off * self.caps.notify.notify_off_multiplier
         self.notify_area.window(notify_offset, 2)  # bounds-checks it
@@ -461,12 +458,24 @@ class VirtioPciTransport:
         )
         return QueueInfo(index, size, notify_offset)
 
-    def set_config_vector(self, vector: int) -> None:
-        """Route config changes to MSI-X ``vector`` and check the device took it."""
+    def set_config_vector(self, vector: int) -> bool:
+        """Route config changes to MSI-X ``vector``; False when the device refused it.
+
+        Spec 4.1.5.1.2: the device answers VIRTIO_MSI_NO_VECTOR on read-back when
+        it could not map the vector (QEMU: ``msix_vector_use`` failed).
+        """
         off = _reg("msix_config")[0]
         self.common.write16(off, vector)
-        if self.common.read16(off) != vector:
-            raise TransportError(f"MSI-X config vector {vector} refused")
+        return self.common.read16(off) == vector
+
+    def set_queue_vector(self, index: int, vector: int) -> bool:
+        """Route queue ``index``'s interrupts to MSI-X ``vector`` (``queue_msix_vector``
+        of the selected queue, spec 4.1.5.1.3 step 4); False when the device refused."""
+        common = self.common
+        common.write16(_reg("queue_select")[0], index)
+        off = _reg("queue_msix_vector")[0]
+        common.write16(off, vector)
+        return common.read16(off) == vector
 
     def driver_ok(self) -> None:
         self.add_status(Status.DRIVER_OK)
