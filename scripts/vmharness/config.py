@@ -59,6 +59,9 @@ class VMConfig:
     #: The vCPU's physical address bits (``-cpu ...,phys-bits=N``). None: QEMU's default
     #: (40 under TCG: 1 TiB of guest-physical space, which a 1 TiB region does not fit).
     phys_bits: int | None = None
+    #: TCG's threading (``-accel tcg,thread=...``): ``multi`` runs a host thread per
+    #: vCPU; ``single`` runs them all in one (see :data:`host.TCG_THREAD_SINGLE_FROM`).
+    tcg_thread: str = "multi"
 
     def with_devices(self, *devices: MemDevice) -> VMConfig:
         """A copy with other devices."""
@@ -149,7 +152,7 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
     accel_args = (
         ["-accel", "kvm", "-cpu", f"host{phys_bits}"]
         if accel == "kvm"
-        else ["-accel", "tcg,thread=multi", "-cpu", f"max{phys_bits}"]
+        else ["-accel", f"tcg,thread={cfg.tcg_thread}", "-cpu", f"max{phys_bits}"]
     )
     argv = [
         qemu,

@@ -20,6 +20,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -135,6 +136,9 @@ class TestVM:
         kernel = host.find_kernel(pair=self.pair)
         self.qemu_version = host.qemu_version(qemu)
         self.accel = self._accel or host.choose_accel(qemu, kernel)
+        if self.accel == "tcg" and self.config.tcg_thread == "multi":
+            thread = host.tcg_thread_for(self.qemu_version)
+            self.config = dataclasses.replace(self.config, tcg_thread=thread)
         root = paths.results_dir() / "vm"
         root.mkdir(parents=True, exist_ok=True)
         _prune_runs(root, KEEP_RUNS)

@@ -137,7 +137,9 @@ def check_boot_memory_record(vm: TestVM, present_before: int) -> None:
         assert all(end <= region[0] or start >= region[1] for start, end in ranges)
 
 
-def run_sequence(vm: TestVM, agent_args: str) -> None:
+def run_sequence(vm: TestVM, agent_args: str, after: Callable[[], None] | None = None) -> None:
+    """Start the agent, resize both devices through SEQUENCE checking each step, call
+    ``after`` (with the agent still running, converged on the last size), stop it."""
     base_memtotal = vm.mem_total()
     present = int(vm.sh("ls -d /sys/devices/system/memory/memory[0-9]* | wc -l"))
     start_agent(vm, agent_args)
@@ -148,6 +150,8 @@ def run_sequence(vm: TestVM, agent_args: str) -> None:
             for dev_id in BLOCK_SIZES:
                 vm.resize(dev_id, requested_of(dev_id, requested))
             plugged = check_converged(vm, requested, plugged, base_memtotal)
+        if after is not None:
+            after()
     except Exception:
         print(agent_log(vm))
         raise
