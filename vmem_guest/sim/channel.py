@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 
+from vmem_guest._linux.lifetime import close_fd
 from vmem_guest.device import Cause
 from vmem_guest.sim.device_model import DeviceModel
 
@@ -57,6 +58,4 @@ class SimChannel:
         return causes
 
     def close(self) -> None:
-        if self._efd >= 0:
-            os.close(self._efd)
-            self._efd = -1
+        self._efd = close_fd(self._efd)
