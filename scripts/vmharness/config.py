@@ -78,6 +78,27 @@ class VMConfig:
             raise ValueError("boot memory must split into 128 MiB multiples per node")
 
 
+def userspace_driver_config(
+    name: str,
+    *devices: MemDevice,
+    viommu: bool = False,
+    numa_nodes: int = 0,
+    extra_cmdline: tuple[str, ...] = (),
+) -> VMConfig:
+    """A VM for the userspace driver: the in-kernel virtio_mem driver blacklisted and
+    ``devices`` (one default :class:`MemDevice` when none is given) left to VFIO, in
+    no-IOMMU mode, or in type1 mode under a vIOMMU with ``viommu``."""
+    return VMConfig(
+        name=name,
+        devices=devices or (MemDevice(),),
+        numa_nodes=numa_nodes,
+        in_kernel_driver=False,
+        noiommu=not viommu,
+        viommu=viommu,
+        extra_cmdline=extra_cmdline,
+    )
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Host paths of one VM run."""

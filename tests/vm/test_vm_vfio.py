@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 
 FIND_DEVICE = (
     "for d in /sys/bus/pci/devices/*; do "
@@ -33,23 +33,17 @@ BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 
 @pytest.fixture
 def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="noiommu",
-        in_kernel_driver=False,
-        noiommu=True,
-        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB),),
-    )
+    cfg = userspace_driver_config("noiommu", MemDevice("vm0", size=4 * GiB, block_size=2 * MiB))
     with boot_vm(cfg) as v:
         yield v
 
 
 @pytest.fixture
 def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="viommu",
-        in_kernel_driver=False,
+    cfg = userspace_driver_config(
+        "viommu",
+        MemDevice("vm0", size=4 * GiB, block_size=2 * MiB, iommu_platform=True),
         viommu=True,
-        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB, iommu_platform=True),),
     )
     with boot_vm(cfg) as v:
         yield v
