@@ -154,14 +154,7 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 
 def online_runs(dev: dict[str, Any]) -> list[tuple[int, int]]:
     """Contiguous runs (first block index, count) of the device's online memory blocks."""
-    indices = sorted(block["index"] for block in dev["online_blocks"])
-    runs: list[tuple[int, int]] = []
-    for index in indices:
-        if runs and runs[-1][0] + runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((index, 1))
-    return runs
+    return _runs(sorted(block["index"] for block in dev["online_blocks"]))
 
 
 def state(vm: TestVM, bdf: str, addr: int, blocks: int) -> str:
