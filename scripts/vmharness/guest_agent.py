@@ -16,6 +16,23 @@ AGENT_LOG = "/run/vmem-agent.log"
 AGENT_PID = "/run/vmem-agent.pid"
 CONTROL_SOCKET = "/run/vmem-guest/control.sock"
 MEMORY_BLOCK = 128 << 20
+#: Prints the BDF of each virtio-mem PCI function in the guest (vendor 0x1af4, device 0x1058).
+FIND_DEVICE = (
+    "for d in /sys/bus/pci/devices/*; do "
+    '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
+    "done; true"
+)
+
+
+def bind_vfio(vm: TestVM, bdf: str) -> None:
+    """Rebind a PCI device to vfio-pci with plain sysfs writes, the way the agent will."""
+    dev = f"/sys/bus/pci/devices/{bdf}"
+    vm.sh(
+        f"echo vfio-pci > {dev}/driver_override && "
+        f"if [ -e {dev}/driver ]; then echo {bdf} > {dev}/driver/unbind; fi && "
+        f"echo {bdf} > /sys/bus/pci/drivers_probe"
+    )
+    assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
 
 
 def cli(vm: TestVM, args: str, timeout: float = 120.0) -> str:

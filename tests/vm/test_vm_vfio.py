@@ -9,24 +9,7 @@ from contextlib import AbstractContextManager
 
 import pytest
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
-
-FIND_DEVICE = (
-    "for d in /sys/bus/pci/devices/*; do "
-    '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
-    "done; true"
-)
-
-
-def bind_vfio(vm: TestVM, bdf: str) -> None:
-    """Rebind a PCI device to vfio-pci the way the agent will."""
-    dev = f"/sys/bus/pci/devices/{bdf}"
-    vm.sh(
-        f"echo vfio-pci > {dev}/driver_override && "
-        f"if [ -e {dev}/driver ]; then echo {bdf} > {dev}/driver/unbind; fi && "
-        f"echo {bdf} > /sys/bus/pci/drivers_probe"
-    )
-    assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
-
+from vmharness.guest_agent import FIND_DEVICE, bind_vfio
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 
