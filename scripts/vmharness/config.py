@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .paths import GUEST_INIT, GUEST_RUNNER
 from .sizes import GiB, MiB, fmt_size, parse_size
 
 
@@ -107,8 +108,8 @@ class RunPaths:
     run_dir: Path  #: results/vm/<run>/ : console.log, qemu.log
     share: Path  #: writable 9p share, mounted at the same path in the guest
     sock_dir: Path  #: short temp dir for the QMP and command sockets
-    guest_init: Path
-    guest_runner: Path
+    guest_init: Path = GUEST_INIT  #: the guest kernel's init= (the checkout's guest-init.sh)
+    guest_runner: Path = GUEST_RUNNER  #: VMH_RUNNER, the command runner init starts
     python: str = "/usr/bin/python3"
     console_log: Path = field(init=False)
     qemu_log: Path = field(init=False)
