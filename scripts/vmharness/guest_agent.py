@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,18 @@ def start_agent(vm: TestVM, args: str = "--noiommu") -> None:
         f"setsid {VMEM_GUEST} run --log-level debug {args} >{AGENT_LOG} 2>&1 </dev/null &"
         f" echo $! >{AGENT_PID}"
     )
+    wait_for_control_socket(vm, lambda: agent_died(vm))
+    assert not agent_died(vm), agent_log(vm)
+
+
+def wait_for_control_socket(vm: TestVM, died: Callable[[], bool]) -> None:
+    """Wait (2 minutes at most) until an agent just started binds CONTROL_SOCKET, or
+    ``died()`` says it is gone: the caller tells which of the two it was."""
     vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or agent_died(vm),
+        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or died(),
         timeout=120,
         what="the agent's control socket",
     )
-    assert not agent_died(vm), agent_log(vm)
 
 
 def agent_died(vm: TestVM) -> bool:
