@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchplot
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, paths
-from vmharness.guest_agent import CONTROL_SOCKET, REPO, VMEM_GUEST
+from vmharness.guest_agent import REPO, VMEM_GUEST, wait_for_control_socket
 from vmharness.sizes import fmt_size
 from vmharness.watch import Curve
 
@@ -332,11 +332,7 @@ def start_agent(vm: TestVM, tag: str, bdfs: list[str], wrapper: str = "") -> Non
         f"setsid {prog} run --noiommu {devices} --log-level info"
         f" >{log} 2>&1 </dev/null & echo $! >{pid}"
     )
-    vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or agent_died(vm, tag),
-        timeout=120,
-        what="the agent's control socket",
-    )
+    wait_for_control_socket(vm, lambda: agent_died(vm, tag))
     if agent_died(vm, tag):
         raise RuntimeError(f"the agent ({tag}) died at start:\n{agent_log(vm, tag)}")
 

@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_agent import stats
 from vmharness import Dimm, GiB, MemDevice, MiB, TestVM, VMConfig, paths
 from vmharness.sizes import fmt_size
 
@@ -92,17 +93,6 @@ out["offline_last"] = set_state("offline")
 write(f"{MEM}/auto_online_blocks", auto)
 print(json.dumps(out))
 """
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    """Median, min, max and spread (max - min) of a list of seconds."""
-    return {
-        "runs": values,
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "spread": max(values) - min(values),
-    }
 
 
 def timed_resize(vm: TestVM, target: int, base_total: int) -> dict[str, float]:

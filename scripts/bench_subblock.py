@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_agent import BDF_SCRIPT, VENV_PYTHON, stats
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, paths
-from vmharness.guest_agent import CONTROL_SOCKET, cli_json
+from vmharness.guest_agent import CONTROL_SOCKET, cli_json, wait_for_control_socket
 
 RUNS = 5
 PLUGGED = 1 * GiB
@@ -143,11 +143,7 @@ def start_agent(vm: TestVM, bdf: str) -> None:
         f" run --noiommu --device {shlex.quote(bdf)} --log-level debug"
         f" >{AGENT_LOG} 2>&1 </dev/null & echo $! >{AGENT_PID}"
     )
-    vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or agent_died(vm),
-        timeout=120,
-        what="the agent's control socket",
-    )
+    wait_for_control_socket(vm, lambda: agent_died(vm))
     if agent_died(vm):
         raise RuntimeError("the agent died at start:\n" + vm.guest(f"tail -n 40 {AGENT_LOG}")[1])
 

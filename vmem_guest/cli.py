@@ -10,15 +10,16 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from vmem_guest import control, planner, render
 from vmem_guest.blocks import Zone
 from vmem_guest.errors import UsageError, VmemError
+from vmem_guest.pci_address import normalize_bdf
 from vmem_guest.sim.faults import Fault
 from vmem_guest.units import format_size, parse_address, parse_size, parse_size_list
 
@@ -26,69 +27,37 @@ DEFAULT_STATE_DIR = Path("/run/vmem-guest")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+T = TypeVar("T")
 
-class SizeType(click.ParamType[int, Any]):
-    """A size such as 512M, 4GiB or 0x8000000."""
 
-    name = "size"
+class ParsedType(click.ParamType[T, Any]):
+    """A click type over one parser of what a user types: the parser's UsageError
+    becomes click's usage error (one line, exit status 2). A value that is already
+    an instance of ``as_is`` (a default given parsed) passes unchanged."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def __init__(self, name: str, parse: Callable[[str], T], as_is: type[T] | None = None) -> None:
+        self.name = name
+        self._parse = parse
+        self._as_is = as_is
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> T:
+        if self._as_is is not None and isinstance(value, self._as_is):
             return value
         try:
-            return parse_size(str(value))
+            return self._parse(str(value))
         except UsageError as exc:
             self.fail(exc.message, param, ctx)
 
 
-class AddressType(SizeType):
-    name = "address"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        try:
-            return parse_address(str(value))
-        except UsageError as exc:
-            self.fail(exc.message, param, ctx)
-
-
-class SizeListType(click.ParamType[list[int], Any]):
-    """A comma-separated list of sizes: 1G,3G,512M,0."""
-
-    name = "sizes"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> list[int]:
-        if isinstance(value, list):
-            return value
-        try:
-            return parse_size_list(str(value))
-        except UsageError as exc:
-            self.fail(exc.message, param, ctx)
-
-
-class BdfType(click.ParamType[str, Any]):
-    """A PCI address, DDDD:BB:DD.F or BB:DD.F, normalized to the long lower-case form.
-
-    The agent knows its devices by the long form: ``--device 00:03.0`` must
-    name the same device through its socket as it does without an agent.
-    """
-
-    name = "bdf"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from vmem_guest.pci_address import normalize_bdf
-
-        try:
-            return normalize_bdf(str(value))
-        except UsageError as exc:
-            self.fail(exc.message, param, ctx)
-
-
-SIZE = SizeType()
-ADDRESS = AddressType()
-BDF = BdfType()
-SIZE_LIST = SizeListType()
+#: A size such as 512M, 4GiB or 0x8000000.
+SIZE = ParsedType("size", parse_size, as_is=int)
+ADDRESS = ParsedType("address", parse_address)
+#: A PCI address, DDDD:BB:DD.F or BB:DD.F, normalized to the long lower-case form: the
+#: agent knows its devices by the long form, so ``--device 00:03.0`` must name the same
+#: device through its socket as it does without an agent.
+BDF = ParsedType("bdf", normalize_bdf)
+#: A comma-separated list of sizes: 1G,3G,512M,0.
+SIZE_LIST = ParsedType("sizes", parse_size_list, as_is=list)
 RATE = click.FloatRange(0.0, 1.0)
 STATE_DIR = click.option(
     "--state-dir",

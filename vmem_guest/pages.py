@@ -23,10 +23,10 @@ import errno
 import mmap
 import os
 import struct
-import types
 from pathlib import Path
 from typing import Protocol
 
+from vmem_guest._linux.lifetime import Closing
 from vmem_guest._linux.procfs import MEMINFO, PROC_ROOT, meminfo_bytes
 from vmem_guest._linux.sysfs import SYSFS_ROOT
 from vmem_guest.errors import KernelError, PageRefused
@@ -91,7 +91,7 @@ def soft_offline_error(pfn: int, err: int) -> KernelError:
     return KernelError("soft offline", None, err, f"pfn {pfn:#x}")
 
 
-class ProcPages:
+class ProcPages(Closing):
     """PageControl over sysfs, procfs and debugfs (any paths, so tests can use a tree).
 
     The two files written or read per page (``soft_offline_page`` and
@@ -121,17 +121,6 @@ class ProcPages:
         self.flag_reads = 0
         self.unpoison_writes = 0
         self._fds: dict[Path, int] = {}  # kept open until close()
-
-    def __enter__(self) -> ProcPages:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: types.TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the kept file descriptors (a later call opens them again)."""

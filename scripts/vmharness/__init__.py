@@ -4,7 +4,7 @@ Put ``scripts/`` on ``sys.path`` and ``from vmharness import TestVM, VMConfig, M
 See README "## The test VM".
 """
 
-from .config import Dimm, MemDevice, VMConfig
+from .config import Dimm, MemDevice, VMConfig, userspace_driver_config
 from .errors import GuestCommandError, HarnessError, HostUnavailable, VMError, VMTimeout
 from .host import NEWER_PAIR, Pair
 from .sizes import GiB, MiB, fmt_size, parse_size
@@ -26,4 +26,5 @@ __all__ = [
     "VMTimeout",
     "fmt_size",
     "parse_size",
+    "userspace_driver_config",
 ]

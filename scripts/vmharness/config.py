@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .paths import GUEST_INIT, GUEST_RUNNER
 from .sizes import GiB, MiB, fmt_size, parse_size
 
 
@@ -81,6 +82,27 @@ class VMConfig:
             raise ValueError("boot memory must split into 128 MiB multiples per node")
 
 
+def userspace_driver_config(
+    name: str,
+    *devices: MemDevice,
+    viommu: bool = False,
+    numa_nodes: int = 0,
+    extra_cmdline: tuple[str, ...] = (),
+) -> VMConfig:
+    """A VM for the userspace driver: the in-kernel virtio_mem driver blacklisted and
+    ``devices`` (one default :class:`MemDevice` when none is given) left to VFIO, in
+    no-IOMMU mode, or in type1 mode under a vIOMMU with ``viommu``."""
+    return VMConfig(
+        name=name,
+        devices=devices or (MemDevice(),),
+        numa_nodes=numa_nodes,
+        in_kernel_driver=False,
+        noiommu=not viommu,
+        viommu=viommu,
+        extra_cmdline=extra_cmdline,
+    )
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Host paths of one VM run."""
@@ -89,8 +111,8 @@ class RunPaths:
     run_dir: Path  #: results/vm/<run>/ : console.log, qemu.log
     share: Path  #: writable 9p share, mounted at the same path in the guest
     sock_dir: Path  #: short temp dir for the QMP and command sockets
-    guest_init: Path
-    guest_runner: Path
+    guest_init: Path = GUEST_INIT  #: the guest kernel's init= (the checkout's guest-init.sh)
+    guest_runner: Path = GUEST_RUNNER  #: VMH_RUNNER, the command runner init starts
     python: str = "/usr/bin/python3"
     console_log: Path = field(init=False)
     qemu_log: Path = field(init=False)

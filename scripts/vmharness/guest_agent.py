@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,23 @@ AGENT_LOG = "/run/vmem-agent.log"
 AGENT_PID = "/run/vmem-agent.pid"
 CONTROL_SOCKET = "/run/vmem-guest/control.sock"
 MEMORY_BLOCK = 128 << 20
+#: Prints the BDF of each virtio-mem PCI function in the guest (vendor 0x1af4, device 0x1058).
+FIND_DEVICE = (
+    "for d in /sys/bus/pci/devices/*; do "
+    '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
+    "done; true"
+)
+
+
+def bind_vfio(vm: TestVM, bdf: str) -> None:
+    """Rebind a PCI device to vfio-pci with plain sysfs writes, the way the agent will."""
+    dev = f"/sys/bus/pci/devices/{bdf}"
+    vm.sh(
+        f"echo vfio-pci > {dev}/driver_override && "
+        f"if [ -e {dev}/driver ]; then echo {bdf} > {dev}/driver/unbind; fi && "
+        f"echo {bdf} > /sys/bus/pci/drivers_probe"
+    )
+    assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
 
 
 def cli(vm: TestVM, args: str, timeout: float = 120.0) -> str:
@@ -50,12 +68,18 @@ def start_agent(vm: TestVM, args: str = "--noiommu") -> None:
         f"setsid {VMEM_GUEST} run --log-level debug {args} >{AGENT_LOG} 2>&1 </dev/null &"
         f" echo $! >{AGENT_PID}"
     )
+    wait_for_control_socket(vm, lambda: agent_died(vm))
+    assert not agent_died(vm), agent_log(vm)
+
+
+def wait_for_control_socket(vm: TestVM, died: Callable[[], bool]) -> None:
+    """Wait (2 minutes at most) until an agent just started binds CONTROL_SOCKET, or
+    ``died()`` says it is gone: the caller tells which of the two it was."""
     vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or agent_died(vm),
+        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or died(),
         timeout=120,
         what="the agent's control socket",
     )
-    assert not agent_died(vm), agent_log(vm)
 
 
 def agent_died(vm: TestVM) -> bool:
@@ -154,14 +178,7 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 
 def online_runs(dev: dict[str, Any]) -> list[tuple[int, int]]:
     """Contiguous runs (first block index, count) of the device's online memory blocks."""
-    indices = sorted(block["index"] for block in dev["online_blocks"])
-    runs: list[tuple[int, int]] = []
-    for index in indices:
-        if runs and runs[-1][0] + runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((index, 1))
-    return runs
+    return _runs(sorted(block["index"] for block in dev["online_blocks"]))
 
 
 def state(vm: TestVM, bdf: str, addr: int, blocks: int) -> str:

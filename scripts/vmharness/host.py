@@ -169,8 +169,6 @@ def _probe_kvm(qemu: str, kernel: Path, timeout: float) -> bool:
             run_dir=t,
             share=t,
             sock_dir=t,
-            guest_init=paths.GUEST_INIT,
-            guest_runner=paths.GUEST_RUNNER,
         )
         cfg = VMConfig(name="kvm-probe", cpus=1, memory=256 << 20, devices=())
         argv = qemu_argv(cfg, rp, qemu, "kvm", mode="probe")

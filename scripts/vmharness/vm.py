@@ -154,8 +154,6 @@ class TestVM:
             run_dir=run_dir,
             share=share,
             sock_dir=sock_dir,
-            guest_init=paths.GUEST_INIT,
-            guest_runner=paths.GUEST_RUNNER,
         )
         argv = qemu_argv(self.config, self.paths, qemu, self.accel)
         (run_dir / "qemu-cmdline.txt").write_text(" ".join(argv) + "\n")

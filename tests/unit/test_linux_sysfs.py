@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import pytest
@@ -34,20 +33,6 @@ def test_read_value_or_none(tmp_path: Path) -> None:
     assert sysfs.read_value_or_none(tmp_path / "name") == "vfio-noiommu"
     assert sysfs.read_value_or_none(tmp_path / "absent") is None
     assert sysfs.read_value_or_none(tmp_path) is None
-
-
-@pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every write(2), recorded and made."""
-    calls: list[bytes] = []
-    real_write = os.write
-
-    def recording_write(fd: int, data: bytes) -> int:
-        calls.append(bytes(data))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(sysfs.os, "write", recording_write)
-    return calls
 
 
 def test_write_word_is_one_write(tmp_path: Path, writes: list[bytes]) -> None:

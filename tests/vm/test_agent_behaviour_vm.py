@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import (
     AGENT_LOG,
     AGENT_PID,
@@ -34,11 +34,8 @@ IDLE_TICKS_ALLOWED = 10
 
 @pytest.fixture(scope="module")
 def vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="agent-behaviour",
-        in_kernel_driver=False,
-        noiommu=True,
-        devices=(MemDevice(DEV, size=4 * GiB, block_size=2 * MiB),),
+    cfg = userspace_driver_config(
+        "agent-behaviour", MemDevice(DEV, size=4 * GiB, block_size=2 * MiB)
     )
     with boot_vm(cfg) as booted:
         yield booted

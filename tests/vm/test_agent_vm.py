@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import (
     MEMORY_BLOCK,
     agent_log,
@@ -42,28 +42,21 @@ def two_devices(iommu: bool) -> tuple[MemDevice, ...]:
 
 @pytest.fixture(scope="module")
 def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="agent-noiommu",
-        in_kernel_driver=False,
-        noiommu=True,
-        numa_nodes=2,
-        devices=two_devices(iommu=False),
-    )
+    cfg = userspace_driver_config("agent-noiommu", *two_devices(iommu=False), numa_nodes=2)
     with boot_vm(cfg) as vm:
         yield vm
 
 
 @pytest.fixture(scope="module")
 def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="agent-type1",
-        in_kernel_driver=False,
+    cfg = userspace_driver_config(
+        "agent-type1",
+        *two_devices(iommu=True),
         viommu=True,
         # TCG on a loaded host fails the IO-APIC timer check through interrupt
         # remapping at boot and panics; the timer works, so skip the check.
         extra_cmdline=("no_timer_check",),
         numa_nodes=2,
-        devices=two_devices(iommu=True),
     )
     with boot_vm(cfg) as vm:
         yield vm

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import (
     AGENT_LOG,
     AGENT_PID,
@@ -49,12 +49,7 @@ ERROR_LINE = re.compile(r"vmem-guest: error: \S.*\n\Z")
 
 @pytest.fixture(scope="module")
 def vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="bad-input",
-        in_kernel_driver=False,
-        noiommu=True,
-        devices=(MemDevice(DEV, size=REGION, block_size=2 * MiB),),
-    )
+    cfg = userspace_driver_config("bad-input", MemDevice(DEV, size=REGION, block_size=2 * MiB))
     with boot_vm(cfg) as booted:
         yield booted
         # Leave nothing plugged (the VM goes anyway; this checks the agent can).

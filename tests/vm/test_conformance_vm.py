@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 
 import pytest
 from conformance import HostResizer
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import VMEM_GUEST, cli, start_agent, stop_agent
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
@@ -25,12 +25,7 @@ REQUESTED = 512 * MiB
 
 @pytest.fixture(scope="module")
 def fuzz_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="conformance",
-        in_kernel_driver=False,
-        noiommu=True,
-        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB),),
-    )
+    cfg = userspace_driver_config("conformance", MemDevice("vm0", size=4 * GiB, block_size=2 * MiB))
     with boot_vm(cfg) as vm:
         yield vm
 

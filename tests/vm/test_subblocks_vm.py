@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import VMEM_GUEST, cli_json, start_agent, state, stop_agent
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
@@ -36,12 +36,7 @@ HOLD_DIR = "/run/tmp/holder"
 
 @pytest.fixture(scope="module")
 def vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="subblocks",
-        in_kernel_driver=False,
-        noiommu=True,
-        devices=(MemDevice(DEV, size=4 * GiB, block_size=2 * MiB),),
-    )
+    cfg = userspace_driver_config("subblocks", MemDevice(DEV, size=4 * GiB, block_size=2 * MiB))
     with boot_vm(cfg) as booted:
         start_agent(booted)
         yield booted

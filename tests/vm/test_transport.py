@@ -111,26 +111,15 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
 # Host side.
 # ----------------------------------------------------------------------------------------
 
-FIND_DEVICE = (
-    "for d in /sys/bus/pci/devices/*; do "
-    '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
-    "done; true"
-)
 
-
-def bind_vfio(vm: TestVM) -> str:
+def bind_the_device(vm: TestVM) -> str:
     """Bind the one virtio-mem device to vfio-pci with plain sysfs writes; return its BDF."""
+    from vmharness.guest_agent import FIND_DEVICE, bind_vfio
+
     bdfs = vm.sh(FIND_DEVICE).split()
     assert len(bdfs) == 1, bdfs
-    bdf = bdfs[0]
-    dev = f"/sys/bus/pci/devices/{bdf}"
-    vm.sh(
-        f"echo vfio-pci > {dev}/driver_override && "
-        f"if [ -e {dev}/driver ]; then echo {bdf} > {dev}/driver/unbind; fi && "
-        f"echo {bdf} > /sys/bus/pci/drivers_probe"
-    )
-    assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
-    return bdf
+    bind_vfio(vm, bdfs[0])
+    return bdfs[0]
 
 
 def guest_cmd(mode: str, bdf: str, action: str) -> str:
@@ -186,7 +175,7 @@ def vm_mode(
 def test_request_round_trips(vm_mode: tuple[TestVM, str]) -> None:
     vm, mode = vm_mode
     assert "initcall_blacklist=virtio_mem_driver_init" in vm.read("/proc/cmdline")
-    bdf = bind_vfio(vm)
+    bdf = bind_the_device(vm)
     if mode == "noiommu":
         vm.wait_until(lambda: vm.guest("ls /dev/vfio/noiommu-*")[0] == 0, 10, what="noiommu node")
     assert vm.plugged("vm0") == 0

@@ -8,48 +8,25 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig
-
-FIND_DEVICE = (
-    "for d in /sys/bus/pci/devices/*; do "
-    '[ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1058 ] && basename $d; '
-    "done; true"
-)
-
-
-def bind_vfio(vm: TestVM, bdf: str) -> None:
-    """Rebind a PCI device to vfio-pci the way the agent will."""
-    dev = f"/sys/bus/pci/devices/{bdf}"
-    vm.sh(
-        f"echo vfio-pci > {dev}/driver_override && "
-        f"if [ -e {dev}/driver ]; then echo {bdf} > {dev}/driver/unbind; fi && "
-        f"echo {bdf} > /sys/bus/pci/drivers_probe"
-    )
-    assert vm.sh(f"basename $(readlink {dev}/driver)").strip() == "vfio-pci"
-
+from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
+from vmharness.guest_agent import FIND_DEVICE, bind_vfio
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 
 
 @pytest.fixture
 def noiommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="noiommu",
-        in_kernel_driver=False,
-        noiommu=True,
-        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB),),
-    )
+    cfg = userspace_driver_config("noiommu", MemDevice("vm0", size=4 * GiB, block_size=2 * MiB))
     with boot_vm(cfg) as v:
         yield v
 
 
 @pytest.fixture
 def viommu_vm(boot_vm: BootVM) -> Iterator[TestVM]:
-    cfg = VMConfig(
-        name="viommu",
-        in_kernel_driver=False,
+    cfg = userspace_driver_config(
+        "viommu",
+        MemDevice("vm0", size=4 * GiB, block_size=2 * MiB, iommu_platform=True),
         viommu=True,
-        devices=(MemDevice("vm0", size=4 * GiB, block_size=2 * MiB, iommu_platform=True),),
     )
     with boot_vm(cfg) as v:
         yield v

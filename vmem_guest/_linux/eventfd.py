@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import select
-import types
+
+from vmem_guest._linux.lifetime import Closing, close_fd
 
 
-class EventFd:
+class EventFd(Closing):
     """A non-blocking, close-on-exec eventfd (``os.eventfd``).
 
     The kernel adds to the counter (an interrupt); :meth:`wait` blocks in
@@ -42,17 +43,4 @@ class EventFd:
         return bool(poller.poll(millis))
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> EventFd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.close()
+        self.fd = close_fd(self.fd)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 
+from vmem_guest._linux.lifetime import close_fd
 from vmem_guest.device import Cause, InterruptMode
 from vmem_guest.sim.device_model import DeviceModel
 
@@ -66,6 +67,4 @@ class SimChannel:
         return 0
 
     def close(self) -> None:
-        if self._efd >= 0:
-            os.close(self._efd)
-            self._efd = -1
+        self._efd = close_fd(self._efd)

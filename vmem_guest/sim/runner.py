@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from vmem_guest import planner
+from vmem_guest._linux.lifetime import Closing
 from vmem_guest.attach import attach_channel
 from vmem_guest.blocks import Geometry, MemoryBlockState
 from vmem_guest.driver import Outcome
@@ -89,7 +90,7 @@ class SimReport:
         return dataclasses.asdict(self)
 
 
-class Simulation:
+class Simulation(Closing):
     """One simulated device, its driver and tracker; call :meth:`resize` per host request."""
 
     def __init__(self, options: SimOptions, state_dir: Path) -> None:
@@ -154,12 +155,6 @@ class Simulation:
 
     def close(self) -> None:
         self.attached.close()
-
-    def __enter__(self) -> Simulation:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def resize(self, requested: int) -> SimReport:
         """Host side ``qom-set requested-size``, then run the driver until it settles."""

@@ -27,8 +27,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
 
+from vmem_guest._linux.lifetime import Closing
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import DEVICE_FEATURE_MASK, InterruptMode
 from vmem_guest.errors import SafetyError, TrackerError
@@ -67,7 +67,7 @@ from vmem_guest.tracker.snapshot import (
 from vmem_guest.tracker.state import RegionState
 
 
-class Tracker:
+class Tracker(Closing):
     """The owner of one tracker file: the only writer (exclusive flock).
 
     Every transition is one write section (generation odd during it, even
@@ -173,17 +173,6 @@ class Tracker:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- reading ------------------------------------------------------------
 

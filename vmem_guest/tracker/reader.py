@@ -6,9 +6,8 @@ import mmap
 import os
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from vmem_guest._linux.lifetime import Closing
 from vmem_guest.errors import TrackerError
 from vmem_guest.tracker.files import check_name, untrusted_reason
 from vmem_guest.tracker.layout import (
@@ -22,7 +21,7 @@ from vmem_guest.tracker.layout import (
 from vmem_guest.tracker.snapshot import TrackerSnapshot, check_header, decode
 
 
-class TrackerReader:
+class TrackerReader(Closing):
     """A read-only view of a tracker file; never locks, works while the owner runs."""
 
     path: Path
@@ -98,14 +97,3 @@ class TrackerReader:
         if self._map is not None:
             self._map.close()
             self._map = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

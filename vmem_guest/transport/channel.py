@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from vmem_guest import spec
 from vmem_guest._linux import pagemap
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
+from vmem_guest._linux.lifetime import Closing
 from vmem_guest._linux.sysfs import SYSFS_ROOT
 from vmem_guest.device import DEVICE_FEATURE_MASK, Cause, InterruptMode
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
@@ -91,7 +91,7 @@ def pick_queue_size(device_max: int, limit: int) -> int:
     return 1 << (top.bit_length() - 1)
 
 
-class PciChannel:
+class PciChannel(Closing):
     """One virtio-mem PCI function driven from userspace; see the module docstring.
 
     Build it with :meth:`open`; it is a context manager.
@@ -357,14 +357,3 @@ class PciChannel:
                 efd.close()
         self._irq = self._config_irq = None
         self.log.info("closed")
-
-    def __enter__(self) -> PciChannel:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.close()

@@ -21,13 +21,13 @@ import errno
 import logging
 import mmap
 import os
-import types
 from pathlib import Path
 from typing import Literal
 
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.ioctl import ioctl
+from vmem_guest._linux.lifetime import Closing, close_fd
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.errors import IoctlError, TransportError
 from vmem_guest.pci_address import check_bdf
@@ -217,8 +217,7 @@ class VfioContainer:
                 self.unmap_dma(iova)
             except TransportError:
                 logging.getLogger(__name__).warning("unmap of IOVA %#x failed", iova)
-        os.close(self.fd)
-        self.fd = -1
+        self.fd = close_fd(self.fd)
 
 
 class VfioGroup:
@@ -247,9 +246,7 @@ class VfioGroup:
         return ioctl(self.fd, "VFIO_GROUP_GET_DEVICE_FD", uapi.VFIO_GROUP_GET_DEVICE_FD, name)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = close_fd(self.fd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +295,7 @@ class MappedBar:
             self._mapping.close()
 
 
-class VfioDevice:
+class VfioDevice(Closing):
     """One PCI function through VFIO: its container, group and device fd.
 
     Use :meth:`open`; :meth:`close` releases everything in reverse order.
@@ -501,18 +498,6 @@ class VfioDevice:
             for bar in self._bars:
                 bar.close()
             self._bars.clear()
-            os.close(self.fd)
-            self.fd = -1
+            self.fd = close_fd(self.fd)
         self.group.close()
         self.container.close()
-
-    def __enter__(self) -> VfioDevice:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.close()
