@@ -21,6 +21,7 @@ from vmem_guest.blocks import Zone
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.pci_address import normalize_bdf
 from vmem_guest.sim.faults import Fault
+from vmem_guest.sim.profiles import PROFILES
 from vmem_guest.units import format_size, parse_address, parse_size, parse_size_list
 
 DEFAULT_STATE_DIR = Path("/run/vmem-guest")
@@ -602,6 +603,15 @@ def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -
     help="A directory shared with a host-side harness that carries out resize "
     "requests (resize-N.json -> resize-N.done): fuzz interleaved host resizes too.",
 )
+@click.option(
+    "--profile",
+    type=click.Choice(["auto", *PROFILES]),
+    default="auto",
+    show_default=True,
+    help="Whose rules the model follows: a QEMU version's device profile, or auto: "
+    "chosen from the features the device offers (PERSISTENT_SUSPEND: qemu-10.0). "
+    "Offered features the profile does not expect count as a mismatch.",
+)
 @JSON
 def fuzz(
     bdf: str | None,
@@ -612,6 +622,7 @@ def fuzz(
     state_dir: Path,
     results_dir: Path | None,
     host_resize: Path | None,
+    profile: str,
     as_json: bool,
 ) -> None:
     """Conformance fuzzer: the device against vmem_guest's QEMU-faithful model.
@@ -642,6 +653,7 @@ def fuzz(
         max_steps=max_steps,
         results_dir=results_dir,
         resize=conformance.HostResizeFiles(host_resize) if host_resize else None,
+        profile=None if profile == "auto" else PROFILES[profile],
     )
     report = result.as_dict()
     if as_json:
@@ -656,6 +668,7 @@ def _fuzz_text(report: dict[str, Any]) -> str:
     geometry = report["geometry"]
     rows = [
         ("device", report["device"]),
+        ("profile", report["profile"]),
         ("block size", format_size(geometry["block_size"])),
         ("requested", format_size(geometry["requested_size"])),
         ("seed", report["seed"]),
@@ -667,6 +680,9 @@ def _fuzz_text(report: dict[str, Any]) -> str:
     ]
     lines = [render.table(("", "value"), rows), "", "device answers:"]
     lines += [f"  {name:<24} {count}" for name, count in report["answers"].items()]
+    if report["feature_differences"]:
+        lines += ["", "OFFERED FEATURES DIFFER FROM THE PROFILE:"]
+        lines += [f"  {text}" for text in report["feature_differences"]]
     failure = report["mismatch"]
     if failure:
         if "device_lost" in failure:

@@ -22,6 +22,7 @@ from vmem_guest.conformance.result import FuzzResult
 from vmem_guest.conformance.run import DEFAULT_EXAMPLES, DEFAULT_MAX_STEPS, fuzz
 from vmem_guest.errors import TrackerLocked, UsageError, VmemError
 from vmem_guest.hotplug import SysfsMemory
+from vmem_guest.sim.profiles import DeviceProfile
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import device_locked
 from vmem_guest.transport.channel import PciChannel
@@ -59,8 +60,11 @@ def fuzz_pci_device(
     max_steps: int = DEFAULT_MAX_STEPS,
     results_dir: Path | None = None,
     resize: Resize | None = None,
+    profile: DeviceProfile | None = None,
 ) -> FuzzResult:
     """``vmem-guest fuzz``: the engine against a real virtio-mem PCI function.
+
+    ``profile`` None: chosen from the features the device offers.
 
     ``bdf`` None: the one virtio-mem function there is. ``resize``: how to
     change the device's ``requested_size`` from the host
@@ -90,6 +94,8 @@ def fuzz_pci_device(
                     resize=resize,
                     database=results / "hypothesis",
                     save_dir=results,
+                    profile=profile,
+                    offered_features=channel.offered_features,
                 )
             result.device = dev.bdf
             if result.lost is not None:

@@ -29,11 +29,19 @@ class FuzzResult:
     flaky: bool = False
     saved: Path | None = None
     device: str = ""
+    #: The device profile the model followed (``qemu-7.2``, ``qemu-10.0``).
+    profile: str = ""
+    #: The device's feature word, when known, and what of it the profile did not expect.
+    offered_features: int | None = None
+    feature_differences: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def mismatches(self) -> int:
-        """1 when the run failed (a mismatch or a lost device), else 0."""
-        return int(self.mismatch is not None or self.lost is not None)
+        """1 when the run failed (a mismatch, a lost device, or offered features the
+        profile does not expect), else 0."""
+        return int(
+            self.mismatch is not None or self.lost is not None or bool(self.feature_differences)
+        )
 
     def _failure(self) -> dict[str, Any] | None:
         """The report's ``mismatch``: the differences and sequence, or None."""
@@ -55,6 +63,9 @@ class FuzzResult:
         """The report: what ran, the device's answers by kind, the failure if any."""
         return {
             "device": self.device,
+            "profile": self.profile,
+            "offered_features": self.offered_features,
+            "feature_differences": self.feature_differences,
             "seed": self.seed,
             "max_examples": self.max_examples,
             "examples": self.counts.examples,

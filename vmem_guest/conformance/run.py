@@ -27,6 +27,7 @@ from vmem_guest.conformance.strategies import sequence_strategy
 from vmem_guest.device import RequestChannel
 from vmem_guest.errors import UsageError
 from vmem_guest.sim.device_model import USABLE_EXTENT_X86, DeviceModel
+from vmem_guest.sim.profiles import DeviceProfile, profile_for_offer
 
 #: Default number of hypothesis examples and the longest generated sequence.
 DEFAULT_EXAMPLES = 100
@@ -53,7 +54,9 @@ def fuzz(
     usable_margin: int = USABLE_EXTENT_X86,
     database: Path | None = None,
     save_dir: Path | None = None,
-    model_factory: Callable[..., DeviceModel] = DeviceModel,
+    profile: DeviceProfile | None = None,
+    offered_features: int | None = None,
+    model_factory: Callable[..., DeviceModel] | None = None,
 ) -> FuzzResult:
     """Differential fuzzing of ``device`` against the model; see the package docstring.
 
@@ -61,10 +64,19 @@ def fuzz(
     hypothesis's seed (None: a random one, in the result). ``database``: a
     directory for hypothesis's example database (a saved failure is replayed
     first next time); ``save_dir``: where a failure is written as JSON.
+    ``profile``: the QEMU whose rules the model follows (None: the one
+    ``offered_features``, the device's feature word, points to; qemu-7.2 when that
+    is unknown too); offered features the profile does not expect are reported as
+    a mismatch. ``model_factory`` overrides the profile's model (tests' variants).
     """
     cfg = _empty_device_config(device)
+    if profile is None:
+        profile = profile_for_offer(offered_features or 0)
     checker = Checker(
-        device, resize=resize, usable_margin=usable_margin, model_factory=model_factory
+        device,
+        resize=resize,
+        usable_margin=usable_margin,
+        model_factory=model_factory or profile.model,
     )
     try:
         checker.new_model()
@@ -72,7 +84,12 @@ def fuzz(
         raise UsageError(f"the model cannot stand for this device: {exc}") from None
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 32)
-    result = FuzzResult(seed=seed, max_examples=examples, counts=checker.counts, geometry=cfg)
+    result = FuzzResult(
+        seed=seed, max_examples=examples, counts=checker.counts, geometry=cfg, profile=profile.name
+    )
+    if offered_features is not None:
+        result.offered_features = offered_features
+        result.feature_differences = profile.feature_differences(offered_features)
     _run(checker, result, max_steps=max_steps, database=database)
     if result.mismatches and save_dir is not None:
         result.saved = save_example(result, save_dir)

@@ -103,6 +103,8 @@ class PciChannel(Closing):
         self.log = logging.getLogger(f"vmem_guest.channel.{bdf}")
         self.timeout = DEFAULT_TIMEOUT
         self.features = 0
+        #: The device's whole feature word as offered (before negotiation).
+        self.offered_features = 0
         self.msix = False
         self.transport: vp.VirtioPciTransport | None = None
         self.buffer: DmaBuffer | None = None
@@ -158,6 +160,7 @@ class PciChannel(Closing):
         transport.add_status(vp.Status.ACKNOWLEDGE)
         transport.add_status(vp.Status.DRIVER)
         offered = transport.device_features()
+        self.offered_features = offered
         self.features = select_features(offered, mode=mode)
         transport.negotiate(self.features)
         self.log.info("features offered %#x, accepted %#x", offered, self.features)
