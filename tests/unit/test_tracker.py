@@ -1342,5 +1342,6 @@ def test_transport_info_is_kept_for_status(tracker: Tracker) -> None:
     assert (snap.device_features, snap.interrupt_mode) == (0b11, InterruptMode.MSIX)
     assert render.feature_names(snap.device_features) == ["ACPI_PXM", "UNPLUGGED_INACCESSIBLE"]
     assert render.feature_names(1 << 7) == ["bit 7"]
+    assert render.feature_names(0b101) == ["ACPI_PXM", "PERSISTENT_SUSPEND"]  # status shows it
     with pytest.raises(ValueError, match="device_features"):
         tracker.set_transport_info(device_features=1 << 24, interrupt_mode=InterruptMode.INTX)

@@ -37,8 +37,19 @@ def test_unplugged_inaccessible_is_accepted_when_offered() -> None:
         | bit(Feature.UNPLUGGED_INACCESSIBLE)
         | bit(Feature.PERSISTENT_SUSPEND)
     )
+    # PERSISTENT_SUSPEND too: the agent handles resume (it keeps the blocks and
+    # re-initialises the transport), so it may let the guest suspend.
     assert ch.select_features(offer, mode="noiommu") == (
-        bit(Feature.VERSION_1) | bit(Feature.UNPLUGGED_INACCESSIBLE)
+        bit(Feature.VERSION_1)
+        | bit(Feature.UNPLUGGED_INACCESSIBLE)
+        | bit(Feature.PERSISTENT_SUSPEND)
+    )
+
+
+def test_persistent_suspend_alone_is_accepted_and_unknown_bits_are_not() -> None:
+    offer = bit(Feature.VERSION_1) | bit(Feature.PERSISTENT_SUSPEND) | 1 << 3 | 1 << 23
+    assert ch.select_features(offer, mode="noiommu") == (
+        bit(Feature.VERSION_1) | bit(Feature.PERSISTENT_SUSPEND)
     )
 
 

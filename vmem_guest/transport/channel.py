@@ -45,7 +45,12 @@ CONFIG_VECTOR = 0
 QUEUE_VECTOR = 1
 MSIX_VECTORS = 2
 
-_OPTIONAL_FEATURES = (Feature.ACPI_PXM, Feature.UNPLUGGED_INACCESSIBLE, Feature.ACCESS_PLATFORM)
+_OPTIONAL_FEATURES = (
+    Feature.ACPI_PXM,
+    Feature.UNPLUGGED_INACCESSIBLE,
+    Feature.PERSISTENT_SUSPEND,
+    Feature.ACCESS_PLATFORM,
+)
 
 
 def check_identity(config: bytes) -> None:
@@ -67,9 +72,14 @@ def select_features(offered: int, *, mode: Mode) -> int:
 
     VERSION_1 is required. ACPI_PXM and UNPLUGGED_INACCESSIBLE are accepted
     when offered (QEMU refuses FEATURES_OK if the latter is offered and
-    declined). ACCESS_PLATFORM is accepted when offered (spec 6: a driver
-    SHOULD) and required under type1: without it the device would bypass the
-    IOMMU and our IOVAs would mean nothing. Everything else is declined.
+    declined). PERSISTENT_SUSPEND is accepted when offered: plugged memory then
+    stays plugged across suspend and resume (spec, device-types/mem, feature
+    bits), so the agent may let the guest suspend and only re-initialises the
+    transport on resume; without it the driver must
+    not let the guest suspend (docs/protocol.md section 1, driver rules).
+    ACCESS_PLATFORM is accepted when offered (spec 6: a driver SHOULD) and
+    required under type1: without it the device would bypass the IOMMU and our
+    IOVAs would mean nothing. Everything else is declined.
     """
     if not offered & (1 << Feature.VERSION_1):
         raise TransportError(f"device does not offer VERSION_1 ({offered:#x})", offered=offered)
