@@ -84,6 +84,14 @@ class InterruptingChannel(RequestChannel, Protocol):
     def device_features(self) -> int:
         """The virtio-mem feature bits (0-23) negotiated with the device."""
 
+    def transport_was_reset(self) -> bool:
+        """True when the transport was reset under the driver (the device no longer
+        shows DRIVER_OK): what a resume from suspend does to a QEMU device."""
+
+    def reinitialize(self) -> None:
+        """After such a reset: renegotiate the same features, rebuild the queue,
+        route the same interrupt fds again. Block state is not touched."""
+
     def close(self) -> None:
         """Release the device (a device reset keeps block state, spec 5.15.5)."""
 

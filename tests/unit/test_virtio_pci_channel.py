@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from types import SimpleNamespace
 
 import pytest
@@ -9,10 +10,11 @@ import pytest
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest.device import Cause, InterruptMode
-from vmem_guest.errors import TransportError
+from vmem_guest.errors import DeviceBroken, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import channel as ch
 from vmem_guest.transport import virtio_pci as vp
+from vmem_guest.transport.virtqueue import RingLayout
 
 QEMU72_OFFER = 0x10130000001  # ACPI_PXM, INDIRECT_DESC, EVENT_IDX, VERSION_1, RING_RESET
 QEMU72_VIOMMU_OFFER = 0x10330000001  # ... plus ACCESS_PLATFORM
@@ -101,6 +103,9 @@ class FakeTransport:
 
     def needs_reset(self) -> bool:
         return False
+
+    def status(self) -> int:
+        return int(vp.Status.DRIVER_OK)
 
 
 def intx_channel(isr: list[int]) -> tuple[ch.PciChannel, FakeVfio, EventFd]:
@@ -226,3 +231,160 @@ def test_a_device_that_refuses_its_vectors_falls_back_to_intx() -> None:
     assert vfio.disabled == 1
     assert transport.config_vector == transport.queue_vector == vp.VIRTIO_MSI_NO_VECTOR
     assert channel._config_irq is None
+
+
+class ResetTransport:
+    """The common-config calls a (re)start makes, recorded in order; status as the device has it."""
+
+    def __init__(self, offered: int) -> None:
+        self.offered = offered
+        self.calls: list[str] = []
+        self.status_value = 0
+        self.accepts_vectors = True
+
+    def status(self) -> int:
+        return self.status_value
+
+    def needs_reset(self) -> bool:
+        return bool(self.status_value & vp.Status.DEVICE_NEEDS_RESET)
+
+    def reset(self) -> None:
+        self.calls.append("reset")
+        self.status_value = 0
+
+    def add_status(self, bits: vp.Status) -> None:
+        self.calls.append(bits.name or str(int(bits)))
+        self.status_value |= bits
+
+    def device_features(self) -> int:
+        return self.offered
+
+    def negotiate(self, features: int) -> None:
+        self.calls.append(f"negotiate {features:#x}")
+
+    def set_config_vector(self, vector: int) -> bool:
+        self.calls.append(f"config vector {vector}")
+        return self.accepts_vectors
+
+    def set_queue_vector(self, index: int, vector: int) -> bool:
+        self.calls.append(f"queue vector {vector}")
+        return self.accepts_vectors
+
+    def setup_queue(self, index: int, *, size: int, desc: int, driver: int, device: int) -> None:
+        self.calls.append(f"queue {index} size {size} desc {desc:#x}")
+
+    def driver_ok(self) -> None:
+        self.calls.append("DRIVER_OK")
+        self.status_value |= vp.Status.DRIVER_OK
+
+    def notify(self, index: int) -> None:
+        pass
+
+
+class ResetVfio:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def enable_bus_master(self) -> None:
+        self.calls.append("bus master")
+
+    def enable_irqs(self, index: int, eventfds: list[EventFd]) -> None:
+        self.calls.append(f"irqs {index} fds {[e.fd for e in eventfds]}")
+
+    def unmask_intx(self) -> None:
+        self.calls.append("unmask")
+
+
+class RingMemory:
+    """A DMA buffer stand-in: plain memory, bus address = 0x10000 + offset."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.mem = (ctypes.c_char * size)()
+        self.address = ctypes.addressof(self.mem)
+        self.size = size
+
+    def bus_addr(self, offset: int, length: int = 1) -> int:
+        return 0x10000 + offset
+
+
+PERSISTENT_OFFER = bit(Feature.VERSION_1) | bit(Feature.PERSISTENT_SUSPEND)
+
+
+def resumable_channel(
+    msix: bool, offered: int = PERSISTENT_OFFER
+) -> tuple[ch.PciChannel, ResetTransport, ResetVfio, RingMemory]:
+    """A channel as _start left it: features accepted, eventfds, a ring with one request
+    answered (so indices are not 0), DRIVER_OK; then the transport reset (status 0)."""
+    vfio = ResetVfio()
+    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
+    transport = ResetTransport(offered)
+    memory = RingMemory()
+    channel.transport = transport  # type: ignore[assignment]
+    channel.buffer = memory  # type: ignore[assignment]
+    channel.features = ch.select_features(offered, mode="noiommu")
+    channel._irq = EventFd()
+    if msix:
+        channel._config_irq, channel.msix = EventFd(), True
+    layout = RingLayout.for_size(16, request_len=24, response_len=10)
+    channel._start_queue(transport, memory, layout)  # type: ignore[arg-type]
+    assert channel.queue is not None
+    channel.queue.last_used = channel.queue.avail.idx = 7  # requests went through
+    transport.calls.clear()
+    transport.status_value = 0  # S3 wake-up: QEMU reset the device
+    return channel, transport, vfio, memory
+
+
+@pytest.mark.parametrize("msix", [False, True])
+def test_reinitialize_after_a_reset_renegotiates_and_rebuilds_in_the_same_buffer(
+    msix: bool,
+) -> None:
+    channel, transport, vfio, memory = resumable_channel(msix)
+    old_queue = channel.queue
+    assert channel.transport_was_reset()
+    channel.reinitialize()
+    assert not channel.transport_was_reset()
+    vectors = ["config vector 0", "queue vector 1"] if msix else []
+    assert transport.calls == [
+        "reset",
+        "ACKNOWLEDGE",
+        "DRIVER",
+        f"negotiate {PERSISTENT_OFFER:#x}",  # exactly what was accepted at open
+        *vectors,
+        "queue 0 size 16 desc 0x10000",  # same ring, same bus address
+        "DRIVER_OK",
+    ]
+    assert channel._irq is not None
+    if msix:
+        assert channel._config_irq is not None
+        fds = [channel._config_irq.fd, channel._irq.fd]  # the eventfds the selector holds
+        assert vfio.calls == ["bus master", f"irqs {uapi.VFIO_PCI_MSIX_IRQ_INDEX} fds {fds}"]
+    else:
+        irqs = f"irqs {uapi.VFIO_PCI_INTX_IRQ_INDEX} fds {[channel._irq.fd]}"
+        assert vfio.calls == ["bus master", irqs, "unmask"]
+    queue = channel.queue
+    assert queue is not None and queue is not old_queue
+    assert queue.memory is memory and queue.last_used == 0 and queue.avail.idx == 0
+    assert channel.interrupt_mode is (InterruptMode.MSIX if msix else InterruptMode.INTX)
+
+
+def test_reinitialize_refuses_a_device_that_dropped_a_feature() -> None:
+    channel, transport, _, _ = resumable_channel(False)
+    transport.offered = bit(Feature.VERSION_1)  # PERSISTENT_SUSPEND gone
+    with pytest.raises(TransportError, match="no longer offers features 0x4"):
+        channel.reinitialize()
+    assert "DRIVER_OK" not in transport.calls
+
+
+def test_reinitialize_refuses_vectors_it_cannot_route_again() -> None:
+    channel, transport, _, _ = resumable_channel(True)
+    transport.accepts_vectors = False
+    with pytest.raises(TransportError, match="refused its MSI-X vectors after resume"):
+        channel.reinitialize()
+    assert "DRIVER_OK" not in transport.calls
+
+
+def test_a_request_to_a_reset_transport_fails_at_once_and_says_why() -> None:
+    channel, _, _, _ = resumable_channel(False)
+    with pytest.raises(DeviceBroken, match=r"lost DRIVER_OK \(status 0x0\).*resume from suspend"):
+        channel.submit(bytes(24))
+    assert channel.queue is not None and channel.queue.avail.idx == 7  # nothing was queued

@@ -165,11 +165,7 @@ class PciChannel(Closing):
         bars = {index: vfio.map_bar(index) for index in sorted(caps.bars())}
         transport = vp.VirtioPciTransport(caps, bars, name=self.bdf)
         self.transport = transport
-        transport.reset()
-        vfio.enable_bus_master()
-        transport.add_status(vp.Status.ACKNOWLEDGE)
-        transport.add_status(vp.Status.DRIVER)
-        offered = transport.device_features()
+        offered = self._handshake(transport)
         self.offered_features = offered
         self.features = select_features(offered, mode=mode)
         transport.negotiate(self.features)
@@ -197,8 +193,30 @@ class PciChannel(Closing):
         self.buffer.check_outside(self.guard_ranges)
 
         self._setup_interrupts(transport)
-        self.queue = Virtqueue(
-            self.buffer,
+        self._start_queue(transport, self.buffer, layout)
+        self.log.info(
+            "DRIVER_OK: %s, queue size %d, ring at bus %#x, %s interrupts",
+            mode,
+            size,
+            self._ring_bus(),
+            self.interrupt_mode.text,
+        )
+
+    def _handshake(self, transport: vp.VirtioPciTransport) -> int:
+        """Reset, bus master, ACKNOWLEDGE, DRIVER (spec 3.1.1 steps 1-3); the offered features."""
+        transport.reset()
+        self.vfio.enable_bus_master()
+        transport.add_status(vp.Status.ACKNOWLEDGE)
+        transport.add_status(vp.Status.DRIVER)
+        return transport.device_features()
+
+    def _start_queue(
+        self, transport: vp.VirtioPciTransport, buffer: DmaBuffer, layout: RingLayout
+    ) -> None:
+        """A fresh ring in ``buffer`` (zeroed, indices 0), queue 0 programmed and
+        enabled, then DRIVER_OK (spec 4.1.5.1.3, 3.1.1 step 8)."""
+        queue = Virtqueue(
+            buffer,
             layout,
             notify=lambda: transport.notify(spec.REQUEST_QUEUE),
             wait_for_interrupt=self._wait_for_queue,
@@ -206,19 +224,83 @@ class PciChannel(Closing):
         )
         transport.setup_queue(
             spec.REQUEST_QUEUE,
-            size=size,
-            desc=self.queue.desc_bus,
-            driver=self.queue.avail_bus,
-            device=self.queue.used_bus,
+            size=layout.size,
+            desc=queue.desc_bus,
+            driver=queue.avail_bus,
+            device=queue.used_bus,
         )
+        self.queue = queue
         transport.driver_ok()
+
+    def _ring_bus(self) -> int:
+        return self.queue.desc_bus if self.queue is not None else 0
+
+    # -- after a resume from suspend -------------------------------------------------
+
+    def transport_was_reset(self) -> bool:
+        """True when the device no longer shows DRIVER_OK: its transport was reset
+        under the driver. QEMU resets every device at S3 wake-up (7.2: the wake-up
+        is a system reset, ``pc_machine_wakeup``; 10.0: ``qemu_devices_reset`` with
+        RESET_TYPE_WAKEUP, virtio-pci's ``virtio_pci_reset`` included), so after a
+        resume the device status reads 0 (docs/protocol.md section 7)."""
+        transport, _, _ = self._live()
+        return not transport.status() & vp.Status.DRIVER_OK
+
+    def reinitialize(self) -> None:
+        """Bring the function back to DRIVER_OK after a resume, as it was before.
+
+        Reset, renegotiate exactly the features accepted at open (TransportError
+        when the device no longer offers one of them), route the same eventfds
+        again (the agent's selector keeps them), rebuild the queue in the same DMA
+        buffer and DRIVER_OK. A device reset changes no block state (spec,
+        device-types/mem, device reset), so what the memory is plugged to is not
+        touched here: the driver checks it afterwards (``DeviceDriver.after_resume``).
+        """
+        transport, queue, buffer = self._live()
+        offered = self._handshake(transport)
+        missing = self.features & ~offered
+        if missing:
+            raise TransportError(
+                f"{self.bdf} no longer offers features {missing:#x} after resume"
+                f" (offered {offered:#x}, accepted at open {self.features:#x})",
+                bdf=self.bdf,
+                offered=offered,
+            )
+        transport.negotiate(self.features)
+        self._restore_interrupts(transport)
+        self._start_queue(transport, buffer, queue.layout)
         self.log.info(
-            "DRIVER_OK: %s, queue size %d, ring at bus %#x, %s interrupts",
-            mode,
-            size,
-            self.queue.desc_bus,
+            "transport re-initialised: features %#x negotiated again, queue size %d rebuilt"
+            " at bus %#x, %s interrupts, DRIVER_OK",
+            self.features,
+            queue.layout.size,
+            self._ring_bus(),
             self.interrupt_mode.text,
         )
+
+    def _restore_interrupts(self, transport: vp.VirtioPciTransport) -> None:
+        """Route the existing eventfds again, and the MSI-X vectors the reset forgot
+        (``virtio_pci_reset`` sets them to VIRTIO_MSI_NO_VECTOR).
+
+        VFIO_DEVICE_SET_IRQS with the same eventfds rewrites the MSI-X table entries
+        from the kernel's cached messages (``vfio_msi_set_vector_signal``: "The MSIx
+        vector table resides in device memory which may be cleared via backdoor
+        resets"); for INTx it rebinds the eventfd, and the unmask lets a line VFIO
+        masked before the suspend fire again.
+        """
+        if self._irq is None:
+            raise TransportError(f"channel {self.bdf} has no interrupt", bdf=self.bdf)
+        if not self.msix:
+            self.vfio.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [self._irq])
+            self.vfio.unmask_intx()
+            return
+        assert self._config_irq is not None
+        self.vfio.enable_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [self._config_irq, self._irq])
+        if not (
+            transport.set_config_vector(CONFIG_VECTOR)
+            and transport.set_queue_vector(spec.REQUEST_QUEUE, QUEUE_VECTOR)
+        ):
+            raise TransportError(f"{self.bdf} refused its MSI-X vectors after resume", bdf=self.bdf)
 
     def _setup_interrupts(self, transport: vp.VirtioPciTransport) -> None:
         """MSI-X with a config and a queue vector when the device has two and takes
@@ -287,6 +369,14 @@ class PciChannel(Closing):
         transport, queue, buffer = self._live()
         if transport.needs_reset():
             raise DeviceBroken(f"{self.bdf} signals DEVICE_NEEDS_RESET", bdf=self.bdf)
+        if self.transport_was_reset():
+            # The queue is disabled: the request would go unanswered for the whole
+            # timeout. A suspend that froze the agent in the middle of a step ends here.
+            raise DeviceBroken(
+                f"{self.bdf} lost DRIVER_OK (status {transport.status():#x}): its transport"
+                " was reset under the driver, by a resume from suspend?",
+                bdf=self.bdf,
+            )
         buffer.check_outside(self.guard_ranges)
         try:
             return queue.submit(request, self.timeout)
