@@ -198,10 +198,102 @@ class DeviceDriver:
     def config_changed(self) -> None:
         """A config-change interrupt: re-read, and cut any backoff short."""
         self.refresh_config()
+        self._plan_afresh()
+
+    def _plan_afresh(self) -> None:
+        """Forget backoff and refusals: the next step plans from scratch."""
         self.not_before = 0.0
         self.refused_blocks.clear()
         self.refused_subblocks.clear()
         self.last_done = None
+
+    # --- after a resume from suspend (docs/design.md section 1, "Suspend and resume") --
+
+    def after_resume(self, *, persistent: bool, slept: float) -> None:
+        """The guest resumed from suspend and the channel was re-initialised: find out
+        whether what the tracker holds plugged still is, and go on or stop.
+
+        With PERSISTENT_SUSPEND the device promised to keep every block (spec,
+        device-types/mem, feature bits: QEMU 10.0 skips the unplug for
+        RESET_TYPE_WAKEUP in ``virtio_mem_system_reset_hold``); without it QEMU 7.2
+        unplugs everything at S3 wake-up (the wake-up is a system reset:
+        ``virtio_mem_system_reset``). STATE requests over the tracker's plugged
+        runs (one per run of at most 65,535 blocks) tell which happened:
+
+        * all still PLUGGED: the tracker is the truth; plan on, following
+          ``requested_size`` (Linux's ``virtio_mem_restore`` likewise only rebuilds
+          its queue and re-reads the config);
+        * blocks lost under ONLINE memory blocks: the guest was using memory that
+          is gone. Mark the device broken with what happened and how to recover;
+        * blocks lost under offline memory only: nothing in use was lost; rebuild
+          from STATE and sysfs (:meth:`resync`) and plan on.
+
+        Any VmemError on the way marks the device broken too (:meth:`mark_broken`).
+        """
+        if self.broken_reason is not None:
+            return
+        try:
+            self._check_after_resume(persistent, slept)
+        except VmemError as exc:
+            self.mark_broken(f"after resume from suspend: {exc.message}")
+
+    def _check_after_resume(self, persistent: bool, slept: float) -> None:
+        # Not refresh_config: after a system reset the usable region may have shrunk
+        # below blocks the tracker holds plugged; that is what is being found out.
+        config = self._publish(self._read_config())
+        block_size = self.geometry.block_size
+        plugged = self.tracker.state.plugged_in(range(self.geometry.nr_subblocks))
+        usable_blocks = config.usable_region_size // block_size
+        asked = [sb for sb in plugged if sb < usable_blocks]
+        runs = list(planner.runs(asked, MAX_BLOCKS_PER_REQUEST))
+        still = set(self._plugged_among(runs))
+        lost = [sb for sb in plugged if sb not in still]
+        promise = "PERSISTENT_SUSPEND negotiated" if persistent else "no PERSISTENT_SUSPEND"
+        self.log.info(
+            "after resume (slept %.1f s, %s): the tracker holds %d device blocks plugged;"
+            " STATE over %d runs: %d still PLUGGED, %d lost; device plugged_size %s,"
+            " usable %s, requested %s",
+            slept,
+            promise,
+            len(plugged),
+            len(runs),
+            len(plugged) - len(lost),
+            len(lost),
+            format_size(config.plugged_size),
+            format_size(config.usable_region_size),
+            format_size(config.requested_size),
+        )
+        self._plan_afresh()
+        if not lost:
+            return
+        state = self.tracker.state
+        online = sorted(
+            {
+                mb
+                for sb in lost
+                for mb in self.geometry.memory_blocks_of(sb)
+                if state.block_state(mb) is MemoryBlockState.ONLINE
+            }
+        )
+        what = (
+            f"{len(lost)} of {len(plugged)} plugged device blocks"
+            f" ({format_size(len(lost) * block_size)}) came back unplugged after suspend"
+        )
+        why = (
+            "the device broke its PERSISTENT_SUSPEND promise"
+            if persistent
+            else "the device has no PERSISTENT_SUSPEND and unplugged them at wake-up"
+            " (QEMU 7.2 does)"
+        )
+        if online:
+            self.mark_broken(
+                f"memory lost in suspend: {what}, under {len(online)} online memory blocks"
+                f" (memory{online[0]}..memory{online[-1]}); {why}. The data in them is"
+                " gone and the guest may fail using it: reboot the guest to recover"
+            )
+            return
+        self.log.warning("%s, none under online memory (%s): rebuilding from STATE", what, why)
+        self.resync()
 
     # --- recovery -------------------------------------------------------------
 
@@ -277,12 +369,19 @@ class DeviceDriver:
         )
 
     def _scan_plugged(self) -> list[int]:
-        """Indices of plugged subblocks, by STATE over ranges, bisecting MIXED ones."""
+        """Indices of plugged subblocks of the usable region, by STATE."""
         usable_blocks = self.config.usable_region_size // self.geometry.block_size
-        pending = [
-            (first, min(MAX_BLOCKS_PER_REQUEST, usable_blocks - first))
-            for first in range(0, usable_blocks, MAX_BLOCKS_PER_REQUEST)
-        ]
+        return self._plugged_among(
+            [
+                (first, min(MAX_BLOCKS_PER_REQUEST, usable_blocks - first))
+                for first in range(0, usable_blocks, MAX_BLOCKS_PER_REQUEST)
+            ]
+        )
+
+    def _plugged_among(self, ranges: list[tuple[int, int]]) -> list[int]:
+        """Indices of plugged subblocks in ``ranges`` ((first, count), each at most one
+        request long), by STATE over each, bisecting MIXED ones."""
+        pending = list(ranges)
         plugged: list[int] = []
         while pending:
             first, count = pending.pop()
