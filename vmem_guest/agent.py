@@ -12,6 +12,15 @@ is and the devices keep their state (a device reset does not unplug).
 
 In ``manual`` mode the agent does not follow ``requested_size``: it serves
 plug/unplug/state/unplug-all requests from the control socket.
+
+Suspend and resume (docs/design.md section 1, "Suspend and resume"): a
+:class:`~vmem_guest._linux.timerfd.ResumeWatch` fd sits in the selector beside
+the eventfds and is also read (non-blocking) before every pass of steps, so a
+resume is noticed before another request goes out; :meth:`Agent._after_resume`
+re-initialises each device's transport and lets the driver core judge its
+memory (``DeviceDriver.after_resume``). A :class:`~vmem_guest.inhibit.SuspendGuard`
+holds logind's sleep inhibitor while a device without PERSISTENT_SUSPEND holds
+plugged memory.
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from vmem_guest import control, manual
+from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.attach import Attached
 from vmem_guest.control import ControlServer, Emit, Handler
 from vmem_guest.driver import Outcome
-from vmem_guest.errors import UsageError
+from vmem_guest.errors import UsageError, VmemError
+from vmem_guest.inhibit import SuspendGuard
+from vmem_guest.spec import Feature
 
 #: Passes over the due devices (one step each) before the loop looks at its
 #: file descriptors again.
@@ -56,6 +68,16 @@ class DeviceSlot:
         """The driver core's verdict (the tracker's flag), never the agent's own."""
         return self.attached.driver.broken_reason
 
+    @property
+    def persistent(self) -> bool:
+        """PERSISTENT_SUSPEND was negotiated: plugged memory survives a suspend."""
+        return bool(self.attached.channel.device_features & 1 << Feature.PERSISTENT_SUSPEND)
+
+    @property
+    def at_risk_in_suspend(self) -> bool:
+        """Something is plugged that a suspend would lose (no PERSISTENT_SUSPEND)."""
+        return not self.persistent and self.attached.tracker.state.plugged_bytes > 0
+
 
 class Agent:
     """The daemon behind ``vmem-guest run``."""
@@ -67,10 +89,15 @@ class Agent:
         *,
         manual_mode: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        resume_watch: ResumeWatch | None = None,
+        suspend_guard: SuspendGuard | None = None,
     ) -> None:
+        """``resume_watch`` and ``suspend_guard`` belong to the caller (it closes them)."""
         self.slots = {attached.bdf: DeviceSlot(attached) for attached in devices}
         self.manual_mode = manual_mode
         self.clock = clock
+        self.resume_watch = resume_watch
+        self.suspend_guard = suspend_guard
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.control = control(self.handle_request) if control is not None else None
@@ -89,6 +116,7 @@ class Agent:
             )
             while not self.stopping:
                 self._drive_devices()
+                self._guard_suspend()
                 self._wait_for_events(self._timeout())
         log.info("agent stopping")
 
@@ -118,6 +146,8 @@ class Agent:
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         if self.control is not None:
             self.selector.register(self.control.fileno(), selectors.EVENT_READ, "control")
+        if self.resume_watch is not None:
+            self.selector.register(self.resume_watch.fileno(), selectors.EVENT_READ, "resume")
         for slot in self.slots.values():
             channel = slot.attached.channel
             fds = {channel.interrupt_fd(), channel.config_change_fd()}
@@ -149,6 +179,8 @@ class Agent:
                     os.read(self._wake_r, 512)
             elif key.data == "control" and self.control is not None:
                 self.control.serve_one()
+            elif key.data == "resume":
+                self._check_resume()
             elif isinstance(key.data, DeviceSlot):
                 self._interrupt(key.data)
 
@@ -170,6 +202,7 @@ class Agent:
         if self.manual_mode:
             return
         for _ in range(STEPS_PER_TURN):
+            self._check_resume()  # one non-blocking read: no request to a reset device
             now = self.clock()
             due = [
                 slot
@@ -203,13 +236,74 @@ class Agent:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(fd)
 
+    # --- suspend and resume ---------------------------------------------------
+
+    def _check_resume(self) -> None:
+        """The realtime clock was set: if the guest slept, or a device lost DRIVER_OK
+        (QEMU resets the transport at S3 wake-up; the RTC measures a short sleep as
+        0 s), handle the resume on every device still in use."""
+        if self.resume_watch is None:
+            return
+        event = self.resume_watch.check()
+        if event is None:
+            return
+        live = [slot for slot in self.slots.values() if not slot.broken]
+        reset = [slot.bdf for slot in live if self._transport_was_reset(slot)]
+        if not event.suspended and not reset:
+            log.info("clock set, no suspend: every device still at DRIVER_OK; nothing to do")
+            return
+        log.warning(
+            "resumed from suspend (slept %.1f s; transport reset on %s): re-initialising"
+            " and checking %d device(s)",
+            event.slept,
+            ", ".join(reset) or "no device",
+            len(live),
+        )
+        for slot in live:
+            self._after_resume(slot, event.slept)
+        self._guard_suspend()
+
+    @staticmethod
+    def _transport_was_reset(slot: DeviceSlot) -> bool:
+        try:
+            return slot.attached.channel.transport_was_reset()
+        except VmemError:
+            return True
+
+    def _after_resume(self, slot: DeviceSlot, slept: float) -> None:
+        """Transport first (every request needs it), then the driver core's judgement."""
+        driver = slot.attached.driver
+        try:
+            slot.attached.channel.reinitialize()
+        except VmemError as exc:
+            driver.mark_broken(f"re-initialising the transport after resume: {exc.message}")
+        else:
+            driver.after_resume(persistent=slot.persistent, slept=slept)
+        if slot.broken:
+            self._forget(slot)
+        else:
+            slot.wake_at = 0.0  # re-plan: requested_size may have changed meanwhile
+
+    def _guard_suspend(self) -> None:
+        if self.suspend_guard is not None:
+            self.suspend_guard.update(
+                [slot.bdf for slot in self.slots.values() if slot.at_risk_in_suspend]
+            )
+
     # --- control requests -----------------------------------------------------
 
     def handle_request(self, operation: control.Operation, emit: Emit) -> dict[str, Any]:
         """Serve one control request (see control.py for the protocol). STATE is
         served in either mode; what changes memory only in manual mode."""
         if isinstance(operation, control.Ping):
-            return {"pid": os.getpid(), "manual": self.manual_mode, "devices": list(self.slots)}
+            answer: dict[str, Any] = {
+                "pid": os.getpid(),
+                "manual": self.manual_mode,
+                "devices": list(self.slots),
+            }
+            if self.suspend_guard is not None:
+                answer["suspend"] = self.suspend_guard.description
+            return answer
         slot = self._slot_for(operation.device)
         if not self.manual_mode and not isinstance(operation, control.QueryState):
             raise UsageError(

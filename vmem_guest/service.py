@@ -15,11 +15,13 @@ from typing import Any
 
 from vmem_guest import binding, control, manual, pci, planner, render
 from vmem_guest._linux.procfs import memtotal_bytes
+from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
+from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.pages import ProcPages
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
@@ -200,11 +202,34 @@ def _serve(attached: list[Attached], path: Path, options: RunOptions) -> None:
     def make_server(handler: Any) -> ControlServer:
         return ControlServer(path, handler, allowed_uids=frozenset({0}))
 
-    agent = Agent(attached, make_server, manual_mode=options.manual)
+    with contextlib.ExitStack() as stack:
+        watch = stack.enter_context(_resume_watch())
+        guard = SuspendGuard()
+        stack.callback(guard.close)
+        agent = Agent(
+            attached,
+            make_server,
+            manual_mode=options.manual,
+            resume_watch=watch,
+            suspend_guard=guard,
+        )
+        try:
+            agent.run()
+        finally:
+            agent.close()
+
+
+@contextlib.contextmanager
+def _resume_watch() -> Iterator[ResumeWatch | None]:
+    """The timerfd that tells the agent of a resume; None (and a warning) without one."""
     try:
-        agent.run()
-    finally:
-        agent.close()
+        watch = ResumeWatch()
+    except OSError as exc:
+        log.warning("no timerfd (%s): a resume from suspend will go unnoticed", exc.strerror)
+        yield None
+        return
+    with watch:
+        yield watch
 
 
 def manual_command(

@@ -1,0 +1,269 @@
+"""The agent across a suspend: the resume watch in its selector, each device re-initialised
+and judged, and logind's sleep inhibitor held while a suspend would lose memory."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_agent import GIB, MIB, Rig, run_while, wait_for
+
+from vmem_guest import control
+from vmem_guest._linux.eventfd import EventFd
+from vmem_guest._linux.timerfd import ResumeWatch
+from vmem_guest.agent import Agent
+from vmem_guest.inhibit import SuspendGuard, systemd_inhibit
+from vmem_guest.sim.channel import SimChannel
+from vmem_guest.spec import Feature
+
+PERSISTENT = 1 << Feature.PERSISTENT_SUSPEND
+
+
+class EventTimer:
+    """A ClockSetTimer stand-in: an eventfd the 'kernel' (the test) signals on a clock set."""
+
+    def __init__(self) -> None:
+        self.efd = EventFd()
+        self.armed = 0
+
+    def fileno(self) -> int:
+        return self.efd.fd
+
+    def arm(self) -> None:
+        self.armed += 1
+
+    def was_cancelled(self) -> bool:
+        return self.efd.drain() > 0
+
+    def close(self) -> None:
+        self.efd.close()
+
+
+class Suspender:
+    """Plays the kernel and QEMU: the guest sleeps, QEMU wakes it, the timerfd is cancelled."""
+
+    def __init__(self) -> None:
+        self.timer = EventTimer()
+        self.slept = 0.0
+        self.watch = ResumeWatch(self.timer, sleep_clock=lambda: self.slept)
+
+    def suspend_and_wake(self, channel: SimChannel, *, keeps_blocks: bool, seconds: float) -> None:
+        channel.host_suspend_resume(keeps_blocks=keeps_blocks)
+        self.slept += seconds
+        self.timer.efd.signal()
+
+
+class FakeLock:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def release(self) -> None:
+        self.log.append("release")
+
+
+class FakeLogind:
+    """Inhibit() of a logind that runs (a lock) or does not (a reason)."""
+
+    def __init__(self, running: bool = True) -> None:
+        self.running = running
+        self.log: list[str] = []
+
+    def take(self, why: str) -> FakeLock | str:
+        self.log.append(f"take: {why}")
+        return FakeLock(self.log) if self.running else "Failed to connect to bus"
+
+
+@pytest.fixture
+def rigs(tmp_path: Path) -> Iterator[Callable[[int], Rig]]:
+    """Rigs whose channel reports ``features`` as negotiated; closed after the test."""
+    made: list[Rig] = []
+
+    def make(features: int) -> Rig:
+        rig = Rig(tmp_path)
+        rig.channel.features = features
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.attached.close()
+
+
+@pytest.fixture
+def suspender() -> Iterator[Suspender]:
+    made = Suspender()
+    yield made
+    made.watch.close()
+
+
+def run_suspending(
+    rig: Rig, suspender: Suspender, logind: FakeLogind, script: Callable[[], None]
+) -> Agent:
+    """test_agent.run_agent with a resume watch and a suspend guard."""
+    uid = os.getuid()
+
+    def server(handler: Any) -> control.ControlServer:
+        return control.ControlServer(rig.socket, handler, allowed_uids=frozenset({uid}))
+
+    guard = SuspendGuard(logind.take)
+    agent = Agent([rig.attached], server, resume_watch=suspender.watch, suspend_guard=guard)
+    try:
+        run_while(agent, script)
+    finally:
+        guard.close()
+    return agent
+
+
+def test_qemu_7_2_wake_up_under_online_memory_breaks_the_device_and_says_so(
+    rigs: Callable[[int], Rig], suspender: Suspender, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rigs(0)
+    logind = FakeLogind()
+
+    def host() -> None:
+        rig.channel.host_resize(512 * MIB)
+        wait_for(lambda: rig.online_bytes() == 512 * MIB)
+        wait_for(lambda: len(logind.log) == 1)  # the lock is taken once memory is plugged
+        suspender.suspend_and_wake(rig.channel, keeps_blocks=False, seconds=30.0)
+        wait_for(lambda: rig.driver.broken_reason is not None)
+
+    with caplog.at_level("INFO"):
+        run_suspending(rig, suspender, logind, host)
+    assert rig.channel.reinitializations == 1
+    reason = rig.driver.broken_reason or ""
+    assert "memory lost in suspend" in reason and "reboot the guest" in reason
+    assert "resumed from suspend (slept 30.0 s; transport reset on 0000:00:03.0)" in caplog.text
+    assert "suspend blocked: logind sleep inhibitor held" in caplog.text
+    assert logind.log[0].startswith("take: virtio-mem memory plugged on 0000:00:03.0")
+    assert suspender.timer.armed == 1  # re-armed after the cancellation
+
+
+def test_qemu_10_wake_up_keeps_the_blocks_and_the_agent_follows_on(
+    rigs: Callable[[int], Rig], suspender: Suspender, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rigs(PERSISTENT)
+    logind = FakeLogind()
+    seen: dict[str, object] = {}
+
+    def host() -> None:
+        rig.channel.host_resize(512 * MIB)
+        wait_for(lambda: rig.online_bytes() == 512 * MIB)
+        suspender.suspend_and_wake(rig.channel, keeps_blocks=True, seconds=5.0)
+        wait_for(lambda: rig.channel.reinitializations == 1)
+        rig.channel.host_resize(1 * GIB)
+        wait_for(lambda: rig.online_bytes() == 1 * GIB)
+        seen["ping"] = control.call(rig.socket, control.Ping())
+
+    with caplog.at_level("INFO"):
+        run_suspending(rig, suspender, logind, host)
+    assert rig.driver.broken_reason is None
+    assert rig.model.plugged_size == 1 * GIB
+    assert logind.log == []  # PERSISTENT_SUSPEND: no lock needed
+    assert "STATE over 1 runs: 256 still PLUGGED, 0 lost" in caplog.text
+    assert seen["ping"]["suspend"] == "suspend allowed: nothing plugged would be lost"  # type: ignore[index]
+
+
+def test_a_clock_set_without_a_suspend_touches_no_device(
+    rigs: Callable[[int], Rig], suspender: Suspender, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rigs(0)
+
+    def host() -> None:
+        suspender.timer.efd.signal()  # settimeofday: cancelled, nothing slept, no reset
+        wait_for(lambda: "clock set, no suspend" in caplog.text)
+
+    with caplog.at_level("INFO"):
+        run_suspending(rig, suspender, FakeLogind(), host)
+    assert rig.channel.reinitializations == 0
+
+
+def test_a_short_sleep_is_caught_by_the_reset_transport(
+    rigs: Callable[[int], Rig], suspender: Suspender
+) -> None:
+    rig = rigs(0)
+
+    def host() -> None:
+        # The RTC measured 0 s, but QEMU reset the device: still a resume.
+        suspender.suspend_and_wake(rig.channel, keeps_blocks=False, seconds=0.0)
+        wait_for(lambda: rig.channel.reinitializations == 1)
+        rig.channel.host_resize(256 * MIB)
+        wait_for(lambda: rig.online_bytes() == 256 * MIB)
+
+    run_suspending(rig, suspender, FakeLogind(), host)
+    assert rig.driver.broken_reason is None  # nothing was plugged: nothing lost
+
+
+def test_guard_takes_once_releases_when_nothing_is_at_risk(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logind = FakeLogind()
+    guard = SuspendGuard(logind.take)
+    with caplog.at_level("INFO"):
+        guard.update([])
+        assert "suspend allowed: no device without PERSISTENT_SUSPEND" in caplog.text
+        guard.update(["a"])
+        guard.update(["a"])
+        assert guard.description == "suspend blocked: logind sleep inhibitor held"
+        guard.update(["a", "b"])  # still held: not taken twice
+        guard.update([])
+    assert [entry.split(":")[0] for entry in logind.log] == ["take", "release"]
+    assert "inhibitor released" in caplog.text
+
+
+def test_guard_without_logind_warns_once_and_carries_on(caplog: pytest.LogCaptureFixture) -> None:
+    logind = FakeLogind(running=False)
+    guard = SuspendGuard(logind.take)
+    with caplog.at_level("WARNING"):
+        guard.update(["a"])
+        guard.update([])
+        guard.update(["a"])  # tried again, not warned again
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert (
+        "logind not running (Failed to connect to bus): cannot block suspend" in warnings[0].message
+    )
+    assert "root can still suspend" in warnings[0].message
+    assert len(logind.log) == 2
+    assert guard.description.startswith("suspend NOT blocked (Failed to connect to bus)")
+
+
+def fake_program(tmp_path: Path, body: str) -> tuple[str, ...]:
+    path = tmp_path / "systemd-inhibit"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return (str(path),)
+
+
+def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> None:
+    # Like the real one: take the lock (here: note the arguments), then run the command.
+    seen = tmp_path / "argv"
+    program = fake_program(
+        tmp_path,
+        f'for a; do case "$a" in --*) echo "$a" >> {seen}; shift;; *) break;; esac; done\n'
+        'exec "$@"',
+    )
+    lock = systemd_inhibit("why not", program=program)
+    assert not isinstance(lock, str)
+    assert seen.read_text().split("\n")[:4] == [
+        "--what=sleep",
+        "--mode=block",
+        "--who=vmem-guest",
+        "--why=why not",
+    ]
+    pid = lock.proc.pid  # type: ignore[attr-defined]
+    os.kill(pid, 0)  # still holding
+    lock.release()
+    assert lock.proc.returncode == 0  # type: ignore[attr-defined]  # cat saw the pipe close
+
+
+def test_systemd_inhibit_reports_why_it_could_not(tmp_path: Path) -> None:
+    program = fake_program(tmp_path, 'echo "Failed to connect to bus: No such file" >&2; exit 1')
+    reason = systemd_inhibit("x", program=program)
+    assert reason == f"{program[0]} exited 1: Failed to connect to bus: No such file"
+    assert systemd_inhibit("x", program=(str(tmp_path / "absent"),)).endswith(  # type: ignore[union-attr]
+        "cannot run: No such file or directory"
+    )
