@@ -645,8 +645,9 @@ class DeviceDriver:
             auto_zone = self._auto_online_zone()
             if auto_zone is not None and self.kernel.state(mb) is KernelBlockState.ONLINE:
                 landed = auto_zone if auto_zone is not Zone.AUTO else self.kernel.block(mb).zone
-                self.tracker.record_online(mb, landed, self.kernel.node(mb))
-                return
+                if zone in (Zone.AUTO, landed) or not self._took_back_auto_online(mb, landed):
+                    self.tracker.record_online(mb, landed, self.kernel.node(mb))
+                    return
         try:
             self.kernel.online(mb, zone)
         except KernelError as exc:
@@ -654,6 +655,28 @@ class DeviceDriver:
             return
         landed = zone if zone is not Zone.AUTO else self.kernel.block(mb).zone
         self.tracker.record_online(mb, landed, self.kernel.node(mb))
+
+    def _took_back_auto_online(self, mb: int, landed: Zone) -> bool:
+        """The kernel onlined new block ``mb`` inside the probe into ``landed``, not the
+        zone the policy asks for (``auto_online_blocks`` = ``online`` puts it in
+        ZONE_NORMAL, where unmovable allocations soon pin it: Debian's 6.12 does this).
+        Offline it again while it is still almost free; True when that worked, and the
+        caller onlines it into the policy's zone. False (kept where it is) when the
+        kernel already refuses."""
+        try:
+            self.kernel.offline(mb)
+        except KernelError as exc:
+            self.log.warning(
+                "memory%d was onlined to %s by the kernel and cannot be taken back (%s):"
+                " it stays there, harder to unplug",
+                mb,
+                landed.name,
+                exc.message,
+            )
+            return False
+        self.log.info("memory%d: auto-onlined to %s, onlined again as planned", mb, landed.name)
+        self.tracker.record_present(mb)
+        return True
 
     def _after_refused_online(self, mb: int, zone: Zone, refusal: KernelError) -> None:
         """The kernel refused to online ``mb``: learn why from sysfs, record, or re-raise."""
