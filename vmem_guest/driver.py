@@ -336,9 +336,18 @@ class DeviceDriver:
             self.log.warning("cannot read page flags (%s): holes are not trusted", exc.message)
             return False
 
-    def _taken_hints(self) -> list[int]:
+    def _taken_hints(self) -> list[int] | range:
         """Subblocks the tracker held taken before a rebuild: where a crash may have
-        left poisoned pages under plugged subblocks (a take or give-back cut short)."""
+        left poisoned pages under plugged subblocks (a take or give-back cut short).
+
+        A tracker set aside at open (a write cut short by the crash, or a corrupt
+        file) has no hints left, though the crash may have come inside a take or a
+        give-back (chaos: killed inside the write recording the PLUG of a hole):
+        then every subblock is a hint, and the page flags of every plugged subblock
+        of an online block are read (one pread per subblock, only after a set-aside).
+        """
+        if self.tracker.discarded_reason is not None:
+            return range(self.geometry.nr_subblocks)
         state = self.tracker.state
         if not state.taken_subblocks:
             return []
@@ -351,7 +360,7 @@ class DeviceDriver:
         ]
 
     def _interrupted_takes(
-        self, hints: list[int], online: dict[int, Zone], plugged: set[int]
+        self, hints: list[int] | range, online: dict[int, Zone], plugged: set[int]
     ) -> list[int]:
         """Hinted subblocks that are plugged, in an online block, and hold a poisoned
         page: a take or give-back to finish (the planner gives them back or unplugs)."""
