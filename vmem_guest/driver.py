@@ -435,9 +435,18 @@ class DeviceDriver:
             self.log.warning("cannot read page flags (%s): holes are not trusted", exc.message)
             return False
 
-    def _taken_hints(self) -> list[int]:
+    def _taken_hints(self) -> list[int] | range:
         """Subblocks the tracker held taken before a rebuild: where a crash may have
-        left poisoned pages under plugged subblocks (a take or give-back cut short)."""
+        left poisoned pages under plugged subblocks (a take or give-back cut short).
+
+        A tracker set aside at open (a write cut short by the crash, or a corrupt
+        file) has no hints left, though the crash may have come inside a take or a
+        give-back (chaos: killed inside the write recording the PLUG of a hole):
+        then every subblock is a hint, and the page flags of every plugged subblock
+        of an online block are read (one pread per subblock, only after a set-aside).
+        """
+        if self.tracker.discarded_reason is not None:
+            return range(self.geometry.nr_subblocks)
         state = self.tracker.state
         if not state.taken_subblocks:
             return []
@@ -450,7 +459,7 @@ class DeviceDriver:
         ]
 
     def _interrupted_takes(
-        self, hints: list[int], online: dict[int, Zone], plugged: set[int]
+        self, hints: list[int] | range, online: dict[int, Zone], plugged: set[int]
     ) -> list[int]:
         """Hinted subblocks that are plugged, in an online block, and hold a poisoned
         page: a take or give-back to finish (the planner gives them back or unplugs)."""
@@ -744,8 +753,9 @@ class DeviceDriver:
             auto_zone = self._auto_online_zone()
             if auto_zone is not None and self.kernel.state(mb) is KernelBlockState.ONLINE:
                 landed = auto_zone if auto_zone is not Zone.AUTO else self.kernel.block(mb).zone
-                self.tracker.record_online(mb, landed, self.kernel.node(mb))
-                return
+                if zone in (Zone.AUTO, landed) or not self._took_back_auto_online(mb, landed):
+                    self.tracker.record_online(mb, landed, self.kernel.node(mb))
+                    return
         try:
             self.kernel.online(mb, zone)
         except KernelError as exc:
@@ -753,6 +763,28 @@ class DeviceDriver:
             return
         landed = zone if zone is not Zone.AUTO else self.kernel.block(mb).zone
         self.tracker.record_online(mb, landed, self.kernel.node(mb))
+
+    def _took_back_auto_online(self, mb: int, landed: Zone) -> bool:
+        """The kernel onlined new block ``mb`` inside the probe into ``landed``, not the
+        zone the policy asks for (``auto_online_blocks`` = ``online`` puts it in
+        ZONE_NORMAL, where unmovable allocations soon pin it: Debian's 6.12 does this).
+        Offline it again while it is still almost free; True when that worked, and the
+        caller onlines it into the policy's zone. False (kept where it is) when the
+        kernel already refuses."""
+        try:
+            self.kernel.offline(mb)
+        except KernelError as exc:
+            self.log.warning(
+                "memory%d was onlined to %s by the kernel and cannot be taken back (%s):"
+                " it stays there, harder to unplug",
+                mb,
+                landed.name,
+                exc.message,
+            )
+            return False
+        self.log.info("memory%d: auto-onlined to %s, onlined again as planned", mb, landed.name)
+        self.tracker.record_present(mb)
+        return True
 
     def _after_refused_online(self, mb: int, zone: Zone, refusal: KernelError) -> None:
         """The kernel refused to online ``mb``: learn why from sysfs, record, or re-raise."""

@@ -765,6 +765,9 @@ class CallLog(FakeKernelMemory):
     def online(self, index: int, zone: Zone) -> None:
         self._logged("online", lambda: super(CallLog, self).online(index, zone))
 
+    def offline(self, index: int) -> None:
+        self._logged("offline", lambda: super(CallLog, self).offline(index))
+
     def auto_online_blocks(self) -> str:
         return self._logged("auto_online_blocks", super().auto_online_blocks)
 
@@ -834,6 +837,45 @@ def test_a_block_auto_onlining_failed_for_is_onlined_by_the_driver(tmp_path: Pat
         rig.converge()
         assert kernel.calls == ["probe", "auto_online_blocks", "state", "online", "node"]
         assert kernel.block(MB0).state is KernelBlockState.ONLINE
+        rig.check_consistent()
+    finally:
+        rig.close()
+
+
+def test_a_block_auto_onlined_to_the_kernel_zone_is_onlined_again_as_movable(
+    tmp_path: Path,
+) -> None:
+    """auto_online_blocks=online puts new memory in ZONE_NORMAL (Debian's 6.12): the
+    driver takes the still-free block back and onlines it into the policy's zone."""
+    kernel = CallLog("online_kernel")
+    rig = Rig(tmp_path, kernel)
+    try:
+        rig.model.resize(128 * MIB)
+        rig.open()
+        kernel.calls.clear()
+        rig.converge()
+        assert kernel.calls == [
+            *("probe", "auto_online_blocks", "state"),
+            *("offline", "online", "node"),  # taken back, onlined movable
+        ]
+        assert kernel.block(MB0).zone is Zone.MOVABLE
+        assert rig.tracker is not None and rig.tracker.block(MB0).zone is Zone.MOVABLE
+        rig.check_consistent()
+    finally:
+        rig.close()
+
+
+def test_an_auto_onlined_block_the_kernel_keeps_stays_in_its_zone(tmp_path: Path) -> None:
+    kernel = FakeKernelMemory(MEMORY_BLOCK, auto_online="online_kernel")
+    kernel.refuse_offline.add(MB0)
+    rig = Rig(tmp_path, kernel)
+    try:
+        rig.model.resize(128 * MIB)
+        rig.open()
+        rig.converge()
+        assert kernel.block(MB0).zone is Zone.KERNEL
+        assert rig.tracker is not None and rig.tracker.block(MB0).zone is Zone.KERNEL
+        assert rig.tracker.block(MB0).state is MemoryBlockState.ONLINE
         rig.check_consistent()
     finally:
         rig.close()

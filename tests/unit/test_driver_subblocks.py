@@ -24,6 +24,7 @@ from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.pages import FakePages
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import Tracker, TrackerIdentity
+from vmem_guest.tracker.layout import GENERATION, GENERATION_OFFSET
 
 PAGE = 4096
 PAGES_PER_SUBBLOCK = GEOMETRY.block_size // PAGE
@@ -242,3 +243,42 @@ def test_a_block_emptied_to_holes_only_stays_online_and_comes_back_whole(
     assert rig.holes() == []
     assert rig.pages.hardware_corrupted_bytes() == 0
     assert (len(rig.kernel.probes), onlined) == (probes, [])
+
+
+def test_a_crash_inside_a_tracker_write_during_a_give_back_is_found_at_restart(
+    rig: PagesRig,
+) -> None:
+    """A write cut short leaves the generation odd: the file is set aside, its taken
+    bits with it. The restart must still find the poisoned pages under the plugged
+    subblock (chaos found one: killed inside the write of a hole's PLUG, before the
+    pages went back)."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1022 * MIB)
+    rig.converge()
+    sb = top_subblock(MB0 + 7)
+    assert rig.holes() == [sb]
+    rig.resize(1024 * MIB)
+    assert rig.driver is not None and rig.tracker is not None
+    result = rig.driver.step()  # the hole's PLUG: plugged again, pages still poisoned
+    assert isinstance(result.step, planner.PlugStep)
+    assert rig.poisoned_pages(sb) == PAGES_PER_SUBBLOCK
+    path = rig.tracker.path
+    rig.crash()
+    with open(path, "r+b") as tracker_file:  # as if killed inside a write section
+        tracker_file.seek(GENERATION_OFFSET)
+        generation = GENERATION.unpack(tracker_file.read(GENERATION.size))[0]
+        tracker_file.seek(GENERATION_OFFSET)
+        tracker_file.write(GENERATION.pack(generation | 1))
+    rig.open()
+    assert rig.tracker is not None and rig.tracker.discarded_reason is not None
+    rig.converge()
+    assert rig.model.plugged_size == 1024 * MIB
+    assert rig.holes() == []
+    state = rig.tracker.state
+    in_use_poisoned = [
+        s
+        for s in range(GEOMETRY.nr_subblocks)
+        if state.is_plugged(s) and not state.is_taken(s) and rig.poisoned_pages(s)
+    ]
+    assert in_use_poisoned == []
