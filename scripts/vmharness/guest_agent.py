@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ def agent_died(vm: TestVM) -> bool:
 
 def agent_log(vm: TestVM) -> str:
     return vm.guest(f"tail -n 60 {AGENT_LOG}")[1]
+
+
+@contextlib.contextmanager
+def agent_running(vm: TestVM, args: str = "--noiommu") -> Iterator[None]:
+    """:func:`start_agent`, then the body; on a failure the agent log's tail is printed
+    (pytest shows it with the failure); the agent is stopped on the way out."""
+    start_agent(vm, args)
+    try:
+        yield
+    except Exception:
+        print(agent_log(vm))
+        raise
+    finally:
+        stop_agent(vm)
 
 
 def stop_agent(vm: TestVM, sig: str = "TERM") -> None:

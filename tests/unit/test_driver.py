@@ -149,6 +149,16 @@ class Rig:
                 assert all(self.model.is_plugged(sb) for sb in GEOMETRY.subblocks_of(mb)), mb
 
 
+RigT = TypeVar("RigT", bound="Rig")
+
+
+def opened(made: RigT) -> Iterator[RigT]:
+    """The body of an opened-rig fixture: open the driver, yield the rig, close it."""
+    made.open()
+    yield made
+    made.close()
+
+
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     rig = Rig(tmp_path)
@@ -820,6 +830,15 @@ def test_a_present_block_is_onlined_with_one_write(tmp_path: Path) -> None:
         rig.close()
 
 
+def plug_one_new_block(rig: Rig, kernel: CallLog) -> None:
+    """Start the driver, then plug and online one new memory block, with only that
+    logged in ``kernel.calls``."""
+    rig.model.resize(128 * MIB)
+    rig.open()
+    kernel.calls.clear()
+    rig.converge()
+
+
 def test_a_block_auto_onlining_failed_for_is_onlined_by_the_driver(tmp_path: Path) -> None:
     class FailingAutoOnline(CallLog):
         def probe(self, phys_addr: int) -> bool:
@@ -831,10 +850,7 @@ def test_a_block_auto_onlining_failed_for_is_onlined_by_the_driver(tmp_path: Pat
     kernel = FailingAutoOnline("online_movable")
     rig = Rig(tmp_path, kernel)
     try:
-        rig.model.resize(128 * MIB)
-        rig.open()
-        kernel.calls.clear()
-        rig.converge()
+        plug_one_new_block(rig, kernel)
         assert kernel.calls == ["probe", "auto_online_blocks", "state", "online", "node"]
         assert kernel.block(MB0).state is KernelBlockState.ONLINE
         rig.check_consistent()
@@ -850,10 +866,7 @@ def test_a_block_auto_onlined_to_the_kernel_zone_is_onlined_again_as_movable(
     kernel = CallLog("online_kernel")
     rig = Rig(tmp_path, kernel)
     try:
-        rig.model.resize(128 * MIB)
-        rig.open()
-        kernel.calls.clear()
-        rig.converge()
+        plug_one_new_block(rig, kernel)
         assert kernel.calls == [
             *("probe", "auto_online_blocks", "state"),
             *("offline", "online", "node"),  # taken back, onlined movable

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_driver import GEOMETRY, MB0, MIB, Rig
+from test_driver import GEOMETRY, MB0, MIB, Rig, opened
 
 from vmem_guest import planner
 from vmem_guest.blocks import MemoryBlockState
@@ -18,10 +18,7 @@ from vmem_guest.spec import RequestType
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    made = Rig(tmp_path)
-    made.open()
-    yield made
-    made.close()
+    yield from opened(Rig(tmp_path))
 
 
 def grown(rig: Rig, size: int) -> None:

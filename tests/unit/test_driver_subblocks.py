@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_driver import GEOMETRY, MB0, MEMORY_BLOCK, MIB, NAME, Rig
+from test_driver import GEOMETRY, MB0, MEMORY_BLOCK, MIB, NAME, Rig, opened
 
 from vmem_guest import planner
 from vmem_guest.device import VirtioMemDevice
@@ -88,14 +88,19 @@ class PagesRig(Rig):
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[PagesRig]:
-    made = PagesRig(tmp_path)
-    made.open()
-    yield made
-    made.close()
+    yield from opened(PagesRig(tmp_path))
 
 
 def top_subblock(mb: int) -> int:
     return GEOMETRY.subblocks_of(mb)[-1]
+
+
+def one_block_less_a_subblock(rig: PagesRig) -> None:
+    """Grow to 1 GiB (eight whole memory blocks) and ask for 2 MiB less: the driver's
+    next step takes the top subblock of the last block."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.resize(1022 * MIB)
 
 
 def test_a_shrink_to_a_part_of_a_block_ends_exactly_with_poisoned_holes(rig: PagesRig) -> None:
@@ -131,9 +136,7 @@ def test_a_page_the_kernel_will_not_give_up_makes_the_take_go_back_and_try_anoth
 
 
 def test_every_page_is_checked_again_right_before_the_unplug(rig: PagesRig) -> None:
-    rig.resize(1024 * MIB)
-    rig.converge()
-    rig.resize(1022 * MIB)
+    one_block_less_a_subblock(rig)
     assert rig.driver is not None
     take = rig.driver.step()
     assert type(take.step).__name__ == "TakeStep"
@@ -152,9 +155,7 @@ def test_every_page_is_checked_again_right_before_the_unplug(rig: PagesRig) -> N
 def test_a_crash_between_the_take_and_the_unplug_is_finished_at_restart(
     rig: PagesRig,
 ) -> None:
-    rig.resize(1024 * MIB)
-    rig.converge()
-    rig.resize(1022 * MIB)
+    one_block_less_a_subblock(rig)
     assert rig.driver is not None
     rig.driver.step()  # the take: poisoned, still plugged
     rig.crash()
@@ -169,9 +170,7 @@ def test_a_crash_between_the_take_and_the_unplug_is_finished_at_restart(
 def test_at_restart_an_unplugged_subblock_with_a_usable_page_gets_its_block_offlined(
     rig: PagesRig,
 ) -> None:
-    rig.resize(1024 * MIB)
-    rig.converge()
-    rig.resize(1022 * MIB)
+    one_block_less_a_subblock(rig)
     rig.converge()
     sb = top_subblock(MB0 + 7)
     rig.crash()
@@ -252,9 +251,7 @@ def test_a_crash_inside_a_tracker_write_during_a_give_back_is_found_at_restart(
     bits with it. The restart must still find the poisoned pages under the plugged
     subblock (chaos found one: killed inside the write of a hole's PLUG, before the
     pages went back)."""
-    rig.resize(1024 * MIB)
-    rig.converge()
-    rig.resize(1022 * MIB)
+    one_block_less_a_subblock(rig)
     rig.converge()
     sb = top_subblock(MB0 + 7)
     assert rig.holes() == [sb]

@@ -17,14 +17,12 @@ import pytest
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import (
     MEMORY_BLOCK,
-    agent_log,
+    agent_running,
     cli_json,
     device_bdfs,
     online_size_for,
-    start_agent,
     state_mismatches,
     status,
-    stop_agent,
     target,
 )
 
@@ -135,9 +133,8 @@ def run_sequence(vm: TestVM, agent_args: str, after: Callable[[], None] | None =
     ``after`` (with the agent still running, converged on the last size), stop it."""
     base_memtotal = vm.mem_total()
     present = int(vm.sh("ls -d /sys/devices/system/memory/memory[0-9]* | wc -l"))
-    start_agent(vm, agent_args)
-    check_boot_memory_record(vm, present)
-    try:
+    with agent_running(vm, agent_args):
+        check_boot_memory_record(vm, present)
         plugged = dict.fromkeys(BLOCK_SIZES, 0)
         for requested in SEQUENCE:
             for dev_id in BLOCK_SIZES:
@@ -145,11 +142,6 @@ def run_sequence(vm: TestVM, agent_args: str, after: Callable[[], None] | None =
             plugged = check_converged(vm, requested, plugged, base_memtotal)
         if after is not None:
             after()
-    except Exception:
-        print(agent_log(vm))
-        raise
-    finally:
-        stop_agent(vm)
 
 
 def test_agent_follows_host_noiommu(noiommu_vm: TestVM) -> None:
