@@ -7,9 +7,14 @@ QEMU reports ``suspended``, and QMP ``system_wakeup`` wakes it. Then:
   wake-up, but resets the virtio-pci transport: the agent notices the resume without
   polling (a CANCEL_ON_SET timerfd), re-initialises the transport, keeps its blocks
   and follows the next resize.
-* QEMU 7.2 has no such feature and unplugs everything at wake-up: the agent finds the
-  memory under its online blocks gone (STATE), marks the device broken and says to
-  reboot, and never touches the device again.
+* QEMU 7.2 has no such feature and unplugs everything at wake-up. With memory plugged
+  and online that destroys the guest (measured: a shell segfaulted at address 0 right
+  after the wake-up, and the harness's runner died with it): nothing in the guest can
+  be checked afterwards, which is why the agent holds logind's sleep inhibitor while
+  memory is plugged (README "Suspend and resume"). What is tested on 7.2 is a suspend
+  with nothing plugged: the transport is reset at wake-up, the agent re-initialises
+  it without polling and follows the next resize. The verdict on memory lost under
+  online blocks (broken, "reboot the guest") is tested in tests/unit.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from contextlib import AbstractContextManager
 import pytest
 from vmharness import NEWER_PAIR, GiB, MemDevice, MiB, Pair, TestVM, VMConfig
 from vmharness.config import userspace_driver_config
-from vmharness.guest_agent import AGENT_LOG, agent_log, cli_json, start_agent, stop_agent
+from vmharness.guest_agent import AGENT_LOG, agent_running, cli_json
 
 BootVM = Callable[[VMConfig, Pair], AbstractContextManager[TestVM]]
 PLUGGED = 512 * MiB
@@ -63,47 +68,25 @@ def device_status(vm: TestVM) -> dict[str, object]:
     return dict(dev)
 
 
-def test_memory_plugged_across_suspend_and_resume(vm: TestVM) -> None:
+def test_the_agent_follows_resizes_after_suspend_and_resume(vm: TestVM) -> None:
     newer = vm.qemu_version.startswith("10.")
-    vm.resize("vm0", 0)
-    start_agent(vm)
-    try:
-        vm.resize("vm0", PLUGGED)
-        vm.wait_until(lambda: vm.plugged("vm0") == PLUGGED, timeout=120, what="the plug")
+    # QEMU 7.2 would unplug memory the guest uses at wake-up: suspend with none plugged.
+    before = PLUGGED if newer else 0
+    vm.resize("vm0", before)
+    with agent_running(vm):
+        vm.wait_until(lambda: vm.plugged("vm0") == before, timeout=120, what="the plug")
         features = device_status(vm)["device_features"]
         assert ("PERSISTENT_SUSPEND" in features) is newer  # type: ignore[operator]
         suspend_and_wake(vm)
-        if newer:
-            check_kept(vm)
-        else:
-            check_lost(vm)
-    except Exception:
-        print(agent_log(vm))
-        raise
-    finally:
-        stop_agent(vm)
-
-
-def check_kept(vm: TestVM) -> None:
-    """QEMU 10.0 with PERSISTENT_SUSPEND: nothing lost, the transport rebuilt, and the
-    agent follows the next resize through the re-routed interrupts."""
-    vm.wait_until(lambda: "transport re-initialised" in full_log(vm), timeout=60, what="the resume")
-    assert vm.plugged("vm0") == PLUGGED
-    dev = device_status(vm)
-    assert dev["broken"] is False and dev["plugged_size"] == PLUGGED
-    vm.resize("vm0", 2 * PLUGGED)
-    vm.wait_until(lambda: vm.plugged("vm0") == 2 * PLUGGED, timeout=120, what="the next plug")
-
-
-def check_lost(vm: TestVM) -> None:
-    """QEMU 7.2: the wake-up unplugged everything; the agent says so and stops."""
-    assert vm.plugged("vm0") == 0
-    vm.wait_until(lambda: device_status(vm)["broken"], timeout=60, what="the verdict")
-    reason = str(device_status(vm)["broken_reason"])
-    log = full_log(vm)
-    assert "memory lost in suspend" in log and "reboot the guest" in log, reason
-    requests = device_status(vm)["requests"]
-    vm.resize("vm0", 2 * PLUGGED)
-    time.sleep(5)
-    assert vm.plugged("vm0") == 0  # a broken device is never touched again
-    assert device_status(vm)["requests"] == requests
+        vm.wait_until(
+            lambda: "transport re-initialised" in full_log(vm), timeout=60, what="the resume"
+        )
+        assert "resumed from suspend" in full_log(vm)
+        assert vm.plugged("vm0") == before
+        dev = device_status(vm)
+        assert dev["broken"] is False and dev["plugged_size"] == before
+        # The re-routed interrupts work: the next resize is followed.
+        vm.resize("vm0", before + PLUGGED)
+        vm.wait_until(
+            lambda: vm.plugged("vm0") == before + PLUGGED, timeout=120, what="the next plug"
+        )
