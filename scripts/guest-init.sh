@@ -12,9 +12,25 @@
 #   VMH_RUNNER  path of guest_runner.py      VMH_PYTHON  interpreter for it
 #   VMH_SHARE   host path of the writable results share (mount tag "results")
 #   VMH_MODE    "probe": print a marker and power off (accelerator probe)
+#   VMH_RAMROOT a list in the share of what to copy into a RAM root (see below)
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PYTHONDONTWRITEBYTECODE=1 HOME=/run/root TMPDIR=/run/tmp LANG=C.UTF-8
+
+serve() {
+    # The runner should never exit; if it dies, restart it so the host can still talk to us.
+    while :; do
+        "${VMH_PYTHON:-/usr/bin/python3}" -S "$VMH_RUNNER"
+        echo "guest-init: runner exited with $?; restarting in 1 s"
+        sleep 1
+    done
+}
+
+# Inside the RAM root (below): everything is mounted already.
+if [ "${1:-}" = "--serve" ]; then
+    echo "guest-init: up in the RAM root; runner ${VMH_RUNNER:-unset}"
+    serve
+fi
 
 # Mount unconditionally: before our /proc is mounted, anything that asks "is this a
 # mount point" would read the HOST's /proc through the 9p root.
@@ -40,10 +56,27 @@ if [ -n "${VMH_SHARE:-}" ]; then
         || echo "guest-init: cannot mount the results share at $VMH_SHARE"
 fi
 
+# VMH_RAMROOT (the path of a list in the share, scripts/vmharness/ramroot.py): copy
+# what the runner, the tests' commands and the agent need into a tmpfs and chroot into
+# it, so the guest survives an S3 wake-up, after which the 9p root hangs for good
+# (Linux's 9p virtio transport has no freeze/restore; QEMU resets it at wake-up).
+if [ -n "${VMH_RAMROOT:-}" ]; then
+    new=/mnt
+    mount -t tmpfs -o mode=0755 tmpfs "$new"
+    copied=0
+    while read -r path; do
+        cp -a --parents "$path" "$new" && copied=$((copied + 1))
+    done < "$VMH_RAMROOT"
+    echo "guest-init: RAM root: $copied paths copied ($(du -sm "$new" | cut -f1) MiB)"
+    for dir in /proc /sys /dev /run; do
+        mkdir -p "$new$dir" && mount --move "$dir" "$new$dir"
+    done
+    if [ -n "${VMH_SHARE:-}" ]; then
+        mkdir -p "$new$VMH_SHARE" && mount --move "$VMH_SHARE" "$new$VMH_SHARE"
+    fi
+    mkdir -p "$new/tmp" && chmod 1777 "$new/tmp"
+    exec chroot "$new" /bin/sh "$0" --serve
+fi
+
 echo "guest-init: up; runner ${VMH_RUNNER:-unset}"
-# The runner should never exit; if it dies, restart it so the host can still talk to us.
-while :; do
-    "${VMH_PYTHON:-/usr/bin/python3}" -S "$VMH_RUNNER"
-    echo "guest-init: runner exited with $?; restarting in 1 s"
-    sleep 1
-done
+serve

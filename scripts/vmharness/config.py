@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paths import GUEST_INIT, GUEST_RUNNER
+from .ramroot import RAM_ROOT_LIST
 from .sizes import GiB, MiB, fmt_size, parse_size
 
 
@@ -63,6 +64,10 @@ class VMConfig:
     #: TCG's threading (``-accel tcg,thread=...``): ``multi`` runs a host thread per
     #: vCPU; ``single`` runs them all in one (see :data:`host.TCG_THREAD_SINGLE_FROM`).
     tcg_thread: str = "multi"
+    #: Run the guest from a copy in RAM (scripts/vmharness/ramroot.py), not the 9p root,
+    #: which does not survive an S3 wake-up. Slower to boot (the copy), so only where
+    #: a test suspends the guest.
+    ram_root: bool = False
 
     def with_devices(self, *devices: MemDevice) -> VMConfig:
         """A copy with other devices."""
@@ -144,6 +149,8 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
     ]
     if mode:
         words.append(f"VMH_MODE={mode}")
+    if cfg.ram_root:
+        words.append(f"VMH_RAMROOT={paths.share / RAM_ROOT_LIST}")
     if cfg.in_kernel_driver:
         words.append("memhp_default_state=online_movable")
     else:

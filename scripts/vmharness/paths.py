@@ -12,6 +12,8 @@ from typing import Any
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent
 #: The checkout.
 REPO_ROOT = SCRIPTS_DIR.parent
+#: The checkout's venv interpreter (the agent's, and the runner's in a RAM root).
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 GUEST_INIT = SCRIPTS_DIR / "guest-init.sh"
 GUEST_RUNNER = Path(__file__).resolve().parent / "guest_runner.py"
 BUILD_KERNEL = SCRIPTS_DIR / "build-kernel.sh"

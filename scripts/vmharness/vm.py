@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import host, paths
+from . import host, paths, ramroot
 from .channel import ChannelTimeout, GuestChannel
 from .config import RunPaths, VMConfig, qemu_argv
 from .errors import GuestCommandError, HarnessError, VMError, VMTimeout
@@ -154,7 +154,11 @@ class TestVM:
             run_dir=run_dir,
             share=share,
             sock_dir=sock_dir,
+            # In a RAM root the runner uses the one interpreter copied: the venv's.
+            python=str(paths.VENV_PYTHON) if self.config.ram_root else RunPaths.python,
         )
+        if self.config.ram_root:
+            ramroot.write_ram_root_list(share, paths.VENV_PYTHON, paths.REPO_ROOT)
         argv = qemu_argv(self.config, self.paths, qemu, self.accel)
         (run_dir / "qemu-cmdline.txt").write_text(" ".join(argv) + "\n")
         LIVE_VMS.add(self)

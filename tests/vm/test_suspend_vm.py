@@ -30,16 +30,6 @@ from vmharness.guest_agent import AGENT_LOG, agent_running, cli_json
 
 BootVM = Callable[[VMConfig, Pair], AbstractContextManager[TestVM]]
 
-# Measured: after system_wakeup the virtio-serial port answers (its driver has
-# freeze/restore), but every read of the 9p root hangs for good. Linux's 9p virtio
-# transport (net/9p/trans_virtio.c) has no freeze/restore, and QEMU resets every
-# device at an S3 wake-up (pc_machine_wakeup), so the channel's queues are gone. The
-# harness's guest runs its shell, Python and the agent from that root; this test needs
-# a guest whose root lives in RAM, which the harness does not build yet.
-pytestmark = pytest.mark.skip(
-    reason="S3 in the test VM: its 9p root filesystem does not survive a wake-up"
-    " (no freeze/restore in Linux's 9p virtio transport); needs a RAM root"
-)
 PLUGGED = 512 * MiB
 #: Seconds the guest stays suspended: long enough for the RTC to measure the sleep.
 ASLEEP_SECONDS = 3.0
@@ -48,7 +38,15 @@ ASLEEP_SECONDS = 3.0
 def suspend_config(name: str) -> VMConfig:
     cfg = userspace_driver_config(name, MemDevice("vm0", size=2 * GiB, block_size=2 * MiB))
     # S3 on q35 is offered through the ICH9 LPC's ACPI (disable_s3=0).
-    return VMConfig(**{**cfg.__dict__, "extra_qemu_args": ("-global", "ICH9-LPC.disable_s3=0")})
+    # After QEMU's wake-up reset the 9p root hangs for good (Linux's 9p virtio transport
+    # has no freeze/restore): the guest runs from a copy in RAM (vmharness/ramroot.py).
+    return VMConfig(
+        **{
+            **cfg.__dict__,
+            "extra_qemu_args": ("-global", "ICH9-LPC.disable_s3=0"),
+            "ram_root": True,
+        }
+    )
 
 
 @pytest.fixture(scope="module", params=[Pair(), NEWER_PAIR], ids=lambda p: p.label())
