@@ -98,6 +98,7 @@ class Agent:
         self.clock = clock
         self.resume_watch = resume_watch
         self.suspend_guard = suspend_guard
+        self._inhibitor_fd: int | None = None  # the pipe of a lock being taken, if watched
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.control = control(self.handle_request) if control is not None else None
@@ -181,6 +182,9 @@ class Agent:
                 self.control.serve_one()
             elif key.data == "resume":
                 self._check_resume()
+            elif key.data == "inhibitor" and self.suspend_guard is not None:
+                self.suspend_guard.on_readable()
+                self._watch_inhibitor()
             elif isinstance(key.data, DeviceSlot):
                 self._interrupt(key.data)
 
@@ -289,6 +293,20 @@ class Agent:
             self.suspend_guard.update(
                 [slot.bdf for slot in self.slots.values() if slot.at_risk_in_suspend]
             )
+            self._watch_inhibitor()
+
+    def _watch_inhibitor(self) -> None:
+        """Keep the selector on the pipe of the lock being taken, if one is: its answer
+        arrives like any other event, and no step waits for it."""
+        assert self.suspend_guard is not None
+        fd = self.suspend_guard.fileno()
+        if fd == self._inhibitor_fd:
+            return
+        if self._inhibitor_fd is not None:
+            self.selector.unregister(self._inhibitor_fd)
+        if fd is not None:
+            self.selector.register(fd, selectors.EVENT_READ, "inhibitor")
+        self._inhibitor_fd = fd
 
     # --- control requests -----------------------------------------------------
 

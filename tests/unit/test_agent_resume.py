@@ -3,7 +3,9 @@ and judged, and logind's sleep inhibitor held while a suspend would lose memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from vmem_guest import control
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent
-from vmem_guest.inhibit import SuspendGuard, systemd_inhibit
+from vmem_guest.inhibit import SuspendGuard, start_systemd_inhibit, systemd_inhibit
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.spec import Feature
 
@@ -266,4 +268,103 @@ def test_systemd_inhibit_reports_why_it_could_not(tmp_path: Path) -> None:
     assert reason == f"{program[0]} exited 1: Failed to connect to bus: No such file"
     assert systemd_inhibit("x", program=(str(tmp_path / "absent"),)).endswith(  # type: ignore[union-attr]
         "cannot run: No such file or directory"
+    )
+
+
+class FakePending:
+    """A lock being taken: a pipe the test writes the answer into, as logind would."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.read_fd, self.write_fd = os.pipe()
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def answer(self) -> None:
+        os.write(self.write_fd, b"held\n")
+
+    def finish(self) -> FakeLock:
+        assert os.read(self.read_fd, 16) == b"held\n"
+        self.close()
+        return FakeLock(self.log)
+
+    def cancel(self) -> None:
+        self.log.append("cancel")
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class SlowLogind(FakeLogind):
+    """Inhibit() whose answer comes when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[FakePending] = []
+
+    def take(self, why: str) -> FakePending:  # type: ignore[override]
+        self.log.append(f"take: {why}")
+        self.pending.append(FakePending(self.log))
+        return self.pending[-1]
+
+
+def test_guard_waits_for_the_answer_without_blocking_and_cancels_what_is_not_needed() -> None:
+    logind = SlowLogind()
+    guard = SuspendGuard(logind.take)
+    guard.update(["a"])
+    assert guard.lock is None and guard.fileno() == logind.pending[0].read_fd
+    assert guard.description.startswith("suspend block being taken")
+    logind.pending[0].answer()
+    guard.on_readable()
+    assert guard.fileno() is None
+    assert guard.description == "suspend blocked: logind sleep inhibitor held"
+    guard.update([])
+    guard.update(["b"])  # taken again ...
+    guard.update([])  # ... and no longer needed before its answer
+    assert guard.lock is None and guard.fileno() is None
+    assert [entry.split(":")[0] for entry in logind.log] == ["take", "release", "take", "cancel"]
+
+
+def test_the_plug_does_not_wait_for_logind(
+    rigs: Callable[[int], Rig], suspender: Suspender, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rigs(0)
+    logind = SlowLogind()
+
+    def host() -> None:
+        rig.channel.host_resize(512 * MIB)
+        # logind has not answered: the whole plug is done all the same.
+        wait_for(lambda: rig.online_bytes() == 512 * MIB)
+        assert "suspend blocked" not in caplog.text
+        logind.pending[0].answer()  # the answer arrives through the agent's selector
+        wait_for(lambda: "suspend blocked: logind sleep inhibitor held" in caplog.text)
+
+    with caplog.at_level("INFO"):
+        run_suspending(rig, suspender, logind, host)
+    assert len(logind.pending) == 1
+    assert logind.log[-1] == "release"  # run_suspending closes the guard
+
+
+def test_start_systemd_inhibit_returns_before_the_program_answers(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    # Answers only once the test creates the gate file: a start that waited would hang.
+    program = fake_program(
+        tmp_path,
+        f"while [ ! -e {gate} ]; do sleep 0.01; done\n"
+        'for a; do case "$a" in --*) shift;; *) break;; esac; done\nexec "$@"',
+    )
+    pending = start_systemd_inhibit("why", program=program)
+    assert not isinstance(pending, str)
+    assert not select.select([pending.fileno()], [], [], 0)[0]  # nothing to read yet
+    gate.touch()
+    select.select([pending.fileno()], [], [], 30)
+    lock = pending.finish()
+    assert not isinstance(lock, str)
+    lock.release()
+    assert start_systemd_inhibit("x", program=(str(tmp_path / "absent"),)) == (
+        f"{tmp_path / 'absent'} cannot run: No such file or directory"
     )
