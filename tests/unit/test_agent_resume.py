@@ -95,6 +95,12 @@ def rigs(tmp_path: Path) -> Iterator[Callable[[int], Rig]]:
         rig.attached.close()
 
 
+def grow(rig: Rig, size: int) -> None:
+    """The host asks for ``size``; wait until the agent has it online."""
+    rig.channel.host_resize(size)
+    wait_for(lambda: rig.online_bytes() == size)
+
+
 @pytest.fixture
 def suspender() -> Iterator[Suspender]:
     made = Suspender()
@@ -127,8 +133,7 @@ def test_qemu_7_2_wake_up_under_online_memory_breaks_the_device_and_says_so(
     logind = FakeLogind()
 
     def host() -> None:
-        rig.channel.host_resize(512 * MIB)
-        wait_for(lambda: rig.online_bytes() == 512 * MIB)
+        grow(rig, 512 * MIB)
         wait_for(lambda: len(logind.log) == 1)  # the lock is taken once memory is plugged
         suspender.suspend_and_wake(rig.channel, keeps_blocks=False, seconds=30.0)
         wait_for(lambda: rig.driver.broken_reason is not None)
@@ -152,12 +157,10 @@ def test_qemu_10_wake_up_keeps_the_blocks_and_the_agent_follows_on(
     seen: dict[str, object] = {}
 
     def host() -> None:
-        rig.channel.host_resize(512 * MIB)
-        wait_for(lambda: rig.online_bytes() == 512 * MIB)
+        grow(rig, 512 * MIB)
         suspender.suspend_and_wake(rig.channel, keeps_blocks=True, seconds=5.0)
         wait_for(lambda: rig.channel.reinitializations == 1)
-        rig.channel.host_resize(1 * GIB)
-        wait_for(lambda: rig.online_bytes() == 1 * GIB)
+        grow(rig, 1 * GIB)
         seen["ping"] = control.call(rig.socket, control.Ping())
 
     with caplog.at_level("INFO"):
@@ -192,8 +195,7 @@ def test_a_short_sleep_is_caught_by_the_reset_transport(
         # The RTC measured 0 s, but QEMU reset the device: still a resume.
         suspender.suspend_and_wake(rig.channel, keeps_blocks=False, seconds=0.0)
         wait_for(lambda: rig.channel.reinitializations == 1)
-        rig.channel.host_resize(256 * MIB)
-        wait_for(lambda: rig.online_bytes() == 256 * MIB)
+        grow(rig, 256 * MIB)
 
     run_suspending(rig, suspender, FakeLogind(), host)
     assert rig.driver.broken_reason is None  # nothing was plugged: nothing lost
@@ -240,14 +242,21 @@ def fake_program(tmp_path: Path, body: str) -> tuple[str, ...]:
     return (str(path),)
 
 
-def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> None:
-    # Like the real one: take the lock (here: note the arguments), then run the command.
-    seen = tmp_path / "argv"
-    program = fake_program(
+def fake_systemd_inhibit(
+    tmp_path: Path, *, first: str = "", seen: Path | None = None
+) -> tuple[str, ...]:
+    """Like the real one: run ``first``, take the lock (here: note each option in
+    ``seen``), then run the command."""
+    note = f'echo "$a" >> {seen}; ' if seen is not None else ""
+    return fake_program(
         tmp_path,
-        f'for a; do case "$a" in --*) echo "$a" >> {seen}; shift;; *) break;; esac; done\n'
-        'exec "$@"',
+        f'{first}\nfor a; do case "$a" in --*) {note}shift;; *) break;; esac; done\nexec "$@"',
     )
+
+
+def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> None:
+    seen = tmp_path / "argv"
+    program = fake_systemd_inhibit(tmp_path, seen=seen)
     lock = systemd_inhibit("why not", program=program)
     assert not isinstance(lock, str)
     assert seen.read_text().split("\n")[:4] == [
@@ -336,9 +345,7 @@ def test_the_plug_does_not_wait_for_logind(
     logind = SlowLogind()
 
     def host() -> None:
-        rig.channel.host_resize(512 * MIB)
-        # logind has not answered: the whole plug is done all the same.
-        wait_for(lambda: rig.online_bytes() == 512 * MIB)
+        grow(rig, 512 * MIB)  # while logind has not answered: the plug is done all the same
         assert "suspend blocked" not in caplog.text
         logind.pending[0].answer()  # the answer arrives through the agent's selector
         wait_for(lambda: "suspend blocked: logind sleep inhibitor held" in caplog.text)
@@ -352,11 +359,7 @@ def test_the_plug_does_not_wait_for_logind(
 def test_start_systemd_inhibit_returns_before_the_program_answers(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     # Answers only once the test creates the gate file: a start that waited would hang.
-    program = fake_program(
-        tmp_path,
-        f"while [ ! -e {gate} ]; do sleep 0.01; done\n"
-        'for a; do case "$a" in --*) shift;; *) break;; esac; done\nexec "$@"',
-    )
+    program = fake_systemd_inhibit(tmp_path, first=f"while [ ! -e {gate} ]; do sleep 0.01; done")
     pending = start_systemd_inhibit("why", program=program)
     assert not isinstance(pending, str)
     assert not select.select([pending.fileno()], [], [], 0)[0]  # nothing to read yet
