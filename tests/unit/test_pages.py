@@ -336,12 +336,20 @@ def test_migration_into_the_range_ends_all_poisoned() -> None:
     assert all_poisoned(pages, 0, SUBBLOCK)
 
 
-def test_migration_with_lost_races_needs_later_rounds() -> None:
-    """A page whose write was lost stays unpoisoned and can receive a migrated page;
-    only a later read shows it, and a later round takes it."""
-    pages = fake(migration_in_range_rate=1.0, lost_race_rate=0.2)
+@pytest.mark.parametrize(
+    ("race", "counter"),
+    [
+        ({"migration_in_range_rate": 1.0, "lost_race_rate": 0.2}, "migrations_in_range"),
+        ({"reallocate_rate": 0.5, "lost_race_rate": 0.1}, "reallocations"),
+    ],
+    ids=["migration", "reallocation"],
+)
+def test_lost_races_need_later_rounds(race: dict[str, float], counter: str) -> None:
+    """A page whose write was lost stays unpoisoned and can receive a migrated (or
+    reallocated) page; only a later read shows it, and a later round takes it."""
+    pages = fake(**race)
     writes = take(pages, 0, SUBBLOCK)
-    assert pages.migrations_in_range > 0 and pages.lost_races > 0
+    assert getattr(pages, counter) > 0 and pages.lost_races > 0
     assert writes > SUBBLOCK and pages.flag_reads > 2
     assert all_poisoned(pages, 0, SUBBLOCK)
 
@@ -351,14 +359,6 @@ def test_reallocation_between_writes_ends_all_poisoned() -> None:
     pages = fake(reallocate_rate=0.5)
     assert take(pages, 0, SUBBLOCK) == SUBBLOCK
     assert pages.reallocations > 0
-    assert all_poisoned(pages, 0, SUBBLOCK)
-
-
-def test_reallocation_with_lost_races_needs_later_rounds() -> None:
-    pages = fake(reallocate_rate=0.5, lost_race_rate=0.1)
-    writes = take(pages, 0, SUBBLOCK)
-    assert pages.reallocations > 0 and pages.lost_races > 0
-    assert writes > SUBBLOCK and pages.flag_reads > 2
     assert all_poisoned(pages, 0, SUBBLOCK)
 
 
