@@ -130,7 +130,8 @@ def main() -> int:
         print(f"vmem-guest fuzz failed (rc {rc}):\n{out}")
         return 1
     print(f"\nguest run: {seconds:.0f} s")
-    keys = ("seed", "examples", "requests_compared", "model_only_requests", "resizes")
+    keys = ("seed", "examples", "profile", "offered_features", "feature_differences")
+    keys += ("requests_compared", "model_only_requests", "resizes")
     for key in (*keys, "mismatches"):
         print(f"  {key:<22} {report[key]}")
     print("  device answers:")
