@@ -36,7 +36,12 @@ def hotplug_config() -> VMConfig:
             **cfg.__dict__,
             # Room for the device added later, plus QEMU's 1 GiB of alignment slack.
             "maxmem": cfg.memory + 1 * GiB + HOTPLUG_SIZE + 1 * GiB,
-            "extra_qemu_args": ("-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"),
+            # q35 hot-plugs through ACPI by default; off, the guest's native PCIe hotplug
+            # driver (pciehp, CONFIG_HOTPLUG_PCI_PCIE) gets the slot from _OSC.
+            "extra_qemu_args": (
+                *("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"),
+                *("-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"),
+            ),
         }
     )
 
