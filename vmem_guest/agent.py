@@ -21,6 +21,12 @@ re-initialises each device's transport and lets the driver core judge its
 memory (``DeviceDriver.after_resume``). A :class:`~vmem_guest.inhibit.SuspendGuard`
 holds logind's sleep inhibitor while a device without PERSISTENT_SUSPEND holds
 plugged memory.
+
+Devices hot-plugged at run time (docs/design.md section 1, "Devices that come and
+go"): an :class:`Arrivals` source (a PCI uevent monitor, service.py) sits in the
+selector; each device it binds and attaches is added with :meth:`Agent.add_device`.
+A device's release request (VFIO's REQ index: ``device_del`` waits in the kernel
+until the device is given back) removes it with :meth:`Agent.release_device`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import signal
 import time
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from vmem_guest import control, manual
 from vmem_guest._linux.timerfd import ResumeWatch
@@ -79,6 +85,23 @@ class DeviceSlot:
         return not self.persistent and self.attached.tracker.state.plugged_bytes > 0
 
 
+class Arrivals(Protocol):
+    """Devices that appear at run time, bound and attached by the source itself."""
+
+    def fileno(self) -> int:
+        """Readable when something may have arrived."""
+
+    def arrived(self) -> list[Attached]:
+        """The devices attached since the last call (never one already served)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Release:
+    """Selector data: the kernel asks for this slot's device back."""
+
+    slot: DeviceSlot
+
+
 class Agent:
     """The daemon behind ``vmem-guest run``."""
 
@@ -91,13 +114,16 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         resume_watch: ResumeWatch | None = None,
         suspend_guard: SuspendGuard | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
-        """``resume_watch`` and ``suspend_guard`` belong to the caller (it closes them)."""
+        """``resume_watch``, ``suspend_guard`` and ``arrivals`` belong to the caller (it
+        closes them); so do the devices, released ones included (closed here already)."""
         self.slots = {attached.bdf: DeviceSlot(attached) for attached in devices}
         self.manual_mode = manual_mode
         self.clock = clock
         self.resume_watch = resume_watch
         self.suspend_guard = suspend_guard
+        self.arrivals = arrivals
         self._inhibitor_fd: int | None = None  # the pipe of a lock being taken, if watched
         self.selector = selectors.DefaultSelector()
         self.stopping = False
@@ -149,11 +175,53 @@ class Agent:
             self.selector.register(self.control.fileno(), selectors.EVENT_READ, "control")
         if self.resume_watch is not None:
             self.selector.register(self.resume_watch.fileno(), selectors.EVENT_READ, "resume")
+        if self.arrivals is not None:
+            self.selector.register(self.arrivals.fileno(), selectors.EVENT_READ, "arrivals")
         for slot in self.slots.values():
-            channel = slot.attached.channel
-            fds = {channel.interrupt_fd(), channel.config_change_fd()}
-            for fd in fds:
-                self.selector.register(fd, selectors.EVENT_READ, slot)
+            self._register_slot(slot)
+
+    def _register_slot(self, slot: DeviceSlot) -> None:
+        for fd in self._slot_fds(slot):
+            self.selector.register(fd, selectors.EVENT_READ, slot)
+        release = slot.attached.channel.release_request_fd()
+        if release is not None:
+            self.selector.register(release, selectors.EVENT_READ, _Release(slot))
+
+    @staticmethod
+    def _slot_fds(slot: DeviceSlot) -> set[int]:
+        channel = slot.attached.channel
+        return {channel.interrupt_fd(), channel.config_change_fd()}
+
+    # --- devices that come and go -----------------------------------------------
+
+    def add_device(self, attached: Attached) -> None:
+        """Serve a device attached at run time, from its next step on."""
+        slot = DeviceSlot(attached)
+        self.slots[attached.bdf] = slot
+        self._register_slot(slot)
+        log.info("%s: device added at run time; %d device(s) served", attached.bdf, len(self.slots))
+
+    def release_device(self, slot: DeviceSlot) -> None:
+        """The kernel asks for the device back (a hot-unplug): stop serving it, close
+        its tracker and channel. Its memory stays as it is; QEMU lets a virtio-mem
+        device go only with nothing plugged, so normally there is none."""
+        plugged = slot.attached.tracker.state.plugged_bytes
+        if plugged:
+            log.error(
+                "%s: released by the kernel with %d bytes still plugged: they are not"
+                " touched again (the tracker keeps the record)",
+                slot.bdf,
+                plugged,
+            )
+        for fd in self._slot_fds(slot) | {slot.attached.channel.release_request_fd()}:
+            if fd is not None:
+                self.selector.unregister(fd)
+        del self.slots[slot.bdf]
+        slot.attached.close()
+        log.warning(
+            "%s: device released (hot-unplug); %d device(s) served", slot.bdf, len(self.slots)
+        )
+        self._guard_suspend()
 
     # --- the loop -------------------------------------------------------------
 
@@ -182,11 +250,20 @@ class Agent:
                 self.control.serve_one()
             elif key.data == "resume":
                 self._check_resume()
+            elif key.data == "arrivals" and self.arrivals is not None:
+                for attached in self.arrivals.arrived():
+                    self.add_device(attached)
+            elif isinstance(key.data, _Release) and self._serves(key.data.slot):
+                self.release_device(key.data.slot)
             elif key.data == "inhibitor" and self.suspend_guard is not None:
                 self.suspend_guard.on_readable()
                 self._watch_inhibitor()
-            elif isinstance(key.data, DeviceSlot):
+            elif isinstance(key.data, DeviceSlot) and self._serves(key.data):
                 self._interrupt(key.data)
+
+    def _serves(self, slot: DeviceSlot) -> bool:
+        """Still served: not released by an earlier event of the same select."""
+        return self.slots.get(slot.bdf) is slot
 
     def _interrupt(self, slot: DeviceSlot) -> None:
         driver = slot.attached.driver

@@ -35,8 +35,14 @@ class Attached:
     tracker: Tracker
     driver: DeviceDriver
 
+    closed: bool = False
+
     def close(self) -> None:
-        """Tracker first (memory stays as it is), then the channel (device reset)."""
+        """Tracker first (memory stays as it is), then the channel (device reset); once
+        (a device released at run time is closed by the agent, then seen at exit)."""
+        if self.closed:
+            return
+        self.closed = True
         self.tracker.close()
         self.channel.close()
 

@@ -84,6 +84,10 @@ class InterruptingChannel(RequestChannel, Protocol):
     def device_features(self) -> int:
         """The virtio-mem feature bits (0-23) negotiated with the device."""
 
+    def release_request_fd(self) -> int | None:
+        """Readable when the kernel wants the device back (a hot-unplug); None when
+        this channel cannot be asked."""
+
     def transport_was_reset(self) -> bool:
         """True when the transport was reset under the driver (the device no longer
         shows DRIVER_OK): what a resume from suspend does to a QEMU device."""

@@ -19,10 +19,11 @@ from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached, attach
 from vmem_guest.control import ControlServer, Emit
-from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError
+from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError, VmemError
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
 from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.pages import ProcPages
+from vmem_guest.pci_events import PciMonitor
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
 from vmem_guest.transport.vfio import Mode
@@ -95,6 +96,93 @@ def skip_refusal(bdf: str, exc: DeviceError) -> None:
     log.error("%s: device refused, not serving it: %s", bdf, exc.message)
 
 
+@dataclasses.dataclass
+class DeviceAttacher:
+    """Binds and attaches devices, at start and when one is hot-plugged later, into
+    one list (``attached``) whose regions every no-IOMMU DMA buffer must stay out of."""
+
+    state_dir: Path
+    policy: planner.Policy
+    allow_noiommu: bool
+    kernel: SysfsMemory
+    pages: ProcPages
+    attached: list[Attached] = dataclasses.field(default_factory=list)
+
+    def attach(self, dev: pci.VirtioMemPci) -> Attached:
+        """Bind and attach ``dev`` (DeviceError when it is refused for what it says)."""
+        mode = bind_device(dev, self.allow_noiommu)
+        known = [(a.driver.geometry.addr, a.driver.geometry.end) for a in self.attached]
+        item = attach(
+            dev.bdf,
+            mode=mode,
+            state_dir=self.state_dir,
+            kernel=self.kernel,
+            policy=self.policy,
+            guard_ranges=known,
+            pages=self.pages,
+        )
+        self.attached.append(item)
+        self.guard_dma()
+        return item
+
+    def guard_dma(self) -> None:
+        """No-IOMMU DMA pages must stay outside every device's region, not only their own."""
+        regions = [(a.driver.geometry.addr, a.driver.geometry.end) for a in self.attached]
+        for item in self.attached:
+            if isinstance(item.channel, PciChannel):
+                item.channel.guard_ranges[:] = regions
+                if item.channel.buffer is not None:
+                    item.channel.buffer.check_outside(regions)
+
+    def serves(self, bdf: str) -> bool:
+        return any(a.bdf == bdf and not a.closed for a in self.attached)
+
+    def close(self) -> None:
+        for item in self.attached:
+            item.close()
+        self.pages.close()
+
+
+@contextlib.contextmanager
+def device_attacher(
+    devices: list[pci.VirtioMemPci],
+    *,
+    state_dir: Path,
+    policy: planner.Policy,
+    allow_noiommu: bool,
+    offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
+    on_refused: OnRefused = raise_refusal,
+) -> Iterator[DeviceAttacher]:
+    """Bind and attach ``devices``; release them all (and any attached later through
+    the yielded attacher) on the way out.
+
+    A device refused for what it says (DeviceError: a config that breaks the spec, a
+    region over boot memory, a bad answer during recovery) goes to ``on_refused``:
+    :func:`raise_refusal` (the default, manual commands) or :func:`skip_refusal` (the
+    agent). If every device is refused, the first refusal is raised.
+    """
+    attacher = DeviceAttacher(
+        state_dir=state_dir,
+        policy=resolve_policy(policy, memtotal_bytes),
+        allow_noiommu=allow_noiommu,
+        kernel=_kernel(offline_timeout),
+        pages=ProcPages(),
+    )
+    refused: list[DeviceError] = []
+    try:
+        for dev in devices:
+            try:
+                attacher.attach(dev)
+            except DeviceError as exc:
+                on_refused(dev.bdf, exc)
+                refused.append(exc)
+        if refused and not attacher.attached:
+            raise refused[0]
+        yield attacher
+    finally:
+        attacher.close()
+
+
 @contextlib.contextmanager
 def attached_devices(
     devices: list[pci.VirtioMemPci],
@@ -105,51 +193,51 @@ def attached_devices(
     offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
     on_refused: OnRefused = raise_refusal,
 ) -> Iterator[list[Attached]]:
-    """Bind and attach ``devices``; release them all on the way out.
+    """:func:`device_attacher`'s devices, for callers that attach none later."""
+    with device_attacher(
+        devices,
+        state_dir=state_dir,
+        policy=policy,
+        allow_noiommu=allow_noiommu,
+        offline_timeout=offline_timeout,
+        on_refused=on_refused,
+    ) as attacher:
+        yield attacher.attached
 
-    A device refused for what it says (DeviceError: a config that breaks the spec, a
-    region over boot memory, a bad answer during recovery) goes to ``on_refused``:
-    :func:`raise_refusal` (the default, manual commands) or :func:`skip_refusal` (the
-    agent). If every device is refused, the first refusal is raised.
-    """
-    kernel = _kernel(offline_timeout)
-    pages = ProcPages()
-    policy = resolve_policy(policy, memtotal_bytes)
-    done: list[Attached] = []
-    refused: list[DeviceError] = []
-    try:
-        for dev in devices:
-            mode = bind_device(dev, allow_noiommu)
-            known = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
+
+class HotplugArrivals:
+    """:class:`~vmem_guest.agent.Arrivals` from the kernel's PCI uevents: each
+    virtio-mem function added and not yet served is bound and attached."""
+
+    def __init__(
+        self,
+        monitor: PciMonitor,
+        attacher: DeviceAttacher,
+        lookup: Callable[[str], pci.VirtioMemPci] = pci.get_device,
+    ) -> None:
+        """``lookup``: the virtio-mem function at an address (UsageError if it is not one)."""
+        self.monitor = monitor
+        self.attacher = attacher
+        self.lookup = lookup
+
+    def fileno(self) -> int:
+        return self.monitor.fileno()
+
+    def arrived(self) -> list[Attached]:
+        new: list[Attached] = []
+        for bdf in self.monitor.added():
             try:
-                attached = attach(
-                    dev.bdf,
-                    mode=mode,
-                    state_dir=state_dir,
-                    kernel=kernel,
-                    policy=policy,
-                    guard_ranges=known,
-                    pages=pages,
-                )
-            except DeviceError as exc:
-                on_refused(dev.bdf, exc)
-                refused.append(exc)
+                dev = self.lookup(bdf)
+            except UsageError:
+                continue  # not virtio-mem (a root port, another device), or gone again
+            if self.attacher.serves(dev.bdf):
                 continue
-            done.append(attached)
-        if refused and not done:
-            raise refused[0]
-        # No-IOMMU DMA pages must stay outside every device's region, not only their own.
-        regions = [(a.driver.geometry.addr, a.driver.geometry.end) for a in done]
-        for item in done:
-            if isinstance(item.channel, PciChannel):
-                item.channel.guard_ranges[:] = regions
-                if item.channel.buffer is not None:
-                    item.channel.buffer.check_outside(regions)
-        yield done
-    finally:
-        for item in done:
-            item.close()
-        pages.close()
+            log.info("%s: virtio-mem device hot-plugged: binding and attaching it", dev.bdf)
+            try:
+                new.append(self.attacher.attach(dev))
+            except VmemError as exc:
+                log.error("%s: hot-plugged device not served: %s", dev.bdf, exc.message)
+        return new
 
 
 def guest_memory() -> render.GuestMemory:
@@ -179,16 +267,16 @@ def run_agent(options: RunOptions) -> None:
     try:
         with (
             no_unevictable_compaction(),
-            attached_devices(
+            device_attacher(
                 devices,
                 state_dir=options.state_dir,
                 policy=options.policy,
                 allow_noiommu=options.allow_noiommu,
                 offline_timeout=options.offline_timeout,
                 on_refused=skip_refusal,
-            ) as attached,
+            ) as attacher,
         ):
-            _serve(attached, path, options)
+            _serve(attacher, path, options)
     except TrackerLocked as exc:
         raise UsageError(
             f"{exc.message}: another vmem-guest process owns the device; stop it first",
@@ -196,8 +284,10 @@ def run_agent(options: RunOptions) -> None:
         ) from None
 
 
-def _serve(attached: list[Attached], path: Path, options: RunOptions) -> None:
-    """The agent's loop over ``attached`` devices, its control socket at ``path``."""
+def _serve(attacher: DeviceAttacher, path: Path, options: RunOptions) -> None:
+    """The agent's loop over the attacher's devices, its control socket at ``path``.
+    Without ``--device`` the agent serves every virtio-mem device, those hot-plugged
+    later too; with it, only the ones named."""
 
     def make_server(handler: Any) -> ControlServer:
         return ControlServer(path, handler, allowed_uids=frozenset({0}))
@@ -206,12 +296,19 @@ def _serve(attached: list[Attached], path: Path, options: RunOptions) -> None:
         watch = stack.enter_context(_resume_watch())
         guard = SuspendGuard()
         stack.callback(guard.close)
+        arrivals = None
+        if not options.devices:
+            monitor = PciMonitor.open()
+            if monitor is not None:
+                stack.enter_context(monitor)
+                arrivals = HotplugArrivals(monitor, attacher)
         agent = Agent(
-            attached,
+            list(attacher.attached),
             make_server,
             manual_mode=options.manual,
             resume_watch=watch,
             suspend_guard=guard,
+            arrivals=arrivals,
         )
         try:
             agent.run()

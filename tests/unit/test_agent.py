@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from vmem_guest import control
-from vmem_guest.agent import Agent
+from vmem_guest.agent import Agent, Arrivals
 from vmem_guest.attach import Attached
 from vmem_guest.blocks import Geometry, Zone
 from vmem_guest.device import VirtioMemDevice
@@ -41,16 +41,24 @@ BDF = "0000:00:03.0"
 class Rig:
     """One simulated device attached the way ``attach()`` does it for a real one."""
 
-    def __init__(self, state_dir: Path, region: int = 2 * GIB, block: int = 2 * MIB) -> None:
-        self.model = DeviceModel(addr=ADDR, region_size=region, block_size=block)
+    def __init__(
+        self,
+        state_dir: Path,
+        region: int = 2 * GIB,
+        block: int = 2 * MIB,
+        *,
+        bdf: str = BDF,
+        addr: int = ADDR,
+    ) -> None:
+        self.model = DeviceModel(addr=addr, region_size=region, block_size=block)
         self.channel = SimChannel(self.model)
         self.kernel = FakeKernelMemory(128 * MIB)
-        geometry = Geometry(ADDR, region, block, 128 * MIB)
-        self.tracker = Tracker.open(state_dir, TrackerIdentity(BDF, geometry))
-        device = VirtioMemDevice(self.channel, BDF)
+        geometry = Geometry(addr, region, block, 128 * MIB)
+        self.tracker = Tracker.open(state_dir, TrackerIdentity(bdf, geometry))
+        device = VirtioMemDevice(self.channel, bdf)
         self.driver = DeviceDriver(device, self.tracker, self.kernel)
         self.driver.start()
-        self.attached = Attached(BDF, self.channel, self.tracker, self.driver)
+        self.attached = Attached(bdf, self.channel, self.tracker, self.driver)
         self.socket = control.socket_path(state_dir)
 
     def online_bytes(self) -> int:
@@ -72,14 +80,16 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     made.attached.close()
 
 
-def run_agent(rig: Rig, script: Callable[[], None], *, manual: bool = False) -> Agent:
+def run_agent(
+    rig: Rig, script: Callable[[], None], *, manual: bool = False, arrivals: Arrivals | None = None
+) -> Agent:
     """Run the agent until ``script`` (in a thread) is done, then SIGTERM it."""
     uid = os.getuid()
 
     def server(handler: Any) -> control.ControlServer:
         return control.ControlServer(rig.socket, handler, allowed_uids=frozenset({uid}))
 
-    agent = Agent([rig.attached], server, manual_mode=manual)
+    agent = Agent([rig.attached], server, manual_mode=manual, arrivals=arrivals)
     run_while(agent, script)
     return agent
 

@@ -174,6 +174,10 @@ class IrqVfio:
     def enable_irqs(self, index: int, eventfds: list[EventFd]) -> None:
         self.enabled.append((index, len(eventfds)))
 
+    def enable_release_request(self, eventfd: EventFd) -> bool:
+        self.release_request = eventfd
+        return True
+
     def disable_irqs(self) -> None:
         self.disabled += 1
 
@@ -388,3 +392,20 @@ def test_a_request_to_a_reset_transport_fails_at_once_and_says_why() -> None:
     with pytest.raises(DeviceBroken, match=r"lost DRIVER_OK \(status 0x0\).*resume from suspend"):
         channel.submit(bytes(24))
     assert channel.queue is not None and channel.queue.avail.idx == 7  # nothing was queued
+
+
+def test_the_kernel_s_release_request_is_routed_to_an_eventfd() -> None:
+    channel, vfio, _ = irq_channel(2, accepts=True)
+    assert channel.release_request_fd() == vfio.release_request.fd
+
+
+def test_without_a_release_request_index_the_channel_has_no_fd_for_it() -> None:
+    class NoRequestVfio(IrqVfio):
+        def enable_release_request(self, eventfd: EventFd) -> bool:
+            return False
+
+    vfio = NoRequestVfio(0)
+    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
+    channel._setup_interrupts(VectorTransport(True))  # type: ignore[arg-type]
+    assert channel.release_request_fd() is None
+    assert channel.interrupt_mode is InterruptMode.INTX  # interrupts are set up all the same

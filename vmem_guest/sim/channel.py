@@ -35,6 +35,7 @@ class SimChannel:
         self.reinitializations = 0
         self.lock = threading.Lock()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._release_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._causes = Cause.NONE
         model.on_config_change = self._config_interrupt
 
@@ -60,6 +61,13 @@ class SimChannel:
             else:
                 self.model.system_reset()
             self.reset_pending = True
+
+    def host_unplug_request(self) -> None:
+        """``device_del``: the guest kernel asks the driver to give the device back."""
+        os.eventfd_write(self._release_efd, 1)
+
+    def release_request_fd(self) -> int:
+        return self._release_efd
 
     def read_config(self) -> bytes:
         with self.lock:
@@ -104,3 +112,4 @@ class SimChannel:
 
     def close(self) -> None:
         self._efd = close_fd(self._efd)
+        self._release_efd = close_fd(self._release_efd)

@@ -123,6 +123,7 @@ class PciChannel(Closing):
         self.guard_ranges: list[tuple[int, int]] = []
         self._irq: EventFd | None = None  # INTx, or the MSI-X queue vector
         self._config_irq: EventFd | None = None  # MSI-X config vector
+        self._release_req: EventFd | None = None  # the kernel wants the device back
         self._pending = Cause.NONE
 
     @classmethod
@@ -304,7 +305,9 @@ class PciChannel(Closing):
 
     def _setup_interrupts(self, transport: vp.VirtioPciTransport) -> None:
         """MSI-X with a config and a queue vector when the device has two and takes
-        them, else INTx (QEMU 7.2's virtio-mem-pci has no MSI-X; 10.0 has two vectors)."""
+        them, else INTx (QEMU 7.2's virtio-mem-pci has no MSI-X; 10.0 has two vectors).
+        And VFIO's request index, so a hot-unplug asks for the device back."""
+        self._setup_release_request()
         if self._try_msix(transport):
             return
         intx = self.vfio.irq_info(uapi.VFIO_PCI_INTX_IRQ_INDEX)
@@ -312,6 +315,22 @@ class PciChannel(Closing):
             raise TransportError(f"{self.bdf} has neither MSI-X nor INTx", bdf=self.bdf)
         self._irq = EventFd()
         self.vfio.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [self._irq])
+
+    def _setup_release_request(self) -> None:
+        release = EventFd()
+        try:
+            offered = self.vfio.enable_release_request(release)
+        except (TransportError, IoctlError) as exc:
+            self.log.warning("no release request (%s): a hot-unplug will wait for us", exc)
+            offered = False
+        if offered:
+            self._release_req = release
+        else:
+            release.close()
+
+    def release_request_fd(self) -> int | None:
+        """Readable when the kernel asks for the device back (``device_del``)."""
+        return None if self._release_req is None else self._release_req.fd
 
     def _try_msix(self, transport: vp.VirtioPciTransport) -> bool:
         """Vector 0 for config changes, 1 for the request queue; False (and MSI-X off
@@ -455,8 +474,8 @@ class PciChannel(Closing):
                 self.log.warning("releasing DMA memory: %s", exc)
             self.buffer = None
         self.vfio.close()
-        for efd in (self._irq, self._config_irq):
+        for efd in (self._irq, self._config_irq, self._release_req):
             if efd is not None:
                 efd.close()
-        self._irq = self._config_irq = None
+        self._irq = self._config_irq = self._release_req = None
         self.log.info("closed")

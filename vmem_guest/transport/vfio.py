@@ -441,7 +441,7 @@ class VfioDevice(Closing):
     # -- interrupts -----------------------------------------------------------
 
     def irq_info(self, index: int) -> IrqInfo:
-        """VFIO_DEVICE_GET_IRQ_INFO for ``index`` (INTx 0, MSI 1, MSI-X 2)."""
+        """VFIO_DEVICE_GET_IRQ_INFO for ``index`` (INTx 0, MSI 1, MSI-X 2, REQ 4)."""
         info = uapi.vfio_irq_info.new(index=index)
         ioctl(self.fd, "VFIO_DEVICE_GET_IRQ_INFO", uapi.VFIO_DEVICE_GET_IRQ_INFO, info)
         return IrqInfo(index=index, flags=info.flags, count=info.count)
@@ -463,6 +463,22 @@ class VfioDevice(Closing):
         )
         ioctl(self.fd, "VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, arg)
         self._irq_index = index
+
+    def enable_release_request(self, eventfd: EventFd) -> bool:
+        """Signal ``eventfd`` when the kernel asks for the device back (the REQ index:
+        a hot-unplug waits in ``vfio_pci_core_request`` until the device fd is closed).
+        False when the kernel offers no such index (it then blocks the unplug)."""
+        info = self.irq_info(uapi.VFIO_PCI_REQ_IRQ_INDEX)
+        if not info.flags & uapi.VFIO_IRQ_INFO_EVENTFD or info.count < 1:
+            return False
+        arg = uapi.irq_set(
+            uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            uapi.VFIO_PCI_REQ_IRQ_INDEX,
+            0,
+            [eventfd.fd],
+        )
+        ioctl(self.fd, "VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, arg)
+        return True
 
     def unmask_intx(self) -> None:
         """Unmask INTx, which VFIO masks automatically when it fires (AUTOMASKED)."""
