@@ -144,7 +144,7 @@ class DeviceAttacher:
 
 
 @contextlib.contextmanager
-def device_attacher(
+def attached_devices(
     devices: list[pci.VirtioMemPci],
     *,
     state_dir: Path,
@@ -181,28 +181,6 @@ def device_attacher(
         yield attacher
     finally:
         attacher.close()
-
-
-@contextlib.contextmanager
-def attached_devices(
-    devices: list[pci.VirtioMemPci],
-    *,
-    state_dir: Path,
-    policy: planner.Policy,
-    allow_noiommu: bool,
-    offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT,
-    on_refused: OnRefused = raise_refusal,
-) -> Iterator[list[Attached]]:
-    """:func:`device_attacher`'s devices, for callers that attach none later."""
-    with device_attacher(
-        devices,
-        state_dir=state_dir,
-        policy=policy,
-        allow_noiommu=allow_noiommu,
-        offline_timeout=offline_timeout,
-        on_refused=on_refused,
-    ) as attacher:
-        yield attacher.attached
 
 
 class HotplugArrivals:
@@ -267,7 +245,7 @@ def run_agent(options: RunOptions) -> None:
     try:
         with (
             no_unevictable_compaction(),
-            device_attacher(
+            attached_devices(
                 devices,
                 state_dir=options.state_dir,
                 policy=options.policy,
@@ -352,8 +330,8 @@ def manual_command(
             state_dir=state_dir,
             policy=planner.DEFAULT_POLICY,
             allow_noiommu=allow_noiommu,
-        ) as attached:
-            return manual.perform(attached[0].driver, request, emit)
+        ) as attacher:
+            return manual.perform(attacher.attached[0].driver, request, emit)
     except TrackerLocked as exc:
         raise UsageError(
             f"device {devices[0].bdf} is owned by another vmem-guest process"

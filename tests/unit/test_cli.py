@@ -256,7 +256,7 @@ def test_agent_on_a_locked_tracker_is_a_usage_error(
         yield []
 
     monkeypatch.setattr(service, "select_devices", lambda devices: [])
-    monkeypatch.setattr(service, "device_attacher", locked)
+    monkeypatch.setattr(service, "attached_devices", locked)
     monkeypatch.setattr(service, "no_unevictable_compaction", contextlib.nullcontext)
     code, out, err = run_main(["run", "--state-dir", str(tmp_path)], capsys)
     assert_one_line_error(code, out, err)

@@ -52,8 +52,8 @@ def test_the_agent_serves_the_good_device_and_logs_the_refused_one(
         policy=planner.DEFAULT_POLICY,
         allow_noiommu=True,
         on_refused=service.skip_refusal,
-    ) as attached:
-        assert [item.bdf for item in attached] == [GOOD]
+    ) as attacher:
+        assert [item.bdf for item in attacher.attached] == [GOOD]
     assert f"{BAD}: device refused, not serving it: block_size 0x0" in caplog.text
 
 
@@ -108,6 +108,6 @@ def test_kernel_memory_is_measured_only_when_not_given(
     policy = planner.Policy(online=planner.OnlinePolicy.AUTO, kernel_memory_bytes=given)
     with service.attached_devices(
         fake_devices[1:], state_dir=tmp_path / "state", policy=policy, allow_noiommu=True
-    ) as attached:
-        assert attached[0].driver.policy.kernel_memory_bytes == used
-        assert attached[0].driver.policy.online is planner.OnlinePolicy.AUTO
+    ) as attacher:
+        assert attacher.attached[0].driver.policy.kernel_memory_bytes == used
+        assert attacher.attached[0].driver.policy.online is planner.OnlinePolicy.AUTO
