@@ -213,9 +213,8 @@ class Agent:
                 slot.bdf,
                 plugged,
             )
-        for fd in self._slot_fds(slot) | {slot.attached.channel.release_request_fd()}:
-            if fd is not None:
-                self.selector.unregister(fd)
+        release = slot.attached.channel.release_request_fd()
+        self._unregister(self._slot_fds(slot) | ({release} if release is not None else set()))
         del self.slots[slot.bdf]
         slot.attached.close()
         log.warning(
@@ -312,8 +311,11 @@ class Agent:
     def _forget(self, slot: DeviceSlot) -> None:
         """The driver marked the device broken: no more interrupts from it either."""
         slot.wake_at = None
-        channel = slot.attached.channel
-        for fd in {channel.interrupt_fd(), channel.config_change_fd()}:
+        self._unregister(self._slot_fds(slot))  # its release request stays watched
+
+    def _unregister(self, fds: set[int]) -> None:
+        """Take ``fds`` out of the selector; one already out (a broken device's) is fine."""
+        for fd in fds:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(fd)
 

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from test_agent import GIB, MIB, Rig, run_agent, wait_for
 
+from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached
 from vmem_guest.errors import ConfigError, UsageError
 from vmem_guest.pci import VirtioMemPci
@@ -157,3 +158,16 @@ def test_arrivals_attach_new_virtio_mem_functions_only(caplog: pytest.LogCapture
     assert "0000:03:00.0: hot-plugged device not served: region overlaps boot memory" in (
         caplog.text
     )
+
+
+def test_a_broken_device_can_still_be_released(rig: Rig) -> None:
+    """A broken device's interrupts are no longer watched, its release request is:
+    releasing it must not trip over the fds already taken out."""
+    agent = Agent([rig.attached])
+    agent._register()
+    slot = agent.slots[rig.attached.bdf]
+    rig.driver.mark_broken("test: broken before the unplug")
+    agent._forget(slot)
+    agent.release_device(slot)
+    assert agent.slots == {} and rig.attached.closed
+    agent.close()
