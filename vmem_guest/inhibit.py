@@ -13,9 +13,10 @@ stops root writing ``mem`` to ``/sys/power/state``.
 The lock is taken through ``systemd-inhibit``, which calls Inhibit and keeps
 the fd open while its child runs: the child is ``cat`` reading a pipe the agent
 holds, so the lock goes when the agent closes the pipe, or dies (no D-Bus
-library needed, nothing to clean up after a SIGKILL). Where logind does not run
-(the test VM has no systemd) ``systemd-inhibit`` fails at once and the agent
-says so, once, and carries on.
+library needed, nothing to clean up after a SIGKILL). Where systemd is not PID 1
+(the test VM) no child is started at all; where logind does not answer,
+``systemd-inhibit`` fails at once. Either way the agent says so, once, and
+carries on.
 
 Taking the lock never holds up a plug: :func:`start_systemd_inhibit` starts the
 program and returns a :class:`PendingLock` whose pipe the agent watches in its
@@ -27,6 +28,7 @@ plug under TCG, in the middle of the plug).
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import subprocess
 from collections.abc import Callable, Sequence
@@ -34,6 +36,8 @@ from typing import Protocol, runtime_checkable
 
 log = logging.getLogger("vmem_guest.inhibit")
 
+#: Exists only while systemd runs as PID 1 (what ``sd_booted(3)`` checks).
+SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
 #: How long ``systemd-inhibit`` may take to say the lock is held (a D-Bus round trip).
 TAKE_TIMEOUT = 5.0
 #: What the child prints once systemd-inhibit holds the lock and ran it.
@@ -117,10 +121,22 @@ class PendingLock:
         ChildLock(self.proc).release()
 
 
+def systemd_booted() -> bool:
+    """systemd is PID 1 (``sd_booted(3)``: the directory exists only then)."""
+    return os.path.isdir(SYSTEMD_RUNTIME_DIR)
+
+
 def start_systemd_inhibit(
-    why: str, *, program: Sequence[str] = ("systemd-inhibit",)
+    why: str,
+    *,
+    program: Sequence[str] = ("systemd-inhibit",),
+    booted: Callable[[], bool] = systemd_booted,
 ) -> PendingLock | str:
-    """Start taking logind's ``sleep`` inhibitor in block mode; or say why it cannot run."""
+    """Start taking logind's ``sleep`` inhibitor in block mode; or say why it cannot run.
+    Without systemd there is no logind to ask: nothing is started (a child per plug
+    cost the plug time, measured with ``make bench`` in the test VM, which has none)."""
+    if not booted():
+        return f"systemd is not running ({SYSTEMD_RUNTIME_DIR} is absent)"
     argv = [
         *program,
         "--what=sleep",
@@ -141,11 +157,15 @@ def start_systemd_inhibit(
 
 
 def systemd_inhibit(
-    why: str, *, program: Sequence[str] = ("systemd-inhibit",), timeout: float = TAKE_TIMEOUT
+    why: str,
+    *,
+    program: Sequence[str] = ("systemd-inhibit",),
+    timeout: float = TAKE_TIMEOUT,
+    booted: Callable[[], bool] = systemd_booted,
 ) -> Lock | str:
     """Hold logind's ``sleep`` inhibitor in block mode, or say why not (logind absent,
     no system bus, systemd-inhibit not installed, refused), waiting for the answer."""
-    pending = start_systemd_inhibit(why, program=program)
+    pending = start_systemd_inhibit(why, program=program, booted=booted)
     if isinstance(pending, str):
         return pending
     if not _readable(pending.fileno(), timeout):

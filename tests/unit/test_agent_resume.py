@@ -257,7 +257,7 @@ def fake_systemd_inhibit(
 def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> None:
     seen = tmp_path / "argv"
     program = fake_systemd_inhibit(tmp_path, seen=seen)
-    lock = systemd_inhibit("why not", program=program)
+    lock = systemd_inhibit("why not", program=program, booted=lambda: True)
     assert not isinstance(lock, str)
     assert seen.read_text().split("\n")[:4] == [
         "--what=sleep",
@@ -273,9 +273,9 @@ def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> 
 
 def test_systemd_inhibit_reports_why_it_could_not(tmp_path: Path) -> None:
     program = fake_program(tmp_path, 'echo "Failed to connect to bus: No such file" >&2; exit 1')
-    reason = systemd_inhibit("x", program=program)
+    reason = systemd_inhibit("x", program=program, booted=lambda: True)
     assert reason == f"{program[0]} exited 1: Failed to connect to bus: No such file"
-    assert systemd_inhibit("x", program=(str(tmp_path / "absent"),)).endswith(  # type: ignore[union-attr]
+    assert systemd_inhibit("x", program=(str(tmp_path / "absent"),), booted=lambda: True).endswith(  # type: ignore[union-attr]
         "cannot run: No such file or directory"
     )
 
@@ -360,7 +360,7 @@ def test_start_systemd_inhibit_returns_before_the_program_answers(tmp_path: Path
     gate = tmp_path / "gate"
     # Answers only once the test creates the gate file: a start that waited would hang.
     program = fake_systemd_inhibit(tmp_path, first=f"while [ ! -e {gate} ]; do sleep 0.01; done")
-    pending = start_systemd_inhibit("why", program=program)
+    pending = start_systemd_inhibit("why", program=program, booted=lambda: True)
     assert not isinstance(pending, str)
     assert not select.select([pending.fileno()], [], [], 0)[0]  # nothing to read yet
     gate.touch()
@@ -368,6 +368,14 @@ def test_start_systemd_inhibit_returns_before_the_program_answers(tmp_path: Path
     lock = pending.finish()
     assert not isinstance(lock, str)
     lock.release()
-    assert start_systemd_inhibit("x", program=(str(tmp_path / "absent"),)) == (
+    assert start_systemd_inhibit("x", program=(str(tmp_path / "absent"),), booted=lambda: True) == (
         f"{tmp_path / 'absent'} cannot run: No such file or directory"
     )
+
+
+def test_without_systemd_nothing_is_started(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    program = fake_program(tmp_path, f"touch {ran}; exit 1")
+    reason = start_systemd_inhibit("x", program=program, booted=lambda: False)
+    assert reason == "systemd is not running (/run/systemd/system is absent)"
+    assert not ran.exists()  # no child per plug where no logind can answer
