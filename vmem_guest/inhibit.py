@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
 import subprocess
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -38,7 +37,7 @@ log = logging.getLogger("vmem_guest.inhibit")
 
 #: Exists only while systemd runs as PID 1 (what ``sd_booted(3)`` checks).
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
-#: How long ``systemd-inhibit`` may take to say the lock is held (a D-Bus round trip).
+#: How long a released ``systemd-inhibit`` child may take to exit before it is killed.
 TAKE_TIMEOUT = 5.0
 #: What the child prints once systemd-inhibit holds the lock and ran it.
 _HELD = b"held\n"
@@ -82,12 +81,6 @@ class ChildLock:
         except subprocess.TimeoutExpired:
             self.proc.kill()  # our own child, by its handle
             self.proc.wait()
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        return bool(selector.select(timeout))
 
 
 class PendingLock:
@@ -154,24 +147,6 @@ def start_systemd_inhibit(
     except OSError as exc:
         return f"{argv[0]} cannot run: {exc.strerror}"
     return PendingLock(proc, argv[0])
-
-
-def systemd_inhibit(
-    why: str,
-    *,
-    program: Sequence[str] = ("systemd-inhibit",),
-    timeout: float = TAKE_TIMEOUT,
-    booted: Callable[[], bool] = systemd_booted,
-) -> Lock | str:
-    """Hold logind's ``sleep`` inhibitor in block mode, or say why not (logind absent,
-    no system bus, systemd-inhibit not installed, refused), waiting for the answer."""
-    pending = start_systemd_inhibit(why, program=program, booted=booted)
-    if isinstance(pending, str):
-        return pending
-    if not _readable(pending.fileno(), timeout):
-        pending.cancel()
-        return f"{pending.name} did not take the lock within {timeout:g} s"
-    return pending.finish()
 
 
 class SuspendGuard:

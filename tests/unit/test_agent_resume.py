@@ -18,7 +18,7 @@ from vmem_guest import control
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent
-from vmem_guest.inhibit import SuspendGuard, start_systemd_inhibit, systemd_inhibit
+from vmem_guest.inhibit import Lock, SuspendGuard, start_systemd_inhibit
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.spec import Feature
 
@@ -254,10 +254,20 @@ def fake_systemd_inhibit(
     )
 
 
+def systemd_inhibit(why: str, program: tuple[str, ...]) -> Lock | str:
+    """Start taking the lock with ``program``, as the agent does, and wait for the answer
+    (the agent's selector does the waiting)."""
+    pending = start_systemd_inhibit(why, program=program, booted=lambda: True)
+    if isinstance(pending, str):
+        return pending
+    select.select([pending.fileno()], [], [], 30)
+    return pending.finish()
+
+
 def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> None:
     seen = tmp_path / "argv"
     program = fake_systemd_inhibit(tmp_path, seen=seen)
-    lock = systemd_inhibit("why not", program=program, booted=lambda: True)
+    lock = systemd_inhibit("why not", program)
     assert not isinstance(lock, str)
     assert seen.read_text().split("\n")[:4] == [
         "--what=sleep",
@@ -273,9 +283,9 @@ def test_systemd_inhibit_holds_the_lock_while_its_child_runs(tmp_path: Path) -> 
 
 def test_systemd_inhibit_reports_why_it_could_not(tmp_path: Path) -> None:
     program = fake_program(tmp_path, 'echo "Failed to connect to bus: No such file" >&2; exit 1')
-    reason = systemd_inhibit("x", program=program, booted=lambda: True)
+    reason = systemd_inhibit("x", program)
     assert reason == f"{program[0]} exited 1: Failed to connect to bus: No such file"
-    assert systemd_inhibit("x", program=(str(tmp_path / "absent"),), booted=lambda: True).endswith(  # type: ignore[union-attr]
+    assert systemd_inhibit("x", (str(tmp_path / "absent"),)).endswith(  # type: ignore[union-attr]
         "cannot run: No such file or directory"
     )
 
