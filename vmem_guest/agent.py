@@ -232,13 +232,21 @@ class Agent:
         )
 
     def _timeout(self) -> float | None:
-        """Seconds until the earliest device timer; None when all have converged."""
+        """Seconds until the earliest device timer or the end of the wait for an inhibitor
+        lock; None when all devices have converged and no lock is being taken."""
         if self.stopping:
             return 0.0
-        if self.idle:
-            return None
-        wakes = [s.wake_at for s in self.slots.values() if s.wake_at is not None and not s.broken]
-        return max(0.0, min(wakes) - self.clock())
+        timeouts = []
+        if not self.idle:
+            wakes = [
+                s.wake_at for s in self.slots.values() if s.wake_at is not None and not s.broken
+            ]
+            timeouts.append(max(0.0, min(wakes) - self.clock()))
+        if self.suspend_guard is not None:
+            given_up_in = self.suspend_guard.seconds_left()  # an unanswered inhibitor
+            if given_up_in is not None:
+                timeouts.append(given_up_in)
+        return min(timeouts, default=None)
 
     def _wait_for_events(self, timeout: float | None) -> None:
         for key, _events in self.selector.select(timeout):

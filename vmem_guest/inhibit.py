@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -39,6 +40,10 @@ log = logging.getLogger("vmem_guest.inhibit")
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
 #: How long a released ``systemd-inhibit`` child may take to exit before it is killed.
 TAKE_TIMEOUT = 5.0
+#: How long logind may take to answer Inhibit() before the lock is given up on
+#: (D-Bus's own default reply timeout is 25 s; a logind that has not answered in this
+#: long is stuck, and an unanswered lock blocks nothing).
+ANSWER_TIMEOUT = 10.0
 #: What the child prints once systemd-inhibit holds the lock and ran it.
 _HELD = b"held\n"
 
@@ -156,14 +161,25 @@ class SuspendGuard:
     something plugged) after every turn of the agent's loop; it starts taking or
     releases the lock on a change and logs each decision once. A lock being taken
     (:attr:`pending`) is finished by :meth:`on_readable` when :meth:`fileno` is
-    readable in the caller's selector.
+    readable in the caller's selector, or given up on by :meth:`update` once
+    ``answer_timeout`` has passed without an answer (:meth:`seconds_left` says when,
+    for the caller's select timeout).
     """
 
-    def __init__(self, take: Take = start_systemd_inhibit) -> None:
+    def __init__(
+        self,
+        take: Take = start_systemd_inhibit,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        answer_timeout: float = ANSWER_TIMEOUT,
+    ) -> None:
         self.take = take
+        self.clock = clock
+        self.answer_timeout = answer_timeout
         self.lock: Lock | None = None
         #: A lock being taken, whose answer has not come yet.
         self.pending: Pending | None = None
+        self._answer_by = 0.0  # the clock's time the pending lock is given up at
         #: Why the lock could not be had (the last attempt), None if it could.
         self.unavailable: str | None = None
         self._at_risk: tuple[str, ...] | None = None  # None: never updated
@@ -184,8 +200,15 @@ class SuspendGuard:
         """The pipe of the lock being taken, for the caller's selector; None if none is."""
         return None if self.pending is None else self.pending.fileno()
 
+    def seconds_left(self) -> float | None:
+        """Until the lock being taken is given up on; None if none is being taken."""
+        if self.pending is None:
+            return None
+        return max(0.0, self._answer_by - self.clock())
+
     def update(self, at_risk: Sequence[str]) -> None:
         """``at_risk``: the devices (bdfs) without PERSISTENT_SUSPEND holding plugged memory."""
+        self._give_up_if_unanswered()
         current = tuple(at_risk)
         if current == self._at_risk:
             return
@@ -212,6 +235,15 @@ class SuspendGuard:
         if pending is not None:
             self._settle(pending.finish())
 
+    def _give_up_if_unanswered(self) -> None:
+        """A lock logind has not answered in ``answer_timeout``: cancel it and say so
+        (tried again when the devices at risk change, as after any failure)."""
+        if self.pending is None or self.clock() < self._answer_by:
+            return
+        self.pending.cancel()
+        self.pending = None
+        self._settle(f"no answer to the inhibitor request in {self.answer_timeout:g} s")
+
     def _names(self) -> str:
         return ", ".join(self._at_risk or ())
 
@@ -222,6 +254,7 @@ class SuspendGuard:
         )
         if isinstance(got, Pending):
             self.pending = got
+            self._answer_by = self.clock() + self.answer_timeout
         else:
             self._settle(got)
 
@@ -231,7 +264,7 @@ class SuspendGuard:
             if not self._warned:
                 self._warned = True
                 log.warning(
-                    "logind not running (%s): cannot block suspend; root can still suspend"
+                    "no sleep inhibitor (%s): cannot block suspend; root can still suspend"
                     " (echo mem > /sys/power/state), and %s would lose its plugged memory",
                     got,
                     self._names(),

@@ -241,12 +241,12 @@ def run_agent(options: RunOptions) -> None:
     """``vmem-guest run``: serve every (chosen) device until SIGTERM."""
     path = control.socket_path(options.state_dir)
     _refuse_if_an_agent_answers(path)
-    devices = select_devices(options.devices)
     try:
         with (
+            _hotplug_monitor(options.devices) as monitor,
             no_unevictable_compaction(),
             attached_devices(
-                devices,
+                select_devices(options.devices),
                 state_dir=options.state_dir,
                 policy=options.policy,
                 allow_noiommu=options.allow_noiommu,
@@ -254,7 +254,7 @@ def run_agent(options: RunOptions) -> None:
                 on_refused=skip_refusal,
             ) as attacher,
         ):
-            _serve(attacher, path, options)
+            _serve(attacher, path, options, monitor)
     except TrackerLocked as exc:
         raise UsageError(
             f"{exc.message}: another vmem-guest process owns the device; stop it first",
@@ -262,10 +262,24 @@ def run_agent(options: RunOptions) -> None:
         ) from None
 
 
-def _serve(attacher: DeviceAttacher, path: Path, options: RunOptions) -> None:
-    """The agent's loop over the attacher's devices, its control socket at ``path``.
-    Without ``--device`` the agent serves every virtio-mem device, those hot-plugged
-    later too; with it, only the ones named."""
+@contextlib.contextmanager
+def _hotplug_monitor(named: tuple[str, ...]) -> Iterator[PciMonitor | None]:
+    """The PCI uevent monitor when no device is named (``--device`` serves only those),
+    started before the devices are listed: one added while the others are being
+    attached is then in its queue, not missed (one already served is skipped)."""
+    monitor = None if named else PciMonitor.open()
+    if monitor is None:
+        yield None
+        return
+    with monitor:
+        yield monitor
+
+
+def _serve(
+    attacher: DeviceAttacher, path: Path, options: RunOptions, monitor: PciMonitor | None
+) -> None:
+    """The agent's loop over the attacher's devices, its control socket at ``path``;
+    devices hot-plugged later are served through ``monitor`` when there is one."""
 
     def make_server(handler: Any) -> ControlServer:
         return ControlServer(path, handler, allowed_uids=frozenset({0}))
@@ -274,12 +288,7 @@ def _serve(attacher: DeviceAttacher, path: Path, options: RunOptions) -> None:
         watch = stack.enter_context(_resume_watch())
         guard = SuspendGuard()
         stack.callback(guard.close)
-        arrivals = None
-        if not options.devices:
-            monitor = PciMonitor.open()
-            if monitor is not None:
-                stack.enter_context(monitor)
-                arrivals = HotplugArrivals(monitor, attacher)
+        arrivals = HotplugArrivals(monitor, attacher) if monitor is not None else None
         agent = Agent(
             list(attacher.attached),
             make_server,

@@ -4,6 +4,7 @@ VFIO's REQ index) is closed and never touched again, and the others carry on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from test_agent import GIB, MIB, Rig, run_agent, wait_for
 
+from vmem_guest import service
 from vmem_guest.agent import Agent
 from vmem_guest.attach import Attached
 from vmem_guest.errors import ConfigError, UsageError
@@ -171,3 +173,38 @@ def test_a_broken_device_can_still_be_released(rig: Rig) -> None:
     agent.release_device(slot)
     assert agent.slots == {} and rig.attached.closed
     agent.close()
+
+
+@pytest.mark.parametrize(("named", "watched"), [((), True), (("0000:00:03.0",), False)])
+def test_the_monitor_starts_before_the_devices_are_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: tuple[str, ...], watched: bool
+) -> None:
+    """A device added while the ones present are listed and attached is queued in the
+    monitor, not missed; with --device no monitor is started (only those are served)."""
+    events: list[str] = []
+
+    def open_monitor() -> PciMonitor:
+        events.append("monitor started")
+        return PciMonitor(FakeUdevMonitor([]))
+
+    def select_devices(devices: tuple[str, ...]) -> list[VirtioMemPci]:
+        events.append("devices listed")
+        return []
+
+    @contextlib.contextmanager
+    def attached_devices(devices: list[VirtioMemPci], **kwargs: object) -> Iterator[object]:
+        yield SimpleNamespace(attached=[])
+
+    def serve(attacher: object, path: Path, options: object, monitor: object) -> None:
+        events.append("served with a monitor" if monitor is not None else "served")
+
+    monkeypatch.setattr(service.PciMonitor, "open", open_monitor)
+    monkeypatch.setattr(service, "select_devices", select_devices)
+    monkeypatch.setattr(service, "attached_devices", attached_devices)
+    monkeypatch.setattr(service, "no_unevictable_compaction", contextlib.nullcontext)
+    monkeypatch.setattr(service, "_serve", serve)
+    service.run_agent(service.RunOptions(state_dir=tmp_path, devices=named))
+    if watched:
+        assert events == ["monitor started", "devices listed", "served with a monitor"]
+    else:
+        assert events == ["devices listed", "served"]

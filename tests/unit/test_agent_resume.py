@@ -18,7 +18,7 @@ from vmem_guest import control
 from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent
-from vmem_guest.inhibit import Lock, SuspendGuard, start_systemd_inhibit
+from vmem_guest.inhibit import ANSWER_TIMEOUT, Lock, SuspendGuard, start_systemd_inhibit
 from vmem_guest.sim.channel import SimChannel
 from vmem_guest.spec import Feature
 
@@ -109,7 +109,11 @@ def suspender() -> Iterator[Suspender]:
 
 
 def run_suspending(
-    rig: Rig, suspender: Suspender, logind: FakeLogind, script: Callable[[], None]
+    rig: Rig,
+    suspender: Suspender,
+    logind: FakeLogind,
+    script: Callable[[], None],
+    answer_timeout: float = ANSWER_TIMEOUT,
 ) -> Agent:
     """test_agent.run_agent with a resume watch and a suspend guard."""
     uid = os.getuid()
@@ -117,7 +121,7 @@ def run_suspending(
     def server(handler: Any) -> control.ControlServer:
         return control.ControlServer(rig.socket, handler, allowed_uids=frozenset({uid}))
 
-    guard = SuspendGuard(logind.take)
+    guard = SuspendGuard(logind.take, answer_timeout=answer_timeout)
     agent = Agent([rig.attached], server, resume_watch=suspender.watch, suspend_guard=guard)
     try:
         run_while(agent, script)
@@ -228,7 +232,7 @@ def test_guard_without_logind_warns_once_and_carries_on(caplog: pytest.LogCaptur
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert (
-        "logind not running (Failed to connect to bus): cannot block suspend" in warnings[0].message
+        "no sleep inhibitor (Failed to connect to bus): cannot block suspend" in warnings[0].message
     )
     assert "root can still suspend" in warnings[0].message
     assert len(logind.log) == 2
@@ -346,6 +350,48 @@ def test_guard_waits_for_the_answer_without_blocking_and_cancels_what_is_not_nee
     guard.update([])  # ... and no longer needed before its answer
     assert guard.lock is None and guard.fileno() is None
     assert [entry.split(":")[0] for entry in logind.log] == ["take", "release", "take", "cancel"]
+
+
+def test_a_lock_logind_never_answers_is_given_up_on_and_retried_on_a_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logind = SlowLogind()
+    now = [100.0]
+    guard = SuspendGuard(logind.take, clock=lambda: now[0], answer_timeout=10.0)
+    guard.update(["a"])
+    assert guard.seconds_left() == 10.0
+    now[0] += 4.0
+    guard.update(["a"])
+    assert guard.fileno() == logind.pending[0].read_fd and guard.seconds_left() == 6.0
+    now[0] += 6.0
+    with caplog.at_level("WARNING"):
+        guard.update(["a"])
+    assert guard.fileno() is None and guard.seconds_left() is None and guard.lock is None
+    assert logind.log[-1] == "cancel"  # the child is ended, not left running
+    assert guard.description == (
+        "suspend NOT blocked (no answer to the inhibitor request in 10 s); root can still suspend"
+    )
+    assert "no sleep inhibitor (no answer to the inhibitor request in 10 s)" in caplog.text
+    guard.update(["a", "b"])  # the devices at risk changed: asked again
+    assert guard.fileno() == logind.pending[1].read_fd
+    guard.close()
+
+
+def test_the_agent_gives_up_on_an_unanswered_lock_without_another_event(
+    rigs: Callable[[int], Rig], suspender: Suspender, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rigs(0)
+    logind = SlowLogind()
+
+    def host() -> None:
+        grow(rig, 512 * MIB)  # converged: only the inhibitor's deadline can wake the loop
+        wait_for(lambda: "no answer to the inhibitor request in 0.3 s" in caplog.text)
+        assert logind.log[-1] == "cancel"  # before run_suspending closes the guard
+
+    with caplog.at_level("WARNING"):
+        agent = run_suspending(rig, suspender, logind, host, answer_timeout=0.3)
+    assert agent.suspend_guard is not None and agent.suspend_guard.pending is None
+    assert len(logind.pending) == 1
 
 
 def test_the_plug_does_not_wait_for_logind(
