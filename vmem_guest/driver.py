@@ -308,9 +308,9 @@ class DeviceDriver:
         self._publish(self._read_config())
         self.tracker.clear_broken()
         self._broken_text = ""
-        previous = self.tracker.snapshot()
-        if previous.intent is not None:
-            self.log.info("resolving pending %s from a previous run", previous.intent)
+        pending = self.tracker.intent
+        if pending is not None:
+            self.log.info("resolving pending %s from a previous run", pending)
         online, present = self._kernel_view()
         if self.config.plugged_size and not online:
             plugged = self._unplug_all_unused(present)
