@@ -242,8 +242,8 @@ def no_unevictable_compaction(state_dir: Path, path: Path = COMPACT_UNEVICTABLE)
 
     Compaction would otherwise migrate our locked (no-IOMMU) DMA pages: Linux
     ``mm/compaction.c`` ``isolate_migratepages()`` scans the unevictable (mlocked)
-    pages too (ISOLATE_UNEVICTABLE) unless the knob is 0. The original is recorded in ``state_dir`` first, so a
-    SIGKILLed agent's next start still restores it
+    pages too (ISOLATE_UNEVICTABLE) unless the knob is 0. The original is recorded
+    in ``state_dir`` first, so a SIGKILLed agent's next start still restores it
     (:func:`vmem_guest.kernel_setting.changed_setting`). Yields False where the
     knob is absent (no CONFIG_COMPACTION: nothing to turn off) or cannot be
     written: the driver then still re-checks its pages before every request
