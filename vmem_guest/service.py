@@ -244,7 +244,7 @@ def run_agent(options: RunOptions) -> None:
     try:
         with (
             _hotplug_monitor(options.devices) as monitor,
-            no_unevictable_compaction(),
+            no_unevictable_compaction(options.state_dir),
             attached_devices(
                 select_devices(options.devices),
                 state_dir=options.state_dir,
