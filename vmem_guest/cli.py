@@ -280,7 +280,7 @@ def status(state_dir: Path, as_json: bool) -> None:
     Works while the agent runs: the tracker is read without locks, as a
     consistent snapshot.
     """
-    from vmem_guest.service import guest_memory
+    from vmem_guest.service import agent_online_paths, guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
     snapshots = []
@@ -288,13 +288,20 @@ def status(state_dir: Path, as_json: bool) -> None:
         with TrackerReader.open(path) as reader:
             snapshots.append(reader.snapshot())
     guest = guest_memory()
+    paths = agent_online_paths(state_dir) if snapshots else {}
     if as_json:
-        _emit_json([render.snapshot_dict(snap, guest) for snap in snapshots])
+        _emit_json(
+            [render.snapshot_dict(snap, guest, paths.get(snap.identity.name)) for snap in snapshots]
+        )
         return
     if not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
         return
-    click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+    click.echo(
+        "\n\n".join(
+            render.snapshot_text(snap, guest, paths.get(snap.identity.name)) for snap in snapshots
+        )
+    )
 
 
 # --- the real device ---------------------------------------------------------

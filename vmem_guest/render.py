@@ -70,8 +70,11 @@ def subblock_map(snap: TrackerSnapshot, index: int) -> str:
     )
 
 
-def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> dict[str, object]:
-    """The JSON form of ``vmem-guest status --json`` for one device."""
+def snapshot_dict(
+    snap: TrackerSnapshot, guest: GuestMemory | None = None, online_path: str | None = None
+) -> dict[str, object]:
+    """The JSON form of ``vmem-guest status --json`` for one device; ``online_path``: how
+    the running agent onlines its new blocks (None: no agent answered)."""
     geometry = snap.identity.geometry
     system: dict[str, object] = {}
     if guest is not None:
@@ -89,6 +92,7 @@ def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> di
         "node_id": snap.node_id,
         "interrupts": snap.interrupt_mode.text,
         "device_features": feature_names(snap.device_features),
+        "online_path": online_path,
         "requested_size": snap.requested_size,
         "usable_region_size": snap.usable_region_size,
         "plugged_size": snap.plugged_bytes,
@@ -150,8 +154,11 @@ def block_map(snap: TrackerSnapshot) -> list[str]:
     return lines
 
 
-def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> str:
-    """The human form of ``vmem-guest status`` for one device."""
+def snapshot_text(
+    snap: TrackerSnapshot, guest: GuestMemory | None = None, online_path: str | None = None
+) -> str:
+    """The human form of ``vmem-guest status`` for one device (``online_path``: as in
+    :func:`snapshot_dict`)."""
     geometry = snap.identity.geometry
     mode = "big block mode" if geometry.big_block_mode else "sub block mode"
     counts = ", ".join(
@@ -169,6 +176,8 @@ def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> st
         f"  {snap.interrupt_mode.text} interrupts, features:"
         f" {', '.join(feature_names(snap.device_features)) or 'none'}",
     ]
+    if online_path:
+        lines.append(f"  new memory blocks: {online_path}")
     if snap.intent is not None:
         lines.append(
             f"  in flight: {snap.intent.op.name} {snap.intent.addr:#x} x{snap.intent.nb_blocks}"
