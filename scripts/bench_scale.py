@@ -105,8 +105,10 @@ QUICK_STEPS = (
 )
 
 
-def scale_config(driver: str, region: int) -> VMConfig:
-    """The guest for one driver; everything but the driver's switches is the same."""
+def scale_config(driver: str, region: int, readme_extra: tuple[str, ...] = ()) -> VMConfig:
+    """The guest for one driver; everything but the driver's switches is the same.
+    ``readme_extra``: kernel command line words added to the README guest's (to measure
+    what one boot flag buys)."""
     return VMConfig(
         name=f"bench-scale-{driver}",
         cpus=2,
@@ -118,7 +120,11 @@ def scale_config(driver: str, region: int) -> VMConfig:
         secretmem=driver == "agent",
         # The tuned agent's kernel onlines new memory as the in-kernel driver's does
         # (that one needs it): each block is added and onlined by one probe write.
-        extra_cmdline=("memhp_default_state=online_movable",) if driver == "agent" else (),
+        extra_cmdline=("memhp_default_state=online_movable",)
+        if driver == "agent"
+        else readme_extra
+        if driver == "readme"
+        else (),
         devices=tuple(
             MemDevice(dev, size=region, block_size=BLOCK, node=node, reserve=False)
             for node, dev in enumerate(DEVICE_IDS)
@@ -211,10 +217,16 @@ def run_step(
 
 
 def run_driver(
-    driver: str, region: int, steps: tuple[ScaleStep, ...], timeout: float
+    driver: str,
+    region: int,
+    steps: tuple[ScaleStep, ...],
+    timeout: float,
+    agent_env: str = "",
+    readme_extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Boot the driver's guest, run every step, measure the idle agent; the record."""
-    cfg = scale_config(driver, region)
+    """Boot the driver's guest, run every step, measure the idle agent; the record.
+    ``agent_env``: the agent's environment (``PYTHONPATH=...`` runs another tree)."""
+    cfg = scale_config(driver, region, readme_extra)
     # The two guests run one after the other: what else loads the host shows here.
     out: dict[str, Any] = {"driver": LABELS[driver], "host_load_at_boot": os.getloadavg()}
     with TestVM(cfg) as vm:
@@ -240,7 +252,7 @@ def run_driver(
         def launch() -> None:
             """Start the agent; how long until it answered, its pid."""
             t_start = time.perf_counter()
-            start_agent(vm, AGENT_TAG, [])
+            start_agent(vm, AGENT_TAG, [], env=agent_env)
             agent["start_s"] = time.perf_counter() - t_start
             agent["pid"] = bench_idle.agent_pid(vm, AGENT_TAG)
 
@@ -308,6 +320,10 @@ def scale_table(result: dict[str, Any]) -> list[str]:
         f" ({result['accel']}; one guest per driver; QMP polled every ~5 ms)",
         header,
     ]
+    if result.get("agent_src"):
+        lines.insert(1, f"the agent from {result['agent_src']}")
+    if result.get("readme_cmdline"):
+        lines.insert(1, f"README guest booted with {' '.join(result['readme_cmdline'])} too")
     for i, name in enumerate(names):
         for key, until in (("qemu_s", "QEMU size"), ("memtotal_s", "MemTotal")):
             kv = kernel["steps"][i][key] if kernel else None
@@ -434,7 +450,17 @@ def main() -> int:
         help="bench_idle.py region sizes, each in its own VM, after both drivers"
         " (default 256G,1T; none with --quick; '' for none)",
     )
+    parser.add_argument(
+        "--agent-src", help="run the agent from this source tree (PYTHONPATH; a before/after)"
+    )
+    parser.add_argument(
+        "--readme-cmdline",
+        default="",
+        help="kernel command line words added to the README guest (what one flag buys)",
+    )
     args = parser.parse_args()
+    agent_env = f"PYTHONPATH={Path(args.agent_src).resolve()}" if args.agent_src else ""
+    readme_extra = tuple(args.readme_cmdline.split())
     region = parse_size(args.region) if args.region else QUICK_REGION if args.quick else REGION
     steps = QUICK_STEPS if args.quick else STEPS
     drivers = [d for d in args.drivers.split(",") if d]
@@ -453,10 +479,14 @@ def main() -> int:
         "block_size": BLOCK,
         "boot_memory": BOOT_MEMORY,
         "qemu": qemu_version(),
+        "agent_src": args.agent_src,
+        "readme_cmdline": readme_extra,
         "drivers": {},
     }
     for driver in drivers:
-        result["drivers"][driver] = run_driver(driver, region, steps, args.timeout)
+        result["drivers"][driver] = run_driver(
+            driver, region, steps, args.timeout, agent_env, readme_extra
+        )
     runs = result["drivers"]
     result["accel"] = ",".join(sorted({r["accel"] for r in runs.values()}))
     kernels = {r["kernel"] for r in runs.values()}
