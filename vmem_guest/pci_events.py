@@ -5,6 +5,11 @@ binding to vfio-pci needs nothing udev's rules add, and the test VM runs no udev
 Only ``add`` of a ``pci`` device is reported; what it is (virtio-mem or not) is for
 the caller to read, as at start (:mod:`vmem_guest.pci`). A removal needs no
 monitor: VFIO's release request reaches the agent first (``agent.py``).
+
+Every other uevent is dropped in the kernel by a socket filter
+(:mod:`vmem_guest._linux.sockfilter`): the memory blocks the agent adds and onlines
+bring two or more uevents each, which would otherwise wake the agent's loop and cost
+a libudev receive and a pyudev device each.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vmem_guest._linux import sockfilter
 from vmem_guest._linux.lifetime import Closing
 
 log = logging.getLogger("vmem_guest.pci_events")
@@ -35,6 +41,10 @@ class PciMonitor(Closing):
         except (ImportError, OSError) as exc:
             log.warning("no uevent monitor (%s): devices hot-plugged later are not served", exc)
             return None
+        try:
+            sockfilter.attach_prefix_filter(int(monitor.fileno()))
+        except OSError as exc:
+            log.warning("no uevent filter (%s): every kernel uevent wakes the agent", exc)
         return cls(monitor)
 
     def fileno(self) -> int:
