@@ -14,10 +14,17 @@ virtio-pci, no tracker file):
    ready): the top functions by cumulative time, and the agent's log with its
    timestamps.
 
+4. with ``--grow SIZE``: a fresh agent (not profiled) grows vm0 from 0 to SIZE, with
+   kprobe events on ``probe_store``, ``state_store`` (``drivers/base/memory.c``) and
+   ``rcu_sync_enter`` (``kernel/rcu/sync.c``: the grace period ``percpu_down_write`` of
+   ``mem_hotplug_lock`` may wait for): per write and per lock taken, how long, and the
+   kernel uevents sent (``/sys/kernel/uevent_seqnum``) and the agent's context switches
+   per grown GiB.
+
 ``--src DIR`` runs the agent from another source tree (``PYTHONPATH``), to measure an
 older revision in the same guest. Prints everything; nothing here asserts on time.
 
-    .venv/bin/python scripts/profile_startup.py [--src DIR] [--region 256G]
+    .venv/bin/python scripts/profile_startup.py [--src DIR] [--region 256G] [--grow 8G]
 """
 
 from __future__ import annotations
@@ -95,8 +102,104 @@ def fresh_state(vm: TestVM, bdfs: list[str], env: str) -> None:
 
 
 def timed_run(vm: TestVM, prog: str, env: str) -> float:
+    """``prog run`` to ready (seconds, timed in the guest), then stopped."""
+    seconds = start_agent_detached(vm, prog, env)
+    stop_agent(vm)
+    return seconds
+
+
+TRACING = "/sys/kernel/tracing"
+#: (event, probe): kprobe and kretprobe pairs, timed in the guest's trace buffer.
+KPROBES = (
+    ("probe", "probe_store"),
+    ("state", "state_store"),
+    ("rcusync", "rcu_sync_enter"),
+)
+TRACE_LINE = re.compile(r"\s(\d+\.\d+): (\w+)_(in|out): ")
+
+
+def start_tracing(vm: TestVM) -> None:
+    """kprobe and kretprobe events on KPROBES, enabled, in an empty trace buffer."""
+    vm.guest(f"mountpoint -q {TRACING} || mount -t tracefs nodev {TRACING}")
+    defs = "".join(
+        f" echo 'p:vmg/{e}_in {f}' >> {TRACING}/kprobe_events || echo no kprobe on {f};"
+        f" echo 'r:vmg/{e}_out {f}' >> {TRACING}/kprobe_events;"
+        for e, f in KPROBES
+    )
+    print(
+        vm.sh(
+            f"echo 0 > {TRACING}/tracing_on; echo > {TRACING}/trace;"
+            f" echo > {TRACING}/kprobe_events; {defs} echo 1 > {TRACING}/events/vmg/enable;"
+            f" echo 1 > {TRACING}/tracing_on; cat {TRACING}/kprobe_events"
+        ).strip()
+    )
+
+
+def stop_tracing(vm: TestVM) -> dict[str, list[float]]:
+    """Durations (seconds) of each KPROBES function's calls, from the trace buffer."""
+    text = vm.sh(
+        f"echo 0 > {TRACING}/tracing_on; cat {TRACING}/trace;"
+        f" echo 0 > {TRACING}/events/vmg/enable; echo > {TRACING}/kprobe_events",
+        timeout=300,
+    )
+    durations: dict[str, list[float]] = {e: [] for e, _ in KPROBES}
+    entered: dict[str, float] = {}
+    for line in text.splitlines():
+        found = TRACE_LINE.search(line)
+        if found is None:
+            continue
+        stamp, event, edge = float(found[1]), found[2], found[3]
+        if edge == "in":
+            entered[event] = stamp
+        elif event in entered:
+            durations[event].append(stamp - entered.pop(event))
+    return durations
+
+
+def grow(vm: TestVM, env: str, size: int) -> None:
+    """A fresh agent grows vm0 from 0 to ``size`` under the kprobes; what it cost."""
+    start_agent_detached(vm, VMEM_GUEST, env)
+    pid = vm.sh(f"cat {AGENT_PID}").strip()
+    switches = f"grep ctxt_switches /proc/{pid}/status | awk '{{s += $2}} END {{print s}}'"
+    seq0 = int(vm.read("/sys/kernel/uevent_seqnum"))
+    ctx0 = int(vm.sh(switches))
+    total0 = vm.mem_total()
+    start_tracing(vm)
+    t0 = time.perf_counter()
+    vm.resize("vm0", size)
+    vm.wait_until(lambda: vm.mem_total() >= total0 + size - 128 * MiB, timeout=900, what="grow")
+    elapsed = time.perf_counter() - t0
+    durations = stop_tracing(vm)
+    uevents = int(vm.read("/sys/kernel/uevent_seqnum")) - seq0
+    ctx = int(vm.sh(switches)) - ctx0
+    stop_agent(vm)
+    gib = size / GiB
+    print(
+        f"grow vm0 0 -> {size // GiB} GiB: {elapsed:.2f} s to MemTotal (host-side polling);"
+        f" {uevents} kernel uevents ({uevents / gib:.1f} per GiB); agent context switches"
+        f" {ctx} ({ctx / gib:.1f} per GiB)"
+    )
+    for event, function in KPROBES:
+        times = sorted(durations[event])
+        if not times:
+            print(f"  {function}: no call traced")
+            continue
+        waited = [t for t in times if t >= WAITED]
+        print(
+            f"  {function}: {len(times)} calls, total {sum(times):.3f} s, median"
+            f" {times[len(times) // 2] * 1e3:.2f} ms, max {times[-1] * 1e3:.2f} ms;"
+            f" {len(waited)} of >= {WAITED * 1e3:.0f} ms (total {sum(waited):.3f} s)"
+        )
+
+
+#: An rcu_sync_enter this long waited for a grace period (a pass without one takes
+#: microseconds: a spinlock and a counter).
+WAITED = 0.001
+
+
+def start_agent_detached(vm: TestVM, prog: str, env: str) -> float:
     """Start ``prog run`` detached; seconds until its control socket exists (timed in the
-    guest, polled every 20 ms); then SIGTERM and wait for its exit."""
+    guest, polled every 20 ms)."""
     script = (
         f"rm -f {CONTROL_SOCKET}; t0=$(date +%s%N);"
         f" {env} setsid {prog} run --noiommu --log-level info >{LOG} 2>&1 </dev/null &"
@@ -104,14 +207,17 @@ def timed_run(vm: TestVM, prog: str, env: str) -> float:
         f" while ! test -S {CONTROL_SOCKET}; do kill -0 $(cat {AGENT_PID}) || break; sleep 0.02;"
         " done; t1=$(date +%s%N); echo $(( (t1 - t0) / 1000 ))"
     )
-    micros = int(vm.sh(script, timeout=300).strip().splitlines()[-1])
+    return int(vm.sh(script, timeout=300).strip().splitlines()[-1]) / 1e6
+
+
+def stop_agent(vm: TestVM) -> None:
+    """SIGTERM, and wait for the exit."""
     vm.guest(f"kill -TERM $(cat {AGENT_PID})")
     vm.wait_until(
         lambda: vm.guest(f"kill -0 $(cat {AGENT_PID})")[0] != 0,
         timeout=300,
         what="the agent to exit",
     )
-    return micros / 1e6
 
 
 def floor(vm: TestVM, env: str) -> dict[str, float]:
@@ -134,6 +240,7 @@ def main() -> int:
     parser.add_argument("--src", help="run the agent from this source tree (PYTHONPATH)")
     parser.add_argument("--region", default="256G", help="per device (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=REPEAT)
+    parser.add_argument("--grow", help="then grow vm0 from 0 to this size, traced")
     args = parser.parse_args()
     env = f"PYTHONPATH={shlex.quote(str(Path(args.src).resolve()))}" if args.src else ""
     cfg = guest_config(parse_size(args.region))
@@ -168,6 +275,9 @@ def main() -> int:
         print("agent log (profiled run):")
         print(vm.sh(f"cat {LOG}"))
         print(vm.sh(f"{VENV_PYTHON} {report} {PROFILE} {TOP}", timeout=300))
+        if args.grow:
+            fresh_state(vm, bdfs, env)
+            grow(vm, env, parse_size(args.grow))
     print(f"wall {time.time() - started:.0f} s")
     return 0
 
