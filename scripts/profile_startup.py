@@ -24,7 +24,7 @@ virtio-pci, no tracker file):
 ``--src DIR`` runs the agent from another source tree (``PYTHONPATH``), to measure an
 older revision in the same guest. Prints everything; nothing here asserts on time.
 
-    .venv/bin/python scripts/profile_startup.py [--src DIR] [--region 256G] [--grow 8G]
+    .venv/bin/python scripts/profile_startup.py [--src DIR --src this] [--grow 8G]
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def stop_tracing(vm: TestVM) -> dict[str, list[float]]:
     return durations
 
 
-def grow(vm: TestVM, env: str, size: int) -> None:
-    """A fresh agent grows vm0 from 0 to ``size`` under the kprobes; what it cost."""
+def grow(vm: TestVM, env: str, device: str, size: int) -> None:
+    """A fresh agent grows ``device`` from 0 to ``size`` under the kprobes; what it cost."""
     start_agent_detached(vm, VMEM_GUEST, env)
     pid = vm.sh(f"cat {AGENT_PID}").strip()
     switches = f"grep ctxt_switches /proc/{pid}/status | awk '{{s += $2}} END {{print s}}'"
@@ -166,7 +166,7 @@ def grow(vm: TestVM, env: str, size: int) -> None:
     total0 = vm.mem_total()
     start_tracing(vm)
     t0 = time.perf_counter()
-    vm.resize("vm0", size)
+    vm.resize(device, size)
     vm.wait_until(lambda: vm.mem_total() >= total0 + size - 128 * MiB, timeout=900, what="grow")
     elapsed = time.perf_counter() - t0
     durations = stop_tracing(vm)
@@ -175,7 +175,7 @@ def grow(vm: TestVM, env: str, size: int) -> None:
     stop_agent(vm)
     gib = size / GiB
     print(
-        f"grow vm0 0 -> {size // GiB} GiB: {elapsed:.2f} s to MemTotal (host-side polling);"
+        f"grow {device} 0 -> {size // GiB} GiB: {elapsed:.2f} s to MemTotal (host-side polling);"
         f" {uevents} kernel uevents ({uevents / gib:.1f} per GiB); agent context switches"
         f" {ctx} ({ctx / gib:.1f} per GiB)"
     )
@@ -235,49 +235,68 @@ def floor(vm: TestVM, env: str) -> dict[str, float]:
     return out
 
 
+def source_env(src: str) -> str:
+    """The agent's environment for a source tree ("this": the checkout's own)."""
+    return "" if src == "this" else f"PYTHONPATH={shlex.quote(str(Path(src).resolve()))}"
+
+
+def measure_startup(vm: TestVM, bdfs: list[str], src: str, repeat: int) -> None:
+    """Floor, run -> ready fresh and restarted, and one run under cProfile, for ``src``."""
+    env = source_env(src)
+    where = vm.sh(f"{env} {VENV_PYTHON} -c 'import vmem_guest; print(vmem_guest.__file__)'")
+    print(f"===== agent source {src}: {where.strip()} =====")
+    for what, seconds in floor(vm, env).items():
+        print(f"floor: {what}: {seconds:.3f} s")
+    fresh = []
+    for _ in range(repeat):
+        fresh_state(vm, bdfs, env)
+        fresh.append(timed_run(vm, VMEM_GUEST, env))
+    print("run -> ready, fresh boot state: " + ", ".join(f"{s:.3f} s" for s in fresh))
+    print(f"run -> ready, restart (trackers kept, bound): {timed_run(vm, VMEM_GUEST, env):.3f} s")
+    fresh_state(vm, bdfs, env)
+    wrapper = REPO / "results" / "startup_wrapper.py"
+    wrapper.parent.mkdir(exist_ok=True)
+    wrapper.write_text(WRAPPER)
+    report = wrapper.with_name("startup_report.py")
+    report.write_text(REPORT)
+    profiled = timed_run(vm, f"{VENV_PYTHON} {wrapper} {PROFILE}", env)
+    print(f"run -> ready under cProfile, fresh boot state: {profiled:.3f} s")
+    print("agent log (profiled run):")
+    print(vm.sh(f"cat {LOG}"))
+    print(vm.sh(f"{VENV_PYTHON} {report} {PROFILE} {TOP}", timeout=300))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", help="run the agent from this source tree (PYTHONPATH)")
+    parser.add_argument(
+        "--src",
+        action="append",
+        help="run the agent from this source tree (PYTHONPATH; 'this': the checkout's);"
+        " repeat for a before/after in one guest (default: this)",
+    )
     parser.add_argument("--region", default="256G", help="per device (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=REPEAT)
-    parser.add_argument("--grow", help="then grow vm0 from 0 to this size, traced")
+    parser.add_argument(
+        "--grow", help="then grow a device from 0 to this size, traced (vm0, vm1: one per --src)"
+    )
     args = parser.parse_args()
-    env = f"PYTHONPATH={shlex.quote(str(Path(args.src).resolve()))}" if args.src else ""
+    sources = args.src or ["this"]
+    if args.grow and len(sources) > 2:
+        parser.error("--grow takes at most two --src: each grows a device of its own")
     cfg = guest_config(parse_size(args.region))
     started = time.time()
     with TestVM(cfg) as vm:
         print(f"VM up in {vm.boot_seconds:.1f} s ({vm.accel}); {vm.read('/proc/cmdline').strip()}")
-        where = vm.sh(f"{env} {VENV_PYTHON} -c 'import vmem_guest; print(vmem_guest.__file__)'")
-        print(f"agent source: {where.strip()}")
-        bdfs = sorted(
-            re.findall(r"^(\S+)", vm.sh(f"{env} {VMEM_GUEST} devices"), flags=re.MULTILINE)
-        )
+        bdfs = sorted(re.findall(r"^(\S+)", vm.sh(f"{VMEM_GUEST} devices"), flags=re.MULTILINE))
         bdfs = [b for b in bdfs if re.fullmatch(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.\d", b)]
         print(f"devices: {', '.join(bdfs)}")
-        for what, seconds in floor(vm, env).items():
-            print(f"floor: {what}: {seconds:.3f} s")
-        fresh = []
-        for _ in range(args.repeat):
-            fresh_state(vm, bdfs, env)
-            fresh.append(timed_run(vm, VMEM_GUEST, env))
-        print("run -> ready, fresh boot state: " + ", ".join(f"{s:.3f} s" for s in fresh))
-        print(
-            f"run -> ready, restart (trackers kept, bound): {timed_run(vm, VMEM_GUEST, env):.3f} s"
-        )
-        fresh_state(vm, bdfs, env)
-        wrapper = REPO / "results" / "startup_wrapper.py"
-        wrapper.parent.mkdir(exist_ok=True)
-        wrapper.write_text(WRAPPER)
-        report = wrapper.with_name("startup_report.py")
-        report.write_text(REPORT)
-        profiled = timed_run(vm, f"{VENV_PYTHON} {wrapper} {PROFILE}", env)
-        print(f"run -> ready under cProfile, fresh boot state: {profiled:.3f} s")
-        print("agent log (profiled run):")
-        print(vm.sh(f"cat {LOG}"))
-        print(vm.sh(f"{VENV_PYTHON} {report} {PROFILE} {TOP}", timeout=300))
+        for src in sources:
+            measure_startup(vm, bdfs, src, args.repeat)
         if args.grow:
-            fresh_state(vm, bdfs, env)
-            grow(vm, env, parse_size(args.grow))
+            for src, device in zip(sources, ("vm0", "vm1"), strict=False):
+                print(f"===== grow, agent source {src} =====")
+                fresh_state(vm, bdfs, source_env(src))
+                grow(vm, source_env(src), device, parse_size(args.grow))
     print(f"wall {time.time() - started:.0f} s")
     return 0
 
