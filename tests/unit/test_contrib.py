@@ -78,3 +78,17 @@ def test_systemd_finds_nothing_wrong_with_the_unit(tmp_path: Path) -> None:
         check=False,
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_no_ctypes_callback_for_memory_deny_write_execute() -> None:
+    """The unit's MemoryDenyWriteExecute=yes holds while the agent creates no ctypes
+    callback (for a callback's trampoline libffi may map memory both writable and
+    executable; calls into C need none): a callback type in the package would risk it."""
+    assert "MemoryDenyWriteExecute=yes" in UNIT.read_text().splitlines()
+    package = Path(cli.__file__).resolve().parent
+    users = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*.py"))
+        if re.search(r"\b(CFUNCTYPE|PYFUNCTYPE|WINFUNCTYPE)\b", path.read_text())
+    ]
+    assert users == []
