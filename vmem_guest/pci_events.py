@@ -19,6 +19,7 @@ from typing import Any
 
 from vmem_guest._linux import sockfilter
 from vmem_guest._linux.lifetime import Closing
+from vmem_guest.pci import udev_context
 
 log = logging.getLogger("vmem_guest.pci_events")
 
@@ -36,7 +37,10 @@ class PciMonitor(Closing):
         try:
             import pyudev
 
-            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+            context = udev_context()
+            if context is None:
+                raise OSError("libudev.so.1 not found")
+            monitor = pyudev.Monitor.from_netlink(context, source="kernel")
             monitor.start()
         except (ImportError, OSError) as exc:
             log.warning("no uevent monitor (%s): devices hot-plugged later are not served", exc)
