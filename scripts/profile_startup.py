@@ -160,6 +160,9 @@ def stop_tracing(vm: TestVM) -> dict[str, list[float]]:
 def grow(vm: TestVM, env: str, device: str, size: int) -> None:
     """A fresh agent grows ``device`` from 0 to ``size`` under the kprobes; what it cost."""
     start_agent_detached(vm, VMEM_GUEST, env)
+    if vm.guest(f"kill -0 $(cat {AGENT_PID})")[0] != 0:
+        print(f"the agent did not start:\n{vm.sh(f'tail -n 20 {LOG}')}")
+        return
     pid = vm.sh(f"cat {AGENT_PID}").strip()
     switches = f"grep ctxt_switches /proc/{pid}/status | awk '{{s += $2}} END {{print s}}'"
     seq0 = int(vm.read("/sys/kernel/uevent_seqnum"))
