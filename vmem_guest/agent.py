@@ -50,6 +50,7 @@ from vmem_guest.driver import Outcome
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.spec import Feature
+from vmem_guest.tracker import TrackerSnapshot
 
 #: Passes over the due devices (one step each) before the loop looks at its
 #: file descriptors again.
@@ -115,15 +116,19 @@ class Agent:
         resume_watch: ResumeWatch | None = None,
         suspend_guard: SuspendGuard | None = None,
         arrivals: Arrivals | None = None,
+        publish: Callable[[list[TrackerSnapshot]], None] | None = None,
     ) -> None:
         """``resume_watch``, ``suspend_guard`` and ``arrivals`` belong to the caller (it
-        closes them); so do the devices, released ones included (closed here already)."""
+        closes them); so do the devices, released ones included (closed here already).
+        ``publish`` is given the devices' snapshots before every wait for events (the
+        metrics file: it writes only when a generation changed)."""
         self.slots = {attached.bdf: DeviceSlot(attached) for attached in devices}
         self.manual_mode = manual_mode
         self.clock = clock
         self.resume_watch = resume_watch
         self.suspend_guard = suspend_guard
         self.arrivals = arrivals
+        self.publish = publish
         self._inhibitor_fd: int | None = None  # the pipe of a lock being taken, if watched
         self.selector = selectors.DefaultSelector()
         self.stopping = False
@@ -144,6 +149,8 @@ class Agent:
             while not self.stopping:
                 self._drive_devices()
                 self._guard_suspend()
+                if self.publish is not None:
+                    self.publish([s.attached.tracker.snapshot() for s in self.slots.values()])
                 self._wait_for_events(self._timeout())
         log.info("agent stopping")
 

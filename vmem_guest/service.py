@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import binding, control, manual, pci, planner, render
+from vmem_guest import binding, control, manual, metrics, pci, planner, render
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent
@@ -39,6 +39,7 @@ class RunOptions:
     allow_noiommu: bool = False
     devices: tuple[str, ...] = ()
     offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT
+    metrics_file: Path | None = None
 
 
 def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
@@ -241,6 +242,10 @@ def run_agent(options: RunOptions) -> None:
     """``vmem-guest run``: serve every (chosen) device until SIGTERM."""
     path = control.socket_path(options.state_dir)
     _refuse_if_an_agent_answers(path)
+    if options.metrics_file is not None and (
+        why := metrics.check_metrics_path(options.metrics_file)
+    ):
+        raise UsageError(why)
     try:
         with (
             _hotplug_monitor(options.devices) as monitor,
@@ -289,6 +294,10 @@ def _serve(
         guard = SuspendGuard()
         stack.callback(guard.close)
         arrivals = HotplugArrivals(monitor, attacher) if monitor is not None else None
+        published = None
+        if options.metrics_file is not None:
+            published = metrics.MetricsFile(options.metrics_file, log)
+            stack.callback(published.close)
         agent = Agent(
             list(attacher.attached),
             make_server,
@@ -296,6 +305,7 @@ def _serve(
             resume_watch=watch,
             suspend_guard=guard,
             arrivals=arrivals,
+            publish=published.publish if published is not None else None,
         )
         try:
             agent.run()
