@@ -8,7 +8,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
+import signal
+import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ import pytest
 from test_agent import GIB, MIB, Rig, run_while, wait_for
 from test_cli import run_main
 
-from vmem_guest import health, metrics, render
+from vmem_guest import health, metrics, render, service
 from vmem_guest.agent import Agent
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import TrackerIdentity, TrackerReader, TrackerSnapshot, list_trackers
@@ -428,3 +432,51 @@ def test_agent_publishes_every_change_and_only_changes(
     ]
     assert len(writes) == len(changes) >= 3
     assert writes[-1] == published.path.read_text()
+
+
+def test_run_refuses_a_metrics_file_in_no_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_devices(devices: tuple[str, ...]) -> list[object]:
+        raise AssertionError("devices looked for before the options were checked")
+
+    monkeypatch.setattr(service, "select_devices", no_devices)
+    target = tmp_path / "absent" / "vmem-guest.prom"
+    code, out, err = run_main(
+        ["run", "--state-dir", str(tmp_path), "--metrics-file", str(target)], capsys
+    )
+    assert (code, out) == (2, "")
+    assert err == (
+        f"vmem-guest: error: --metrics-file {target}: directory {target.parent} does not exist\n"
+    )
+
+
+def test_served_agent_keeps_the_metrics_file_and_removes_it_at_exit(tmp_path: Path) -> None:
+    """service._serve wires --metrics-file to the agent: the file follows the device."""
+    rig = Rig(tmp_path / "state")
+    target = tmp_path / "vmem-guest.prom"
+    options = service.RunOptions(state_dir=tmp_path / "state", metrics_file=target)
+    attacher = types.SimpleNamespace(attached=[rig.attached])
+    seen: dict[str, float] = {}
+
+    def host() -> None:
+        rig.channel.host_resize(256 * MIB)
+        wait_for(lambda: target.exists() and "converged{" in target.read_text())
+        wait_for(
+            lambda: (
+                parse_exposition(target.read_text())["vmem_guest_online_bytes"].samples
+                == {(("device", rig.attached.bdf),): 256 * MIB}
+            )
+        )
+        seen["online"] = 256 * MIB
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=host)
+    thread.start()
+    try:
+        service._serve(attacher, rig.socket, options, None)  # type: ignore[arg-type]
+    finally:
+        thread.join(30)
+        rig.attached.close()
+    assert seen == {"online": 256 * MIB}
+    assert not target.exists()
