@@ -460,16 +460,18 @@ def test_served_agent_keeps_the_metrics_file_and_removes_it_at_exit(tmp_path: Pa
     seen: dict[str, float] = {}
 
     def host() -> None:
-        rig.channel.host_resize(256 * MIB)
-        wait_for(lambda: target.exists() and "converged{" in target.read_text())
-        wait_for(
-            lambda: (
-                parse_exposition(target.read_text())["vmem_guest_online_bytes"].samples
-                == {(("device", rig.attached.bdf),): 256 * MIB}
+        try:
+            rig.channel.host_resize(256 * MIB)
+            wait_for(lambda: target.exists() and "converged{" in target.read_text())
+            wait_for(
+                lambda: (
+                    parse_exposition(target.read_text())["vmem_guest_online_bytes"].samples
+                    == {(("device", rig.attached.bdf),): 256 * MIB}
+                )
             )
-        )
-        seen["online"] = 256 * MIB
-        os.kill(os.getpid(), signal.SIGTERM)
+            seen["online"] = 256 * MIB
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=host)
     thread.start()
