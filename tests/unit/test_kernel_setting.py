@@ -99,6 +99,19 @@ def test_record_left_behind_gives_the_original_with_a_warning(
     assert "did not exit cleanly" in caplog.text
 
 
+def test_a_value_set_by_hand_after_the_kill_is_the_original(
+    tree: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    setting, state, boot_id = tree
+    setting.write_text("2")  # an operator's, after the holder that wanted "0" died
+    leave_record(state, setting, "1")
+    with hold(setting, state, boot_id):
+        assert setting.read_text() == "0"
+    assert setting.read_text() == "2"
+    assert "not the 0 a dead vmem-guest process set" in caplog.text
+
+
 def test_record_of_an_earlier_boot_is_stale(tree: tuple[Path, Path, Path]) -> None:
     setting, state, boot_id = tree
     setting.write_text("2")  # what this boot's sysctl.conf set
