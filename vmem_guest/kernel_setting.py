@@ -126,15 +126,18 @@ def changed_setting(
     still holds the setting. See the module docstring for the record that
     survives a SIGKILL.
     """
-    current = _read_setting(setting, log)
-    if current is None:
+    if _read_setting(setting, log) is None:
         yield False
         return
     make_state_dir(state_dir)
     record = record_path(state_dir, setting)
     fd, sole = _hold(record.with_name(escaped_name(setting) + LOCK_SUFFIX), record)
     try:
-        applied = _apply(setting, current, wanted, record, log, boot_id_path if sole else None)
+        # Read again under the lock: a holder may have restored it while we waited.
+        current = _read_setting(setting, log)
+        applied = current is not None and _apply(
+            setting, current, wanted, record, log, boot_id_path if sole else None
+        )
         if applied and sole:
             fcntl.flock(fd, fcntl.LOCK_SH)  # others may join now: the record is written
     except BaseException:

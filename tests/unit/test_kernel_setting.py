@@ -252,3 +252,25 @@ def test_a_holder_joining_keeps_the_first_ones_original(tree: tuple[Path, Path, 
 )
 def test_escaped_name(path: str, name: str) -> None:
     assert escaped_name(Path(path)) == name
+
+
+def test_a_holder_restoring_while_another_starts_is_not_taken_for_the_original(
+    tree: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads "0" while A holds it; A restores "1" before B gets the lock: B's
+    original must be "1", read under the lock, not the "0" it saw first."""
+    setting, state, boot_id = tree
+    first = hold(setting, state, boot_id)
+    assert first.__enter__()
+    real_hold = kernel_setting._hold
+
+    def first_leaves_meanwhile(lock: Path, record: Path) -> tuple[int, bool]:
+        first.__exit__(None, None, None)
+        assert setting.read_text() == "1"
+        return real_hold(lock, record)
+
+    monkeypatch.setattr(kernel_setting, "_hold", first_leaves_meanwhile)
+    with hold(setting, state, boot_id) as applied:
+        assert applied and setting.read_text() == "0"
+        assert json.loads(record_path(state, setting).read_text())["original"] == "1"
+    assert setting.read_text() == "1"
