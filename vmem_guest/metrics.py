@@ -19,10 +19,11 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from vmem_guest import health
+from vmem_guest.agent import DeviceSlot
 from vmem_guest.tracker import TrackerSnapshot
 
 PREFIX = "vmem_guest_"
@@ -110,10 +111,22 @@ DEVICE_FAMILIES = (
 )
 BLOCKS_FAMILY = "vmem_guest_memory_blocks"
 BLOCKS_HELP = "Memory blocks of the device region per state (unplugged, partial, plugged, online)."
+RESIZE_FAMILY = "vmem_guest_last_resize_seconds"
+RESIZE_HELP = (
+    "Duration of the device's last converged resize, from the config change that began"
+    " it to convergence (the agent's metrics file only)."
+)
 
 
-def exposition(snapshots: Sequence[TrackerSnapshot]) -> str:
-    """The text exposition of ``snapshots``, one sample per device and family."""
+def exposition(
+    snapshots: Sequence[TrackerSnapshot], last_resize: Mapping[str, float] | None = None
+) -> str:
+    """The text exposition of ``snapshots``, one sample per device and family.
+
+    ``last_resize``: seconds of each device's last converged resize, by device, as
+    the agent timed it (a device without one has no sample); None (``status``, which
+    reads trackers only, and they do not record it): no such family.
+    """
     lines: list[str] = []
     for family in DEVICE_FAMILIES:
         lines += _header(family.name, family.kind, family.help)
@@ -126,6 +139,13 @@ def exposition(snapshots: Sequence[TrackerSnapshot]) -> str:
         for state, count in snap.state_counts().items():
             labels = {"device": snap.identity.name, "state": state.name.lower()}
             lines.append(_sample(BLOCKS_FAMILY, labels, count))
+    if last_resize is not None:
+        lines += _header(RESIZE_FAMILY, "gauge", RESIZE_HELP)
+        lines += [
+            _sample(RESIZE_FAMILY, {"device": snap.identity.name}, last_resize[snap.identity.name])
+            for snap in snapshots
+            if snap.identity.name in last_resize
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +154,7 @@ def _header(name: str, kind: str, text: str) -> list[str]:
     return [f"# HELP {name} {escaped}", f"# TYPE {name} {kind}"]
 
 
-def _sample(name: str, labels: dict[str, str], value: int) -> str:
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
     pairs = ",".join(f'{key}="{_label_value(text)}"' for key, text in labels.items())
     return f"{name}{{{pairs}}} {value}"
 
@@ -145,6 +165,9 @@ def _label_value(text: str) -> str:
 
 class MetricsFile:
     """The agent's metrics file: rewritten whenever a tracker changed, removed at close.
+
+    A :class:`~vmem_guest.agent.StateListener`: the agent calls :meth:`changed` after
+    each turn of its loop, right before it sleeps, so nothing is polled.
 
     Written to a temporary file beside it and renamed over it, so the textfile
     collector never reads half a file; the temporary name does not end in
@@ -157,16 +180,37 @@ class MetricsFile:
     def __init__(self, path: Path, log: logging.Logger) -> None:
         self.path = path
         self.log = log
-        self._published: tuple[tuple[str, int], ...] | None = None
+        self._published: tuple[tuple[str, int, float | None], ...] | None = None
         self._failing = False
 
-    def publish(self, snapshots: Sequence[TrackerSnapshot]) -> None:
-        """Rewrite the file unless no tracker changed since the last write."""
-        key = tuple((snap.identity.name, snap.generation) for snap in snapshots)
+    def ready(self, slots: Mapping[str, DeviceSlot]) -> None:
+        self.changed(slots)
+
+    def changed(self, slots: Mapping[str, DeviceSlot]) -> None:
+        snapshots = [slot.attached.tracker.snapshot() for slot in slots.values()]
+        last_resize = {
+            bdf: slot.resize.last.seconds
+            for bdf, slot in slots.items()
+            if slot.resize.last is not None
+        }
+        self.publish(snapshots, last_resize)
+
+    def stopping(self) -> None:
+        """Nothing: :meth:`close` removes the file once the devices are let go."""
+
+    def publish(
+        self, snapshots: Sequence[TrackerSnapshot], last_resize: Mapping[str, float]
+    ) -> None:
+        """Rewrite the file unless no tracker changed and no resize ended since the last
+        write (a tracker snapshot is decoded once per change: Tracker.snapshot)."""
+        key = tuple(
+            (snap.identity.name, snap.generation, last_resize.get(snap.identity.name))
+            for snap in snapshots
+        )
         if key == self._published:
             return
         try:
-            write_atomically(self.path, exposition(snapshots))
+            write_atomically(self.path, exposition(snapshots, last_resize))
         except OSError as exc:
             if not self._failing:
                 self.log.error("cannot write metrics to %s: %s", self.path, exc.strerror)

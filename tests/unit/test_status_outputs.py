@@ -13,6 +13,7 @@ import re
 import signal
 import threading
 import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,7 @@ def test_exposition_of_no_device_is_headers_only() -> None:
 def test_every_metric_is_documented() -> None:
     text = (DOCS / "operations.md").read_text()
     documented = set(re.findall(r"^\| `(vmem_guest_[a-z_]+)` \|", text, re.M))
-    assert documented == set(parse_exposition(metrics.exposition([])))
+    assert documented == set(parse_exposition(metrics.exposition([], {})))
 
 
 # --- the agent's metrics file -------------------------------------------------------
@@ -348,13 +349,17 @@ def test_every_metric_is_documented() -> None:
 class CountingFile(metrics.MetricsFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path, LOG)
-        self.calls = 0
-        self.keys: list[tuple[tuple[str, int], ...]] = []
+        self.keys: list[tuple[tuple[str, int, float | None], ...]] = []
 
-    def publish(self, snapshots: list[TrackerSnapshot]) -> None:  # type: ignore[override]
-        self.calls += 1
-        self.keys.append(tuple((s.identity.name, s.generation) for s in snapshots))
-        super().publish(snapshots)
+    def publish(
+        self, snapshots: Sequence[TrackerSnapshot], last_resize: Mapping[str, float]
+    ) -> None:
+        self.keys.append(
+            tuple(
+                (s.identity.name, s.generation, last_resize.get(s.identity.name)) for s in snapshots
+            )
+        )
+        super().publish(snapshots, last_resize)
 
 
 def test_metrics_file_rewritten_on_change_only(tmp_path: Path, converged_dir: Path) -> None:
@@ -362,18 +367,24 @@ def test_metrics_file_rewritten_on_change_only(tmp_path: Path, converged_dir: Pa
     (tmp_path / "textfile").mkdir()
     target = tmp_path / "textfile" / "vmem-guest.prom"
     published = metrics.MetricsFile(target, LOG)
-    published.publish([snap])
+    published.publish([snap], {})
     first = target.stat()
     assert oct(first.st_mode & 0o777) == oct(metrics.FILE_MODE)
-    published.publish([snap])
+    published.publish([snap], {})
     assert target.stat().st_ino == first.st_ino  # not rewritten: nothing changed
     changed = dataclasses.replace(snap, generation=snap.generation + 2, requested_size=0)
-    published.publish([changed])
+    published.publish([changed], {})
     assert target.stat().st_ino != first.st_ino  # replaced by a rename
     assert parse_exposition(target.read_text())["vmem_guest_requested_bytes"].samples == {
         (("device", "sim0"),): 0
     }
     assert [p.name for p in target.parent.iterdir()] == ["vmem-guest.prom"]  # no temporary
+    replaced = target.stat().st_ino
+    published.publish([changed], {"sim0": 2.5})  # a resize ended: the tracker alone did not change
+    assert target.stat().st_ino != replaced
+    assert parse_exposition(target.read_text())["vmem_guest_last_resize_seconds"].samples == {
+        (("device", "sim0"),): 2.5
+    }
     published.close()
     assert not target.exists()
 
@@ -383,12 +394,12 @@ def test_metrics_file_write_failure_is_logged_once(
 ) -> None:
     snap = snapshot_of(converged_dir)
     published = metrics.MetricsFile(tmp_path / "gone" / "vmem-guest.prom", LOG)
-    published.publish([snap])
-    published.publish([dataclasses.replace(snap, generation=snap.generation + 2)])
+    published.publish([snap], {})
+    published.publish([dataclasses.replace(snap, generation=snap.generation + 2)], {})
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
     assert "cannot write metrics" in caplog.text
     (tmp_path / "gone").mkdir()
-    published.publish([snap])
+    published.publish([snap], {})
     assert (tmp_path / "gone" / "vmem-guest.prom").exists()
 
 
@@ -405,7 +416,7 @@ def test_agent_publishes_every_change_and_only_changes(
     monkeypatch.setattr(metrics, "write_atomically", counting_write)
     rig = Rig(tmp_path / "state")
     published = CountingFile(tmp_path / "vmem-guest.prom")
-    agent = Agent([rig.attached], publish=published.publish)
+    agent = Agent([rig.attached], listener=published)
 
     def plugged() -> float | None:
         if not published.path.exists():
@@ -425,7 +436,11 @@ def test_agent_publishes_every_change_and_only_changes(
     finally:
         rig.attached.close()
     final = parse_exposition(published.path.read_text())
-    assert final["vmem_guest_converged"].samples == {(("device", rig.attached.bdf),): 1}
+    device = (("device", rig.attached.bdf),)
+    assert final["vmem_guest_converged"].samples == {device: 1}
+    # The agent timed the shrink: from its config change to convergence.
+    (seconds,) = final["vmem_guest_last_resize_seconds"].samples.values()
+    assert 0 < seconds < 20
     # Written once per change of a generation, however often the loop turned.
     changes = [
         key for i, key in enumerate(published.keys) if i == 0 or key != published.keys[i - 1]
