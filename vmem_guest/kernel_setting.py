@@ -15,8 +15,10 @@ writes the original down first, durably, in the state directory:
 * On exit the original is written back and the record removed. If the write-back
   fails the record stays, so the next start still knows the original.
 * A start that finds a record of the same boot (``/proc/sys/kernel/random/boot_id``)
-  and no live holder (below) takes the recorded value as the original: the
-  process that wrote it was killed before it could restore. A record of an
+  and no live holder (below), the setting still at the recorded wanted value,
+  takes the recorded value as the original: the process that wrote it was killed
+  before it could restore. If the setting holds another value, someone set it
+  since: that value is the original. A record of an
   earlier boot is stale (the reboot reset the setting): the current value is the
   original. A corrupt record is reported and the current value is taken as the
   original: only values read from the kernel are ever written back, never a
@@ -124,15 +126,18 @@ def changed_setting(
     still holds the setting. See the module docstring for the record that
     survives a SIGKILL.
     """
-    current = _read_setting(setting, log)
-    if current is None:
+    if _read_setting(setting, log) is None:
         yield False
         return
     make_state_dir(state_dir)
     record = record_path(state_dir, setting)
     fd, sole = _hold(record.with_name(escaped_name(setting) + LOCK_SUFFIX), record)
     try:
-        applied = _apply(setting, current, wanted, record, log, boot_id_path if sole else None)
+        # Read again under the lock: a holder may have restored it while we waited.
+        current = _read_setting(setting, log)
+        applied = current is not None and _apply(
+            setting, current, wanted, record, log, boot_id_path if sole else None
+        )
         if applied and sole:
             fcntl.flock(fd, fcntl.LOCK_SH)  # others may join now: the record is written
     except BaseException:
@@ -260,6 +265,15 @@ def _original(
         return current
     if old.boot_id is not None and boot_id is not None and old.boot_id != boot_id:
         log.info("%s is from an earlier boot: %s holds its own value %s", record, setting, current)
+        return current
+    if current != old.wanted:
+        # Someone set it since the holder died: that value is the system's now.
+        log.info(
+            "%s holds %s, not the %s a dead vmem-guest process set: keeping it as the original",
+            setting,
+            current,
+            old.wanted,
+        )
         return current
     if old.original != current:
         log.warning(

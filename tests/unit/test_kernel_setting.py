@@ -99,6 +99,19 @@ def test_record_left_behind_gives_the_original_with_a_warning(
     assert "did not exit cleanly" in caplog.text
 
 
+def test_a_value_set_by_hand_after_the_kill_is_the_original(
+    tree: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    setting, state, boot_id = tree
+    setting.write_text("2")  # an operator's, after the holder that wanted "0" died
+    leave_record(state, setting, "1")
+    with hold(setting, state, boot_id):
+        assert setting.read_text() == "0"
+    assert setting.read_text() == "2"
+    assert "not the 0 a dead vmem-guest process set" in caplog.text
+
+
 def test_record_of_an_earlier_boot_is_stale(tree: tuple[Path, Path, Path]) -> None:
     setting, state, boot_id = tree
     setting.write_text("2")  # what this boot's sysctl.conf set
@@ -239,3 +252,25 @@ def test_a_holder_joining_keeps_the_first_ones_original(tree: tuple[Path, Path, 
 )
 def test_escaped_name(path: str, name: str) -> None:
     assert escaped_name(Path(path)) == name
+
+
+def test_a_holder_restoring_while_another_starts_is_not_taken_for_the_original(
+    tree: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads "0" while A holds it; A restores "1" before B gets the lock: B's
+    original must be "1", read under the lock, not the "0" it saw first."""
+    setting, state, boot_id = tree
+    first = hold(setting, state, boot_id)
+    assert first.__enter__()
+    real_hold = kernel_setting._hold
+
+    def first_leaves_meanwhile(lock: Path, record: Path) -> tuple[int, bool]:
+        first.__exit__(None, None, None)
+        assert setting.read_text() == "1"
+        return real_hold(lock, record)
+
+    monkeypatch.setattr(kernel_setting, "_hold", first_leaves_meanwhile)
+    with hold(setting, state, boot_id) as applied:
+        assert applied and setting.read_text() == "0"
+        assert json.loads(record_path(state, setting).read_text())["original"] == "1"
+    assert setting.read_text() == "1"

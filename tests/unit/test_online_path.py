@@ -132,5 +132,5 @@ def test_status_shows_the_agents_path(tmp_path: Path) -> None:
         path = sim.driver.online_path
         assert f"  new memory blocks: {path}" in render.snapshot_text(snap, None, path).splitlines()
         assert "new memory blocks" not in render.snapshot_text(snap)
-        assert render.snapshot_dict(snap, None, path)["online_path"] == path
+        assert render.snapshot_dict(snap, path)["online_path"] == path
         assert render.snapshot_dict(snap)["online_path"] is None
