@@ -363,10 +363,10 @@ def devices(as_json: bool) -> None:
 def doctor(noiommu: bool, online_policy: str, state_dir: Path, as_json: bool) -> None:
     """Check that this guest has what the agent needs, and say what is missing.
 
-    Each requirement is listed as ok, missing or not needed, with what a missing one
-    costs and how to get it (docs/requirements.md). Exit status 0 when every required
-    item is present (optional ones may be missing), 1 when one is missing: run with
-    the same options would stop.
+    Each requirement is listed as ok, missing, not needed or unknown, with what a
+    missing one costs and how to get it (docs/requirements.md). Exit status 0 when
+    every required item is present (optional ones may be missing), 1 when one is
+    missing: run with the same options would stop.
     """
     from vmem_guest import doctor as doctor_mod
 
