@@ -24,9 +24,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from vmem_guest import pci, planner, requirements
+from vmem_guest import config_peek, pci, planner, requirements
 from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
+from vmem_guest.blocks import Geometry
 from vmem_guest.errors import VmemError
 from vmem_guest.inhibit import SYSTEMD_RUNTIME_DIR
 from vmem_guest.pages import DEBUGFS, ProcPages
@@ -257,46 +258,47 @@ def _block_size(survey: Survey) -> Finding:
         return missing(f"{path} reads {text!r}, not a hex number")
     if size <= 0 or size & (size - 1):
         return missing(f"{path} reads {size:#x}, not a power of two")
-    useless, notes = _tracked_geometries(survey.host.state_dir, size)
-    detail = f"{format_size(size)} memory blocks"
-    if notes:
-        detail += "; " + "; ".join(notes)
-    else:
-        detail += "; devices' block sizes are known once the agent has attached them"
-    return missing(detail) if useless else ok(detail)
+    notes = [_device_fit(dev, survey.host.state_dir, size) for dev in survey.devices]
+    detail = "; ".join([f"{format_size(size)} memory blocks", *(note for _, note in notes)])
+    return missing(detail) if any(useless for useless, _ in notes) else ok(detail)
 
 
-def _tracked_geometries(state_dir: Path, block_size: int) -> tuple[bool, list[str]]:
-    """(whether a tracked device has no whole memory block, one note per device) from
-    the tracker files the agent wrote this boot (the device config is read through
-    VFIO only)."""
+def _device_fit(dev: pci.VirtioMemPci, state_dir: Path, block_size: int) -> tuple[bool, str]:
+    """(whether ``dev``'s region holds no whole memory block, one note on it). Its
+    geometry comes from its tracker file when the agent attached it this boot, else
+    from its config read through sysfs (:mod:`vmem_guest.config_peek`)."""
+    geometry = _tracked_geometry(dev.bdf, state_dir)
+    if geometry is None:
+        config = config_peek.read_config_or_reason(dev.sysfs_path)
+        if isinstance(config, str):
+            return False, f"{dev.bdf}: device block size unknown: {config}"
+        geometry = Geometry(config.addr, config.region_size, config.block_size, block_size)
+    mode = "Big Block Mode" if geometry.big_block_mode else "Sub Block Mode"
+    note = (
+        f"{dev.bdf}: device block {format_size(geometry.block_size)}, {mode},"
+        f" {geometry.nr_memory_blocks} whole memory blocks in its"
+        f" {format_size(geometry.region_size)} region at {geometry.addr:#x}"
+    )
+    return geometry.nr_memory_blocks == 0, note
+
+
+def _tracked_geometry(bdf: str, state_dir: Path) -> Geometry | None:
+    """The geometry in ``bdf``'s tracker file, None when there is none to read."""
     from vmem_guest.tracker import TrackerReader, list_trackers
 
-    notes: list[str] = []
-    useless = False
     try:
         paths = list_trackers(state_dir)
     except (OSError, VmemError):
-        return False, []
+        return None
     for path in paths:
         try:
             with TrackerReader.open(path) as reader:
                 snapshot = reader.snapshot()
         except (OSError, VmemError):
             continue
-        geo = snapshot.geometry
-        mode = "Big Block Mode" if geo.big_block_mode else "Sub Block Mode"
-        if geo.memory_block_size != block_size:
-            notes.append(f"{snapshot.identity.name}: tracked with another block size")
-            continue
-        if geo.nr_memory_blocks == 0:
-            useless = True
-        notes.append(
-            f"{snapshot.identity.name}: device block {format_size(geo.block_size)}, {mode},"
-            f" {geo.nr_memory_blocks} whole memory blocks in its"
-            f" {format_size(geo.region_size)} region"
-        )
-    return useless, notes
+        if snapshot.identity.name == bdf:
+            return snapshot.geometry
+    return None
 
 
 def _vfio_pci(survey: Survey) -> Finding:

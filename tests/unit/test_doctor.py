@@ -8,11 +8,13 @@ import functools
 import gzip
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
 from fake_pci_sysfs import BDF, FakeKernel
 from test_cli import run_main
+from test_virtio_pci_caps import config_space, qemu_caps
 
 from vmem_guest import binding, doctor, planner, requirements, service
 from vmem_guest.blocks import Geometry
@@ -66,10 +68,25 @@ class Guest:
         )
         self.systemd.mkdir(parents=True)
         self.state_dir.mkdir(parents=True)
+        self.set_device_config()
         # vfio-pci is a module not loaded yet: only virtio-pci is registered.
         (self.sys / "bus/pci/drivers/vfio-pci/unbind").unlink()
         (self.sys / "bus/pci/drivers/vfio-pci/bind").unlink()
         (self.sys / "bus/pci/drivers/vfio-pci").rmdir()
+
+    def set_device_config(
+        self, *, block: int = 2 * MIB, region: int = 4096 * MIB, addr: int = 1 << 32
+    ) -> None:
+        """The device's config space (QEMU's capabilities, BAR 4 of 16 KiB) and its
+        BAR as sysfs shows them: ``config``, ``resource``, ``resource4``."""
+        devdir = self.pci.devdir(BDF)
+        (devdir / "config").write_bytes(bytes(config_space(qemu_caps())))
+        bars = ["0x0 0x0 0x0"] * 6
+        bars[4] = "0x0000000800000000 0x0000000800003fff 0x000000000014220c"
+        (devdir / "resource").write_text("\n".join(bars) + "\n")
+        body = bytearray(0x4000)
+        struct.pack_into("<QH6xQQQQQ", body, 0x2000, block, 0, addr, region, region, 0, 0)
+        (devdir / "resource4").write_bytes(bytes(body))
 
     @property
     def memory(self) -> Path:
@@ -198,18 +215,52 @@ def tracked(guest: Guest, name: str, region: int, addr: int = 1 << 32) -> None:
     Tracker.open(guest.state_dir, TrackerIdentity(name, geometry)).close()
 
 
-def test_block_size_against_tracked_devices(guest: Guest) -> None:
-    tracked(guest, BDF, 4096 * MIB)
+def test_block_size_against_the_device_config(guest: Guest) -> None:
     report = guest.examine()
     assert status(report, "memory block size") is Status.OK
-    assert "0000:00:03.0: device block 2MiB, Sub Block Mode, 32 whole memory blocks" in detail(
-        report, "memory block size"
+    assert detail(report, "memory block size") == (
+        "128MiB memory blocks; 0000:00:03.0: device block 2MiB, Sub Block Mode,"
+        " 32 whole memory blocks in its 4GiB region at 0x100000000"
     )
-    tracked(guest, "0000:00:04.0", 64 * MIB)  # smaller than one memory block
+    guest.set_device_config(block=256 * MIB, region=1024 * MIB)
+    assert "device block 256MiB, Big Block Mode, 8 whole memory blocks" in detail(
+        guest.examine(), "memory block size"
+    )
+
+
+def test_a_region_without_a_whole_memory_block_is_required(guest: Guest) -> None:
+    guest.set_device_config(region=64 * MIB)
     report = guest.examine()
     assert status(report, "memory block size") is Status.MISSING
-    assert "0000:00:04.0: device block 2MiB, Sub Block Mode, 0 whole memory blocks" in detail(
+    assert "0 whole memory blocks in its 64MiB region" in detail(report, "memory block size")
+    assert not report.ready
+    guest.set_device_config(region=256 * MIB, addr=(1 << 32) + 64 * MIB)  # cut at both ends
+    assert "1 whole memory blocks in its 256MiB region" in detail(
+        guest.examine(), "memory block size"
+    )
+
+
+def test_the_tracker_is_read_before_the_device(guest: Guest) -> None:
+    tracked(guest, BDF, 64 * MIB)
+    guest.set_device_config(block=0)  # would not validate: the tracker decides
+    report = guest.examine()
+    assert status(report, "memory block size") is Status.MISSING
+    assert "0000:00:03.0: device block 2MiB, Sub Block Mode, 0 whole memory blocks" in detail(
         report, "memory block size"
+    )
+
+
+def test_a_config_that_cannot_be_read_says_why(guest: Guest) -> None:
+    bar = guest.pci.devdir(BDF) / "resource4"
+    bar.write_bytes(b"\xff" * len(bar.read_bytes()))  # a function in D3: all ones
+    report = guest.examine()
+    assert status(report, "memory block size") is Status.OK
+    assert "0000:00:03.0: device block size unknown: its config does not read as virtio-mem" in (
+        detail(report, "memory block size")
+    )
+    bar.unlink()
+    assert "cannot read its config through sysfs: No such file or directory" in detail(
+        guest.examine(), "memory block size"
     )
 
 
