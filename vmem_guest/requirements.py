@@ -115,9 +115,9 @@ SECRETMEM = Requirement(
 KERNEL_DRIVER = Requirement(
     "in-kernel driver",
     Level.REQUIRED,
-    need="a device must be kept from the in-kernel virtio_mem driver: it owns the "
-    "memory it plugged, and taking the device from it would strand that memory",
-    cost="run refuses a device the in-kernel driver holds",
+    need="each device must be left to the agent: the in-kernel virtio_mem driver "
+    "owns the memory it plugged, and taking a device from it would strand that memory",
+    cost="the agent does not take a device the in-kernel driver holds",
     fix="initcall_blacklist=virtio_mem_driver_init on the kernel command line "
     "(virtio_mem built in) or modprobe.blacklist=virtio_mem (a module), then reboot",
 )
