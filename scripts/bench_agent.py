@@ -317,9 +317,10 @@ def agent_files(tag: str) -> tuple[str, str]:
     return f"/run/vmem-agent-{tag}.log", f"/run/vmem-agent-{tag}.pid"
 
 
-def start_agent(vm: TestVM, tag: str, bdfs: list[str], wrapper: str = "") -> None:
+def start_agent(vm: TestVM, tag: str, bdfs: list[str], wrapper: str = "", env: str = "") -> None:
     """``vmem-guest run --noiommu --device BDF...`` detached, as systemd would run it; with
-    wrapper ("MODE OUT"), under WRAPPER_SCRIPT instead of the console script."""
+    wrapper ("MODE OUT"), under WRAPPER_SCRIPT instead of the console script; ``env``
+    ("NAME=value ...") in its environment."""
     log, pid = agent_files(tag)
     if wrapper:
         assert vm.paths is not None
@@ -330,7 +331,7 @@ def start_agent(vm: TestVM, tag: str, bdfs: list[str], wrapper: str = "") -> Non
         prog = VMEM_GUEST
     devices = " ".join(f"--device {shlex.quote(b)}" for b in bdfs)
     vm.sh(
-        f"setsid {prog} run --noiommu {devices} --log-level info"
+        f"{env} setsid {prog} run --noiommu {devices} --log-level info"
         f" >{log} 2>&1 </dev/null & echo $! >{pid}"
     )
     wait_for_control_socket(vm, lambda: agent_died(vm, tag))

@@ -9,10 +9,15 @@ nothing for 512 GiB it does not have; only what the guest touches is allocated),
 ``maxmem`` = 2 GiB + 512 GiB:
 
 * in-kernel: ``memhp_default_state=online_movable``, the kernel's ``virtio_mem`` driver;
-* vmem_guest: the same ``memhp_default_state=online_movable`` (the kernel onlines each
-  block inside the agent's ``probe`` write, as it does inside the in-kernel driver's
-  ``add_memory``), ``initcall_blacklist=virtio_mem_driver_init`` and no-IOMMU VFIO, the agent
-  ``vmem-guest run --noiommu`` (all devices, log level info) started as systemd would.
+* vmem_guest, tuned boot (``agent``): the same ``memhp_default_state=online_movable`` and
+  ``secretmem.enable=1``, ``initcall_blacklist=virtio_mem_driver_init`` and no-IOMMU VFIO,
+  the agent ``vmem-guest run --noiommu`` (all devices, log level info) started as systemd
+  would, and timed from the first step on once it has attached both devices;
+* vmem_guest, README set-up (``readme``): the in-kernel driver kept off and
+  ``vfio.enable_unsafe_noiommu_mode=1``, nothing else (the agent sets
+  ``auto_online_blocks`` itself while it serves). As a user sees it: the first step's
+  ``qom-set`` comes first and the agent is started right after it, so the first step's
+  figures include the agent's start-up (``run`` to both devices attached).
 
 Steps (the host's ``qom-set requested-size``): vm0 4160M and vm1 3G at once, then vm0 to
 40960M, then vm0 to 1024M. Per step and driver:
@@ -21,7 +26,7 @@ Steps (the host's ``qom-set requested-size``): vm0 4160M and vm1 3G at once, the
   resized device (QMP polled every ~5 ms from a thread of its own);
 * time to the guest's MemTotal at boot MemTotal + everything plugged (read through the
   guest runner every ~50 ms);
-* the ratio vmem_guest / in-kernel of both;
+* the ratio vmem_guest / in-kernel of both, each agent run against the same in-kernel run;
 * the agent's CPU seconds in the step: utime + stime from ``/proc/PID/stat`` in the guest,
   read before the ``qom-set`` and 1 s after the step converged.
 
@@ -42,7 +47,9 @@ copies. A benchmark, not a test: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,7 +65,7 @@ import bench_idle
 import benchplot
 from bench_agent import agent_files, agent_log, agent_status, log_problems, start_agent, stop_agent
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, fmt_size, host, parse_size, paths
-from vmharness.guest_agent import target
+from vmharness.guest_agent import REPO, target
 from vmharness.watch import Curve, watch_resize
 
 DEVICE_IDS = ("vm0", "vm1")
@@ -70,8 +77,13 @@ NUMA_NODES = 2
 STEP_TIMEOUT = 900.0
 AFTER_STEP_SECONDS = 1.0  #: converged, then this long before the agent's CPU is read
 AGENT_TAG = "scale"
-DRIVERS = ("kernel", "agent")
-LABELS = {"kernel": "in-kernel virtio_mem", "agent": "vmem_guest"}
+DRIVERS = ("kernel", "agent", "readme")
+AGENTS = ("agent", "readme")  #: the agent's guests: tuned boot, README set-up
+LABELS = {
+    "kernel": "in-kernel virtio_mem",
+    "agent": "vmem_guest (tuned boot)",
+    "readme": "vmem_guest (README set-up)",
+}
 
 
 @dataclass(frozen=True)
@@ -94,19 +106,26 @@ QUICK_STEPS = (
 )
 
 
-def scale_config(driver: str, region: int) -> VMConfig:
-    """The guest for one driver; everything but the driver's switches is the same."""
+def scale_config(driver: str, region: int, readme_extra: tuple[str, ...] = ()) -> VMConfig:
+    """The guest for one driver; everything but the driver's switches is the same.
+    ``readme_extra``: kernel command line words added to the README guest's (to measure
+    what one boot flag buys)."""
     return VMConfig(
         name=f"bench-scale-{driver}",
         cpus=2,
         memory=BOOT_MEMORY,
         numa_nodes=NUMA_NODES,
         in_kernel_driver=driver == "kernel",
-        noiommu=driver == "agent",
-        # Both kernels online new memory alike: the in-kernel driver needs it, and the
-        # agent then adds and onlines each block with one probe write (it reads
-        # auto_online_blocks and finds the block online), as add_memory does in-kernel.
-        extra_cmdline=() if driver == "kernel" else ("memhp_default_state=online_movable",),
+        noiommu=driver in AGENTS,
+        # The README asks for neither memhp_default_state= nor secretmem.enable=1.
+        secretmem=driver == "agent",
+        # The tuned agent's kernel onlines new memory as the in-kernel driver's does
+        # (that one needs it): each block is added and onlined by one probe write.
+        extra_cmdline=("memhp_default_state=online_movable",)
+        if driver == "agent"
+        else readme_extra
+        if driver == "readme"
+        else (),
         devices=tuple(
             MemDevice(dev, size=region, block_size=BLOCK, node=node, reserve=False)
             for node, dev in enumerate(DEVICE_IDS)
@@ -137,16 +156,19 @@ def run_step(
     base_total: int,
     timeout: float,
     cpu: Callable[[], float] | None,
+    after_request: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """One step: qom-set, watch QEMU and MemTotal converge, the agent's CPU seconds.
     ``plugged`` (device -> target so far) is updated; ``cpu`` reads the agent's CPU
-    seconds (None for the in-kernel driver)."""
+    seconds (None for the in-kernel driver; 0 before the agent runs);
+    ``after_request`` runs right after the qom-set, inside the timing."""
     targets = driver_targets(driver, step.requested)
     plugged.update(targets)
     memtotal_target = base_total + sum(plugged.values())
     cpu_before = cpu() if cpu else None
     print(
-        f"{LABELS[driver]}: {step.name} (targets "
+        f"{LABELS[driver]}: {step.name}{' (the agent starts now)' if after_request else ''}"
+        " (targets "
         + ", ".join(f"{d} {fmt_size(t)}" for d, t in targets.items())
         + f"; timeout {timeout:.0f} s)",
         flush=True,
@@ -162,7 +184,13 @@ def run_step(
         )
 
     watch = watch_resize(
-        vm, step.requested, targets, memtotal_target, timeout=timeout, progress=progress
+        vm,
+        step.requested,
+        targets,
+        memtotal_target,
+        timeout=timeout,
+        progress=progress,
+        after_request=after_request,
     )
     cpu_s = None
     if cpu:
@@ -190,10 +218,16 @@ def run_step(
 
 
 def run_driver(
-    driver: str, region: int, steps: tuple[ScaleStep, ...], timeout: float
+    driver: str,
+    region: int,
+    steps: tuple[ScaleStep, ...],
+    timeout: float,
+    agent_env: str = "",
+    readme_extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Boot the driver's guest, run every step, measure the idle agent; the record."""
-    cfg = scale_config(driver, region)
+    """Boot the driver's guest, run every step, measure the idle agent; the record.
+    ``agent_env``: the agent's environment (``PYTHONPATH=...`` runs another tree)."""
+    cfg = scale_config(driver, region, readme_extra)
     # The two guests run one after the other: what else loads the host shows here.
     out: dict[str, Any] = {"driver": LABELS[driver], "host_load_at_boot": os.getloadavg()}
     with TestVM(cfg) as vm:
@@ -214,38 +248,53 @@ def run_driver(
             run_dir=str(vm.paths.run_dir),
         )
         cpu: Callable[[], float] | None = None
-        if driver == "agent":
-            ticks = bench_idle.clock_ticks(vm)
+        agent: dict[str, Any] = {}
+
+        def launch() -> None:
+            """Start the agent; how long until it answered, its pid."""
             t_start = time.perf_counter()
-            start_agent(vm, AGENT_TAG, [])
-            out["agent_start_s"] = time.perf_counter() - t_start
-            pid = bench_idle.agent_pid(vm, AGENT_TAG)
+            start_agent(vm, AGENT_TAG, [], env=agent_env)
+            agent["start_s"] = time.perf_counter() - t_start
+            agent["pid"] = bench_idle.agent_pid(vm, AGENT_TAG)
+
+        if driver in AGENTS:
+            ticks = bench_idle.clock_ticks(vm)
 
             def cpu() -> float:
-                return bench_idle.cpu_seconds(vm, pid, ticks)
+                if "pid" not in agent:
+                    return 0.0  # not started yet: it starts inside the first step
+                return bench_idle.cpu_seconds(vm, agent["pid"], ticks)
 
+        if driver == "agent":
+            launch()  # timed from the first step on once attached
             out["agent_cpu_start_s"] = cpu()
         plugged = dict.fromkeys(DEVICE_IDS, 0)
         out["steps"] = []
         try:
-            for step in steps:
-                out["steps"].append(run_step(vm, driver, step, plugged, base_total, timeout, cpu))
+            for index, step in enumerate(steps):
+                starts = launch if driver == "readme" and index == 0 else None
+                out["steps"].append(
+                    run_step(vm, driver, step, plugged, base_total, timeout, cpu, starts)
+                )
+            out["agent_start_s"] = agent.get("start_s")
             if driver == "agent":
-                idle = bench_idle.measure_idle(vm, pid)
+                idle = bench_idle.measure_idle(vm, agent["pid"])
                 out["idle"] = {**asdict(idle), "wakeups_per_s": idle.wakeups_per_s}
+            if driver in AGENTS:
                 out["final_status"] = agent_status(vm)
         except Exception:
-            if driver == "agent":
+            if driver in AGENTS:
                 print(agent_log(vm, AGENT_TAG))
             raise
         finally:
-            if driver == "agent":
+            if "pid" in agent:
                 stop_agent(vm, AGENT_TAG)
         out["host_load_at_end"] = os.getloadavg()
-        if driver == "agent":
+        if driver in AGENTS:
             log = vm.sh(f"cat {agent_files(AGENT_TAG)[0]}")
             out["agent_log_lines"] = len(log.splitlines())
             out["agent_log_problems"] = log_problems(log)
+            out["online_paths"] = sorted(set(re.findall(r"new memory blocks: (.*)", log)))
     return out
 
 
@@ -256,31 +305,44 @@ def ratio(agent: float | None, kernel: float | None) -> str:
 
 
 def scale_table(result: dict[str, Any]) -> list[str]:
-    """The per-step table: both drivers, both end points, the ratios, the agent's CPU."""
+    """The per-step table: every driver, both end points, each agent's ratio to the
+    in-kernel run and its CPU seconds."""
     runs = result["drivers"]
-    kernel, agent = runs.get("kernel"), runs.get("agent")
-    names = [s["step"] for s in (kernel or agent)["steps"]]
+    kernel = runs.get("kernel")
+    agents = [d for d in AGENTS if d in runs]
+    names = [s["step"] for s in next(iter(runs.values()))["steps"]]
+    short = {"agent": "tuned", "readme": "README"}
+    header = f"{'step':<28} {'until':<10} {'in-kernel s':>12}"
+    for d in agents:
+        header += f" {short[d] + ' s':>9} {'ratio':>6} {'CPU s':>6}"
     lines = [
         f"bench-scale: 2 x virtio-mem-pci, {fmt_size(result['region'])} regions,"
         f" {fmt_size(BLOCK)} blocks, 2 NUMA nodes, {fmt_size(BOOT_MEMORY)} boot memory"
         f" ({result['accel']}; one guest per driver; QMP polled every ~5 ms)",
-        f"{'step':<28} {'until':<10} {'in-kernel s':>12} {'vmem_guest s':>13} {'ratio':>7}"
-        f" {'agent CPU s':>12}",
+        header,
     ]
+    if result.get("agent_src"):
+        lines.insert(1, f"the agent from {result['agent_src']}")
+    if result.get("readme_cmdline"):
+        lines.insert(1, f"README guest booted with {' '.join(result['readme_cmdline'])} too")
     for i, name in enumerate(names):
-        k = kernel["steps"][i] if kernel else None
-        a = agent["steps"][i] if agent else None
         for key, until in (("qemu_s", "QEMU size"), ("memtotal_s", "MemTotal")):
-            kv = k[key] if k else None
-            av = a[key] if a else None
-            cpu = a["agent_cpu_s"] if a and key == "qemu_s" else None
-            lines.append(
-                f"{name if key == 'qemu_s' else '':<28} {until:<10}"
-                f" {f'{kv:.3f}' if kv is not None else '-':>12}"
-                f" {f'{av:.3f}' if av is not None else '-':>13} {ratio(av, kv):>7}"
-                f" {f'{cpu:.2f}' if cpu is not None else '':>12}"
-            )
-    lines.append("ratio = vmem_guest / in-kernel, same step, same end point (goal: <= 1.0).")
+            kv = kernel["steps"][i][key] if kernel else None
+            row = f"{name if key == 'qemu_s' else '':<28} {until:<10}"
+            row += f" {f'{kv:.3f}' if kv is not None else '-':>12}"
+            for d in agents:
+                step = runs[d]["steps"][i]
+                av = step[key]
+                cpu = step["agent_cpu_s"] if key == "qemu_s" else None
+                row += f" {av:>9.3f} {ratio(av, kv):>6}"
+                row += f" {f'{cpu:.2f}' if cpu is not None else '':>6}"
+            lines.append(row)
+    lines.append(
+        "ratio = vmem_guest / in-kernel, same step, same end point (goal: <= 1.0); tuned:"
+        " memhp_default_state=online_movable secretmem.enable=1, timed once attached;"
+        " README: neither, the agent started right after the first qom-set (its start-up"
+        " is in the first step)."
+    )
     lines.append(
         "host load average (1 min) at boot / at the end: "
         + "; ".join(
@@ -302,13 +364,16 @@ def scale_table(result: dict[str, Any]) -> list[str]:
         )
         lines.append(f"{LABELS[driver]} targets: {targets}")
         lines.extend(f"  NOTE {n}" for n in notes)
-    if agent:
+    for d in agents:
+        run = runs[d]
+        problems = run["agent_log_problems"]
         lines.append(
-            f"agent: up in {agent['agent_start_s']:.1f} s ({agent['agent_cpu_start_s']:.2f} CPU s"
-            f" to attach both devices); log {agent['agent_log_lines']} lines, "
+            f"{LABELS[d]}: run -> ready (both devices attached) {run['agent_start_s']:.2f} s;"
+            f" new blocks: {'; '.join(run['online_paths']) or '?'}; log"
+            f" {run['agent_log_lines']} lines, "
             + (
-                f"{len(agent['agent_log_problems'])} warnings/errors (see JSON)"
-                if agent["agent_log_problems"]
+                f"{len(problems)} warnings/errors (see JSON)"
+                if problems
                 else "no warnings or errors"
             )
         )
@@ -386,7 +451,17 @@ def main() -> int:
         help="bench_idle.py region sizes, each in its own VM, after both drivers"
         " (default 256G,1T; none with --quick; '' for none)",
     )
+    parser.add_argument(
+        "--agent-src", help="run the agent from this source tree (PYTHONPATH; a before/after)"
+    )
+    parser.add_argument(
+        "--readme-cmdline",
+        default="",
+        help="kernel command line words added to the README guest (what one flag buys)",
+    )
     args = parser.parse_args()
+    agent_env = f"PYTHONPATH={Path(args.agent_src).resolve()}" if args.agent_src else ""
+    readme_extra = tuple(args.readme_cmdline.split())
     region = parse_size(args.region) if args.region else QUICK_REGION if args.quick else REGION
     steps = QUICK_STEPS if args.quick else STEPS
     drivers = [d for d in args.drivers.split(",") if d]
@@ -397,6 +472,11 @@ def main() -> int:
     )
     idle_regions = [parse_size(s) for s in idle_spec.split(",") if s]
 
+    # A user's install holds bytecode (pip and dpkg compile at install); the guest's root
+    # is read-only, so without this every agent start compiles each module again, in
+    # the README agent's first step.
+    for tree in (REPO, *([Path(args.agent_src)] if args.agent_src else [])):
+        compileall.compile_dir(tree / "vmem_guest", quiet=1)
     t_start = time.time()
     result: dict[str, Any] = {
         "when": datetime.now().isoformat(timespec="seconds"),
@@ -405,10 +485,14 @@ def main() -> int:
         "block_size": BLOCK,
         "boot_memory": BOOT_MEMORY,
         "qemu": qemu_version(),
+        "agent_src": args.agent_src,
+        "readme_cmdline": readme_extra,
         "drivers": {},
     }
     for driver in drivers:
-        result["drivers"][driver] = run_driver(driver, region, steps, args.timeout)
+        result["drivers"][driver] = run_driver(
+            driver, region, steps, args.timeout, agent_env, readme_extra
+        )
     runs = result["drivers"]
     result["accel"] = ",".join(sorted({r["accel"] for r in runs.values()}))
     kernels = {r["kernel"] for r in runs.values()}
@@ -422,15 +506,19 @@ def main() -> int:
             result["idle_table"] = [f"bench_idle failed: {type(exc).__name__}: {exc}"]
             print(result["idle_table"][0])
     result["wall_s"] = time.time() - t_start
-    if "kernel" in runs and "agent" in runs:
-        result["ratios"] = [
-            {
-                "step": k["step"],
-                "qemu": a["qemu_s"] / k["qemu_s"],
-                "memtotal": a["memtotal_s"] / k["memtotal_s"],
-            }
-            for k, a in zip(runs["kernel"]["steps"], runs["agent"]["steps"], strict=True)
-        ]
+    if "kernel" in runs:
+        result["ratios"] = {
+            d: [
+                {
+                    "step": k["step"],
+                    "qemu": a["qemu_s"] / k["qemu_s"],
+                    "memtotal": a["memtotal_s"] / k["memtotal_s"],
+                }
+                for k, a in zip(runs["kernel"]["steps"], runs[d]["steps"], strict=True)
+            ]
+            for d in AGENTS
+            if d in runs
+        }
     lines = scale_table(result)
     extra = idle_lines(result)
     table = "\n".join([*lines, *(["", *extra] if extra else [])])

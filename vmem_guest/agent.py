@@ -467,6 +467,9 @@ class Agent:
                 "pid": os.getpid(),
                 "manual": self.manual_mode,
                 "devices": list(self.slots),
+                "online_paths": {
+                    bdf: slot.attached.driver.online_path for bdf, slot in self.slots.items()
+                },
             }
             if self.suspend_guard is not None:
                 answer["suspend"] = self.suspend_guard.description

@@ -325,7 +325,7 @@ def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
     A broken device (3) outranks one that has not converged (4).
     """
     from vmem_guest import health, metrics
-    from vmem_guest.service import guest_memory
+    from vmem_guest.service import agent_online_paths, guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
     if as_json and prometheus:
@@ -334,15 +334,21 @@ def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
     for path in list_trackers(state_dir):
         with TrackerReader.open(path) as reader:
             snapshots.append(reader.snapshot())
+    paths = agent_online_paths(state_dir) if snapshots and not prometheus else {}
     if prometheus:
         click.echo(metrics.exposition(snapshots), nl=False)
     elif as_json:
-        _emit_json(render.status_document(snapshots, guest_memory()))
+        _emit_json(render.status_document(snapshots, guest_memory(), paths))
     elif not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
     else:
         guest = guest_memory()
-        click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+        click.echo(
+            "\n\n".join(
+                render.snapshot_text(snap, guest, paths.get(snap.identity.name))
+                for snap in snapshots
+            )
+        )
     verdict = health.exit_status(snapshots)
     if verdict is not health.StatusExit.OK:
         sys.exit(verdict)

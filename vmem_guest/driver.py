@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from vmem_guest import planner
+from vmem_guest import online_path, planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import Cause, DeviceConfig, Response, VirtioMemDevice
 from vmem_guest.errors import (
@@ -39,6 +39,7 @@ from vmem_guest.errors import (
     VmemError,
 )
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
+from vmem_guest.online_path import AUTO_ONLINE_ZONES
 from vmem_guest.pages import PageControl, all_poisoned, give_back, poisoned_count, take
 from vmem_guest.retry import (
     DEFAULT_BACKOFF,
@@ -56,13 +57,6 @@ MANUAL_BUSY = BackoffPolicy(initial=0.05, maximum=2.0)
 MANUAL_BUSY_RETRIES = 8
 #: Consecutive NACKs (each followed by a config re-read) before backing off.
 MAX_NACKS_BEFORE_BACKOFF = 3
-#: What ``auto_online_blocks`` does with a new block (memory-hotplug.rst); any
-#: other word ("online": the kernel picks the zone) means AUTO.
-AUTO_ONLINE_ZONES: dict[str, Zone | None] = {
-    "offline": None,
-    "online_movable": Zone.MOVABLE,
-    "online_kernel": Zone.KERNEL,
-}
 
 
 class Outcome(enum.Enum):
@@ -123,6 +117,8 @@ class DeviceDriver:
         self._broken_text = ""
         #: ``auto_online_blocks`` as last read; None: read it before the next probe.
         self._auto_online: str | None = None
+        #: How new blocks get online (online_path.describe), as last logged.
+        self.online_path = ""
 
     def _subblocks_off_reason(self, policy: planner.Policy) -> str | None:
         """Why single subblocks of online blocks will not be taken, None if they will."""
@@ -308,9 +304,11 @@ class DeviceDriver:
         self._publish(self._read_config())
         self.tracker.clear_broken()
         self._broken_text = ""
-        previous = self.tracker.snapshot()
-        if previous.intent is not None:
-            self.log.info("resolving pending %s from a previous run", previous.intent)
+        self._auto_online = None
+        self._auto_online_zone()  # logs the online path this device starts on
+        pending = self.tracker.intent
+        if pending is not None:
+            self.log.info("resolving pending %s from a previous run", pending)
         online, present = self._kernel_view()
         if self.config.plugged_size and not online:
             plugged = self._unplug_all_unused(present)
@@ -810,6 +808,12 @@ class DeviceDriver:
         at run time): see :meth:`_request`."""
         if self._auto_online is None:
             self._auto_online = self.kernel.auto_online_blocks()
+            path = online_path.describe(self._auto_online, online_path.planned_zone(self.policy))
+            if path != self.online_path:
+                self.log.info(
+                    "new memory blocks: %s (auto_online_blocks %s)", path, self._auto_online
+                )
+                self.online_path = path
         return AUTO_ONLINE_ZONES.get(self._auto_online, Zone.AUTO)
 
     def _offline_block(self, mb: int) -> None:

@@ -24,6 +24,7 @@ sysfs-bus-pci, vfio.rst):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -172,14 +173,25 @@ def _record_from_udev(dev: Any) -> _PciRecord | None:
     )
 
 
-def _udev_available() -> bool:
+@functools.cache
+def udev_context() -> Any | None:
+    """The process's one ``pyudev.Context``; None without pyudev or libudev.so.1.
+
+    One, not one per read: every new Context loads libudev again, and pyudev finds it
+    with ``ctypes.util.find_library``, which runs ``ldconfig -p`` in a child process
+    (pyudev 0.24 ``_ctypeslib/utils.py``, ``load_ctypes_library``). At start-up that was
+    11 children, 3.3 s of the agent's start in the test VM under TCG and cProfile.
+    """
     try:
         import pyudev
 
-        pyudev.Context()
+        return pyudev.Context()
     except (ImportError, OSError):  # no pyudev, or no libudev.so.1
-        return False
-    return True
+        return None
+
+
+def _udev_available() -> bool:
+    return udev_context() is not None
 
 
 def _choose_udev(sysfs_root: Path, use_udev: bool | None) -> bool:
@@ -195,10 +207,8 @@ def _pci_records(
 ) -> list[_PciRecord]:
     """Every PCI function, sorted by address."""
     records: list[_PciRecord | None]
-    if _choose_udev(sysfs_root, use_udev):
-        import pyudev
-
-        context = pyudev.Context()
+    context = udev_context() if _choose_udev(sysfs_root, use_udev) else None
+    if context is not None:
         records = [_record_from_udev(d) for d in context.list_devices(subsystem="pci")]
     else:
         base = sysfs_root / "bus/pci/devices"
@@ -218,7 +228,7 @@ def _pci_record(bdf: str, sysfs_root: Path, use_udev: bool | None) -> _PciRecord
         import pyudev
 
         try:
-            dev = pyudev.Devices.from_sys_path(pyudev.Context(), os.path.realpath(path))
+            dev = pyudev.Devices.from_sys_path(udev_context(), os.path.realpath(path))
         except pyudev.DeviceNotFoundError:
             return None
         return _record_from_udev(dev)

@@ -5,6 +5,11 @@ binding to vfio-pci needs nothing udev's rules add, and the test VM runs no udev
 Only ``add`` of a ``pci`` device is reported; what it is (virtio-mem or not) is for
 the caller to read, as at start (:mod:`vmem_guest.pci`). A removal needs no
 monitor: VFIO's release request reaches the agent first (``agent.py``).
+
+Every other uevent is dropped in the kernel by a socket filter
+(:mod:`vmem_guest._linux.sockfilter`): the memory blocks the agent adds and onlines
+bring two or more uevents each, which would otherwise wake the agent's loop and cost
+a libudev receive and a pyudev device each.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vmem_guest._linux import sockfilter
 from vmem_guest._linux.lifetime import Closing
+from vmem_guest.pci import udev_context
 
 log = logging.getLogger("vmem_guest.pci_events")
 
@@ -30,11 +37,18 @@ class PciMonitor(Closing):
         try:
             import pyudev
 
-            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+            context = udev_context()
+            if context is None:
+                raise OSError("libudev.so.1 not found")
+            monitor = pyudev.Monitor.from_netlink(context, source="kernel")
             monitor.start()
         except (ImportError, OSError) as exc:
             log.warning("no uevent monitor (%s): devices hot-plugged later are not served", exc)
             return None
+        try:
+            sockfilter.attach_prefix_filter(int(monitor.fileno()))
+        except OSError as exc:
+            log.warning("no uevent filter (%s): every kernel uevent wakes the agent", exc)
         return cls(monitor)
 
     def fileno(self) -> int:

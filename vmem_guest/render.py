@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from vmem_guest import health
 from vmem_guest.blocks import MemoryBlockState, Zone
@@ -76,18 +76,25 @@ def subblock_map(snap: TrackerSnapshot, index: int) -> str:
 STATUS_SCHEMA = 1
 
 
-def status_document(snapshots: Sequence[TrackerSnapshot], guest: GuestMemory) -> dict[str, object]:
-    """The object ``vmem-guest status --json`` prints (docs/status-json.md)."""
+def status_document(
+    snapshots: Sequence[TrackerSnapshot],
+    guest: GuestMemory,
+    online_paths: Mapping[str, str] | None = None,
+) -> dict[str, object]:
+    """The object ``vmem-guest status --json`` prints (docs/status-json.md);
+    ``online_paths``: the running agent's answer, by device (empty: none answered)."""
+    paths = online_paths or {}
     return {
         "schema": STATUS_SCHEMA,
         "status": health.exit_status(snapshots).name.lower(),
-        "devices": [snapshot_dict(snap) for snap in snapshots],
+        "devices": [snapshot_dict(snap, paths.get(snap.identity.name)) for snap in snapshots],
         "guest": {"mem_total": guest.mem_total, "hardware_corrupted": guest.hardware_corrupted},
     }
 
 
-def snapshot_dict(snap: TrackerSnapshot) -> dict[str, object]:
-    """One device of ``vmem-guest status --json`` (docs/status-json.md)."""
+def snapshot_dict(snap: TrackerSnapshot, online_path: str | None = None) -> dict[str, object]:
+    """One device of ``vmem-guest status --json`` (docs/status-json.md); ``online_path``:
+    how the running agent onlines its new blocks (None: no agent answered)."""
     geometry = snap.identity.geometry
     return {
         "device": snap.identity.name,
@@ -99,6 +106,7 @@ def snapshot_dict(snap: TrackerSnapshot) -> dict[str, object]:
         "node_id": snap.node_id,
         "interrupts": snap.interrupt_mode.text,
         "device_features": feature_names(snap.device_features),
+        "online_path": online_path,
         "requested_size": snap.requested_size,
         "usable_region_size": snap.usable_region_size,
         "plugged_size": snap.plugged_bytes,
@@ -161,8 +169,11 @@ def block_map(snap: TrackerSnapshot) -> list[str]:
     return lines
 
 
-def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> str:
-    """The human form of ``vmem-guest status`` for one device."""
+def snapshot_text(
+    snap: TrackerSnapshot, guest: GuestMemory | None = None, online_path: str | None = None
+) -> str:
+    """The human form of ``vmem-guest status`` for one device (``online_path``: as in
+    :func:`snapshot_dict`)."""
     geometry = snap.identity.geometry
     mode = "big block mode" if geometry.big_block_mode else "sub block mode"
     counts = ", ".join(
@@ -180,6 +191,8 @@ def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> st
         f"  {snap.interrupt_mode.text} interrupts, features:"
         f" {', '.join(feature_names(snap.device_features)) or 'none'}",
     ]
+    if online_path:
+        lines.append(f"  new memory blocks: {online_path}")
     reasons = health.not_converged(snap)
     if reasons and not snap.broken:
         lines.append(f"  not converged: {'; '.join(reasons)}")

@@ -29,6 +29,7 @@ from vmem_guest.errors import (
 )
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
 from vmem_guest.inhibit import SuspendGuard
+from vmem_guest.online_path import auto_online_while_serving
 from vmem_guest.pages import ProcPages
 from vmem_guest.pci_events import PciMonitor
 from vmem_guest.sdnotify import Notifier
@@ -256,6 +257,18 @@ def guest_memory() -> render.GuestMemory:
         return render.GuestMemory(memtotal_bytes(), pages.hardware_corrupted_bytes())
 
 
+def agent_online_paths(state_dir: Path) -> dict[str, str]:
+    """How each device the running agent serves onlines new blocks (by PCI address,
+    ``online_path.describe``), for ``status``; empty when no agent answers (none runs,
+    or its socket is root's and we are not)."""
+    try:
+        answer = control.call(control.socket_path(state_dir), control.Ping())
+    except VmemError:
+        return {}
+    paths = (answer or {}).get("online_paths", {})
+    return {str(bdf): str(path) for bdf, path in paths.items()} if isinstance(paths, dict) else {}
+
+
 def _refuse_if_an_agent_answers(path: Path) -> None:
     """UsageError when an agent already serves ``path`` (before any device is touched:
     a second agent must neither open a device nor replace the first one's socket)."""
@@ -281,6 +294,7 @@ def run_agent(options: RunOptions) -> None:
             Notifier.from_environment() as notifier,  # before any child starts
             _hotplug_monitor(options.devices) as monitor,
             no_unevictable_compaction(options.state_dir),
+            auto_online_while_serving(options.policy, options.state_dir),
             attached_devices(
                 select_devices(options.devices, wait_for_hotplug=monitor is not None),
                 state_dir=options.state_dir,

@@ -51,6 +51,9 @@ class VMConfig:
     numa_nodes: int = 0  #: 0 = no -numa options
     in_kernel_driver: bool = True  #: False adds initcall_blacklist=virtio_mem_driver_init
     noiommu: bool = False  #: vfio.enable_unsafe_noiommu_mode=1
+    #: With noiommu: secretmem.enable=1 too (the agent's DMA pages in memfd_secret
+    #: memory); False boots as the README's set-up does, without it.
+    secretmem: bool = True
     viommu: bool = False  #: -device intel-iommu,intremap=on and intel_iommu=on
     #: pc-dimms cold-plugged but left alone by the guest (acpi_no_memhotplug).
     acpi_memhotplug: bool = True
@@ -159,7 +162,8 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
         words.append("vfio.enable_unsafe_noiommu_mode=1")
         # Lets a no-IOMMU agent keep its DMA pages in unmovable memfd_secret pages,
         # never inside a device's (movable, unpluggable) memory (transport/dma.py).
-        words.append("secretmem.enable=1")
+        if cfg.secretmem:
+            words.append("secretmem.enable=1")
     if cfg.viommu:
         words.append("intel_iommu=on")
     if cfg.dimms and not cfg.acpi_memhotplug:

@@ -162,12 +162,15 @@ def watch_resize(
     *,
     timeout: float,
     progress: Callable[[float, dict[str, int], int], None] | None = None,
+    after_request: Callable[[], None] | None = None,
 ) -> ResizeWatch:
     """qom-set ``requested`` (device -> bytes), then wait until QEMU's size equals
     ``targets`` (device -> bytes the driver is expected to plug; devices not resized may
     be listed too) and MemTotal equals ``memtotal_target``.
 
     ``progress(elapsed, sizes, memtotal)`` is called every PROGRESS_SECONDS while waiting.
+    ``after_request()`` runs right after the qom-sets, inside the timing, with QEMU's
+    sizes already polled (a driver started only then: its start-up is in the figures).
     Raises TimeoutError after ``timeout`` seconds.
     """
     memtotal_curve = Curve()
@@ -181,6 +184,12 @@ def watch_resize(
     for dev, size in before_sizes.items():
         poller.curves[dev].record(0.0, size)
     poller.start()
+    if after_request is not None:
+        try:
+            after_request()
+        except BaseException:
+            poller.halt()
+            raise
     reads = 0
     read_seconds = 0.0
     t_memtotal: float | None = None

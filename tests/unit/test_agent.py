@@ -139,6 +139,10 @@ def test_agent_follows_resizes_then_sleeps(rig: Rig) -> None:
     assert rig.model.plugged_size == 384 * MIB
     assert rig.kernel_online() == 384 * MIB
     assert seen["ping"]["devices"] == [BDF]
+    # The fake kernel adds blocks offline: the agent probes, then onlines.
+    assert seen["ping"]["online_paths"] == {
+        BDF: "probe then online (online_movable): two writes per block"
+    }
     assert seen["state"] == {"state": "PLUGGED"}
     # Converged: the loop would block in select() with no timeout at all.
     assert agent.idle

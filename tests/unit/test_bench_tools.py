@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_idle  # noqa: E402
 import bench_scale  # noqa: E402
 from vmharness import GiB, MemDevice, MiB, VMConfig  # noqa: E402
-from vmharness.config import RunPaths, parse_device, qemu_argv  # noqa: E402
+from vmharness.config import RunPaths, kernel_cmdline, parse_device, qemu_argv  # noqa: E402
 from vmharness.watch import Curve  # noqa: E402
 
 RUN = RunPaths(
@@ -67,6 +67,21 @@ def test_the_seed_example_guest() -> None:
     assert bench_scale.driver_targets("kernel", {"vm0": 4160 * MiB}) == {"vm0": 4160 * MiB}
 
 
+def test_the_seed_example_guests_boot_flags() -> None:
+    """The tuned agent's guest gets the benchmark's flags, the README one neither."""
+
+    def words(driver: str) -> list[str]:
+        return kernel_cmdline(bench_scale.scale_config(driver, bench_scale.REGION), RUN).split()
+
+    flags = ("memhp_default_state=online_movable", "secretmem.enable=1")
+    assert all(f in words("kernel") for f in flags[:1]) and flags[1] not in words("kernel")
+    assert all(f in words("agent") for f in flags)
+    readme = words("readme")
+    assert not any(f in readme for f in flags)
+    assert "vfio.enable_unsafe_noiommu_mode=1" in readme
+    assert "initcall_blacklist=virtio_mem_driver_init" in readme
+
+
 def test_idle_vm_fits_its_region_in_the_address_space() -> None:
     assert bench_idle.phys_bits_for(1 * GiB, 256 * GiB) is None  # QEMU's 40 bits will do
     # QEMU 7.2 moves the region of a 1 TiB device above 1 TiB (AMD's HyperTransport hole):
@@ -93,3 +108,53 @@ def test_proc_parsing() -> None:
         "Name:\tvmem-guest\nVmRSS:\t   31000 kB\nThreads:\t1\nvoluntary_ctxt_switches:\t12\n"
     )
     assert status == {"VmRSS": 31000 * 1024, "Threads": 1, "voluntary_ctxt_switches": 12}
+
+
+def fake_run(driver: str, seconds: list[float]) -> dict[str, object]:
+    steps = [
+        {
+            "step": step.name,
+            "targets": bench_scale.driver_targets(driver, step.requested),
+            "plugged_after": {},
+            "memtotal_target": 0,
+            "memtotal_final": 0,
+            "memtotal_exact": True,
+            "qemu_s": s,
+            "memtotal_s": s + 0.1,
+            "agent_cpu_s": None if driver == "kernel" else s / 2,
+        }
+        for step, s in zip(bench_scale.STEPS, seconds, strict=True)
+    ]
+    run: dict[str, object] = {
+        "steps": steps,
+        "base_memtotal": 0,
+        "host_load_at_boot": (0.5, 0, 0),
+        "host_load_at_end": (0.7, 0, 0),
+    }
+    if driver != "kernel":
+        run.update(
+            agent_start_s=0.8,
+            online_paths=["auto-online online_movable via probe: one write per block"],
+            agent_log_lines=10,
+            agent_log_problems=[],
+        )
+    return run
+
+
+def test_the_scale_table_puts_each_agent_against_the_same_kernel_run() -> None:
+    result = {
+        "region": bench_scale.REGION,
+        "accel": "tcg",
+        "drivers": {
+            "kernel": fake_run("kernel", [0.5, 4.0, 5.0]),
+            "agent": fake_run("agent", [0.25, 4.0, 10.0]),
+            "readme": fake_run("readme", [1.0, 2.0, 2.5]),
+        },
+    }
+    lines = bench_scale.scale_table(result)
+    first = next(line for line in lines if line.startswith(bench_scale.STEPS[0].name))
+    # in-kernel 0.5; tuned 0.25 (0.50), CPU 0.12; README 1.0 (2.00), CPU 0.50
+    assert first.split()[-7:] == ["0.500", "0.250", "0.50", "0.12", "1.000", "2.00", "0.50"]
+    assert "README s" in lines[1] and "tuned s" in lines[1]
+    readme = [line for line in lines if line.startswith("vmem_guest (README set-up): run")]
+    assert readme and "0.80 s" in readme[0] and "one write per block" in readme[0]

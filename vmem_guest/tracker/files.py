@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vmem_guest.errors import TrackerError, TrackerLocked
 from vmem_guest.tracker.layout import (
+    DEFAULT_RECORD,
     DEFAULT_STATE_DIR,
     HEADER_SIZE,
     KEEP_SET_ASIDE,
@@ -28,13 +29,11 @@ from vmem_guest.tracker.layout import (
     MAGIC,
     NAME_UNSAFE,
     NO_INTENT,
-    NODE_UNKNOWN,
     RECORD_SIZE,
     STATE_DIR_MODE,
     STATE_FILE_MODE,
     STATE_SUFFIX,
     VERSION,
-    BlockRecordLayout,
     FileLayout,
     TrackerHeader,
 )
@@ -290,8 +289,8 @@ def fresh_image(identity: TrackerIdentity) -> bytes:
     header.magic[:] = MAGIC
     image = bytearray(layout.total_size)
     image[:HEADER_SIZE] = bytes(header)
-    record = bytes(BlockRecordLayout(node=NODE_UNKNOWN))
-    for i in range(layout.nr_memory_blocks):
-        start = layout.records_offset + i * RECORD_SIZE
-        image[start : start + RECORD_SIZE] = record
+    start = layout.records_offset
+    image[start : start + layout.nr_memory_blocks * RECORD_SIZE] = (
+        DEFAULT_RECORD * layout.nr_memory_blocks
+    )
     return bytes(image)

@@ -189,6 +189,8 @@ class BlockRecordLayout(ctypes.LittleEndianStructure, LayoutCheck):
 LAYOUTS: tuple[type[LayoutCheck], ...] = (TrackerHeader, BlockRecordLayout)
 HEADER_SIZE = ctypes.sizeof(TrackerHeader)
 RECORD_SIZE = ctypes.sizeof(BlockRecordLayout)
+#: The bytes of a block record in a fresh file: UNPLUGGED, absent, no zone, node unknown.
+DEFAULT_RECORD = bytes(BlockRecordLayout(node=NODE_UNKNOWN))
 GENERATION = struct.Struct("<Q")
 GENERATION_OFFSET: int = TrackerHeader.generation.offset
 

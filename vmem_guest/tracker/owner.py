@@ -40,9 +40,11 @@ from vmem_guest.tracker.files import (
     set_aside,
 )
 from vmem_guest.tracker.layout import (
+    DEFAULT_RECORD,
     FLAG_PRESENT,
     NO_INTENT,
     NODE_UNKNOWN,
+    RECORD_SIZE,
     U32_MAX,
     U64_MAX,
     BlockRecordLayout,
@@ -57,10 +59,13 @@ from vmem_guest.tracker.layout import (
 )
 from vmem_guest.tracker.snapshot import (
     BlockRecord,
+    Intent,
     TrackerIdentity,
     TrackerSnapshot,
+    blocks_with_bits,
     broken_reason,
     decode,
+    decode_intent,
     expected_state,
     state_of,
 )
@@ -89,11 +94,14 @@ class Tracker(Closing):
         lock_fd: int,
         mapping: mmap.mmap,
         snapshot: TrackerSnapshot | None = None,
+        *,
+        fresh: bool = False,
     ) -> None:
         """Use :meth:`open`; this wires an already locked and mapped file.
 
         ``snapshot``: the file's content as :meth:`open` validated it (decoded
-        here if not given)."""
+        here if not given); ``fresh``: the file is :func:`create_fresh`'s image,
+        whose state (all UNPLUGGED) is built without decoding it."""
         self.path = path
         self.identity = identity
         self.recovered = False
@@ -111,7 +119,11 @@ class Tracker(Closing):
         )
         #: What the file holds, indexed for the planner (derived: see state.py).
         #: Decoded once here; every transition below updates it in place.
-        self.state: RegionState = state_of(snapshot or decode(mapping[:]))
+        self.state: RegionState = (
+            RegionState(identity.geometry, self._layout.bitmap_size)
+            if fresh
+            else state_of(snapshot or decode(mapping[:]))
+        )
 
     # -- opening and closing ------------------------------------------------
 
@@ -143,7 +155,7 @@ class Tracker(Closing):
         reused = mapping is not None
         if mapping is None:
             mapping = create_fresh(path, identity)
-        tracker = cls(path, identity, lock_fd, mapping, snapshot)
+        tracker = cls(path, identity, lock_fd, mapping, snapshot, fresh=not reused)
         tracker.recovered = reused
         tracker.discarded_reason = reason
         tracker.set_aside_path = aside
@@ -222,6 +234,11 @@ class Tracker(Closing):
         if cached is None or cached.generation != generation:
             cached = self._snapshot_cache = decode(self._mapped[:])
         return cached
+
+    @property
+    def intent(self) -> Intent | None:
+        """The pending intent (None: no request pending), from the header alone."""
+        return decode_intent(self._hdr)
 
     def block(self, index: int) -> BlockRecord:
         """The record of kernel memory block ``index`` without a full snapshot."""
@@ -466,9 +483,13 @@ class Tracker(Closing):
         for sb in taken:
             if sb not in online_subblocks:
                 raise SafetyError(f"subblock {sb} taken outside an online block")
+        # Blocks whose record is not the default (UNPLUGGED, absent, no node) before or
+        # after: any other record is already exactly what _rebuild_block would write.
+        touched = self._nondefault_blocks() | present_set
+        touched.update(blocks_with_bits(geometry, bitmap, taken_map))
         with self._write_section():
             self._replace_bitmap(bitmap, taken_map)
-            for index in geometry.memory_blocks():
+            for index in sorted(touched):
                 self._rebuild_block(index, online_zones.get(index), index in present_set)
         self._log.debug(
             "rebuilt: %d subblocks plugged, %d blocks online, %d present",
@@ -708,6 +729,22 @@ class Tracker(Closing):
             present=present,
             node=None if present else NODE_UNKNOWN,
         )
+
+    def _nondefault_blocks(self) -> set[int]:
+        """Memory blocks whose record differs from a fresh file's: compared 256 records
+        (4 KiB) at a time, so a large region that holds little costs a few memcmps."""
+        first, count = self.geometry.first_memory_block, self._layout.nr_memory_blocks
+        start = self._layout.records_offset
+        raw = self._mapped[start : start + count * RECORD_SIZE]
+        chunk = DEFAULT_RECORD * 256
+        found: set[int] = set()
+        for lo in range(0, len(raw), len(chunk)):
+            if raw[lo : lo + len(chunk)] == chunk[: len(raw) - lo]:
+                continue
+            for at in range(lo, min(lo + len(chunk), len(raw)), RECORD_SIZE):
+                if raw[at : at + RECORD_SIZE] != DEFAULT_RECORD:
+                    found.add(first + at // RECORD_SIZE)
+        return found
 
     def _count_plugged(self, index: int) -> tuple[int, int]:
         """(plugged, total) subblocks of memory block ``index`` per the bitmap."""

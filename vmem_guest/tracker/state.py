@@ -25,6 +25,7 @@ Nothing here does I/O; the planner reads a RegionState and never changes it.
 from __future__ import annotations
 
 import enum
+import re
 from array import array
 from collections.abc import Iterable, Iterator
 
@@ -44,6 +45,25 @@ class UnitClass(enum.IntEnum):
 
 
 FULL_CLASSES = (UnitClass.FULL_OFFLINE, UnitClass.FULL_MOVABLE, UnitClass.FULL_KERNEL)
+
+#: Runs of non-zero bytes, found by the regular expression engine (C) inside chunks
+#: that a memcmp against zeros found non-zero: a bitmap of a large, mostly empty
+#: region costs a few comparisons, not a Python loop over its bytes.
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
+_ZERO_CHUNK = bytes(512)
+
+
+def nonzero_bit_spans(*bitmaps: bytes | bytearray) -> Iterator[tuple[int, int]]:
+    """(first bit, bit count) of each run of non-zero bytes of each bitmap: every set
+    bit lies in one of them (a span may hold clear bits too, at most 7 at each end)."""
+    step = len(_ZERO_CHUNK)
+    for bitmap in bitmaps:
+        for lo in range(0, len(bitmap), step):
+            chunk = bitmap[lo : lo + step]
+            if chunk == _ZERO_CHUNK[: len(chunk)]:
+                continue
+            for run in _NONZERO_RUN.finditer(chunk):
+                yield (lo + run.start()) * 8, (run.end() - run.start()) * 8
 
 
 def _bits(bitmap: bytes | bytearray, first: int, count: int) -> int:
@@ -127,11 +147,19 @@ class RegionState:
         state.taken[: len(taken)] = taken
         state.plugged_subblocks = int.from_bytes(bitmap, "little").bit_count()
         state.taken_subblocks = int.from_bytes(state.taken, "little").bit_count()
+        # A fresh state is every unit EMPTY with nothing counted: only units with a
+        # block that is not UNPLUGGED, absent, zoneless, or with a bit set, differ
+        # from it (a 256 GiB region has 2,048 units, of which few hold anything).
+        touched: set[int] = set()
+        unplugged, no_zone = MemoryBlockState.UNPLUGGED, Zone.NONE
         for index, block_state, zone, present in blocks:
+            if block_state == unplugged and zone == no_zone and not present:
+                continue
             state._store_block(index, block_state, zone, present)
-        for unit in range(len(state.grid)):
+            touched.add(state.grid.unit_of_memory_block(index))
+        for unit in touched:
             state._recount_online(unit)
-            state._refresh_unit(unit)
+        state._refresh_units(touched)
         return state
 
     # --- the transitions (the owner calls these, and only these) ---------------
@@ -156,13 +184,15 @@ class RegionState:
         return changed
 
     def replace_bitmap(self, bitmap: bytes | bytearray, taken: bytes | bytearray) -> None:
-        """Whole new bitmaps (rebuild): O(region), like :meth:`load`."""
+        """Whole new bitmaps (rebuild). Only units with a bit set before or after are
+        recounted (the others had and keep none): Python work in what the bitmaps
+        hold, a scan at C speed in the region size."""
+        touched = self._units_of_bits()
         self.bitmap[:] = bitmap
         self.taken[:] = taken
         self.plugged_subblocks = int.from_bytes(bitmap, "little").bit_count()
         self.taken_subblocks = int.from_bytes(taken, "little").bit_count()
-        for unit in range(len(self.grid)):
-            self._refresh_unit(unit)
+        self._refresh_units(touched | self._units_of_bits())
 
     def set_block(self, index: int, state: MemoryBlockState, zone: Zone, present: bool) -> None:
         """Block ``index`` now has this record (the owner's ``_set_block_state``)."""
@@ -328,6 +358,17 @@ class RegionState:
             (lo - grid.first_subblock) // grid.subblocks_per_unit,
             (hi - 1 - grid.first_subblock) // grid.subblocks_per_unit + 1,
         )
+
+    def _units_of_bits(self) -> set[int]:
+        """Every unit with a bit set in the plug or taken bitmap (and maybe neighbours)."""
+        units: set[int] = set()
+        for first, count in nonzero_bit_spans(self.bitmap, self.taken):
+            units.update(self._units_over(first, count))
+        return units
+
+    def _refresh_units(self, units: Iterable[int]) -> None:
+        for unit in sorted(units):
+            self._refresh_unit(unit)
 
     def _refresh_unit(self, unit: int) -> None:
         """Recount a unit's subblocks from the bitmaps, then reclassify it."""
