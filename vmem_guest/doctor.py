@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from vmem_guest import config_peek, pci, planner, requirements
+from vmem_guest import config_peek, kernel_setting, online_path, pci, planner, requirements
 from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.blocks import Geometry
@@ -39,13 +39,6 @@ from vmem_guest.units import format_size
 TESTED_FROM = (6, 1)
 #: What the agent's tracker files and the boot memory record live under by default.
 DEFAULT_STATE_DIR = Path("/run/vmem-guest")
-#: What ``auto_online_blocks`` may say for the agent to get each block as it probed
-#: it, per online policy: ``offline`` always; the policy's own zone word too.
-AUTO_ONLINE_MATCHES: dict[planner.OnlinePolicy, frozenset[str]] = {
-    planner.OnlinePolicy.MOVABLE: frozenset({"offline", "online_movable"}),
-    planner.OnlinePolicy.KERNEL: frozenset({"offline", "online_kernel"}),
-    planner.OnlinePolicy.AUTO: frozenset({"offline"}),
-}
 
 
 def _udev_loads() -> bool:
@@ -464,18 +457,22 @@ def _unpoison(survey: Survey, which: Requirement) -> Finding:
 
 
 def _auto_online(survey: Survey) -> Finding:
+    """Informational: the agent sets the value itself while it serves (online_path)."""
     host, policy = survey.host, survey.options.online_policy
     path = host.memory / "auto_online_blocks"
     value = read_value_or_none(path)
     if value is None:
         return missing(f"{path} cannot be read")
     boot = _cmdline_word(host, "memhp_default_state")
+    held = online_path.auto_online_word(planner.Policy(online=policy))
     said = f"auto_online_blocks is {value}" + (
         f" (memhp_default_state={boot} at boot)" if boot else ""
     )
-    if value in AUTO_ONLINE_MATCHES[policy]:
-        return ok(f"{said}: matches --online-policy {policy.value}")
-    return missing(f"{said}: --online-policy {policy.value} wants new blocks left offline")
+    said += f"; run --online-policy {policy.value} holds it at {held} while it serves"
+    record = kernel_setting.record_path(host.state_dir, online_path.AUTO_ONLINE_BLOCKS)
+    if record.exists():
+        said += f" ({record} is a killed agent's record: the next run puts the original back)"
+    return ok(said)
 
 
 def _cmdline_word(host: Host, key: str) -> str | None:

@@ -161,13 +161,13 @@ LOCKDOWN = Requirement(
 AUTO_ONLINE = Requirement(
     "auto-online",
     Level.OPTIONAL,
-    need="the agent onlines its own blocks into the zone --online-policy names; the "
-    "kernel's auto_online_blocks decides what happens inside each probe",
-    cost="the kernel onlines each new block into another zone during the probe; the "
-    "agent offlines it and onlines it again (one more offline per block), and a block "
-    "it cannot take back stays there, harder to unplug",
-    fix="echo offline > /sys/devices/system/memory/auto_online_blocks, or "
-    "memhp_default_state=offline on the kernel command line",
+    need="while it serves, the agent holds auto_online_blocks at its policy's online "
+    "type, so one probe write adds and onlines a block, and puts the old value back "
+    "on exit (after a SIGKILL, at the next start)",
+    cost="the setting cannot be read: each block takes a probe and an online write, "
+    "and a block the kernel auto-onlined into another zone is offlined and onlined again",
+    fix="nothing to set by hand: a kernel with memory hot-plug (CONFIG_MEMORY_HOTPLUG) "
+    "has the file",
 )
 SLEEP_INHIBITOR = Requirement(
     "sleep inhibitor",

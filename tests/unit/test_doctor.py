@@ -16,7 +16,7 @@ from fake_pci_sysfs import BDF, FakeKernel
 from test_cli import run_main
 from test_virtio_pci_caps import config_space, qemu_caps
 
-from vmem_guest import binding, doctor, planner, requirements, service
+from vmem_guest import binding, doctor, kernel_setting, online_path, planner, requirements, service
 from vmem_guest.blocks import Geometry
 from vmem_guest.doctor import Host, Options, Status
 from vmem_guest.errors import RequirementMissing
@@ -382,26 +382,43 @@ def test_debugfs_not_mounted_then_module_not_loaded(guest: Guest) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "policy", "expected"),
+    ("value", "policy", "held"),
     [
-        ("offline", planner.OnlinePolicy.AUTO, Status.OK),
-        ("online_movable", planner.OnlinePolicy.MOVABLE, Status.OK),
-        ("online_movable", planner.OnlinePolicy.KERNEL, Status.MISSING),
-        ("online", planner.OnlinePolicy.MOVABLE, Status.MISSING),
-        ("online_kernel", planner.OnlinePolicy.KERNEL, Status.OK),
-        ("online_movable", planner.OnlinePolicy.AUTO, Status.MISSING),
+        ("offline", planner.OnlinePolicy.AUTO, "online_movable"),
+        ("online_movable", planner.OnlinePolicy.MOVABLE, "online_movable"),
+        ("online_movable", planner.OnlinePolicy.KERNEL, "online_kernel"),
+        ("online", planner.OnlinePolicy.MOVABLE, "online_movable"),
+        ("online_kernel", planner.OnlinePolicy.KERNEL, "online_kernel"),
     ],
 )
-def test_auto_online_against_the_policy(
-    guest: Guest, value: str, policy: planner.OnlinePolicy, expected: Status
+def test_auto_online_is_reported_with_what_the_agent_holds_it_at(
+    guest: Guest, value: str, policy: planner.OnlinePolicy, held: str
 ) -> None:
+    """The agent sets auto_online_blocks itself while it serves (online_path): any value
+    is fine, and the report says which the policy holds it at."""
     (guest.memory / "auto_online_blocks").write_text(value)
     guest.write(guest.proc / "cmdline", f"memhp_default_state={value} quiet\n")
     report = guest.examine(online_policy=policy)
-    assert status(report, "auto-online") is expected
-    assert f"auto_online_blocks is {value} (memhp_default_state={value} at boot)" in detail(
-        report, "auto-online"
-    )
+    assert status(report, "auto-online") is Status.OK
+    said = detail(report, "auto-online")
+    assert f"auto_online_blocks is {value} (memhp_default_state={value} at boot)" in said
+    assert f"holds it at {held} while it serves" in said
+    assert "killed agent" not in said
+    assert report.ready
+
+
+def test_auto_online_names_a_killed_agents_record(guest: Guest) -> None:
+    record = kernel_setting.record_path(guest.state_dir, online_path.AUTO_ONLINE_BLOCKS)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("{}")
+    report = guest.examine()
+    assert "killed agent's record" in detail(report, "auto-online")
+
+
+def test_auto_online_unreadable_is_missing(guest: Guest) -> None:
+    (guest.memory / "auto_online_blocks").unlink()
+    report = guest.examine()
+    assert status(report, "auto-online") is Status.MISSING
     assert report.ready
 
 
