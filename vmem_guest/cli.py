@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -22,6 +23,7 @@ from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.pci_address import normalize_bdf
 from vmem_guest.sim.faults import Fault
 from vmem_guest.sim.profiles import PROFILES
+from vmem_guest.tracker import TrackerSnapshot
 from vmem_guest.units import format_size, parse_address, parse_size, parse_size_list
 
 DEFAULT_STATE_DIR = Path("/run/vmem-guest")
@@ -274,7 +276,20 @@ def _sim_table(rows: Sequence[tuple[int, Any]]) -> str:
 @cli.command()
 @STATE_DIR
 @click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per device.")
-def status(state_dir: Path, as_json: bool) -> None:
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Keep running: print the status again each time it changes (with --json, "
+    "one line each time), until interrupted.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05, 60.0),
+    default=0.25,
+    show_default=True,
+    help="With --follow: seconds between two looks at the trackers.",
+)
+def status(state_dir: Path, as_json: bool, follow: bool, interval: float) -> None:
     """Show each device's sizes and memory blocks, live from its tracker file.
 
     Works while the agent runs: the tracker is read without locks, as a
@@ -283,18 +298,45 @@ def status(state_dir: Path, as_json: bool) -> None:
     from vmem_guest.service import guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
+    if follow:
+        _follow_status(state_dir, as_json, interval, guest_memory)
+        return
     snapshots = []
     for path in list_trackers(state_dir):
         with TrackerReader.open(path) as reader:
             snapshots.append(reader.snapshot())
     guest = guest_memory()
     if as_json:
-        _emit_json([render.snapshot_dict(snap, guest) for snap in snapshots])
+        _emit_json(_status_json(snapshots, guest))
         return
     if not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
         return
     click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+
+
+def _status_json(snapshots: Sequence[TrackerSnapshot], guest: render.GuestMemory) -> object:
+    """What ``status --json`` prints: one line, for ``--follow`` as for one look."""
+    return [render.snapshot_dict(snap, guest) for snap in snapshots]
+
+
+def _follow_status(
+    state_dir: Path, as_json: bool, interval: float, read_guest: Callable[[], render.GuestMemory]
+) -> None:
+    """``status --follow``: each change as ``status`` prints it (text: under a time line)."""
+    from vmem_guest.status_follow import follow
+
+    try:
+        for view in follow(state_dir, read_guest, interval):
+            if as_json:
+                _emit_json(_status_json(view.snapshots, view.guest))
+            else:
+                text = [render.snapshot_text(snap, view.guest) for snap in view.snapshots]
+                stamp = time.strftime("%H:%M:%S")
+                click.echo(f"== {stamp}\n" + ("\n\n".join(text) or f"no device in {state_dir}"))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return  # the way a follow ends: not an error
 
 
 # --- the real device ---------------------------------------------------------
