@@ -170,7 +170,8 @@ def test_the_command_prints_a_line_per_change_and_ends_quietly_on_interrupt(
         finally:
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
-    assert [dev["plugged_size"] for dev in second] == [128 * MIB]
+    assert [dev["plugged_size"] for dev in second["devices"]] == [128 * MIB]
+    assert second["status"] == "not_converged"  # 128 MiB plugged, none requested
     assert (proc.returncode, out, err) == (0, "", "")
 
 
