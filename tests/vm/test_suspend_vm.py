@@ -10,7 +10,7 @@ QEMU reports ``suspended``, and QMP ``system_wakeup`` wakes it. Then:
 * QEMU 7.2 has no such feature and unplugs everything at wake-up. With memory plugged
   and online that destroys the guest (measured: a shell segfaulted at address 0 right
   after the wake-up): nothing in the guest can be checked afterwards, which is why the
-  agent holds logind's sleep inhibitor while memory is plugged (README "Suspend and
+  agent holds logind's sleep inhibitor while memory is plugged (docs/lifecycle.md "Suspend and
   resume"). What is tested on 7.2 is a suspend
   with nothing plugged: the transport is reset at wake-up, the agent re-initialises
   it without polling and follows the next resize. The verdict on memory lost under
