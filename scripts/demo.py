@@ -20,22 +20,19 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmharness import GiB, MemDevice, TestVM, VMConfig, fmt_size, parse_size
-from vmharness.guest_agent import (
-    device_bdfs,
-    start_agent,
-    status,
-    stop_agent,
-    target,
-)
+from vmharness.guest_agent import start_agent, stop_agent, target
+from vmharness.status_stream import FOLLOW_INTERVAL, GuestStatus, StatusStream, bdfs_by_device_id
 from vmharness.watch import QMP_INTERVAL, SizePoller
 
 DEVICE_IDS = ("vm0", "vm1")
-POLL_SECONDS = 0.5
-STATUS_EVERY = 3.0
+#: Seconds between two refreshes of the table: a QMP query and one read of what the
+#: guest's ``status --follow`` printed since (a runner round trip, no process).
+POLL_SECONDS = 0.2
 HEADER = (
     f"{'t':>6}  {'device':<6} {'requested':>10} {'qemu size':>10} {'tracker':>10}"
     f" {'online':>10} {'holes':>8} {'MemTotal':>10} {'HWCorrupt':>9}  state"
@@ -46,27 +43,28 @@ def row(
     elapsed: float,
     dev_id: str,
     qemu: dict[str, int],
-    dev: dict[str, object],
-    memory: dict[str, int],
+    dev: dict[str, Any],
+    guest: GuestStatus | None,
     converged: bool,
 ) -> str:
     """One line: QEMU's view, the tracker's (holes: subblocks of online blocks taken
-    out of use and unplugged) and the guest's MemTotal and HardwareCorrupted (the
-    holes' poisoned pages count in the first and show in the second)."""
+    out of use and unplugged) and the guest's MemTotal and HardwareCorrupted as the
+    same look at the tracker read them (the holes' poisoned pages count in the first
+    and show in the second)."""
     requested = int(qemu["requested-size"])
-    plugged = int(dev.get("plugged_size", 0))  # type: ignore[call-overload]
-    online = int(dev.get("online_size", 0))  # type: ignore[call-overload]
-    holes = int(dev.get("hole_bytes", 0))  # type: ignore[call-overload]
+    plugged = int(dev.get("plugged_size", 0))
+    online = int(dev.get("online_size", 0))
+    holes = int(dev.get("hole_bytes", 0))
     state = "converged" if converged else ("BROKEN" if dev.get("broken") else "working")
     return (
         f"{elapsed:6.1f}  {dev_id:<6} {fmt_size(requested):>10} {fmt_size(int(qemu['size'])):>10}"
         f" {fmt_size(plugged):>10} {fmt_size(online):>10} {fmt_size(holes):>8}"
-        f" {fmt_size(memory.get('MemTotal', 0)):>10}"
-        f" {fmt_size(memory.get('HardwareCorrupted', 0)):>9}  {state}"
+        f" {fmt_size(guest.mem_total if guest else 0):>10}"
+        f" {fmt_size(guest.hardware_corrupted if guest else 0):>9}  {state}"
     )
 
 
-def converged(dev: dict[str, object], goal: int) -> bool:
+def converged(dev: dict[str, Any], goal: int) -> bool:
     """The tracker has ``goal`` plugged and exactly that in use online (the rest of
     what is online, if any, is holes: blocks holding them stay online), no intent."""
     if not dev or dev["intent"] is not None or dev["plugged_size"] != goal:
@@ -77,17 +75,21 @@ def converged(dev: dict[str, object], goal: int) -> bool:
 
 
 def play_step(
-    vm: TestVM, requested: int, previous_goal: int, block: int, bdfs: dict[str, str]
+    vm: TestVM,
+    stream: StatusStream,
+    requested: int,
+    previous_goal: int,
+    block: int,
+    bdfs: dict[str, str],
 ) -> tuple[float, float]:
     """Resize both devices; print a row per device whenever something changed; return
     (seconds until QEMU's size was at the target on both devices, seconds until the
     display saw the agent converged), both from just before the first qom-set.
 
     The first is the agent's real convergence time: a thread polls QEMU's size over QMP
-    every ~5 ms (:class:`vmharness.watch.SizePoller`). The display is coarser: QEMU's
-    size and MemTotal are read twice a second, and the tracker needs a ``vmem-guest
-    status`` process in the guest, so it is read every few seconds and once more when
-    QEMU has reached the target.
+    every ~5 ms (:class:`vmharness.watch.SizePoller`). The display refreshes every
+    POLL_SECONDS: QEMU's sizes from a QMP query, the tracker and MemTotal from the
+    guest's ``vmem-guest status --follow``, which looks every FOLLOW_INTERVAL seconds.
     """
     print(f"\n== host: qom-set requested-size {fmt_size(requested)} on {', '.join(DEVICE_IDS)}")
     print(HEADER)
@@ -97,26 +99,22 @@ def play_step(
         vm.resize(dev_id, requested)
     poller = SizePoller(vm, dict.fromkeys(DEVICE_IDS, goal), started)
     poller.start()
-    snap: dict[str, dict[str, object]] = {}
-    snap_at = 0.0
     last_rows: list[str] = []
     try:
         while True:
             if poller.error is not None:
                 raise poller.error
-            query = vm.query()
             reached = poller.all_reached is not None
-            if reached or time.perf_counter() - snap_at > STATUS_EVERY:
-                snap, snap_at = status(vm), time.perf_counter()
-                query = vm.query()
-            memory = vm.meminfo()
+            guest = stream.poll()
+            devices = guest.devices if guest else {}
+            query = vm.query()
             elapsed = time.perf_counter() - started
-            done = reached and all(converged(snap.get(bdfs[d], {}), goal) for d in DEVICE_IDS)
+            done = reached and all(converged(devices.get(bdfs[d], {}), goal) for d in DEVICE_IDS)
             rows = [
-                row(elapsed, d, query[d], snap.get(bdfs[d], {}), memory, done) for d in DEVICE_IDS
+                row(elapsed, d, query[d], devices.get(bdfs[d], {}), guest, done) for d in DEVICE_IDS
             ]
             if [r[8:] for r in rows] != [r[8:] for r in last_rows]:
-                print("\n".join(rows))
+                print("\n".join(rows), flush=True)
                 last_rows = rows
             if done:
                 assert poller.all_reached is not None
@@ -165,16 +163,22 @@ def main() -> int:
         print(f"guest MemTotal at boot: {fmt_size(vm.mem_total())}")
         start_agent(vm, "--noiommu")
         print("agent started in the guest: vmem-guest run --noiommu")
-        bdfs = device_bdfs(vm)
+        stream = StatusStream(vm)
         times = []
         goals = []
         try:
+            bdfs = bdfs_by_device_id(vm, stream.start())
+            print(
+                "watching it with vmem-guest status --follow --json"
+                f" --interval {FOLLOW_INTERVAL} (started once, in the guest)"
+            )
             previous_goal = 0
             for requested in sequence:
-                times.append(play_step(vm, requested, previous_goal, block, bdfs))
+                times.append(play_step(vm, stream, requested, previous_goal, block, bdfs))
                 previous_goal = target(requested, block, shrinking=requested < previous_goal)
                 goals.append(previous_goal)
         finally:
+            stream.stop()
             stop_agent(vm)
         print("\nagent stopped (SIGTERM); summary:")
         for requested, goal, (converged, shown) in zip(sequence, goals, times, strict=True):

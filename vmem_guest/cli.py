@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
@@ -307,7 +308,20 @@ def _sim_table(rows: Sequence[tuple[int, Any]]) -> str:
     is_flag=True,
     help="Metrics in the Prometheus text exposition format (docs/operations.md).",
 )
-def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Keep running: print the status again each time it changes (with --json, "
+    "one line each time), until interrupted.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05, 60.0),
+    default=0.25,
+    show_default=True,
+    help="With --follow: seconds between two looks at the trackers.",
+)
+def status(state_dir: Path, as_json: bool, prometheus: bool, follow: bool, interval: float) -> None:
     """Show each device's sizes and memory blocks, live from its tracker file.
 
     Works while the agent runs: the tracker is read without locks, as a
@@ -330,6 +344,11 @@ def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
 
     if as_json and prometheus:
         raise UsageError("--json and --prometheus exclude each other")
+    if follow and prometheus:
+        raise UsageError("--follow and --prometheus exclude each other")
+    if follow:
+        _follow_status(state_dir, as_json, interval, guest_memory)
+        return
     snapshots = []
     for path in list_trackers(state_dir):
         with TrackerReader.open(path) as reader:
@@ -352,6 +371,27 @@ def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
     verdict = health.exit_status(snapshots)
     if verdict is not health.StatusExit.OK:
         sys.exit(verdict)
+
+
+def _follow_status(
+    state_dir: Path, as_json: bool, interval: float, read_guest: Callable[[], render.GuestMemory]
+) -> None:
+    """``status --follow``: each change as ``status`` prints it (text: under a time line;
+    JSON: the ``status --json`` object, one line each). No exit status verdict: it runs
+    until interrupted."""
+    from vmem_guest.status_follow import follow
+
+    try:
+        for view in follow(state_dir, read_guest, interval):
+            if as_json:
+                _emit_json(render.status_document(view.snapshots, view.guest))
+            else:
+                text = [render.snapshot_text(snap, view.guest) for snap in view.snapshots]
+                stamp = time.strftime("%H:%M:%S")
+                click.echo(f"== {stamp}\n" + ("\n\n".join(text) or f"no device in {state_dir}"))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return  # the way a follow ends: not an error
 
 
 # --- the real device ---------------------------------------------------------

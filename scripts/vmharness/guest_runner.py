@@ -9,9 +9,11 @@ one at a time::
 
 Ops: ``sh`` runs ``/bin/sh -c cmd`` as root in its own session (stdout and stderr
 together, captured through a file so background children that keep the descriptors
-open cannot hang the reply); ``read`` returns a file's text without starting a process,
-``read_base64`` its bytes in base64 (binary files such as a tracker: a shell and a
-``base64`` process per read cost seconds under TCG on a busy host); ``ping`` answers
+open cannot hang the reply); ``read`` returns a file's text without starting a
+process (from byte ``offset`` when given; ``bytes`` says how many it read, so a host
+can follow a growing file), ``read_base64`` its bytes in base64 (binary files such as
+a tracker: a shell and a ``base64`` process per read cost seconds under TCG on a busy
+host); ``ping`` answers
 with the boot id (the host uses it to notice a reboot); ``poweroff`` syncs and powers
 the guest off.
 """
@@ -86,9 +88,12 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         return {"rc": 0, "out": "pong", "boot_id": boot_id()}
     if op == "read":
         try:
-            return {"rc": 0, "out": Path(req["path"]).read_text(errors="replace")}
+            with open(req["path"], "rb") as f:
+                f.seek(int(req.get("offset", 0)))
+                data = f.read()
         except OSError as e:
             return {"rc": 1, "out": f"{type(e).__name__}: {e}"}
+        return {"rc": 0, "out": data.decode("utf-8", "replace"), "bytes": len(data)}
     if op == "read_base64":
         try:
             data = Path(req["path"]).read_bytes()

@@ -321,12 +321,17 @@ class TestVM:
 
     def read(self, path: str) -> str:
         """A guest file's text, read by the runner itself (no process is started)."""
+        return self.read_from(path, 0)[0]
+
+    def read_from(self, path: str, offset: int) -> tuple[str, int]:
+        """A guest file's text from byte ``offset`` on, and how many bytes that was (to
+        follow a file that grows), read by the runner itself (no process is started)."""
         assert self._chan is not None, "VM not started"
         self._check_alive()
-        r = self._chan.request({"op": "read", "path": path}, timeout=30)
+        r = self._chan.request({"op": "read", "path": path, "offset": offset}, timeout=30)
         if r["rc"] != 0:
             raise GuestCommandError(f"read {path}", int(r["rc"]), str(r["out"]), self.log_tail())
-        return str(r["out"])
+        return str(r["out"]), int(r["bytes"])
 
     def read_bytes(self, path: str) -> bytes:
         """A guest file's bytes, read by the runner itself (no process is started)."""
