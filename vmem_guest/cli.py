@@ -339,7 +339,7 @@ def status(state_dir: Path, as_json: bool, prometheus: bool, follow: bool, inter
     A broken device (3) outranks one that has not converged (4).
     """
     from vmem_guest import health, metrics
-    from vmem_guest.service import agent_online_paths, guest_memory
+    from vmem_guest.status_reads import agent_online_paths, guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
     if as_json and prometheus:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import binding, control, manual, metrics, pci, planner, render, requirements
+from vmem_guest import binding, control, manual, metrics, pci, planner, requirements
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent, Listeners, StateListener
@@ -248,25 +248,6 @@ class HotplugArrivals:
             except VmemError as exc:
                 log.error("%s: hot-plugged device not served: %s", dev.bdf, exc.message)
         return new
-
-
-def guest_memory() -> render.GuestMemory:
-    """MemTotal and HardwareCorrupted of this guest, for ``status`` beside the devices:
-    pages taken out of online blocks stay in MemTotal and count as HardwareCorrupted."""
-    with ProcPages() as pages:
-        return render.GuestMemory(memtotal_bytes(), pages.hardware_corrupted_bytes())
-
-
-def agent_online_paths(state_dir: Path) -> dict[str, str]:
-    """How each device the running agent serves onlines new blocks (by PCI address,
-    ``online_path.describe``), for ``status``; empty when no agent answers (none runs,
-    or its socket is root's and we are not)."""
-    try:
-        answer = control.call(control.socket_path(state_dir), control.Ping())
-    except VmemError:
-        return {}
-    paths = (answer or {}).get("online_paths", {})
-    return {str(bdf): str(path) for bdf, path in paths.items()} if isinstance(paths, dict) else {}
 
 
 def _refuse_if_an_agent_answers(path: Path) -> None:

@@ -118,7 +118,7 @@ def follow(
     """Yield the first view at once, then each view that differs from the one yielded
     before it (:meth:`StatusView.change_key`), looking every ``interval`` seconds;
     endless (the caller stops iterating). ``read_guest``: the guest's memory figures
-    (``service.guest_memory`` in the guest)."""
+    (``status_reads.guest_memory`` in the guest)."""
     with TrackerWatch(state_dir) as watch:
         last: tuple[object, ...] | None = None
         while True:
