@@ -359,8 +359,10 @@ def test_with_an_offline_refused_what_is_offline_goes_back_then_that_block_gives
     assert next_step(refusing) == UnplugStep(sb_addr(2 * PER_UNIT), 3 * PER_UNIT)
     plugged = units(mb_n(0), mb_n(1), mb_n(5))
     refusing = make_input(requested=0, plugged=plugged, online=online, avoid={mb_n(5)})
-    highest = unit_subblocks(SBM, mb_n(5))[-1]
-    assert next_step(refusing) == TakeStep(mb_n(5), sb_addr(highest), 1)
+    # A run of them, one batch, from the top (given back in one UNPLUG afterwards).
+    batch = planner.DEFAULT_TAKE_BATCH_SUBBLOCKS
+    top = unit_subblocks(SBM, mb_n(5))[-1]
+    assert next_step(refusing) == TakeStep(mb_n(5), sb_addr(top - batch + 1), batch)
     # Every subblock of unit 5 refused too: the next block's offline is tried.
     refusing.avoid_subblocks = frozenset(unit_subblocks(SBM, mb_n(5)))
     assert next_step(refusing) == OfflineStep(mb_n(1))
@@ -402,8 +404,34 @@ def test_blocks_that_will_not_offline_give_up_single_subblocks() -> None:
     online = {mb_n(i): Zone.MOVABLE for i in range(3)}
     avoid = {mb_n(i) for i in range(3)}
     inp = make_input(requested=128 * MIB, plugged=plugged, online=online, avoid=avoid)
-    highest = SBM.subblocks_of(mb_n(2))[-1]
-    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(highest), 1)
+    top = SBM.subblocks_of(mb_n(2))[-1]
+    batch = planner.DEFAULT_TAKE_BATCH_SUBBLOCKS
+    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(top - batch + 1), batch)
+    inp.policy = Policy(take_batch_subblocks=1)
+    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(top), 1)
+
+
+def test_subblocks_are_taken_as_one_run_of_the_excess_from_the_top() -> None:
+    """make bench-subblock's step: 64 MiB out of the top of eight online blocks is one
+    take of 32 subblocks (then one UNPLUG), not 32 takes and 32 UNPLUGs."""
+    plugged = units(*(mb_n(i) for i in range(8)))
+    online = {mb_n(i): Zone.MOVABLE for i in range(8)}
+    inp = make_input(requested=960 * MIB, plugged=plugged, online=online)
+    top = SBM.subblocks_of(mb_n(7))[-1]
+    assert next_step(inp) == TakeStep(mb_n(7), sb_addr(top - 31), 32)
+    # Taken (not yet unplugged): the run goes back in one UNPLUG.
+    inp.state.set_taken(top - 31, 32, taken=True)
+    assert next_step(inp) == UnplugStep(sb_addr(top - 31), 32)
+
+
+def test_a_take_run_stops_below_an_avoided_subblock() -> None:
+    plugged = units(mb_n(0))
+    online = {mb_n(0): Zone.MOVABLE}
+    inp = make_input(requested=100 * MIB, plugged=plugged, online=online)
+    top = SBM.subblocks_of(mb_n(0))[-1]
+    inp.avoid_subblocks = frozenset({top, top - 3})
+    # Excess 14 subblocks; the highest usable run is top-2 .. top-1.
+    assert next_step(inp) == TakeStep(mb_n(0), sb_addr(top - 2), 2)
 
 
 def test_avoided_online_is_skipped_and_done_blocked_when_nothing_else() -> None:
