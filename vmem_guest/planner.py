@@ -573,7 +573,26 @@ def _shrink(inp: PlanInput, excess: int) -> Step | None:
     whole = _shrink_whole_units(inp, excess // per_unit) if excess >= per_unit else None
     if whole is not None or not inp.takes_subblocks:
         return whole
-    return _take_next(inp, excess)
+    return _heal_instead_of_take(inp, excess) or _take_next(inp, excess)
+
+
+def _heal_instead_of_take(inp: PlanInput, excess: int) -> Step | None:
+    """One more whole unit (offline, UNPLUG) instead of a take that would leave online
+    units of nothing but holes; the growth that follows fills holes back.
+
+    A unit of holes only cannot go: it is never offlined while it holds poisoned
+    pages (docs/design.md, "Subblocks of online blocks"), so it would stay online,
+    stranded, until growth (``make demo``: 1000M -> 512M made the top block all
+    holes, and at 0 it was still online). When taking ``excess`` would take every
+    subblock still in use of the holed units, and their holes can take back what
+    one more unit overshoots (``per_unit - excess``), dropping a full unit costs the
+    same offline the next shrink would need anyway, and ends with fewer holes."""
+    state = inp.state
+    holes = state.taken_subblocks - state.taken_plugged_subblocks
+    overshoot = state.grid.subblocks_per_unit - excess
+    if not holes or excess < state.holed_in_use_subblocks or overshoot > holes:
+        return None
+    return _shrink_whole_units(inp, 1)
 
 
 def _shrink_whole_units(inp: PlanInput, excess_units: int) -> Step | None:

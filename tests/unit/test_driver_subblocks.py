@@ -118,6 +118,32 @@ def test_a_shrink_to_a_part_of_a_block_ends_exactly_with_poisoned_holes(rig: Pag
     assert [s.nb_blocks for s in unplugs] == [12]
 
 
+def test_holes_are_filled_back_rather_than_deepened_into_a_block_of_holes_only(
+    rig: PagesRig,
+) -> None:
+    """make demo's path 1024M -> 1000M -> 512M -> 0: at 512M the top block's 52
+    subblocks in use would all be taken, leaving it online as holes only (never
+    offlined: stranded at 0). One more whole block goes instead and the 12 holes are
+    filled back; at 0 every block goes whole and no hole is left."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    base = rig.pages.hardware_corrupted_bytes()
+    rig.resize(1000 * MIB)
+    rig.converge()
+    assert len(rig.holes()) == 12
+    rig.resize(512 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 512 * MIB
+    assert rig.holes() == []
+    online = [mb for mb in range(MB0, MB0 + 8) if rig.kernel.state(mb) is KernelBlockState.ONLINE]
+    assert len(online) == 4 and MB0 + 7 in online
+    rig.resize(0)
+    rig.converge()
+    assert rig.model.plugged_size == 0
+    assert not any(rig.kernel.state(MB0 + i) is KernelBlockState.ONLINE for i in range(8))
+    assert rig.pages.hardware_corrupted_bytes() == base
+
+
 def test_a_refused_subblock_inside_a_run_splits_it_and_the_rest_is_taken_below_it(
     rig: PagesRig,
 ) -> None:
