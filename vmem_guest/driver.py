@@ -605,7 +605,8 @@ class DeviceDriver:
 
     def _take(self, step: planner.TakeStep) -> StepResult:
         """Record the take of the run (the crash-safe intent), then soft-offline every
-        page, subblock by subblock from the highest.
+        page, subblock by subblock from the highest. A census first drops the part of
+        the run at and below a subblock with an unmovable page (:meth:`_above_unmovable`).
 
         A subblock the kernel refuses is avoided; it and the lower ones, not taken,
         are given back, while those above it stay taken (the planner UNPLUGs them).
@@ -613,10 +614,14 @@ class DeviceDriver:
         subblock at hand, so one step never holds the loop (and other devices) long.
         """
         first = self.geometry.subblock_index(step.addr)
-        self.tracker.record_taking(step.addr, step.nb_blocks)
+        end = first + step.nb_blocks
+        first = self._above_unmovable(first, end)
+        if first == end:
+            return StepResult(Outcome.PROGRESS, step, detail="unmovable pages")
+        self.tracker.record_taking(self.geometry.subblock_addr(first), end - first)
         pages = self._pages()
         started = self.clock()
-        end = lowest = first + step.nb_blocks
+        lowest = end
         while lowest > first:
             if lowest < end and self.clock() - started >= TAKE_STEP_SECONDS:
                 self._undo_take(first, lowest - first)
@@ -630,6 +635,30 @@ class DeviceDriver:
             lowest = sb
         self.refused_subblocks.succeeded(range(lowest, end))
         return StepResult(Outcome.PROGRESS, step)
+
+    def _above_unmovable(self, first: int, end: int) -> int:
+        """The census of a take (one kpageflags read of the run): subblocks holding a
+        page soft offline would refuse outright (slab, page tables, PageOffline) are
+        not started on, but avoided like a refused take; the first subblock of the
+        run above the highest of them (``end`` when none is left)."""
+        pages = self._pages()
+        page_first, per_subblock = self._pfns_of(first, 1)
+        try:
+            held = pages.unmovable_groups(page_first, per_subblock, end - first)
+        except KernelError as exc:
+            self.log.warning("no census of subblocks %d+%d: %s", first, end - first, exc.message)
+            return first
+        unmovable = [first + offset for offset, hit in enumerate(held) if hit]
+        if not unmovable:
+            return first
+        now = self.clock()
+        until = self.refused_subblocks.refuse(unmovable, now, 0.0)
+        self.log.info(
+            "subblocks %s hold unmovable pages (kpageflags): not taken (until %.2f s from now)",
+            unmovable,
+            until - now,
+        )
+        return unmovable[-1] + 1
 
     def _verify_taken(self, step: planner.UnplugStep, first: int) -> StepResult | None:
         """Make sure every page of the step's subblocks is poisoned (kpageflags: one

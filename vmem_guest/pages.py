@@ -38,6 +38,15 @@ from vmem_guest.hotplug import SYSFS_MEMORY
 
 #: Bit of /proc/kpageflags set for a poisoned page (Linux uapi kernel-page-flags.h).
 KPF_HWPOISON = 19
+#: Bits of pages soft offline refuses outright, the census of a take (uapi
+#: kernel-page-flags.h): slab (7), PageOffline (23: a balloon's or fake-offlined
+#: page), page tables (26). soft_offline_page answers EIO for them ("unmovable":
+#: get_hwpoison_page in mm/memory-failure.c finds neither a free nor an LRU or
+#: movable page).
+KPF_SLAB = 7
+KPF_OFFLINE = 23
+KPF_PGTABLE = 26
+UNMOVABLE_FLAGS = 1 << KPF_SLAB | 1 << KPF_OFFLINE | 1 << KPF_PGTABLE
 
 KPAGEFLAGS = PROC_ROOT / "kpageflags"
 DEBUGFS = SYSFS_ROOT / "kernel/debug"
@@ -79,6 +88,10 @@ class PageControl(Protocol):
 
     def poisoned(self, first_pfn: int, count: int) -> list[bool]:
         """Whether each page of ``first_pfn .. first_pfn+count-1`` is PG_hwpoison."""
+
+    def unmovable_groups(self, first_pfn: int, group_pages: int, groups: int) -> list[bool]:
+        """Whether each of ``groups`` runs of ``group_pages`` pages from ``first_pfn``
+        holds a page soft offline refuses outright (UNMOVABLE_FLAGS)."""
 
     def unpoison(self, pfn: int) -> None:
         """Give poisoned page ``pfn`` back to the allocator; KernelError if refused."""
@@ -187,7 +200,22 @@ class ProcPages(Closing):
             answer.extend(self._read_poison_bits(fd, start, min(FLAG_READ_BATCH, end - start)))
         return answer
 
+    def unmovable_groups(self, first_pfn: int, group_pages: int, groups: int) -> list[bool]:
+        """The census of a take: one pread per FLAG_READ_BATCH pages (a memory block),
+        masked with UNMOVABLE_FLAGS as one big integer, compared run by run."""
+        fd = self._fd(self.kpageflags, os.O_RDONLY, "read kpageflags")
+        per_read = max(1, FLAG_READ_BATCH // group_pages)
+        answer: list[bool] = []
+        for group in range(0, groups, per_read):
+            count = min(per_read, groups - group) * group_pages
+            data = self._read_flags(fd, first_pfn + group * group_pages, count)
+            answer.extend(groups_with_flags(data, UNMOVABLE_FLAGS, group_pages))
+        return answer
+
     def _read_poison_bits(self, fd: int, first_pfn: int, count: int) -> list[bool]:
+        return poison_bits(self._read_flags(fd, first_pfn, count))
+
+    def _read_flags(self, fd: int, first_pfn: int, count: int) -> bytes:
         size = count * KPAGEFLAGS_ENTRY
         self.flag_reads += 1
         try:
@@ -198,7 +226,7 @@ class ProcPages(Closing):
             # The kernel stops at max_pfn: a short read means pfns it does not know.
             detail = f"pfn {first_pfn:#x}: read {len(data)} of {size} bytes"
             raise KernelError("read kpageflags", None, errno.EIO, detail)
-        return poison_bits(data)
+        return data
 
     def unpoison(self, pfn: int) -> None:
         """One page: :meth:`unpoison_pages` of ``[pfn]``."""
@@ -317,6 +345,17 @@ def poison_bits(data: bytes) -> list[bool]:
     into 0 or 1 by ``bytes.translate``: no per-entry Python work (32,768 entries of a
     memory block at a time)."""
     return list(map(bool, data[_POISON_BYTE::KPAGEFLAGS_ENTRY].translate(_poison_table())))
+
+
+def groups_with_flags(data: bytes, flags: int, group_pages: int) -> list[bool]:
+    """For each run of ``group_pages`` entries of raw /proc/kpageflags ``data``, whether
+    any entry has one of ``flags`` set: the data masked as one big integer (no
+    per-entry Python), then each run's bytes stripped of zeros."""
+    entries = len(data) // KPAGEFLAGS_ENTRY
+    mask = int.from_bytes(flags.to_bytes(KPAGEFLAGS_ENTRY, sys.byteorder) * entries, "little")
+    hits = (int.from_bytes(data, "little") & mask).to_bytes(len(data), "little")
+    chunk = group_pages * KPAGEFLAGS_ENTRY
+    return [bool(hits[start : start + chunk].strip(b"\0")) for start in range(0, len(hits), chunk)]
 
 
 @functools.cache

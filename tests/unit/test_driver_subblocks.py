@@ -210,6 +210,24 @@ def test_a_page_the_kernel_will_not_give_up_makes_the_take_go_back_and_try_anoth
     rig.check_holes_poisoned()
 
 
+def test_a_subblock_holding_an_unmovable_page_is_not_started_on(rig: PagesRig) -> None:
+    """The census (one kpageflags read of the run) sees the slab page: not one of the
+    subblock's pages is soft-offlined (and then given back), and the next one down
+    goes instead."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    top = top_subblock(MB0 + 7)
+    rig.pages.unmovable.add(rig.pfns(top)[400])
+    writes, unpoisons = rig.pages.soft_offline_writes, rig.pages.unpoison_writes
+    rig.resize(1022 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 1022 * MIB
+    assert rig.holes() == [top - 1]
+    assert rig.pages.soft_offline_writes - writes == PAGES_PER_SUBBLOCK
+    assert rig.pages.unpoison_writes == unpoisons
+    assert rig.poisoned_pages(top) == 0
+
+
 def test_every_page_is_checked_again_right_before_the_unplug(rig: PagesRig) -> None:
     one_block_less_a_subblock(rig)
     assert rig.driver is not None

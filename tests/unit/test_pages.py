@@ -88,6 +88,27 @@ def test_soft_offline_address_follows_the_page_size(tree: Path) -> None:
     assert (tree / "memory" / "soft_offline_page").read_bytes() == b"0x30000"
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_with_flags_agree_with_unpacking_every_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    entries = [rng.choice([0, OTHER_FLAGS, 1 << rng.randrange(64)]) for _ in range(64 * 8)]
+    data = struct.pack(f"={len(entries)}Q", *entries)
+    want = [
+        any(e & pages_mod.UNMOVABLE_FLAGS for e in entries[g * 64 : (g + 1) * 64]) for g in range(8)
+    ]
+    assert pages_mod.groups_with_flags(data, pages_mod.UNMOVABLE_FLAGS, 64) == want
+
+
+def test_unmovable_groups_reads_the_census_of_a_run(tree: Path) -> None:
+    entries = [OTHER_FLAGS] * KPAGEFLAGS_PFNS
+    entries[SUBBLOCK + 5] |= 1 << pages_mod.KPF_SLAB
+    entries[3 * SUBBLOCK - 1] |= 1 << pages_mod.KPF_PGTABLE
+    (tree / "kpageflags").write_bytes(struct.pack(f"={KPAGEFLAGS_PFNS}Q", *entries))
+    with proc_pages(tree) as pages:
+        assert pages.unmovable_groups(0, SUBBLOCK, 4) == [False, True, True, False]
+        assert pages.flag_reads == 1
+
+
 def test_soft_offline_pages_writes_each_address_in_order(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -134,6 +134,16 @@ class FakePages:
         self.flag_reads += -(-count // FLAG_READ_BATCH)  # as many as ProcPages's preads
         return [self.is_poisoned(pfn) for pfn in range(first_pfn, first_pfn + count)]
 
+    def unmovable_groups(self, first_pfn: int, group_pages: int, groups: int) -> list[bool]:
+        """The ``unmovable`` pfns not poisoned, by run (no page state is drawn)."""
+        self.flag_reads += -(-groups * group_pages // FLAG_READ_BATCH)
+        answer = [False] * groups
+        end = first_pfn + groups * group_pages
+        for pfn in self.unmovable:
+            if first_pfn <= pfn < end and not self.is_poisoned(pfn):
+                answer[(pfn - first_pfn) // group_pages] = True
+        return answer
+
     def unpoison(self, pfn: int) -> None:
         self.unpoison_writes += 1
         if self._stored(pfn) is not PageState.POISONED:
