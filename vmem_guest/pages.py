@@ -40,9 +40,10 @@ from vmem_guest.hotplug import SYSFS_MEMORY
 KPF_HWPOISON = 19
 #: Bits of pages soft offline refuses outright, the census of a take (uapi
 #: kernel-page-flags.h): slab (7), PageOffline (23: a balloon's or fake-offlined
-#: page), page tables (26). soft_offline_page answers EIO for them ("unmovable":
-#: get_hwpoison_page in mm/memory-failure.c finds neither a free nor an LRU or
-#: movable page).
+#: page), page tables (26). For them mm/memory-failure.c ``get_any_page`` finds no
+#: HWPoisonHandlable page (neither free, LRU nor movable), shakes it three times
+#: (``shake_page``: lru_add_drain_all, IPIs to every CPU) and answers EIO
+#: ("unhandlable page"): costly refusals a census avoids.
 KPF_SLAB = 7
 KPF_OFFLINE = 23
 KPF_PGTABLE = 26
