@@ -11,7 +11,8 @@ memory block (32 subblocks of 2 MiB, free pages of an idle guest):
    subblock; no Python anywhere;
 2. the same pages taken and given back by ``vmem_guest.pages.take`` / ``give_back``
    over ``ProcPages``, one subblock per call, as the agent's driver calls them;
-3. the agent itself, 1 GiB -> 960 MiB on ``vm1`` under cProfile (from just before the
+3. what Python alone costs per page: 512 writes to /dev/null, in a loop or a map();
+4. the agent itself, 1 GiB -> 960 MiB on ``vm1`` under cProfile (from just before the
    resize until it exits), timed to QEMU's size; the profile's top entries.
 
 Prints each and writes results/bench/subblock-profile-<time>.json. A measurement, not
@@ -67,6 +68,40 @@ print(json.dumps({"phase": "counters", "soft_offline_writes": pages.soft_offline
                   "flag_reads": pages.flag_reads, "unpoison_writes": pages.unpoison_writes}))
 """
 
+#: Guest: what Python costs per page around the write, with no kernel work behind it:
+#: 512 writes of formatted addresses to /dev/null, written by a Python loop or by map().
+LOOP_VARIANTS = r"""
+import os, time
+from itertools import repeat
+fd = os.open("/dev/null", os.O_WRONLY)
+first = 0x100000
+pfns = list(range(first, first + 512))
+PS = 4096
+def loop():
+    addresses = [b"%#x" % (p * PS) for p in pfns]
+    pwrite = os.pwrite
+    done = 0
+    for a in addresses:
+        if pwrite(fd, a, 0) != len(a): raise RuntimeError
+        done += 1
+def mapped():
+    addresses = list(map(b"%#x".__mod__, map(PS.__mul__, pfns)))
+    it = iter(addresses)
+    written = list(map(os.pwrite, repeat(fd, len(addresses)), it, repeat(0, len(addresses))))
+    if written != list(map(len, addresses)): raise RuntimeError
+def fmt_listcomp():
+    [b"%#x" % (p * PS) for p in pfns]
+def fmt_map():
+    list(map(b"%#x".__mod__, map(PS.__mul__, pfns)))
+def bare_map():
+    a = b"0x12345000"
+    list(map(os.pwrite, repeat(fd, 512), repeat(a, 512), repeat(0, 512)))
+for f in (fmt_listcomp, fmt_map, bare_map, loop, mapped, loop, mapped):
+    t = time.perf_counter()
+    for _ in range(20): f()
+    print(f"{f.__name__}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms per 512", flush=True)
+"""
+
 #: Guest: the top TOP entries of a cProfile dump by internal and by cumulative time.
 PSTATS = r"""
 import io, pstats, sys
@@ -104,6 +139,7 @@ def main() -> int:
         subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(FLOOR_SOURCE)], check=True)
         (share / "python_take.py").write_text(PYTHON_TAKE)
         (share / "pstats_top.py").write_text(PSTATS)
+        (share / "loop_variants.py").write_text(LOOP_VARIANTS)
         print(f"VM up in {vm.boot_seconds:.1f} s ({vm.accel})")
         bdfs = device_bdfs(vm)
         result.update(accel=vm.accel, guest_kernel=vm.sh("uname -r").strip())
@@ -132,6 +168,9 @@ def main() -> int:
             result["python"] = {"lines": py, "phases": per_phase(py)}
             print("vmem_guest.pages take/give_back:", json.dumps(result["python"]["phases"]))
             print("  ", py[-1])
+            variants = vm.sh(f"{VENV_PYTHON} {share}/loop_variants.py", timeout=300)
+            result["python_loop_variants"] = variants
+            print("Python per 512 writes to /dev/null:\n" + variants)
             base = vm.meminfo().get("HardwareCorrupted", 0)
             signal_agent(vm, "prof", "USR1")
             r = timed_resize(vm, AGENT_DEV, TARGET, "HardwareCorrupted", base + TAKEN)

@@ -25,8 +25,9 @@ import mmap
 import operator
 import os
 import sys
-from collections.abc import Sequence
-from itertools import compress
+from collections.abc import Callable, Sequence
+from itertools import compress, repeat
+from operator import length_hint
 from pathlib import Path
 from typing import Protocol
 
@@ -175,21 +176,20 @@ class ProcPages(Closing):
         section 6). Success does not mean the page is poisoned: :func:`take` checks.
 
         The hot loop of a take (512 writes per 2 MiB subblock): the addresses are
-        formatted before the first write, and the loop makes nothing but the calls."""
+        formatted and written by ``map`` over C functions, so no Python bytecode runs
+        per page (in the test VM, under TCG, a Python loop cost several times the
+        kernel's own work: docs/protocol.md section 6)."""
         fd = self._fd(self.soft_offline_page, os.O_WRONLY, "soft offline")
-        page_size = self.page_size
-        addresses = [b"%#x" % (pfn * page_size) for pfn in pfns]
-        pwrite = os.pwrite
-        done = 0
-        try:
-            for address in addresses:
-                if pwrite(fd, address, 0) != len(address):
-                    raise _short_write("soft offline", pfns[done], address)
-                done += 1
-        except OSError as exc:
-            raise soft_offline_error(pfns[done], exc.errno or errno.EIO) from exc
-        finally:
-            self.soft_offline_writes += min(done + 1, len(addresses))
+        addresses = list(map(b"%#x".__mod__, map(self.page_size.__mul__, pfns)))
+        failed = _write_each(os.pwrite, fd, addresses, 0)
+        if failed is None:
+            self.soft_offline_writes += len(addresses)
+            return
+        index, err = failed
+        self.soft_offline_writes += index + 1
+        if err is None:
+            raise _short_write("soft offline", pfns[index], addresses[index])
+        raise soft_offline_error(pfns[index], err)
 
     def poisoned(self, first_pfn: int, count: int) -> list[bool]:
         """Bit KPF_HWPOISON of each page's /proc/kpageflags entry, read in batches
@@ -237,23 +237,20 @@ class ProcPages(Closing):
         """Write each pfn in decimal (a debugfs simple attribute, parsed with base 0,
         so no leading zeros) in one write each. EBUSY answers a page that is not
         poisoned or still referenced; EOPNOTSUPP a kernel that saw a real memory
-        failure. Formatted before the first write, as in :meth:`soft_offline_pages`."""
+        failure. Formatted and written as in :meth:`soft_offline_pages`."""
         fd = self._fd(self.unpoison_pfn, os.O_WRONLY, "unpoison")
-        texts = [b"%d" % pfn for pfn in pfns]
+        texts = list(map(b"%d".__mod__, pfns))
         # write(2), not pwrite: debugfs attributes are opened nonseekable (pwrite
         # answers ESPIPE, measured in the test VM); each write is parsed whole.
-        write = os.write
-        done = 0
-        try:
-            for text in texts:
-                if write(fd, text) != len(text):
-                    raise _short_write("unpoison", pfns[done], text)
-                done += 1
-        except OSError as exc:
-            detail = f"pfn {pfns[done]:#x}"
-            raise KernelError("unpoison", None, exc.errno or errno.EIO, detail) from exc
-        finally:
-            self.unpoison_writes += min(done + 1, len(texts))
+        failed = _write_each(os.write, fd, texts)
+        if failed is None:
+            self.unpoison_writes += len(texts)
+            return
+        index, err = failed
+        self.unpoison_writes += index + 1
+        if err is None:
+            raise _short_write("unpoison", pfns[index], texts[index])
+        raise KernelError("unpoison", None, err, f"pfn {pfns[index]:#x}")
 
     def hardware_corrupted_bytes(self) -> int | None:
         return meminfo_bytes("HardwareCorrupted", self.meminfo)
@@ -326,6 +323,28 @@ class ProcPages(Closing):
             f"{self.unpoison_pfn} does not exist: load the hwpoison_inject module "
             "(modprobe hwpoison_inject; needs CONFIG_HWPOISON_INJECT)"
         )
+
+
+def _write_each(
+    write: Callable[..., int], fd: int, texts: list[bytes], *offset: int
+) -> tuple[int, int | None] | None:
+    """``write(fd, text, *offset)`` for each text in order, in one ``map`` (a loop in C:
+    no bytecode per write), stopping at the first that fails. None when all were
+    written whole; else (index of the first failed write, its errno), errno None for
+    a short write (then every write was made)."""
+    count = len(texts)
+    pending = iter(texts)
+    args = [repeat(fd, count), pending, *(repeat(value, count) for value in offset)]
+    try:
+        written = list(map(write, *args))
+    except OSError as exc:
+        # map took the failed text from ``pending`` before the call: what is left follows it.
+        return count - length_hint(pending) - 1, exc.errno or errno.EIO
+    if written == list(map(len, texts)):
+        return None
+    return next(
+        i for i, (n, text) in enumerate(zip(written, texts, strict=True)) if n != len(text)
+    ), None
 
 
 def _short_write(op: str, pfn: int, text: bytes) -> KernelError:
