@@ -186,9 +186,10 @@ class ProcPages(Closing):
             self.soft_offline_writes += len(addresses)
             return
         index, err = failed
-        self.soft_offline_writes += index + 1
         if err is None:
+            self.soft_offline_writes += len(addresses)
             raise _short_write("soft offline", pfns[index], addresses[index])
+        self.soft_offline_writes += index + 1
         raise soft_offline_error(pfns[index], err)
 
     def poisoned(self, first_pfn: int, count: int) -> list[bool]:
@@ -247,9 +248,10 @@ class ProcPages(Closing):
             self.unpoison_writes += len(texts)
             return
         index, err = failed
-        self.unpoison_writes += index + 1
         if err is None:
+            self.unpoison_writes += len(texts)
             raise _short_write("unpoison", pfns[index], texts[index])
+        self.unpoison_writes += index + 1
         raise KernelError("unpoison", None, err, f"pfn {pfns[index]:#x}")
 
     def hardware_corrupted_bytes(self) -> int | None:

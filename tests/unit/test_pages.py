@@ -144,6 +144,20 @@ def test_soft_offline_pages_stops_at_the_first_refusal(
     assert pages.soft_offline_writes == 3 and len(calls) == 3
 
 
+def test_a_short_soft_offline_write_is_a_kernel_error_naming_its_page(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def short_second(fd: int, data: bytes, offset: int) -> int:
+        return len(data) - 1 if data == b"0x2000" else len(data)
+
+    monkeypatch.setattr(pages_mod.os, "pwrite", short_second)
+    with proc_pages(tree) as pages, pytest.raises(KernelError) as caught:
+        pages.soft_offline_pages([1, 2, 3])
+    assert not isinstance(caught.value, PageRefused)
+    assert caught.value.errno == errno.EIO and "pfn 0x2: short write" in str(caught.value)
+    assert pages.soft_offline_writes == 3
+
+
 def test_soft_offline_keeps_its_file_open(tree: Path) -> None:
     target = tree / "memory" / "soft_offline_page"
     with proc_pages(tree) as pages:
