@@ -8,6 +8,7 @@ section 5 and the device's rules (docs/protocol.md section 1) on whatever comes 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -799,6 +800,26 @@ def test_a_block_of_holes_only_stays_online_and_the_planner_is_settled() -> None
     """Never offlined: its poisoned pages would keep HardwareCorrupted raised for the
     rest of the boot (6.1) or keep it from coming online again (6.2 on)."""
     assert next_step(holed_input()) == Done(0, 0)
+
+
+def test_a_take_that_would_leave_only_holes_drops_a_whole_unit_instead() -> None:
+    """Units 0-2 full, unit 3 online with 12 holes (52 subblocks in use): asked for
+    52 fewer, taking them would leave unit 3 holes only (stranded: never offlined).
+    The highest full unit goes instead; growth then fills 12 holes back."""
+    geometry = SBM
+    mbs = [mb_n(i) for i in range(4)]
+    subblocks = units(*mbs)
+    online = {mb: Zone.MOVABLE for mb in mbs}
+    holed = list(geometry.subblocks_of(mb_n(3)))[-12:]
+    kept = 3 * PER_UNIT + (PER_UNIT - 12)
+    inp = make_input(requested=(kept - 52) * geometry.block_size, plugged=subblocks, online=online)
+    inp.state.set_taken(holed[0], 12, taken=True)
+    inp.state.set_subblocks(holed[0], 12, plugged=False)
+    assert next_step(inp) == OfflineStep(mb_n(2))
+    # Asked for fewer than the subblocks in use of the holed unit: a take, as before.
+    inp.config = dataclasses.replace(inp.config, requested_size=(kept - 51) * geometry.block_size)
+    step = next_step(inp)
+    assert isinstance(step, TakeStep) and step.memory_block == mb_n(3) and step.nb_blocks == 51
 
 
 def test_a_block_with_holes_and_memory_in_use_stays_online() -> None:
