@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import click
 
@@ -30,8 +30,17 @@ EXIT_USAGE = 2
 
 T = TypeVar("T")
 
+# click is supported from Debian 12's 8.1.3 on (setup.cfg). ParamType became generic in
+# click 8.4; before that, the type parameter comes from typing.Generic instead.
+if TYPE_CHECKING or getattr(click.ParamType, "__parameters__", ()):
+    _ParamTypeOf = click.ParamType
+else:
 
-class ParsedType(click.ParamType[T, Any]):
+    class _ParamTypeOf(click.ParamType, Generic[T]):
+        """click < 8.4's plain ParamType, made subscriptable."""
+
+
+class ParsedType(_ParamTypeOf[T]):
     """A click type over one parser of what a user types: the parser's UsageError
     becomes click's usage error (one line, exit status 2). A value that is already
     an instance of ``as_is`` (a default given parsed) passes unchanged."""
@@ -95,7 +104,24 @@ def _emit_json(obj: object) -> None:
     click.echo(json.dumps(obj, sort_keys=True))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class NoCommandError(click.UsageError):
+    """No command at all: the group's help goes to stderr and the status is 2."""
+
+    def __init__(self, ctx: click.Context) -> None:
+        super().__init__(ctx.get_help(), ctx=ctx)
+
+
+class _Group(click.Group):
+    """click's group, with no command at all handled alike on every supported click
+    (click >= 8.2 raises NoArgsIsHelpError; 8.1 printed the help on stdout, status 0)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:
+            raise NoCommandError(ctx)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vmem-guest")
 def cli() -> None:
     """vmem-guest: a userspace guest driver for virtio-mem devices.
@@ -273,28 +299,53 @@ def _sim_table(rows: Sequence[tuple[int, Any]]) -> str:
 
 @cli.command()
 @STATE_DIR
-@click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per device.")
-def status(state_dir: Path, as_json: bool) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object, schema 1 (docs/status-json.md)."
+)
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Metrics in the Prometheus text exposition format (docs/operations.md).",
+)
+def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
     """Show each device's sizes and memory blocks, live from its tracker file.
 
     Works while the agent runs: the tracker is read without locks, as a
     consistent snapshot.
+
+    \b
+    Exit status, whatever the output form:
+      0  every device converged (or no device is tracked)
+      1  status failed: a tracker unreadable, corrupt or untrusted
+      2  usage error
+      3  a device is broken: the agent no longer touches it
+      4  a device has not converged: plugged differs from requested (still
+         resizing, or a remainder the guest cannot use), a request is in
+         flight, or plugged memory is not all online
+    A broken device (3) outranks one that has not converged (4).
     """
+    from vmem_guest import health, metrics
     from vmem_guest.service import guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
+    if as_json and prometheus:
+        raise UsageError("--json and --prometheus exclude each other")
     snapshots = []
     for path in list_trackers(state_dir):
         with TrackerReader.open(path) as reader:
             snapshots.append(reader.snapshot())
-    guest = guest_memory()
-    if as_json:
-        _emit_json([render.snapshot_dict(snap, guest) for snap in snapshots])
-        return
-    if not snapshots:
+    if prometheus:
+        click.echo(metrics.exposition(snapshots), nl=False)
+    elif as_json:
+        _emit_json(render.status_document(snapshots, guest_memory()))
+    elif not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
-        return
-    click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+    else:
+        guest = guest_memory()
+        click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+    verdict = health.exit_status(snapshots)
+    if verdict is not health.StatusExit.OK:
+        sys.exit(verdict)
 
 
 # --- the real device ---------------------------------------------------------
@@ -317,12 +368,9 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 def _setup_logging(level: str) -> None:
-    import logging
+    from vmem_guest.logsetup import setup_logging
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(level)  # the journal's priorities under systemd, else timestamps
 
 
 @cli.command()
@@ -405,6 +453,13 @@ def unbind(bdf: str) -> None:
     show_default=True,
     help="Least severe log messages to print (to stderr).",
 )
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep Prometheus metrics in this file (rewritten on every change, removed at"
+    " exit), e.g. in node_exporter's textfile directory as vmem-guest.prom.",
+)
 def run(
     online_policy: str,
     subblock_unplug: bool,
@@ -414,6 +469,7 @@ def run(
     state_dir: Path,
     offline_timeout: float,
     log_level: str,
+    metrics_file: Path | None,
 ) -> None:
     """Run the agent: bind every virtio-mem device to vfio-pci and follow the host.
 
@@ -435,6 +491,7 @@ def run(
         allow_noiommu=noiommu,
         devices=bdfs,
         offline_timeout=offline_timeout,
+        metrics_file=metrics_file,
     )
     service.run_agent(options)
 
@@ -706,12 +763,13 @@ def _fuzz_text(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click in non-standalone mode so every error is one line."""
     try:
-        cli.main(args=argv, prog_name="vmem-guest", standalone_mode=False)
+        # Not standalone, click returns ctx.exit()'s code instead of raising it.
+        returned = cli.main(args=argv, prog_name="vmem-guest", standalone_mode=False)
     except click.exceptions.Abort:
         _fail("aborted", EXIT_FAILURE)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except NoCommandError as exc:
         # No command at all: the help, as click prints it, not an "error:" line.
-        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        click.echo(exc.format_message(), err=True)
         sys.exit(EXIT_USAGE)
     except click.exceptions.ClickException as exc:
         _fail(exc.format_message(), EXIT_USAGE)
@@ -728,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"{where}{exc.strerror or exc}", EXIT_FAILURE)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    if isinstance(returned, int) and returned != 0:
+        sys.exit(returned)
 
 
 if __name__ == "__main__":
