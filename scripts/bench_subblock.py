@@ -121,6 +121,8 @@ TRACKER_LINE = re.compile(
 #: What the agent did between two consecutive tracker lines (the earlier, the later).
 PHASES = {
     ("taking", "intent UNPLUG"): "soft offline + page-flag checks",
+    # A take stopped by its time budget gives back the subblocks it did not reach.
+    ("taking", "given back"): "soft offline + page-flag checks",
     ("intent UNPLUG", "unplugged"): "UNPLUG requests + their tracker records",
     ("intent PLUG", "plugged"): "PLUG requests + their tracker records",
     ("plugged", "given back"): "unpoison (give back)",
