@@ -52,6 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchplot
 from bench_agent import BDF_SCRIPT, VENV_PYTHON, stats
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, paths
 from vmharness.guest_agent import (
@@ -120,6 +121,8 @@ TRACKER_LINE = re.compile(
 #: What the agent did between two consecutive tracker lines (the earlier, the later).
 PHASES = {
     ("taking", "intent UNPLUG"): "soft offline + page-flag checks",
+    # A take stopped by its time budget gives back the subblocks it did not reach.
+    ("taking", "given back"): "soft offline + page-flag checks",
     ("intent UNPLUG", "unplugged"): "UNPLUG requests + their tracker records",
     ("intent PLUG", "plugged"): "PLUG requests + their tracker records",
     ("plugged", "given back"): "unpoison (give back)",
@@ -396,6 +399,35 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def panels(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[benchplot.Panel]:
+    """One panel per step: seconds per run (log scale), each driver to QEMU's size
+    (solid) and to its guest end point (dashed)."""
+    out = []
+    for step, _ in STEPS:
+        lines = []
+        for driver, label in LABELS.items():
+            colour = benchplot.COLOURS.get(label.replace(" agent", ""), "")
+            for side, dashed in (("qemu", False), ("guest", True)):
+                values = [r[side] for r in runs[driver][step]]
+                until = "QEMU size" if side == "qemu" else GUEST_FIELD[driver]
+                lines.append(
+                    benchplot.Line(
+                        f"{label}: {until}",
+                        list(range(1, len(values) + 1)),
+                        values,
+                        colour,
+                        dashed=dashed,
+                        steps=False,
+                        markers=True,
+                    )
+                )
+        ticks = [(float(run), str(run)) for run in range(1, RUNS + 1)]
+        out.append(
+            benchplot.Panel(step, lines, xlabel="run", ylabel="seconds", ylog=True, xticks=ticks)
+        )
+    return out
+
+
 def main() -> int:
     """Boot, plug, settle, measure; print the table; write the JSON."""
     t_start = time.time()
@@ -432,7 +464,12 @@ def main() -> int:
     print("\n" + result["table"])
     for problem in result["problems"]:
         print(f"PROBLEM: {problem}")
-    print(f"wrote {paths.write_bench_result('subblock', result)}")
+    json_path = paths.write_bench_result("subblock", result)
+    print(f"wrote {json_path}")
+    title = "make bench-subblock: 64 MiB out of an online 128 MiB block, and back"
+    png = benchplot.save_png(json_path, title, panels(runs), columns=2)
+    if png is not None:
+        print(f"wrote {png}")
     return 1 if result["problems"] else 0
 
 

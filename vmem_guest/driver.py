@@ -55,6 +55,10 @@ from vmem_guest.units import format_size
 #: How the manual API waits out a BUSY device, and how often before it gives up.
 MANUAL_BUSY = BackoffPolicy(initial=0.05, maximum=2.0)
 MANUAL_BUSY_RETRIES = 8
+#: A take of a run of subblocks stops after the subblock that brings it past this long
+#: (the rest is given back untouched), so other devices and the control socket wait
+#: one subblock at most for their turn beyond it.
+TAKE_STEP_SECONDS = 0.5
 #: Consecutive NACKs (each followed by a config re-read) before backing off.
 MAX_NACKS_BEFORE_BACKOFF = 3
 
@@ -598,18 +602,67 @@ class DeviceDriver:
     # --- subblocks of online blocks (docs/design.md, "Subblocks of online blocks") --
 
     def _take(self, step: planner.TakeStep) -> StepResult:
-        """Record the take (the crash-safe intent), then soft-offline every page."""
-        self.tracker.record_taking(step.addr, step.nb_blocks)
-        return self._verify_taken(step, self.geometry.subblock_index(step.addr)) or StepResult(
-            Outcome.PROGRESS, step
-        )
+        """Record the take of the run (the crash-safe intent), then soft-offline every
+        page, subblock by subblock from the highest. A census first drops the part of
+        the run at and below a subblock with an unmovable page (:meth:`_above_unmovable`).
 
-    def _verify_taken(
-        self, step: planner.TakeStep | planner.UnplugStep, first: int
-    ) -> StepResult | None:
-        """Make sure every page of the step's subblocks is poisoned (kpageflags), taking
-        those that are not: right before an UNPLUG too, so nothing in use is ever
-        unplugged (invariant 5.2). On a refusal the pages go back; None when all are."""
+        A subblock the kernel refuses is avoided; it and the lower ones, not taken,
+        are given back, while those above it stay taken (the planner UNPLUGs them).
+        A take that has run for TAKE_STEP_SECONDS stops the same way after the
+        subblock at hand, so one step never holds the loop (and other devices) long.
+        """
+        first = self.geometry.subblock_index(step.addr)
+        end = first + step.nb_blocks
+        first = self._above_unmovable(first, end)
+        if first == end:
+            return StepResult(Outcome.PROGRESS, step, detail="unmovable pages")
+        self.tracker.record_taking(self.geometry.subblock_addr(first), end - first)
+        pages = self._pages()
+        started = self.clock()
+        lowest = end
+        while lowest > first:
+            if lowest < end and self.clock() - started >= TAKE_STEP_SECONDS:
+                self._undo_take(first, lowest - first)
+                break
+            sb = lowest - 1
+            try:
+                take(pages, *self._pfns_of(sb, 1))
+            except KernelError as exc:
+                self._undo_take(first, sb - first + 1)
+                return self._avoid_subblocks(step, sb, 1, exc, started)
+            lowest = sb
+        self.refused_subblocks.succeeded(range(lowest, end))
+        return StepResult(Outcome.PROGRESS, step)
+
+    def _above_unmovable(self, first: int, end: int) -> int:
+        """The census of a take (one kpageflags read of the run): subblocks holding a
+        page soft offline would refuse outright (slab, page tables, PageOffline) are
+        not started on, but avoided like a refused take; the first subblock of the
+        run above the highest of them (``end`` when none is left)."""
+        pages = self._pages()
+        page_first, per_subblock = self._pfns_of(first, 1)
+        try:
+            held = pages.unmovable_groups(page_first, per_subblock, end - first)
+        except KernelError as exc:
+            self.log.warning("no census of subblocks %d+%d: %s", first, end - first, exc.message)
+            return first
+        unmovable = [first + offset for offset, hit in enumerate(held) if hit]
+        if not unmovable:
+            return first
+        now = self.clock()
+        until = self.refused_subblocks.refuse(unmovable, now, 0.0)
+        self.log.info(
+            "subblocks %s hold unmovable pages (kpageflags): not taken (until %.2f s from now)",
+            unmovable,
+            until - now,
+        )
+        return unmovable[-1] + 1
+
+    def _verify_taken(self, step: planner.UnplugStep, first: int) -> StepResult | None:
+        """Make sure every page of the step's subblocks is poisoned (kpageflags: one
+        read for a run of a memory block), taking those that are not, right before
+        their UNPLUG, so nothing in use is ever unplugged (invariant 5.2). On a refusal
+        the pages go back; None when all are."""
         pages = self._pages()
         started = self.clock()
         try:

@@ -20,9 +20,14 @@ and :func:`give_back` are the algorithms over it that the driver calls.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
+import operator
 import os
-import struct
+import sys
+from collections.abc import Callable, Sequence
+from itertools import compress, repeat
+from operator import length_hint
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +40,16 @@ from vmem_guest.hotplug import SYSFS_MEMORY
 
 #: Bit of /proc/kpageflags set for a poisoned page (Linux uapi kernel-page-flags.h).
 KPF_HWPOISON = 19
+#: Bits of pages soft offline refuses outright, the census of a take (uapi
+#: kernel-page-flags.h): slab (7), PageOffline (23: a balloon's or fake-offlined
+#: page), page tables (26). For them mm/memory-failure.c ``get_any_page`` finds no
+#: HWPoisonHandlable page (neither free, LRU nor movable), shakes it three times
+#: (``shake_page``: lru_add_drain_all, IPIs to every CPU) and answers EIO
+#: ("unhandlable page"): costly refusals a census avoids.
+KPF_SLAB = 7
+KPF_OFFLINE = 23
+KPF_PGTABLE = 26
+UNMOVABLE_FLAGS = 1 << KPF_SLAB | 1 << KPF_OFFLINE | 1 << KPF_PGTABLE
 
 KPAGEFLAGS = PROC_ROOT / "kpageflags"
 DEBUGFS = SYSFS_ROOT / "kernel/debug"
@@ -45,8 +60,10 @@ SOFT_OFFLINE_PAGE = "soft_offline_page"
 UNPOISON_PFN = "hwpoison/unpoison-pfn"
 #: Bytes of /proc/kpageflags per page frame: one native-endian u64.
 KPAGEFLAGS_ENTRY = 8
-#: Page frames read with one pread of /proc/kpageflags (one 2 MiB subblock of 4 KiB pages).
-FLAG_READ_BATCH = 512
+#: Page frames read with one pread of /proc/kpageflags: a whole 128 MiB memory block of
+#: 4 KiB pages (256 KiB), so the check of a run of subblocks before its UNPLUG, or a
+#: census of a block, is one system call.
+FLAG_READ_BATCH = 32768
 #: Rounds of soft offline a take tries before it gives up (see :func:`take`).
 TAKE_ROUNDS = 8
 #: Linux's EHWPOISON (asm-generic/errno.h); Python's errno module does not name it.
@@ -71,11 +88,21 @@ class PageControl(Protocol):
     def soft_offline(self, pfn: int) -> None:
         """Take page ``pfn`` out of use; PageRefused when the kernel says no."""
 
+    def soft_offline_pages(self, pfns: Sequence[int]) -> None:
+        """:meth:`soft_offline` each of ``pfns`` in order; the first refusal propagates."""
+
     def poisoned(self, first_pfn: int, count: int) -> list[bool]:
         """Whether each page of ``first_pfn .. first_pfn+count-1`` is PG_hwpoison."""
 
+    def unmovable_groups(self, first_pfn: int, group_pages: int, groups: int) -> list[bool]:
+        """Whether each of ``groups`` runs of ``group_pages`` pages from ``first_pfn``
+        holds a page soft offline refuses outright (UNMOVABLE_FLAGS)."""
+
     def unpoison(self, pfn: int) -> None:
         """Give poisoned page ``pfn`` back to the allocator; KernelError if refused."""
+
+    def unpoison_pages(self, pfns: Sequence[int]) -> None:
+        """:meth:`unpoison` each of ``pfns`` in order; the first refusal propagates."""
 
     def hardware_corrupted_bytes(self) -> int | None:
         """``HardwareCorrupted`` of /proc/meminfo in bytes (None if unreadable)."""
@@ -143,19 +170,30 @@ class ProcPages(Closing):
         return fd
 
     def soft_offline(self, pfn: int) -> None:
-        """Write the page's byte address, in one write(2): sysfs acts per write, and
-        ``soft_offline_page_store`` parses an address, not a pfn (docs/protocol.md
-        section 6). Success does not mean the page is poisoned: :func:`take` checks."""
+        """One page: :meth:`soft_offline_pages` of ``[pfn]``."""
+        self.soft_offline_pages((pfn,))
+
+    def soft_offline_pages(self, pfns: Sequence[int]) -> None:
+        """Write each page's byte address, one write(2) per page: sysfs acts per write,
+        and ``soft_offline_page_store`` parses an address, not a pfn (docs/protocol.md
+        section 6). Success does not mean the page is poisoned: :func:`take` checks.
+
+        The hot loop of a take (512 writes per 2 MiB subblock): the addresses are
+        formatted and written by ``map`` over C functions, so no Python bytecode runs
+        per page (in the test VM, under TCG, a Python loop cost several times the
+        kernel's own work: docs/protocol.md section 6)."""
         fd = self._fd(self.soft_offline_page, os.O_WRONLY, "soft offline")
-        address = f"{pfn * self.page_size:#x}".encode()
-        self.soft_offline_writes += 1
-        try:
-            written = os.pwrite(fd, address, 0)
-        except OSError as exc:
-            raise soft_offline_error(pfn, exc.errno or errno.EIO) from exc
-        if written != len(address):
-            detail = f"pfn {pfn:#x}: wrote {written} of {len(address)} bytes"
-            raise KernelError("soft offline", None, errno.EIO, detail)
+        addresses = list(map(b"%#x".__mod__, map(self.page_size.__mul__, pfns)))
+        failed = _write_each(os.pwrite, fd, addresses, 0)
+        if failed is None:
+            self.soft_offline_writes += len(addresses)
+            return
+        index, err = failed
+        if err is None:
+            self.soft_offline_writes += len(addresses)
+            raise _short_write("soft offline", pfns[index], addresses[index])
+        self.soft_offline_writes += index + 1
+        raise soft_offline_error(pfns[index], err)
 
     def poisoned(self, first_pfn: int, count: int) -> list[bool]:
         """Bit KPF_HWPOISON of each page's /proc/kpageflags entry, read in batches
@@ -167,7 +205,22 @@ class ProcPages(Closing):
             answer.extend(self._read_poison_bits(fd, start, min(FLAG_READ_BATCH, end - start)))
         return answer
 
+    def unmovable_groups(self, first_pfn: int, group_pages: int, groups: int) -> list[bool]:
+        """The census of a take: one pread per FLAG_READ_BATCH pages (a memory block),
+        masked with UNMOVABLE_FLAGS as one big integer, compared run by run."""
+        fd = self._fd(self.kpageflags, os.O_RDONLY, "read kpageflags")
+        per_read = max(1, FLAG_READ_BATCH // group_pages)
+        answer: list[bool] = []
+        for group in range(0, groups, per_read):
+            count = min(per_read, groups - group) * group_pages
+            data = self._read_flags(fd, first_pfn + group * group_pages, count)
+            answer.extend(groups_with_flags(data, UNMOVABLE_FLAGS, group_pages))
+        return answer
+
     def _read_poison_bits(self, fd: int, first_pfn: int, count: int) -> list[bool]:
+        return poison_bits(self._read_flags(fd, first_pfn, count))
+
+    def _read_flags(self, fd: int, first_pfn: int, count: int) -> bytes:
         size = count * KPAGEFLAGS_ENTRY
         self.flag_reads += 1
         try:
@@ -178,22 +231,31 @@ class ProcPages(Closing):
             # The kernel stops at max_pfn: a short read means pfns it does not know.
             detail = f"pfn {first_pfn:#x}: read {len(data)} of {size} bytes"
             raise KernelError("read kpageflags", None, errno.EIO, detail)
-        # /proc/kpageflags holds u64s in the kernel's byte order (put_user).
-        return [bool(flags >> KPF_HWPOISON & 1) for (flags,) in struct.iter_unpack("=Q", data)]
+        return data
 
     def unpoison(self, pfn: int) -> None:
-        """Write the pfn in decimal (a debugfs simple attribute, parsed with base 0,
-        so no leading zeros) in one write. EBUSY answers a page that is not poisoned
-        or still referenced; EOPNOTSUPP a kernel that saw a real memory failure."""
+        """One page: :meth:`unpoison_pages` of ``[pfn]``."""
+        self.unpoison_pages((pfn,))
+
+    def unpoison_pages(self, pfns: Sequence[int]) -> None:
+        """Write each pfn in decimal (a debugfs simple attribute, parsed with base 0,
+        so no leading zeros) in one write each. EBUSY answers a page that is not
+        poisoned or still referenced; EOPNOTSUPP a kernel that saw a real memory
+        failure. Formatted and written as in :meth:`soft_offline_pages`."""
         fd = self._fd(self.unpoison_pfn, os.O_WRONLY, "unpoison")
-        text = f"{pfn}".encode()
-        self.unpoison_writes += 1
-        try:
-            # write(2), not pwrite: debugfs attributes are opened nonseekable (pwrite
-            # answers ESPIPE, measured in the test VM); each write is parsed whole.
-            os.write(fd, text)
-        except OSError as exc:
-            raise KernelError("unpoison", None, exc.errno or errno.EIO, f"pfn {pfn:#x}") from exc
+        texts = list(map(b"%d".__mod__, pfns))
+        # write(2), not pwrite: debugfs attributes are opened nonseekable (pwrite
+        # answers ESPIPE, measured in the test VM); each write is parsed whole.
+        failed = _write_each(os.write, fd, texts)
+        if failed is None:
+            self.unpoison_writes += len(texts)
+            return
+        index, err = failed
+        if err is None:
+            self.unpoison_writes += len(texts)
+            raise _short_write("unpoison", pfns[index], texts[index])
+        self.unpoison_writes += index + 1
+        raise KernelError("unpoison", None, err, f"pfn {pfns[index]:#x}")
 
     def hardware_corrupted_bytes(self) -> int | None:
         return meminfo_bytes("HardwareCorrupted", self.meminfo)
@@ -280,6 +342,65 @@ class ProcPages(Closing):
         )
 
 
+def _write_each(
+    write: Callable[..., int], fd: int, texts: list[bytes], *offset: int
+) -> tuple[int, int | None] | None:
+    """``write(fd, text, *offset)`` for each text in order, in one ``map`` (a loop in C:
+    no bytecode per write), stopping at the first that fails. None when all were
+    written whole; else (index of the first failed write, its errno), errno None for
+    a short write (then every write was made)."""
+    count = len(texts)
+    pending = iter(texts)
+    args = [repeat(fd, count), pending, *(repeat(value, count) for value in offset)]
+    try:
+        written = list(map(write, *args))
+    except OSError as exc:
+        # map took the failed text from ``pending`` before the call: what is left follows it.
+        return count - length_hint(pending) - 1, exc.errno or errno.EIO
+    if written == list(map(len, texts)):
+        return None
+    return next(
+        i for i, (n, text) in enumerate(zip(written, texts, strict=True)) if n != len(text)
+    ), None
+
+
+def _short_write(op: str, pfn: int, text: bytes) -> KernelError:
+    """A write the kernel took only part of (sysfs and debugfs take a short text whole)."""
+    return KernelError(op, None, errno.EIO, f"pfn {pfn:#x}: short write of {len(text)} bytes")
+
+
+#: Where KPF_HWPOISON sits in a native-endian u64 of /proc/kpageflags: its byte and bit.
+_POISON_BYTE = KPF_HWPOISON // 8 if sys.byteorder == "little" else 7 - KPF_HWPOISON // 8
+_POISON_BIT = KPF_HWPOISON % 8
+
+
+def poison_bits(data: bytes) -> list[bool]:
+    """KPF_HWPOISON of each entry of raw /proc/kpageflags ``data`` (u64s in the kernel's
+    byte order: ``put_user`` in fs/proc/page.c ``kpageflags_read``).
+
+    Only the one byte holding the bit is looked at, picked out by a slice and turned
+    into 0 or 1 by ``bytes.translate``: no per-entry Python work (32,768 entries of a
+    memory block at a time)."""
+    return list(map(bool, data[_POISON_BYTE::KPAGEFLAGS_ENTRY].translate(_poison_table())))
+
+
+def groups_with_flags(data: bytes, flags: int, group_pages: int) -> list[bool]:
+    """For each run of ``group_pages`` entries of raw /proc/kpageflags ``data``, whether
+    any entry has one of ``flags`` set: the data masked as one big integer (no
+    per-entry Python), then each run's bytes stripped of zeros."""
+    entries = len(data) // KPAGEFLAGS_ENTRY
+    mask = int.from_bytes(flags.to_bytes(KPAGEFLAGS_ENTRY, sys.byteorder) * entries, "little")
+    hits = (int.from_bytes(data, "little") & mask).to_bytes(len(data), "little")
+    chunk = group_pages * KPAGEFLAGS_ENTRY
+    return [bool(hits[start : start + chunk].strip(b"\0")) for start in range(0, len(hits), chunk)]
+
+
+@functools.cache
+def _poison_table() -> bytes:
+    """256 bytes: 1 where the byte value has the KPF_HWPOISON bit, else 0."""
+    return bytes(value >> _POISON_BIT & 1 for value in range(256))
+
+
 def _exists(path: Path) -> bool:
     """Whether ``path`` exists; a directory we may not search counts as missing."""
     try:
@@ -316,9 +437,8 @@ def take(pages: PageControl, first_pfn: int, count: int, *, rounds: int = TAKE_R
         waiting = _unpoisoned_pfns(first_pfn, flags)
         if not waiting:
             return writes
-        for pfn in waiting:
-            pages.soft_offline(pfn)
-            writes += 1
+        pages.soft_offline_pages(waiting)
+        writes += len(waiting)
         flags = pages.poisoned(first_pfn, count)
     waiting = _unpoisoned_pfns(first_pfn, flags)
     if waiting:
@@ -336,10 +456,9 @@ def give_back(pages: PageControl, first_pfn: int, count: int) -> int:
     real memory failure, unpoison is refused for the rest of the boot
     (docs/protocol.md section 6): the KernelError propagates.
     """
-    given = 0
-    for pfn in _poisoned_pfns(first_pfn, pages.poisoned(first_pfn, count)):
-        pages.unpoison(pfn)
-        given += 1
+    poisoned = _poisoned_pfns(first_pfn, pages.poisoned(first_pfn, count))
+    pages.unpoison_pages(poisoned)
+    given = len(poisoned)
     still = _poisoned_pfns(first_pfn, pages.poisoned(first_pfn, count))
     if still:
         detail = f"pfn {still[0]:#x} and {len(still) - 1} more still poisoned after unpoison"
@@ -358,8 +477,8 @@ def poisoned_count(pages: PageControl, first_pfn: int, count: int) -> int:
 
 
 def _unpoisoned_pfns(first_pfn: int, flags: list[bool]) -> list[int]:
-    return [first_pfn + offset for offset, poisoned in enumerate(flags) if not poisoned]
+    return list(compress(range(first_pfn, first_pfn + len(flags)), map(operator.not_, flags)))
 
 
 def _poisoned_pfns(first_pfn: int, flags: list[bool]) -> list[int]:
-    return [first_pfn + offset for offset, poisoned in enumerate(flags) if poisoned]
+    return list(compress(range(first_pfn, first_pfn + len(flags)), flags))

@@ -55,6 +55,10 @@ from vmem_guest.tracker.state import FULL_CLASSES, RegionState, UnitClass
 DEFAULT_PLUG_BATCH_UNITS = 8
 #: At most this many units are offlined ahead of one UNPLUG of their run.
 DEFAULT_UNPLUG_BATCH_UNITS = 8
+#: At most this many subblocks of one online block are taken in one step, and go back
+#: in one UNPLUG: a 128 MiB block of 2 MiB subblocks, whose pages one kpageflags read
+#: checks (``pages.FLAG_READ_BATCH``). The driver stops a take early when it runs long.
+DEFAULT_TAKE_BATCH_SUBBLOCKS = 64
 #: Linux's default ``auto_movable_ratio`` (memory-hotplug.rst): 301 %.
 DEFAULT_AUTO_MOVABLE_RATIO = 3.01
 #: Kernel memory assumed by a planner that was never told (the test VM's boot memory).
@@ -111,6 +115,8 @@ class Policy:
     #: any multiple of the device block size; off where the kernel cannot
     #: (docs/design.md, "Subblocks of online blocks"). Sub Block Mode only.
     subblock_unplug: bool = True
+    #: Subblocks taken at most in one step (one run, one UNPLUG afterwards).
+    take_batch_subblocks: int = DEFAULT_TAKE_BATCH_SUBBLOCKS
 
 
 DEFAULT_POLICY = Policy()
@@ -433,21 +439,33 @@ def _taken_step(inp: PlanInput, growing: bool) -> Step | None:
     return None
 
 
-def _take_next(inp: PlanInput) -> TakeStep | None:
-    """The highest subblock in use of the best online unit: HOLED units first, then
-    movable, then kernel memory (Linux's order: virtio_mem_sbm_unplug_request), highest
-    unit first; subblocks the kernel refused recently are skipped."""
+def _take_next(inp: PlanInput, excess: int) -> TakeStep | None:
+    """The highest run of subblocks in use of the best online unit: HOLED units first,
+    then movable, then kernel memory (Linux's order: virtio_mem_sbm_unplug_request),
+    highest unit first; subblocks the kernel refused recently are skipped."""
     state = inp.state
     for cls in (UnitClass.HOLED, UnitClass.FULL_MOVABLE, UnitClass.FULL_KERNEL):
         for unit_index in state.units(cls).descending():
-            in_use = state.subblocks_where(
-                state.unit(unit_index).subblocks, plugged=True, taken=False
-            )
-            for sb in reversed(in_use):
-                if sb not in inp.avoid_subblocks:
-                    mb = state.unit_blocks(unit_index).start
-                    return TakeStep(mb, inp.geometry.subblock_addr(sb), 1)
+            step = _take_in_unit(inp, unit_index, excess)
+            if step is not None:
+                return step
     return None
+
+
+def _take_in_unit(inp: PlanInput, unit_index: int, excess: int) -> TakeStep | None:
+    """The top of the highest run of subblocks in use (and not avoided) of the unit:
+    at most ``excess`` and ``take_batch_subblocks`` long, so that the taken run goes
+    back in one UNPLUG (:func:`_taken_step`)."""
+    state = inp.state
+    in_use = state.subblocks_where(state.unit(unit_index).subblocks, plugged=True, taken=False)
+    usable = [sb for sb in in_use if sb not in inp.avoid_subblocks]
+    if not usable:
+        return None
+    first, count = list(runs(usable, len(usable)))[-1]
+    most = max(1, min(excess, inp.policy.take_batch_subblocks, MAX_BLOCKS_PER_REQUEST))
+    taken = min(count, most)
+    mb = state.unit_blocks(unit_index).start
+    return TakeStep(mb, inp.geometry.subblock_addr(first + count - taken), taken)
 
 
 def _unplug_offline_units(inp: PlanInput, excess_units: int) -> UnplugStep | None:
@@ -462,9 +480,9 @@ def _batch_limit(inp: PlanInput, excess_units: int) -> int:
     return min(excess_units, max(1, inp.policy.unplug_batch_units))
 
 
-def _take_from_refused(inp: PlanInput) -> TakeStep | None:
-    """The highest subblock in use (not avoided) of the highest online unit with a block
-    the kernel refused to offline: O(avoided blocks x subblocks per unit)."""
+def _take_from_refused(inp: PlanInput, excess: int) -> TakeStep | None:
+    """The highest run of subblocks in use (not avoided) of the highest online unit with
+    a block the kernel refused to offline: O(avoided blocks x subblocks per unit)."""
     state = inp.state
     grid = state.grid
     first_mb = grid.first_memory_block
@@ -475,11 +493,9 @@ def _take_from_refused(inp: PlanInput) -> TakeStep | None:
         if mb in unit_mbs and state.block_state(mb) is MemoryBlockState.ONLINE
     }
     for unit_index in sorted(refused_units, reverse=True):
-        in_use = state.subblocks_where(state.unit(unit_index).subblocks, plugged=True, taken=False)
-        for sb in reversed(in_use):
-            if sb not in inp.avoid_subblocks:
-                mb = state.unit_blocks(unit_index).start
-                return TakeStep(mb, inp.geometry.subblock_addr(sb), 1)
+        step = _take_in_unit(inp, unit_index, excess)
+        if step is not None:
+            return step
     return None
 
 
@@ -550,13 +566,33 @@ def _shrink(inp: PlanInput, excess: int) -> Step | None:
         # not go whole gives single subblocks next, before another block's offline
         # is tried, for a refused offline may have cost a whole migration deadline.
         # What is offline already goes back first (one UNPLUG, no kernel work).
-        fallback = _unplug_offline_units(inp, excess // per_unit) or _take_from_refused(inp)
+        excess_units = excess // per_unit
+        fallback = _unplug_offline_units(inp, excess_units) or _take_from_refused(inp, excess)
         if fallback is not None:
             return fallback
     whole = _shrink_whole_units(inp, excess // per_unit) if excess >= per_unit else None
     if whole is not None or not inp.takes_subblocks:
         return whole
-    return _take_next(inp)
+    return _heal_instead_of_take(inp, excess) or _take_next(inp, excess)
+
+
+def _heal_instead_of_take(inp: PlanInput, excess: int) -> Step | None:
+    """One more whole unit (offline, UNPLUG) instead of a take that would leave online
+    units of nothing but holes; the growth that follows fills holes back.
+
+    A unit of holes only cannot go: it is never offlined while it holds poisoned
+    pages (docs/design.md, "Subblocks of online blocks"), so it would stay online,
+    stranded, until growth (``make demo``: 1000M -> 512M made the top block all
+    holes, and at 0 it was still online). When taking ``excess`` would take every
+    subblock still in use of the holed units, and their holes can take back what
+    one more unit overshoots (``per_unit - excess``), dropping a full unit costs the
+    same offline the next shrink would need anyway, and ends with fewer holes."""
+    state = inp.state
+    holes = state.taken_subblocks - state.taken_plugged_subblocks
+    overshoot = state.grid.subblocks_per_unit - excess
+    if not holes or excess < state.holed_in_use_subblocks or overshoot > holes:
+        return None
+    return _shrink_whole_units(inp, 1)
 
 
 def _shrink_whole_units(inp: PlanInput, excess_units: int) -> Step | None:

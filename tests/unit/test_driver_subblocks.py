@@ -10,7 +10,7 @@ between are resolved at restart, and growing gives the holes back.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -113,8 +113,83 @@ def test_a_shrink_to_a_part_of_a_block_ends_exactly_with_poisoned_holes(rig: Pag
     assert rig.holes() == list(range(top_subblock(MB0 + 7) - 11, top_subblock(MB0 + 7) + 1))
     assert all(rig.kernel.state(MB0 + i) is KernelBlockState.ONLINE for i in range(8))
     rig.check_holes_poisoned()
+    # One take of the run, then one UNPLUG of it after one kpageflags read of the run.
     unplugs = [s for s in rig.channel.sent if s.type is RequestType.UNPLUG]
-    assert [s.nb_blocks for s in unplugs] == [1] * 12
+    assert [s.nb_blocks for s in unplugs] == [12]
+
+
+def test_holes_are_filled_back_rather_than_deepened_into_a_block_of_holes_only(
+    rig: PagesRig,
+) -> None:
+    """make demo's path 1024M -> 1000M -> 512M -> 0: at 512M the top block's 52
+    subblocks in use would all be taken, leaving it online as holes only (never
+    offlined: stranded at 0). One more whole block goes instead and the 12 holes are
+    filled back; at 0 every block goes whole and no hole is left."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    base = rig.pages.hardware_corrupted_bytes()
+    rig.resize(1000 * MIB)
+    rig.converge()
+    assert len(rig.holes()) == 12
+    rig.resize(512 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 512 * MIB
+    assert rig.holes() == []
+    online = [mb for mb in range(MB0, MB0 + 8) if rig.kernel.state(mb) is KernelBlockState.ONLINE]
+    assert len(online) == 4 and MB0 + 7 in online
+    rig.resize(0)
+    rig.converge()
+    assert rig.model.plugged_size == 0
+    assert not any(rig.kernel.state(MB0 + i) is KernelBlockState.ONLINE for i in range(8))
+    assert rig.pages.hardware_corrupted_bytes() == base
+
+
+def test_a_refused_subblock_inside_a_run_splits_it_and_the_rest_is_taken_below_it(
+    rig: PagesRig,
+) -> None:
+    """Those above the refused subblock stay taken and go back in one UNPLUG; the refused
+    one and those below it are given back untouched, and the next take starts below the
+    refused one, which stays whole."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    top = top_subblock(MB0 + 7)
+    rig.pages.pinned.add(rig.pfns(top - 2)[100])
+    rig.resize(1008 * MIB)  # 8 subblocks
+    rig.converge()
+    assert rig.model.plugged_size == 1008 * MIB
+    assert rig.holes() == [*range(top - 8, top - 2), top - 1, top]
+    assert rig.poisoned_pages(top - 2) == 0 and rig.model.is_plugged(top - 2)
+    unplugs = [s for s in rig.channel.sent if s.type is RequestType.UNPLUG]
+    assert [s.nb_blocks for s in unplugs] == [2, 6]
+    rig.check_holes_poisoned()
+
+
+def test_a_take_that_runs_long_stops_after_the_subblock_at_hand(rig: PagesRig) -> None:
+    """TAKE_STEP_SECONDS bounds a step: the subblocks not reached are given back
+    untouched, the taken ones are UNPLUGged, and the next take goes on below."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    clock, write = rig.clock, rig.pages.soft_offline_pages
+
+    def slow(pfns: Sequence[int]) -> None:
+        write(pfns)
+        clock.advance(0.2)  # a subblock of pages under migration
+
+    rig.pages.soft_offline_pages = slow  # type: ignore[method-assign]
+    rig.resize(1000 * MIB)  # 12 subblocks
+    assert rig.driver is not None
+    first = rig.driver.step()
+    assert isinstance(first.step, planner.TakeStep) and first.step.nb_blocks == 12
+    top = top_subblock(MB0 + 7)
+    state = rig.tracker.state if rig.tracker is not None else None
+    assert state is not None
+    assert [sb for sb in range(top - 11, top + 1) if state.is_taken(sb)] == [top - 2, top - 1, top]
+    rig.converge()
+    assert rig.model.plugged_size == 1000 * MIB
+    assert rig.holes() == list(range(top - 11, top + 1))
+    unplugs = [s for s in rig.channel.sent if s.type is RequestType.UNPLUG]
+    assert [s.nb_blocks for s in unplugs] == [3, 3, 3, 3]
+    rig.check_holes_poisoned()
 
 
 def test_a_page_the_kernel_will_not_give_up_makes_the_take_go_back_and_try_another(
@@ -133,6 +208,24 @@ def test_a_page_the_kernel_will_not_give_up_makes_the_take_go_back_and_try_anoth
     assert rig.model.is_plugged(highest)
     assert rig.tracker is not None and rig.tracker.retries >= 1
     rig.check_holes_poisoned()
+
+
+def test_a_subblock_holding_an_unmovable_page_is_not_started_on(rig: PagesRig) -> None:
+    """The census (one kpageflags read of the run) sees the slab page: not one of the
+    subblock's pages is soft-offlined (and then given back), and the next one down
+    goes instead."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    top = top_subblock(MB0 + 7)
+    rig.pages.unmovable.add(rig.pfns(top)[400])
+    writes, unpoisons = rig.pages.soft_offline_writes, rig.pages.unpoison_writes
+    rig.resize(1022 * MIB)
+    rig.converge()
+    assert rig.model.plugged_size == 1022 * MIB
+    assert rig.holes() == [top - 1]
+    assert rig.pages.soft_offline_writes - writes == PAGES_PER_SUBBLOCK
+    assert rig.pages.unpoison_writes == unpoisons
+    assert rig.poisoned_pages(top) == 0
 
 
 def test_every_page_is_checked_again_right_before_the_unplug(rig: PagesRig) -> None:

@@ -89,6 +89,76 @@ def test_soft_offline_address_follows_the_page_size(tree: Path) -> None:
     assert (tree / "memory" / "soft_offline_page").read_bytes() == b"0x30000"
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_with_flags_agree_with_unpacking_every_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    entries = [rng.choice([0, OTHER_FLAGS, 1 << rng.randrange(64)]) for _ in range(64 * 8)]
+    data = struct.pack(f"={len(entries)}Q", *entries)
+    want = [
+        any(e & pages_mod.UNMOVABLE_FLAGS for e in entries[g * 64 : (g + 1) * 64]) for g in range(8)
+    ]
+    assert pages_mod.groups_with_flags(data, pages_mod.UNMOVABLE_FLAGS, 64) == want
+
+
+def test_unmovable_groups_reads_the_census_of_a_run(tree: Path) -> None:
+    entries = [OTHER_FLAGS] * KPAGEFLAGS_PFNS
+    entries[SUBBLOCK + 5] |= 1 << pages_mod.KPF_SLAB
+    entries[3 * SUBBLOCK - 1] |= 1 << pages_mod.KPF_PGTABLE
+    (tree / "kpageflags").write_bytes(struct.pack(f"={KPAGEFLAGS_PFNS}Q", *entries))
+    with proc_pages(tree) as pages:
+        assert pages.unmovable_groups(0, SUBBLOCK, 4) == [False, True, True, False]
+        assert pages.flag_reads == 1
+
+
+def test_soft_offline_pages_writes_each_address_in_order(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[bytes] = []
+    real = os.pwrite
+
+    def record(fd: int, data: bytes, offset: int) -> int:
+        written.append(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(pages_mod.os, "pwrite", record)
+    with proc_pages(tree) as pages:
+        pages.soft_offline_pages([0x10, 0x11, 0x0])
+        assert pages.soft_offline_writes == 3
+    assert written == [b"0x10000", b"0x11000", b"0x0"]
+
+
+def test_soft_offline_pages_stops_at_the_first_refusal(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bytes] = []
+
+    def refuse_third(fd: int, data: bytes, offset: int) -> int:
+        calls.append(data)
+        if len(calls) == 3:
+            raise OSError(errno.EBUSY, "busy")
+        return len(data)
+
+    monkeypatch.setattr(pages_mod.os, "pwrite", refuse_third)
+    with proc_pages(tree) as pages, pytest.raises(PageRefused) as caught:
+        pages.soft_offline_pages([1, 2, 3, 4, 5])
+    assert (caught.value.pfn, caught.value.errno) == (3, errno.EBUSY)
+    assert pages.soft_offline_writes == 3 and len(calls) == 3
+
+
+def test_a_short_soft_offline_write_is_a_kernel_error_naming_its_page(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def short_second(fd: int, data: bytes, offset: int) -> int:
+        return len(data) - 1 if data == b"0x2000" else len(data)
+
+    monkeypatch.setattr(pages_mod.os, "pwrite", short_second)
+    with proc_pages(tree) as pages, pytest.raises(KernelError) as caught:
+        pages.soft_offline_pages([1, 2, 3])
+    assert not isinstance(caught.value, PageRefused)
+    assert caught.value.errno == errno.EIO and "pfn 0x2: short write" in str(caught.value)
+    assert pages.soft_offline_writes == 3
+
+
 def test_soft_offline_keeps_its_file_open(tree: Path) -> None:
     target = tree / "memory" / "soft_offline_page"
     with proc_pages(tree) as pages:
@@ -145,14 +215,31 @@ def test_poisoned_reads_bit_19_of_each_entry(tree: Path) -> None:
     assert {100 + offset for offset, bad in enumerate(answer) if bad} == chosen
 
 
-def test_a_range_of_1300_pfns_costs_three_preads(tree: Path) -> None:
+def test_a_range_of_two_batches_and_a_bit_costs_three_preads(tree: Path) -> None:
+    pfns = 2 * FLAG_READ_BATCH + 300
+    write_kpageflags(tree / "kpageflags", {7, pfns - 1}, pfns=pfns)
     with proc_pages(tree) as pages:
-        pages.poisoned(7, 1300)  # 512 + 512 + 276
+        answer = pages.poisoned(7, 2 * FLAG_READ_BATCH + 276)
         assert pages.flag_reads == 3
+        assert answer[0] and sum(answer) == 1
         pages.poisoned(0, FLAG_READ_BATCH)
         assert pages.flag_reads == 4
         assert pages.poisoned(5, 0) == []
         assert pages.flag_reads == 4
+
+
+def test_a_memory_block_of_4k_pages_is_one_pread() -> None:
+    """The check of a run of subblocks before its UNPLUG, or a census of a 128 MiB
+    block, is one system call (lead: one final kpageflags check of the run)."""
+    assert FLAG_READ_BATCH * PAGE == 128 << 20
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_poison_bits_agree_with_unpacking_every_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    entries = [rng.getrandbits(64) for _ in range(1000)]
+    data = struct.pack(f"={len(entries)}Q", *entries)
+    assert pages_mod.poison_bits(data) == [bool(e >> KPF_HWPOISON & 1) for e in entries]
 
 
 def test_poisoned_keeps_kpageflags_open(tree: Path) -> None:
@@ -186,6 +273,25 @@ def test_unpoison_writes_the_pfn_in_decimal(tree: Path) -> None:
         pages.unpoison(1234567)
         assert pages.unpoison_writes == 1
     assert (tree / "debug" / "hwpoison" / "unpoison-pfn").read_bytes() == b"1234567"
+
+
+def test_unpoison_pages_writes_each_pfn_and_stops_at_the_first_refusal(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bytes] = []
+
+    def refuse_third(fd: int, data: bytes) -> int:
+        calls.append(data)
+        if len(calls) == 3:
+            raise OSError(errno.EBUSY, "busy")
+        return len(data)
+
+    monkeypatch.setattr(pages_mod.os, "write", refuse_third)
+    with proc_pages(tree) as pages, pytest.raises(KernelError) as caught:
+        pages.unpoison_pages([7, 80, 900, 1])
+    assert (caught.value.op, caught.value.errno) == ("unpoison", errno.EBUSY)
+    assert "0x384" in str(caught.value)
+    assert calls == [b"7", b"80", b"900"] and pages.unpoison_writes == 3
 
 
 def test_unpoison_failure_is_a_kernel_error(tree: Path) -> None:
@@ -520,7 +626,7 @@ def test_fake_states_of_refused_pages() -> None:
 
 def test_fake_counts_flag_reads_in_batches() -> None:
     pages = fake()
-    pages.poisoned(0, 1300)
+    pages.poisoned(0, 2 * FLAG_READ_BATCH + 1)
     assert pages.flag_reads == 3
 
 

@@ -8,6 +8,7 @@ section 5 and the device's rules (docs/protocol.md section 1) on whatever comes 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -359,8 +360,10 @@ def test_with_an_offline_refused_what_is_offline_goes_back_then_that_block_gives
     assert next_step(refusing) == UnplugStep(sb_addr(2 * PER_UNIT), 3 * PER_UNIT)
     plugged = units(mb_n(0), mb_n(1), mb_n(5))
     refusing = make_input(requested=0, plugged=plugged, online=online, avoid={mb_n(5)})
-    highest = unit_subblocks(SBM, mb_n(5))[-1]
-    assert next_step(refusing) == TakeStep(mb_n(5), sb_addr(highest), 1)
+    # A run of them, one batch, from the top (given back in one UNPLUG afterwards).
+    batch = planner.DEFAULT_TAKE_BATCH_SUBBLOCKS
+    top = unit_subblocks(SBM, mb_n(5))[-1]
+    assert next_step(refusing) == TakeStep(mb_n(5), sb_addr(top - batch + 1), batch)
     # Every subblock of unit 5 refused too: the next block's offline is tried.
     refusing.avoid_subblocks = frozenset(unit_subblocks(SBM, mb_n(5)))
     assert next_step(refusing) == OfflineStep(mb_n(1))
@@ -402,8 +405,34 @@ def test_blocks_that_will_not_offline_give_up_single_subblocks() -> None:
     online = {mb_n(i): Zone.MOVABLE for i in range(3)}
     avoid = {mb_n(i) for i in range(3)}
     inp = make_input(requested=128 * MIB, plugged=plugged, online=online, avoid=avoid)
-    highest = SBM.subblocks_of(mb_n(2))[-1]
-    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(highest), 1)
+    top = SBM.subblocks_of(mb_n(2))[-1]
+    batch = planner.DEFAULT_TAKE_BATCH_SUBBLOCKS
+    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(top - batch + 1), batch)
+    inp.policy = Policy(take_batch_subblocks=1)
+    assert next_step(inp) == TakeStep(mb_n(2), SBM.subblock_addr(top), 1)
+
+
+def test_subblocks_are_taken_as_one_run_of_the_excess_from_the_top() -> None:
+    """make bench-subblock's step: 64 MiB out of the top of eight online blocks is one
+    take of 32 subblocks (then one UNPLUG), not 32 takes and 32 UNPLUGs."""
+    plugged = units(*(mb_n(i) for i in range(8)))
+    online = {mb_n(i): Zone.MOVABLE for i in range(8)}
+    inp = make_input(requested=960 * MIB, plugged=plugged, online=online)
+    top = SBM.subblocks_of(mb_n(7))[-1]
+    assert next_step(inp) == TakeStep(mb_n(7), sb_addr(top - 31), 32)
+    # Taken (not yet unplugged): the run goes back in one UNPLUG.
+    inp.state.set_taken(top - 31, 32, taken=True)
+    assert next_step(inp) == UnplugStep(sb_addr(top - 31), 32)
+
+
+def test_a_take_run_stops_below_an_avoided_subblock() -> None:
+    plugged = units(mb_n(0))
+    online = {mb_n(0): Zone.MOVABLE}
+    inp = make_input(requested=100 * MIB, plugged=plugged, online=online)
+    top = SBM.subblocks_of(mb_n(0))[-1]
+    inp.avoid_subblocks = frozenset({top, top - 3})
+    # Excess 14 subblocks; the highest usable run is top-2 .. top-1.
+    assert next_step(inp) == TakeStep(mb_n(0), sb_addr(top - 2), 2)
 
 
 def test_avoided_online_is_skipped_and_done_blocked_when_nothing_else() -> None:
@@ -771,6 +800,26 @@ def test_a_block_of_holes_only_stays_online_and_the_planner_is_settled() -> None
     """Never offlined: its poisoned pages would keep HardwareCorrupted raised for the
     rest of the boot (6.1) or keep it from coming online again (6.2 on)."""
     assert next_step(holed_input()) == Done(0, 0)
+
+
+def test_a_take_that_would_leave_only_holes_drops_a_whole_unit_instead() -> None:
+    """Units 0-2 full, unit 3 online with 12 holes (52 subblocks in use): asked for
+    52 fewer, taking them would leave unit 3 holes only (stranded: never offlined).
+    The highest full unit goes instead; growth then fills 12 holes back."""
+    geometry = SBM
+    mbs = [mb_n(i) for i in range(4)]
+    subblocks = units(*mbs)
+    online = {mb: Zone.MOVABLE for mb in mbs}
+    holed = list(geometry.subblocks_of(mb_n(3)))[-12:]
+    kept = 3 * PER_UNIT + (PER_UNIT - 12)
+    inp = make_input(requested=(kept - 52) * geometry.block_size, plugged=subblocks, online=online)
+    inp.state.set_taken(holed[0], 12, taken=True)
+    inp.state.set_subblocks(holed[0], 12, plugged=False)
+    assert next_step(inp) == OfflineStep(mb_n(2))
+    # Asked for fewer than the subblocks in use of the holed unit: a take, as before.
+    inp.config = dataclasses.replace(inp.config, requested_size=(kept - 51) * geometry.block_size)
+    step = next_step(inp)
+    assert isinstance(step, TakeStep) and step.memory_block == mb_n(3) and step.nb_blocks == 51
 
 
 def test_a_block_with_holes_and_memory_in_use_stays_online() -> None:

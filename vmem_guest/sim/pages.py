@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import errno
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from vmem_guest.errors import KernelError, PageRefused
 from vmem_guest.pages import FLAG_READ_BATCH
@@ -125,9 +125,24 @@ class FakePages:
             self._migrate_away(pfn)
         self._store(pfn, PageState.POISONED)
 
+    def soft_offline_pages(self, pfns: Sequence[int]) -> None:
+        """Page by page through :meth:`soft_offline` (subclasses hook each write)."""
+        for pfn in pfns:
+            self.soft_offline(pfn)
+
     def poisoned(self, first_pfn: int, count: int) -> list[bool]:
         self.flag_reads += -(-count // FLAG_READ_BATCH)  # as many as ProcPages's preads
         return [self.is_poisoned(pfn) for pfn in range(first_pfn, first_pfn + count)]
+
+    def unmovable_groups(self, first_pfn: int, group_pages: int, groups: int) -> list[bool]:
+        """The ``unmovable`` pfns not poisoned, by run (no page state is drawn)."""
+        self.flag_reads += -(-groups * group_pages // FLAG_READ_BATCH)
+        answer = [False] * groups
+        end = first_pfn + groups * group_pages
+        for pfn in self.unmovable:
+            if first_pfn <= pfn < end and not self.is_poisoned(pfn):
+                answer[(pfn - first_pfn) // group_pages] = True
+        return answer
 
     def unpoison(self, pfn: int) -> None:
         self.unpoison_writes += 1
@@ -135,6 +150,11 @@ class FakePages:
             raise KernelError("unpoison", None, errno.EBUSY, f"pfn {pfn:#x} is not poisoned")
         self._store(pfn, PageState.FREE)
         self.unpoisoned += 1
+
+    def unpoison_pages(self, pfns: Sequence[int]) -> None:
+        """Page by page through :meth:`unpoison` (subclasses hook each write)."""
+        for pfn in pfns:
+            self.unpoison(pfn)
 
     def hardware_corrupted_bytes(self) -> int | None:
         return (self._poisoned_pages + self.leaked) * self.page_size
