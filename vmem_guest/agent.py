@@ -27,6 +27,11 @@ go"): an :class:`Arrivals` source (a PCI uevent monitor, service.py) sits in the
 selector; each device it binds and attaches is added with :meth:`Agent.add_device`.
 A device's release request (VFIO's REQ index: ``device_del`` waits in the kernel
 until the device is given back) removes it with :meth:`Agent.release_device`.
+
+What the agent serves is told to a :class:`StateListener` (the service manager's
+READY=1 and STATUS=, ``sdstatus.py``): once the loop is set up, then after each
+turn of steps, right before the loop sleeps; each device's resizes are timed by
+its :class:`~vmem_guest.resizes.ResizeTimer`.
 """
 
 from __future__ import annotations
@@ -39,16 +44,17 @@ import selectors
 import signal
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from vmem_guest import control, manual
+from vmem_guest import control, manual, planner
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.attach import Attached
 from vmem_guest.control import ControlServer, Emit, Handler
-from vmem_guest.driver import Outcome
+from vmem_guest.driver import Outcome, StepResult
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.inhibit import SuspendGuard
+from vmem_guest.resizes import ResizeTimer
 from vmem_guest.spec import Feature
 
 #: Passes over the due devices (one step each) before the loop looks at its
@@ -64,6 +70,10 @@ class DeviceSlot:
 
     attached: Attached
     wake_at: float | None = 0.0  # None: converged, waiting for a config change
+    resize: ResizeTimer = dataclasses.field(init=False)  # its last resize: resize.last
+
+    def __post_init__(self) -> None:
+        self.resize = ResizeTimer(self.attached.bdf)
 
     @property
     def bdf(self) -> str:
@@ -95,6 +105,19 @@ class Arrivals(Protocol):
         """The devices attached since the last call (never one already served)."""
 
 
+class StateListener(Protocol):
+    """Told what the agent serves; each call is cheap when nothing changed."""
+
+    def ready(self, slots: Mapping[str, DeviceSlot]) -> None:
+        """The loop is set up with every device attached at start (maybe none)."""
+
+    def changed(self, slots: Mapping[str, DeviceSlot]) -> None:
+        """A turn of steps and events is over: the devices may have changed."""
+
+    def stopping(self) -> None:
+        """SIGTERM or SIGINT: the loop has ended."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Release:
     """Selector data: the kernel asks for this slot's device back."""
@@ -115,6 +138,7 @@ class Agent:
         resume_watch: ResumeWatch | None = None,
         suspend_guard: SuspendGuard | None = None,
         arrivals: Arrivals | None = None,
+        listener: StateListener | None = None,
     ) -> None:
         """``resume_watch``, ``suspend_guard`` and ``arrivals`` belong to the caller (it
         closes them); so do the devices, released ones included (closed here already)."""
@@ -124,6 +148,7 @@ class Agent:
         self.resume_watch = resume_watch
         self.suspend_guard = suspend_guard
         self.arrivals = arrivals
+        self.listener = listener
         self._inhibitor_fd: int | None = None  # the pipe of a lock being taken, if watched
         self.selector = selectors.DefaultSelector()
         self.stopping = False
@@ -141,11 +166,17 @@ class Agent:
                 len(self.slots),
                 "manual" if self.manual_mode else "automatic",
             )
+            if self.listener is not None:
+                self.listener.ready(self.slots)
             while not self.stopping:
                 self._drive_devices()
                 self._guard_suspend()
+                if self.listener is not None:
+                    self.listener.changed(self.slots)
                 self._wait_for_events(self._timeout())
         log.info("agent stopping")
+        if self.listener is not None:
+            self.listener.stopping()
 
     def close(self) -> None:
         """Release the loop's own resources; the devices belong to the caller."""
@@ -275,6 +306,7 @@ class Agent:
     def _interrupt(self, slot: DeviceSlot) -> None:
         driver = slot.attached.driver
         if driver.interrupt(slot.attached.channel.handle_interrupt()):
+            slot.resize.config_changed(self.clock())
             slot.wake_at = 0.0
         elif slot.broken:
             self._forget(slot)
@@ -306,18 +338,29 @@ class Agent:
 
     def _step(self, slot: DeviceSlot) -> None:
         """One step of one device; its timer says when it is due again."""
+        slot.resize.stepping(self.clock())
         result = slot.attached.driver.step()
         if result.outcome is Outcome.PROGRESS:
+            slot.resize.stepped()
             slot.wake_at = self.clock()
         elif result.outcome is Outcome.WAIT:
             slot.wake_at = self.clock() + result.wait_seconds
         elif result.outcome is Outcome.DONE:
             slot.wake_at = None
+            self._converged(slot, result)
         else:
             self._forget(slot)
 
+    def _converged(self, slot: DeviceSlot, result: StepResult) -> None:
+        """Time (and log) the resize that ends here, if one does."""
+        if isinstance(result.step, planner.Done):
+            slot.resize.converged(self.clock(), result.step)
+        else:
+            slot.resize.abandon()
+
     def _forget(self, slot: DeviceSlot) -> None:
         """The driver marked the device broken: no more interrupts from it either."""
+        slot.resize.abandon()
         slot.wake_at = None
         self._unregister(self._slot_fds(slot))  # its release request stays watched
 

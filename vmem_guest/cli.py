@@ -317,12 +317,9 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 def _setup_logging(level: str) -> None:
-    import logging
+    from vmem_guest.logsetup import setup_logging
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(level)  # the journal's priorities under systemd, else timestamps
 
 
 @cli.command()

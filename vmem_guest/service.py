@@ -24,6 +24,8 @@ from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
 from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.pages import ProcPages
 from vmem_guest.pci_events import PciMonitor
+from vmem_guest.sdnotify import Notifier
+from vmem_guest.sdstatus import SystemdStatus
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
 from vmem_guest.transport.vfio import Mode
@@ -53,17 +55,22 @@ def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
     return kernel
 
 
-def select_devices(devices: tuple[str, ...]) -> list[pci.VirtioMemPci]:
+def select_devices(
+    devices: tuple[str, ...], *, wait_for_hotplug: bool = False
+) -> list[pci.VirtioMemPci]:
     """The functions named in ``devices`` (``--device``), or every virtio-mem function.
 
-    UsageError when none is named and none is found, or when a named one is
-    malformed, absent or not virtio-mem (:func:`pci.get_device`).
+    UsageError when a named one is malformed, absent or not virtio-mem
+    (:func:`pci.get_device`), and when none is named and none is found, unless
+    ``wait_for_hotplug`` (the agent, watching PCI uevents): then the empty list.
     """
     if devices:
         return [pci.get_device(bdf) for bdf in devices]
     found = pci.list_devices()
     if not found:
-        raise UsageError("no virtio-mem device (1af4:1058) found")
+        if not wait_for_hotplug:
+            raise UsageError("no virtio-mem device (1af4:1058) found")
+        log.info("no virtio-mem device (1af4:1058) yet: waiting for one to be hot-plugged")
     return found
 
 
@@ -243,10 +250,11 @@ def run_agent(options: RunOptions) -> None:
     _refuse_if_an_agent_answers(path)
     try:
         with (
+            Notifier.from_environment() as notifier,  # before any child starts
             _hotplug_monitor(options.devices) as monitor,
             no_unevictable_compaction(),
             attached_devices(
-                select_devices(options.devices),
+                select_devices(options.devices, wait_for_hotplug=monitor is not None),
                 state_dir=options.state_dir,
                 policy=options.policy,
                 allow_noiommu=options.allow_noiommu,
@@ -254,7 +262,7 @@ def run_agent(options: RunOptions) -> None:
                 on_refused=skip_refusal,
             ) as attacher,
         ):
-            _serve(attacher, path, options, monitor)
+            _serve(attacher, path, options, monitor, notifier)
     except TrackerLocked as exc:
         raise UsageError(
             f"{exc.message}: another vmem-guest process owns the device; stop it first",
@@ -276,10 +284,15 @@ def _hotplug_monitor(named: tuple[str, ...]) -> Iterator[PciMonitor | None]:
 
 
 def _serve(
-    attacher: DeviceAttacher, path: Path, options: RunOptions, monitor: PciMonitor | None
+    attacher: DeviceAttacher,
+    path: Path,
+    options: RunOptions,
+    monitor: PciMonitor | None,
+    notifier: Notifier,
 ) -> None:
     """The agent's loop over the attacher's devices, its control socket at ``path``;
-    devices hot-plugged later are served through ``monitor`` when there is one."""
+    devices hot-plugged later are served through ``monitor`` when there is one; the
+    service manager is told its state through ``notifier``."""
 
     def make_server(handler: Any) -> ControlServer:
         return ControlServer(path, handler, allowed_uids=frozenset({0}))
@@ -296,6 +309,7 @@ def _serve(
             resume_watch=watch,
             suspend_guard=guard,
             arrivals=arrivals,
+            listener=SystemdStatus(notifier),
         )
         try:
             agent.run()

@@ -187,7 +187,8 @@ def test_the_monitor_starts_before_the_devices_are_listed(
         events.append("monitor started")
         return PciMonitor(FakeUdevMonitor([]))
 
-    def select_devices(devices: tuple[str, ...]) -> list[VirtioMemPci]:
+    def select_devices(devices: tuple[str, ...], wait_for_hotplug: bool) -> list[VirtioMemPci]:
+        assert wait_for_hotplug is watched  # none present: wait only with a monitor
         events.append("devices listed")
         return []
 
@@ -195,7 +196,9 @@ def test_the_monitor_starts_before_the_devices_are_listed(
     def attached_devices(devices: list[VirtioMemPci], **kwargs: object) -> Iterator[object]:
         yield SimpleNamespace(attached=[])
 
-    def serve(attacher: object, path: Path, options: object, monitor: object) -> None:
+    def serve(
+        attacher: object, path: Path, options: object, monitor: object, notifier: object
+    ) -> None:
         events.append("served with a monitor" if monitor is not None else "served")
 
     monkeypatch.setattr(service.PciMonitor, "open", open_monitor)

@@ -255,7 +255,7 @@ def test_agent_on_a_locked_tracker_is_a_usage_error(
         raise TrackerLocked("tracker x.state is locked by pid 77", holder_pid=77)
         yield []
 
-    monkeypatch.setattr(service, "select_devices", lambda devices: [])
+    monkeypatch.setattr(service, "select_devices", lambda devices, **kwargs: [])
     monkeypatch.setattr(service, "attached_devices", locked)
     monkeypatch.setattr(service, "no_unevictable_compaction", contextlib.nullcontext)
     code, out, err = run_main(["run", "--state-dir", str(tmp_path)], capsys)
