@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import click
 
@@ -30,8 +30,17 @@ EXIT_USAGE = 2
 
 T = TypeVar("T")
 
+# click is supported from Debian 12's 8.1.3 on (setup.cfg). ParamType became generic in
+# click 8.4; before that, the type parameter comes from typing.Generic instead.
+if TYPE_CHECKING or getattr(click.ParamType, "__parameters__", ()):
+    _ParamTypeOf = click.ParamType
+else:
 
-class ParsedType(click.ParamType[T, Any]):
+    class _ParamTypeOf(click.ParamType, Generic[T]):
+        """click < 8.4's plain ParamType, made subscriptable."""
+
+
+class ParsedType(_ParamTypeOf[T]):
     """A click type over one parser of what a user types: the parser's UsageError
     becomes click's usage error (one line, exit status 2). A value that is already
     an instance of ``as_is`` (a default given parsed) passes unchanged."""
@@ -95,7 +104,24 @@ def _emit_json(obj: object) -> None:
     click.echo(json.dumps(obj, sort_keys=True))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class NoCommandError(click.UsageError):
+    """No command at all: the group's help goes to stderr and the status is 2."""
+
+    def __init__(self, ctx: click.Context) -> None:
+        super().__init__(ctx.get_help(), ctx=ctx)
+
+
+class _Group(click.Group):
+    """click's group, with no command at all handled alike on every supported click
+    (click >= 8.2 raises NoArgsIsHelpError; 8.1 printed the help on stdout, status 0)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:
+            raise NoCommandError(ctx)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vmem-guest")
 def cli() -> None:
     """vmem-guest: a userspace guest driver for virtio-mem devices.
@@ -706,9 +732,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.main(args=argv, prog_name="vmem-guest", standalone_mode=False)
     except click.exceptions.Abort:
         _fail("aborted", EXIT_FAILURE)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except NoCommandError as exc:
         # No command at all: the help, as click prints it, not an "error:" line.
-        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        click.echo(exc.format_message(), err=True)
         sys.exit(EXIT_USAGE)
     except click.exceptions.ClickException as exc:
         _fail(exc.format_message(), EXIT_USAGE)
