@@ -69,6 +69,7 @@ fi
 if [ "$MODE" = force ] || [ ! -f "$IMAGE" ]; then
     build_image
 fi
+touch "$BASE_DIR" "$IMAGE_DIR"  # the ones in use are the newest for prune_images
 prune_images
 echo "$IMAGE"
 }
@@ -135,10 +136,13 @@ wheel_python() {
     if [ -x "$REPO/.venv/bin/python" ]; then "$REPO/.venv/bin/python" "$@"; else python3 "$@"; fi
 }
 
+# Keep the newest KEEP_IMAGES images and the newest two bases (this build's are the
+# newest); the others are 300-700 MB each.
 prune_images() {
     local old
-    # Newest first; keep KEEP_IMAGES (this one is the newest).
     ls -1dt "$CACHE/rootfs/image-"*/ 2>/dev/null | tail -n +$((KEEP_IMAGES + 1)) |
+        while read -r old; do rm -rf "$old"; done
+    ls -1dt "$CACHE/rootfs/base-"*/ 2>/dev/null | tail -n +3 |
         while read -r old; do rm -rf "$old"; done
 }
 

@@ -145,8 +145,9 @@ def test_a_host_resize_is_followed(vm: TestVM, transcript: Transcript) -> None:
     vm.wait_until(lambda: vm.mem_total() == before + STEP, timeout=60, what="MemTotal")
     dev = status(vm)[device_bdf(vm, DEVICE)]
     assert (dev["requested_size"], dev["plugged_size"], dev["online_size"]) == (STEP,) * 3
-    # The STATUS= line follows too (systemd keeps the newest one).
-    vm.wait_until(lambda: "256" in show(vm, "StatusText"), timeout=30, what="STATUS= update")
+    # The STATUS= line follows too (vmem_guest/sdstatus.py).
+    line = f"requested/plugged: {device_bdf(vm, DEVICE)} 256MiB/256MiB"
+    vm.wait_until(lambda: show(vm, "StatusText") == line, timeout=30, what="the STATUS= line")
     transcript.run(f"systemctl status {UNIT} --no-pager --lines=10")
 
 
