@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos pressure test-matrix qemu rootfs clean
+        conformance chaos pressure test-matrix qemu rootfs clean test-debian-packages man
 
 all: test
 
@@ -37,8 +37,16 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit tests/fuzz
 
 # The whole suite: lint and types run as tests too (tests/unit/test_quality.py).
-test: $(STAMP) vm-deps
+test: $(STAMP) vm-deps test-debian-packages
 	$(PY) -m pytest -q tests
+
+# The CLI on Debian 12's own python3, click and pyudev, nothing from PyPI (docs/install.md).
+test-debian-packages:
+	bash scripts/test-debian-packages.sh .venv-debian
+
+# docs/man/vmem-guest.1, from the click commands (tests/unit/test_manpage.py checks it).
+man: $(STAMP)
+	$(PY) -m vmem_guest.manpage docs/man/vmem-guest.1
 
 # Everything that needs no VM.
 test-fast: $(STAMP)
@@ -114,4 +122,4 @@ test-matrix: $(STAMP) vm-deps
 	$(PY) scripts/matrix.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-debian build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

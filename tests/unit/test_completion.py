@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +33,10 @@ def path_with_vmem_guest(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def complete(path: str, *words: str) -> list[str]:
-    """What bash offers after ``words`` (the last one being typed), set up with the
-    line docs/install.md gives for ~/.bashrc."""
-    program = f"""
-        eval "$(_VMEM_GUEST_COMPLETE=bash_source vmem-guest)"
-        complete -p vmem-guest >&2
-        COMP_WORDS=({" ".join(f"'{w}'" for w in words)})
-        COMP_CWORD={len(words) - 1}
-        _vmem_guest_completion vmem-guest
-        printf '%s\\n' "${{COMPREPLY[@]}}"
-    """
+def shell(path: str, *argv: str) -> str:
+    """Run a shell command line with ``path``; its stdout (stderr goes to the failure)."""
     proc = subprocess.run(
-        ["bash", "--norc", "--noprofile", "-c", program],
+        argv,
         env={**os.environ, "PATH": path},
         capture_output=True,
         text=True,
@@ -54,15 +44,33 @@ def complete(path: str, *words: str) -> list[str]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "-F _vmem_guest_completion vmem-guest" in proc.stderr  # registered by the eval
-    return proc.stdout.split()
+    return proc.stdout
 
 
+def complete(path: str, *words: str) -> list[str]:
+    """What bash offers after ``words`` (the last one being typed), set up with the
+    line docs/install.md gives for ~/.bashrc."""
+    program = f"""
+        eval "$(_VMEM_GUEST_COMPLETE=bash_source vmem-guest)"
+        complete -p vmem-guest
+        COMP_WORDS=({" ".join(f"'{w}'" for w in words)})
+        COMP_CWORD={len(words) - 1}
+        _vmem_guest_completion vmem-guest
+        printf '%s\\n' "${{COMPREPLY[@]}}"
+    """
+    # complete -p prints the registration to stdout, ahead of the offers.
+    registration, *offered = shell(path, "bash", "--norc", "--noprofile", "-c", program).split("\n")
+    assert registration.endswith("-F _vmem_guest_completion vmem-guest")
+    return " ".join(offered).split()
+
+
+@needs_bash
 def test_commands_complete(path_with_vmem_guest: str) -> None:
     assert complete(path_with_vmem_guest, "vmem-guest", "s") == ["sim", "state", "status"]
     assert complete(path_with_vmem_guest, "vmem-guest", "unp") == ["unplug", "unplug-all"]
 
 
+@needs_bash
 def test_options_complete(path_with_vmem_guest: str) -> None:
     assert complete(path_with_vmem_guest, "vmem-guest", "sim", "--re") == [
         "--region",
@@ -70,6 +78,30 @@ def test_options_complete(path_with_vmem_guest: str) -> None:
     ]
 
 
+@needs_bash
 def test_choices_complete(path_with_vmem_guest: str) -> None:
     offered = complete(path_with_vmem_guest, "vmem-guest", "run", "--log-level", "")
     assert offered == ["debug", "info", "warning", "error"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="no fish")
+def test_fish_completes_with_the_documented_setup(path_with_vmem_guest: str) -> None:
+    program = (
+        "_VMEM_GUEST_COMPLETE=fish_source vmem-guest | source;"
+        " complete -C 'vmem-guest s'; complete -C 'vmem-guest run --log-level '"
+    )
+    lines = shell(path_with_vmem_guest, "fish", "--no-config", "-c", program).splitlines()
+    assert [line.split("\t")[0] for line in lines] == [
+        *("sim", "state", "status"),
+        *("debug", "error", "info", "warning"),  # fish sorts them
+    ]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
+def test_zsh_registers_the_documented_setup(path_with_vmem_guest: str, tmp_path: Path) -> None:
+    program = (
+        f"autoload -Uz compinit && compinit -u -d {tmp_path}/zcompdump;"
+        ' eval "$(_VMEM_GUEST_COMPLETE=zsh_source vmem-guest)";'
+        ' print -- "${_comps[vmem-guest]}"'
+    )
+    assert shell(path_with_vmem_guest, "zsh", "-f", "-c", program) == "_vmem_guest_completion\n"
