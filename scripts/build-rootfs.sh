@@ -10,11 +10,12 @@
 #                      list and the hook. Cold: a few minutes (downloads ~90 MB of debs).
 #   image-<base>-<hash>/rootfs.ext4
 #                      a copy of the base with the project installed in a chroot by
-#                      scripts/rootfs/install-project.sh from a wheel of the checkout,
-#                      plus the harness's command runner; <hash> covers the files that
-#                      go into it (the package, its metadata, contrib/, scripts/rootfs/,
-#                      the runner). Made again whenever one of them changes: ~30 s.
-# The newest KEEP_IMAGES images are kept. Needs root (mmdebstrap, chroot).
+#                      scripts/rootfs/install-project.sh from the checkout's files (as
+#                      docs/install.md says), plus the harness's command runner; <hash>
+#                      covers the files that go into it (the package's sources, contrib/,
+#                      scripts/rootfs/, the runner). Made again whenever one of them
+#                      changes: about a minute.
+# The newest KEEP_IMAGES images and two bases are kept. Needs root (mmdebstrap, chroot).
 #
 #   scripts/build-rootfs.sh               build what is missing, print the image path
 #   scripts/build-rootfs.sh --print-path  print the image path (exit 1 if not built)
@@ -74,15 +75,21 @@ prune_images
 echo "$IMAGE"
 }
 
-# A hash of every file that goes into the project layer, by content (a checkout's
-# uncommitted edits count; __pycache__ does not).
+# The checkout's files that the package is built from (docs/install.md installs "from
+# a checkout") and contrib/: the tracked ones, as they are in the work tree.
+project_files() {
+    git -C "$REPO" ls-files -z -- vmem_guest setup.cfg pyproject.toml README.md LICENSE \
+        docs/man contrib
+}
+
+# A hash of every file that goes into the project layer, by content (uncommitted edits
+# of tracked files count).
 project_hash() {
-    (
-        cd "$REPO"
-        find vmem_guest contrib scripts/rootfs setup.cfg pyproject.toml README.md \
-            scripts/vmharness/guest_runner.py -type f ! -path '*/__pycache__/*' ! -name '*.pyc' |
-            LC_ALL=C sort | xargs sha256sum
-    ) | sha256sum | cut -c1-12
+    {
+        project_files
+        printf '%s\0' scripts/rootfs/install-project.sh scripts/rootfs/vmharness-runner.service \
+            scripts/vmharness/guest_runner.py
+    } | (cd "$REPO" && xargs -0 sha256sum) | sha256sum | cut -c1-12
 }
 
 build_base() {
@@ -106,12 +113,11 @@ build_image() {
     mkdir -p "$tmp"
     root="$tmp/root"
     cp -a "$BASE_DIR/root" "$root"
-    # The wheel, built on the host from the checkout: the guest has no network.
-    local stage="$root/root/vmem-guest-install"
-    mkdir -p "$stage/dist"
-    wheel_python -m pip wheel --quiet --no-deps --wheel-dir "$stage/dist" "$REPO" >&2
-    cp -a "$REPO/contrib" "$stage/contrib"
-    chroot "$root" /bin/sh -s /root/vmem-guest-install <"$HERE/rootfs/install-project.sh" \
+    # The part of the checkout the install needs, copied in: the chroot has no network.
+    local stage="$root/root/vmem-guest"
+    mkdir -p "$stage"
+    project_files | (cd "$REPO" && tar --null -T - -cf -) | tar -xf - -C "$stage"
+    chroot "$root" /bin/sh -s /root/vmem-guest <"$HERE/rootfs/install-project.sh" \
         >"$tmp/install.log" 2>&1 ||
         { cat "$tmp/install.log" >&2; die "installing the project in the chroot failed"; }
     rm -rf "$stage"
@@ -128,12 +134,6 @@ build_image() {
     rm -rf "$root"
     mv "$tmp" "$IMAGE_DIR"
     log "image built in $((SECONDS - t0)) s: $IMAGE (${size_mib} MiB)"
-}
-
-# The interpreter that builds the wheel: the checkout's venv (`make venv`), whose pip
-# fetches the build backend (setuptools, wheel) like `make venv` does.
-wheel_python() {
-    if [ -x "$REPO/.venv/bin/python" ]; then "$REPO/.venv/bin/python" "$@"; else python3 "$@"; fi
 }
 
 # Keep the newest KEEP_IMAGES images and the newest two bases (this build's are the
