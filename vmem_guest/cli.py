@@ -729,7 +729,8 @@ def _fuzz_text(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click in non-standalone mode so every error is one line."""
     try:
-        cli.main(args=argv, prog_name="vmem-guest", standalone_mode=False)
+        # Not standalone, click returns ctx.exit()'s code instead of raising it.
+        returned = cli.main(args=argv, prog_name="vmem-guest", standalone_mode=False)
     except click.exceptions.Abort:
         _fail("aborted", EXIT_FAILURE)
     except NoCommandError as exc:
@@ -751,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"{where}{exc.strerror or exc}", EXIT_FAILURE)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    if isinstance(returned, int) and returned != 0:
+        sys.exit(returned)
 
 
 if __name__ == "__main__":

@@ -192,10 +192,23 @@ def trailer() -> list[str]:
         "\\fB_VMEM_GUEST_COMPLETE\\fR",
         "Shell completion: \\fB_VMEM_GUEST_COMPLETE=bash_source vmem\\-guest\\fR prints the"
         " bash script (zsh_source and fish_source for those shells).",
+        ".TP",
+        "\\fBNOTIFY_SOCKET\\fR",
+        "Set by systemd for a Type=notify service: \\fBrun\\fR sends READY=1, STATUS= and"
+        " STOPPING=1 there, and takes it out of its children's environment.",
+        ".TP",
+        "\\fBJOURNAL_STREAM\\fR",
+        "Set by systemd when output goes to the journal: when it names the device and inode"
+        " of stderr, \\fBrun\\fR starts each log line with its syslog priority (<3> error,"
+        " <4> warning, <6> info, <7> debug) instead of a timestamp.",
         ".SH FILES",
         ".TP",
         f"\\fI{escape(str(cli.DEFAULT_STATE_DIR))}\\fR",
         "The default state directory: a tracker file per device and the agent's control socket.",
+        ".TP",
+        "\\fI/etc/default/vmem\\-guest\\fR",
+        "The agent's options under systemd (VMEM_GUEST_OPTS), read by vmem\\-guest.service;"
+        " its installation and settings are described in docs/systemd.md of the source.",
     ]
 
 

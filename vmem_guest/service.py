@@ -288,11 +288,11 @@ def _serve(
     path: Path,
     options: RunOptions,
     monitor: PciMonitor | None,
-    notifier: Notifier,
+    notifier: Notifier | None = None,
 ) -> None:
     """The agent's loop over the attacher's devices, its control socket at ``path``;
     devices hot-plugged later are served through ``monitor`` when there is one; the
-    service manager is told its state through ``notifier``."""
+    service manager is told its state through ``notifier`` when there is one."""
 
     def make_server(handler: Any) -> ControlServer:
         return ControlServer(path, handler, allowed_uids=frozenset({0}))
@@ -309,7 +309,7 @@ def _serve(
             resume_watch=watch,
             suspend_guard=guard,
             arrivals=arrivals,
-            listener=SystemdStatus(notifier),
+            listener=SystemdStatus(notifier) if notifier is not None else None,
         )
         try:
             agent.run()
