@@ -38,6 +38,8 @@ esac
 
 log() { echo "build-rootfs: $*" >&2; }
 die() { echo "build-rootfs: ERROR: $*" >&2; exit 1; }
+# The project's files are the checkout's tracked ones (project_files).
+git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1 || die "$REPO is not a git checkout"
 
 BASE_HASH="$( { echo "$SUITE"; cat "$HERE/rootfs/packages" "$HERE/rootfs/base-hook.sh"; } |
     sha256sum | cut -c1-12)"
