@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchplot
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, paths
-from vmharness.guest_agent import REPO, VMEM_GUEST, wait_for_control_socket
+from vmharness.guest_agent import REPO, VMEM_GUEST, status_devices, wait_for_control_socket
 from vmharness.sizes import fmt_size
 from vmharness.watch import Curve
 
@@ -359,10 +359,7 @@ def stop_agent(vm: TestVM, tag: str) -> None:
 def agent_status(vm: TestVM) -> dict[str, dict[str, Any]]:
     """``vmem-guest status --json``, the interesting fields, by PCI address."""
     keys = ("plugged_size", "online_size", "requested_size", "broken", "retries", "remainder")
-    return {
-        dev["device"]: {k: dev.get(k) for k in keys}
-        for dev in json.loads(vm.sh(f"{VMEM_GUEST} status --json"))
-    }
+    return {dev["device"]: {k: dev.get(k) for k in keys} for dev in status_devices(vm)}
 
 
 def log_problems(log: str) -> list[str]:

@@ -54,7 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_agent import BDF_SCRIPT, VENV_PYTHON, stats
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, paths
-from vmharness.guest_agent import CONTROL_SOCKET, cli_json, wait_for_control_socket
+from vmharness.guest_agent import (
+    CONTROL_SOCKET,
+    status_devices,
+    wait_for_control_socket,
+)
 
 RUNS = 5
 PLUGGED = 1 * GiB
@@ -173,7 +177,7 @@ def agent_counters(vm: TestVM) -> dict[str, int]:
 
 
 def agent_device(vm: TestVM) -> dict[str, Any]:
-    (dev,) = cli_json(vm, "status")
+    (dev,) = status_devices(vm)
     assert isinstance(dev, dict)
     return dev
 

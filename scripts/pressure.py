@@ -88,7 +88,7 @@ from vmharness.guest_agent import (
     agent_died,
     agent_log,
     start_agent,
-    status,
+    status_document,
     stop_agent,
 )
 
@@ -439,12 +439,13 @@ def agent_view(vm: TestVM) -> dict[str, Any]:
     """What ``vmem-guest status --json`` says of the device, with the holes spelled out:
     ``holes`` (physical address of each unplugged subblock of an online block) and
     ``taking_bytes`` (subblocks being taken or given back: poisoned in part, plugged)."""
-    (dev,) = status(vm).values()
+    document = status_document(vm)
+    (dev,) = document["devices"]
     keys = ("plugged_size", "online_size", "requested_size", "remainder", "retries")
     view = {k: dev[k] for k in keys}
     view.update(broken=dev["broken"], intent=dev["intent"], requests=dev["requests"])
     view.update(hole_bytes=dev["hole_bytes"], holed_blocks=len(dev["holed_blocks"]))
-    view["guest_hardware_corrupted"] = dev.get("guest_hardware_corrupted")
+    view["guest_hardware_corrupted"] = document["guest"]["hardware_corrupted"]
     glyphs = [(b["index"], b["subblocks"]) for b in dev["holed_blocks"]]
     mb_size, sb_size = dev["memory_block_size"], dev["block_size"]
     view["holes"] = [

@@ -44,7 +44,7 @@ import selectors
 import signal
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from vmem_guest import control, manual, planner
@@ -116,6 +116,25 @@ class StateListener(Protocol):
 
     def stopping(self) -> None:
         """SIGTERM or SIGINT: the loop has ended."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Listeners:
+    """Several listeners told the same, in order (the service manager, the metrics file)."""
+
+    listeners: Sequence[StateListener]
+
+    def ready(self, slots: Mapping[str, DeviceSlot]) -> None:
+        for listener in self.listeners:
+            listener.ready(slots)
+
+    def changed(self, slots: Mapping[str, DeviceSlot]) -> None:
+        for listener in self.listeners:
+            listener.changed(slots)
+
+    def stopping(self) -> None:
+        for listener in self.listeners:
+            listener.stopping()
 
 
 @dataclasses.dataclass(frozen=True)

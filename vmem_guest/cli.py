@@ -299,28 +299,53 @@ def _sim_table(rows: Sequence[tuple[int, Any]]) -> str:
 
 @cli.command()
 @STATE_DIR
-@click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per device.")
-def status(state_dir: Path, as_json: bool) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object, schema 1 (docs/status-json.md)."
+)
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Metrics in the Prometheus text exposition format (docs/operations.md).",
+)
+def status(state_dir: Path, as_json: bool, prometheus: bool) -> None:
     """Show each device's sizes and memory blocks, live from its tracker file.
 
     Works while the agent runs: the tracker is read without locks, as a
     consistent snapshot.
+
+    \b
+    Exit status, whatever the output form:
+      0  every device converged (or no device is tracked)
+      1  status failed: a tracker unreadable, corrupt or untrusted
+      2  usage error
+      3  a device is broken: the agent no longer touches it
+      4  a device has not converged: plugged differs from requested (still
+         resizing, or a remainder the guest cannot use), a request is in
+         flight, or plugged memory is not all online
+    A broken device (3) outranks one that has not converged (4).
     """
+    from vmem_guest import health, metrics
     from vmem_guest.service import guest_memory
     from vmem_guest.tracker import TrackerReader, list_trackers
 
+    if as_json and prometheus:
+        raise UsageError("--json and --prometheus exclude each other")
     snapshots = []
     for path in list_trackers(state_dir):
         with TrackerReader.open(path) as reader:
             snapshots.append(reader.snapshot())
-    guest = guest_memory()
-    if as_json:
-        _emit_json([render.snapshot_dict(snap, guest) for snap in snapshots])
-        return
-    if not snapshots:
+    if prometheus:
+        click.echo(metrics.exposition(snapshots), nl=False)
+    elif as_json:
+        _emit_json(render.status_document(snapshots, guest_memory()))
+    elif not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
-        return
-    click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+    else:
+        guest = guest_memory()
+        click.echo("\n\n".join(render.snapshot_text(snap, guest) for snap in snapshots))
+    verdict = health.exit_status(snapshots)
+    if verdict is not health.StatusExit.OK:
+        sys.exit(verdict)
 
 
 # --- the real device ---------------------------------------------------------
@@ -428,6 +453,13 @@ def unbind(bdf: str) -> None:
     show_default=True,
     help="Least severe log messages to print (to stderr).",
 )
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep Prometheus metrics in this file (rewritten on every change, removed at"
+    " exit), e.g. in node_exporter's textfile directory as vmem-guest.prom.",
+)
 def run(
     online_policy: str,
     subblock_unplug: bool,
@@ -437,6 +469,7 @@ def run(
     state_dir: Path,
     offline_timeout: float,
     log_level: str,
+    metrics_file: Path | None,
 ) -> None:
     """Run the agent: bind every virtio-mem device to vfio-pci and follow the host.
 
@@ -458,6 +491,7 @@ def run(
         allow_noiommu=noiommu,
         devices=bdfs,
         offline_timeout=offline_timeout,
+        metrics_file=metrics_file,
     )
     service.run_agent(options)
 

@@ -183,6 +183,13 @@ def trailer() -> list[str]:
         str(cli.EXIT_USAGE),
         "A usage error: something typed was wrong (one line on stderr), or no command"
         " was given (the help, on stderr).",
+        ".TP",
+        "3",
+        "\\fBstatus\\fR: a device is broken (the agent no longer touches it).",
+        ".TP",
+        "4",
+        "\\fBstatus\\fR: a device has not converged (plugged differs from requested, a"
+        " request in flight, plugged memory not all online); 3 outranks 4.",
         ".SH ENVIRONMENT",
         ".TP",
         "\\fBVMEM_GUEST_TRACEBACK\\fR",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+from vmem_guest import health
 from vmem_guest.blocks import MemoryBlockState, Zone
 from vmem_guest.spec import Feature
 from vmem_guest.tracker import TrackerSnapshot
@@ -70,15 +71,24 @@ def subblock_map(snap: TrackerSnapshot, index: int) -> str:
     )
 
 
-def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> dict[str, object]:
-    """The JSON form of ``vmem-guest status --json`` for one device."""
+#: ``schema`` of the ``vmem-guest status --json`` object: raised when a field changes
+#: meaning or goes away (docs/status-json.md); new fields keep it.
+STATUS_SCHEMA = 1
+
+
+def status_document(snapshots: Sequence[TrackerSnapshot], guest: GuestMemory) -> dict[str, object]:
+    """The object ``vmem-guest status --json`` prints (docs/status-json.md)."""
+    return {
+        "schema": STATUS_SCHEMA,
+        "status": health.exit_status(snapshots).name.lower(),
+        "devices": [snapshot_dict(snap) for snap in snapshots],
+        "guest": {"mem_total": guest.mem_total, "hardware_corrupted": guest.hardware_corrupted},
+    }
+
+
+def snapshot_dict(snap: TrackerSnapshot) -> dict[str, object]:
+    """One device of ``vmem-guest status --json`` (docs/status-json.md)."""
     geometry = snap.identity.geometry
-    system: dict[str, object] = {}
-    if guest is not None:
-        system = {
-            "guest_mem_total": guest.mem_total,
-            "guest_hardware_corrupted": guest.hardware_corrupted,
-        }
     return {
         "device": snap.identity.name,
         "addr": geometry.addr,
@@ -98,9 +108,10 @@ def snapshot_dict(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> di
         "holed_blocks": [
             {"index": index, "subblocks": subblock_map(snap, index)} for index in holed_blocks(snap)
         ],
-        **system,
         "broken": snap.broken,
         "broken_reason": snap.broken_reason or None,
+        "converged": health.converged(snap),
+        "not_converged": health.not_converged(snap),
         "owner_pid": snap.owner_pid,
         "generation": snap.generation,
         "requests": snap.requests,
@@ -169,6 +180,9 @@ def snapshot_text(snap: TrackerSnapshot, guest: GuestMemory | None = None) -> st
         f"  {snap.interrupt_mode.text} interrupts, features:"
         f" {', '.join(feature_names(snap.device_features)) or 'none'}",
     ]
+    reasons = health.not_converged(snap)
+    if reasons and not snap.broken:
+        lines.append(f"  not converged: {'; '.join(reasons)}")
     if snap.intent is not None:
         lines.append(
             f"  in flight: {snap.intent.op.name} {snap.intent.addr:#x} x{snap.intent.nb_blocks}"

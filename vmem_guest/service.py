@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import binding, control, manual, pci, planner, render
+from vmem_guest import binding, control, manual, metrics, pci, planner, render
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest._linux.timerfd import ResumeWatch
-from vmem_guest.agent import Agent
+from vmem_guest.agent import Agent, Listeners, StateListener
 from vmem_guest.attach import Attached, attach
 from vmem_guest.control import ControlServer, Emit
 from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError, VmemError
@@ -41,6 +41,7 @@ class RunOptions:
     allow_noiommu: bool = False
     devices: tuple[str, ...] = ()
     offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT
+    metrics_file: Path | None = None
 
 
 def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
@@ -248,11 +249,15 @@ def run_agent(options: RunOptions) -> None:
     """``vmem-guest run``: serve every (chosen) device until SIGTERM."""
     path = control.socket_path(options.state_dir)
     _refuse_if_an_agent_answers(path)
+    if options.metrics_file is not None and (
+        why := metrics.check_metrics_path(options.metrics_file)
+    ):
+        raise UsageError(why)
     try:
         with (
             Notifier.from_environment() as notifier,  # before any child starts
             _hotplug_monitor(options.devices) as monitor,
-            no_unevictable_compaction(),
+            no_unevictable_compaction(options.state_dir),
             attached_devices(
                 select_devices(options.devices, wait_for_hotplug=monitor is not None),
                 state_dir=options.state_dir,
@@ -302,6 +307,13 @@ def _serve(
         guard = SuspendGuard()
         stack.callback(guard.close)
         arrivals = HotplugArrivals(monitor, attacher) if monitor is not None else None
+        listeners: list[StateListener] = []
+        if notifier is not None:
+            listeners.append(SystemdStatus(notifier))
+        if options.metrics_file is not None:
+            published = metrics.MetricsFile(options.metrics_file, log)
+            stack.callback(published.close)
+            listeners.append(published)
         agent = Agent(
             list(attacher.attached),
             make_server,
@@ -309,7 +321,7 @@ def _serve(
             resume_watch=watch,
             suspend_guard=guard,
             arrivals=arrivals,
-            listener=SystemdStatus(notifier) if notifier is not None else None,
+            listener=Listeners(listeners) if listeners else None,
         )
         try:
             agent.run()

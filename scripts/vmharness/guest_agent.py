@@ -112,9 +112,31 @@ def stop_agent(vm: TestVM, sig: str = "TERM") -> None:
     vm.wait_until(lambda: agent_died(vm), timeout=60, what="the agent to exit")
 
 
+#: Exit statuses of ``vmem-guest status`` that come with a status: 0 every device
+#: converged, 3 a device broken, 4 a device not converged (docs/operations.md).
+STATUS_PRINTED = (0, 3, 4)
+
+
+def status_document(vm: TestVM) -> dict[str, Any]:
+    """``vmem-guest status --json``, the whole object (docs/status-json.md), whatever
+    the devices' verdict; an error (exit 1 or 2) raises."""
+    rc, out, err = cli_result(vm, "status --json")
+    if rc not in STATUS_PRINTED:
+        raise AssertionError(f"vmem-guest status --json: exit status {rc}: {err.strip()}")
+    document: dict[str, Any] = json.loads(out)
+    assert document["schema"] == 1, document
+    return document
+
+
+def status_devices(vm: TestVM) -> list[dict[str, Any]]:
+    """The devices of ``vmem-guest status --json``."""
+    devices: list[dict[str, Any]] = status_document(vm)["devices"]
+    return devices
+
+
 def status(vm: TestVM) -> dict[str, dict[str, Any]]:
     """``vmem-guest status --json`` by device (PCI address)."""
-    return {dev["device"]: dev for dev in cli_json(vm, "status")}
+    return {dev["device"]: dev for dev in status_devices(vm)}
 
 
 def device_bdfs(vm: TestVM) -> dict[str, str]:

@@ -151,9 +151,10 @@ def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
 
     status = run_module("status", "--json", "--state-dir", str(state_dir))
     assert status.returncode == 0, status.stderr
-    devices = json.loads(status.stdout)
-    assert len(devices) == 1
-    device = devices[0]
+    document = json.loads(status.stdout)
+    assert (document["schema"], document["status"]) == (1, "ok")
+    assert isinstance(document["guest"]["mem_total"], int)
+    (device,) = document["devices"]
     assert device["plugged_size"] == last["plugged"]
     assert device["online_size"] == last["online"]
     assert device["requested_size"] == 1000 * MiB
@@ -162,8 +163,8 @@ def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
     assert device["hole_bytes"] == 24 * MiB
     holed = device["holed_blocks"]
     assert [entry["subblocks"] for entry in holed] == ["#" * 52 + "." * 12]
-    assert isinstance(device["guest_mem_total"], int)
     assert device["intent"] is None
+    assert (device["converged"], device["not_converged"]) == (True, [])
     assert device["broken"] is False
     assert (device["interrupts"], device["device_features"]) == ("model", [])
 
@@ -179,7 +180,7 @@ def test_status_reports_what_the_sim_left(tmp_path: Path) -> None:
 
 def test_status_of_an_empty_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["status", "--json", "--state-dir", str(tmp_path)], capsys)
-    assert (code, json.loads(out)) == (0, [])
+    assert (code, json.loads(out)["devices"]) == (0, [])
     code, out, _ = run_main(["status", "--state-dir", str(tmp_path)], capsys)
     assert code == 0
     assert "no virtio-mem device tracked" in out

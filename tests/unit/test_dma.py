@@ -121,17 +121,20 @@ def test_real_pagemap_as_root_or_hidden() -> None:
 def test_compaction_knob_set_and_restored(tmp_path: Path) -> None:
     knob = tmp_path / "compact_unevictable_allowed"
     knob.write_text("1\n")
-    with dma.no_unevictable_compaction(knob):
-        assert knob.read_text() == "0\n"
-    assert knob.read_text() == "1\n"
-    with pytest.raises(RuntimeError), dma.no_unevictable_compaction(knob):
+    state = tmp_path / "state"
+    with dma.no_unevictable_compaction(state, knob) as applied:
+        assert applied
+        assert knob.read_text() == "0"
+    assert knob.read_text() == "1"
+    with pytest.raises(RuntimeError), dma.no_unevictable_compaction(state, knob):
         raise RuntimeError("agent died")
-    assert knob.read_text() == "1\n"
+    assert knob.read_text() == "1"
+    assert not list(state.glob("*.setting"))
 
 
 def test_compaction_knob_missing(tmp_path: Path) -> None:
-    with dma.no_unevictable_compaction(tmp_path / "absent"):
-        pass
+    with dma.no_unevictable_compaction(tmp_path / "state", tmp_path / "absent") as applied:
+        assert not applied
 
 
 class FakeContainer:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from vmharness import NEWER_PAIR, GiB, MemDevice, MiB, Pair, TestVM, VMConfig
 from vmharness.config import userspace_driver_config
-from vmharness.guest_agent import AGENT_LOG, agent_died, agent_running, cli_json
+from vmharness.guest_agent import AGENT_LOG, agent_died, agent_running, cli_json, status
 
 BootVM = Callable[[VMConfig, Pair], AbstractContextManager[TestVM]]
 HOTPLUG_ID = "hp0"
@@ -54,7 +54,7 @@ def vm(boot_vm: BootVM) -> Iterator[TestVM]:
 
 def devices(vm: TestVM) -> dict[str, dict[str, Any]]:
     """``vmem-guest status --json`` (every tracker in the state directory) by BDF."""
-    return {dev["device"]: dev for dev in cli_json(vm, "status")}
+    return status(vm)
 
 
 def pci_functions(vm: TestVM) -> set[str]:

@@ -28,7 +28,7 @@ from test_chaos_vm import check_chaos
 from test_conformance_vm import check_qemu_conforms, fuzz_config
 from vmharness import NEWER_PAIR, Pair, TestVM, VMConfig
 from vmharness.config import userspace_driver_config
-from vmharness.guest_agent import AGENT_PID, cli_json, device_bdfs
+from vmharness.guest_agent import AGENT_PID, device_bdfs, status
 
 BootVM = Callable[[VMConfig, Pair], AbstractContextManager[TestVM]]
 #: Resizes in test_agent_vm's sequence, each one config interrupt per device.
@@ -93,7 +93,7 @@ def check_msix(vm: TestVM) -> None:
         # Vector 0 carries the config changes: one per resize of the sequence.
         assert seen.get("msix0", 0) >= RESIZES, counts
         assert seen.get("msix1", 0) >= 1, counts
-    devices = {dev["device"]: dev for dev in cli_json(vm, "status")}
+    devices = status(vm)
     for bdf in bdfs.values():
         assert devices[bdf]["interrupts"] == "MSI-X"
         assert "UNPLUGGED_INACCESSIBLE" in devices[bdf]["device_features"]

@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
-from vmharness.guest_agent import VMEM_GUEST, cli_json, start_agent, state, stop_agent
+from vmharness.guest_agent import (
+    VMEM_GUEST,
+    start_agent,
+    state,
+    status_devices,
+    stop_agent,
+)
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 DEV = "vm0"
@@ -44,7 +50,7 @@ def vm(boot_vm: BootVM) -> Iterator[TestVM]:
 
 
 def the_device(vm: TestVM) -> dict[str, Any]:
-    (dev,) = cli_json(vm, "status --json")
+    (dev,) = status_devices(vm)
     assert isinstance(dev, dict)
     return dev
 
@@ -56,7 +62,7 @@ def converge(vm: TestVM, device: str, size: int, plugged: int, timeout: float = 
         lambda: vm.plugged(device) == plugged, timeout=timeout, what=f"{device} size {plugged}"
     )
     vm.wait_until(
-        lambda: all(d["intent"] is None for d in cli_json(vm, "status --json")),
+        lambda: all(d["intent"] is None for d in status_devices(vm)),
         timeout=60,
         what="the tracker to settle",
     )

@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 import pytest
 from vmharness import NEWER_PAIR, GiB, MemDevice, MiB, Pair, TestVM, VMConfig
 from vmharness.config import userspace_driver_config
-from vmharness.guest_agent import AGENT_LOG, agent_running, cli_json
+from vmharness.guest_agent import AGENT_LOG, agent_running, status_devices
 
 BootVM = Callable[[VMConfig, Pair], AbstractContextManager[TestVM]]
 
@@ -73,7 +73,7 @@ def full_log(vm: TestVM) -> str:
 
 
 def device_status(vm: TestVM) -> dict[str, object]:
-    (dev,) = cli_json(vm, "status")
+    (dev,) = status_devices(vm)
     return dict(dev)
 
 

@@ -82,7 +82,7 @@ def fuzz_pci_device(
     with device_lock(state_dir, dev.bdf):
         _refuse_kernel_driver(dev)
         mode = service.bind_device(dev, allow_noiommu)
-        with no_unevictable_compaction():
+        with no_unevictable_compaction(state_dir):
             with PciChannel.open(dev.bdf, mode=mode) as channel:
                 cfg = _unused_config(channel, dev.bdf, SysfsMemory())
                 log.info("fuzzing %s: %s", dev.bdf, cfg)

@@ -26,6 +26,7 @@ from vmem_guest._linux import pagemap, secretmem
 from vmem_guest._linux.mman import map_locked
 from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest.errors import SafetyError, TransportError
+from vmem_guest.kernel_setting import changed_setting
 from vmem_guest.transport.vfio import VfioContainer
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -236,29 +237,17 @@ class PhysBuffer(DmaBuffer):
 
 
 @contextlib.contextmanager
-def no_unevictable_compaction(path: Path = COMPACT_UNEVICTABLE) -> Iterator[None]:
-    """Set ``vm.compact_unevictable_allowed`` to 0 while the block runs, then restore it.
+def no_unevictable_compaction(state_dir: Path, path: Path = COMPACT_UNEVICTABLE) -> Iterator[bool]:
+    """Hold ``vm.compact_unevictable_allowed`` at 0 while the block runs, then restore it.
 
-    Compaction would otherwise migrate our locked (no-IOMMU) DMA pages. Where
-    the knob does not exist (no CONFIG_COMPACTION) there is nothing to turn off.
+    Compaction would otherwise migrate our locked (no-IOMMU) DMA pages: Linux
+    ``mm/compaction.c`` ``isolate_migratepages()`` scans the unevictable (mlocked)
+    pages too (ISOLATE_UNEVICTABLE) unless the knob is 0. The original is recorded
+    in ``state_dir`` first, so a SIGKILLed agent's next start still restores it
+    (:func:`vmem_guest.kernel_setting.changed_setting`). Yields False where the
+    knob is absent (no CONFIG_COMPACTION: nothing to turn off) or cannot be
+    written: the driver then still re-checks its pages before every request
+    (:meth:`PhysBuffer.check_outside`), and a type1 IOMMU pins them anyway.
     """
-    try:
-        old = path.read_text().strip()
-    except FileNotFoundError:
-        log.info("%s does not exist: no compaction to turn off", path)
-        yield
-        return
-    except OSError as exc:
-        raise TransportError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
-    try:
-        path.write_text("0\n")
-    except OSError as exc:
-        raise TransportError(f"cannot write {path}: {exc.strerror}", path=str(path)) from None
-    log.debug("%s: %s -> 0", path, old)
-    try:
-        yield
-    finally:
-        try:
-            path.write_text(f"{old}\n")
-        except OSError as exc:
-            log.error("cannot restore %s to %s: %s", path, old, exc.strerror)
+    with changed_setting(path, "0", state_dir, log) as applied:
+        yield applied
