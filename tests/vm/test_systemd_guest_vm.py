@@ -2,23 +2,26 @@
 installed the way docs/install.md and docs/systemd.md say.
 
 The guest's root is the image of scripts/build-rootfs.sh (Debian's systemd, udev,
-logind, python3-click and python3-pyudev; the project from a wheel of the checkout in
-/opt/vmem-guest; the unit, /etc/default/vmem-guest with --noiommu and the udev rule
-installed, the unit enabled) on a virtio-blk disk that QEMU keeps unchanged
-(``snapshot=on``). Nothing starts the agent but systemd. The harness's command runner
-runs from a unit of its own in the image.
+logind, python3-click and python3-pyudev; the project built from the checkout's
+sources into /opt/vmem-guest with Debian's setuptools; the unit, /etc/default/vmem-guest
+with --noiommu and the udev rule installed, the unit enabled) on a virtio-blk disk that
+QEMU keeps unchanged (``snapshot=on``). Nothing starts the agent but systemd. The
+harness's command runner runs from a unit of its own in the image.
 
 The tests run in order on one guest, as a user's session would: the unit is up after
 boot, ``systemctl status`` shows the agent's STATUS= line, a host resize is followed,
 a refusal reaches ``journalctl -p warning``, ``systemctl stop``/``start`` keep the
-memory as it is, a device hot-plugged later is served by the running agent, and
-logind lists the agent's sleep inhibitor while memory is plugged. What systemctl and
-journalctl printed is kept in ``systemd.txt`` of the run's results directory.
+memory as it is, a device hot-plugged later is served by the running agent, logind
+lists the agent's sleep inhibitor while memory is plugged, and a device hot-plugged
+while the agent is stopped starts it (the udev rule). What systemctl, journalctl and
+systemd-inhibit printed is kept in ``systemd.txt`` of the run's results directory
+(docs/test-vm.md section 11).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import threading
@@ -37,6 +40,8 @@ VMEM_GUEST = "/opt/vmem-guest/bin/vmem-guest"
 UNIT = "vmem-guest"
 DEVICE = "vm0"
 HOTPLUG_ID = "hp0"
+#: Hot-plugged while the agent is stopped: the udev rule starts it.
+LATE_ID = "hp1"
 BLOCK = 2 * MiB
 STEP = 256 * MiB
 #: systemd's own boot under TCG on a busy 2-core host (the runner answers earlier).
@@ -44,17 +49,18 @@ SYSTEM_UP_TIMEOUT = 240.0
 
 
 def systemd_guest_config(image: Path) -> VMConfig:
-    """One 1 GiB device at boot, a PCIe root port for one more later (native PCIe
+    """One 1 GiB device at boot, two PCIe root ports for two more later (native PCIe
     hotplug, as in tests/vm/test_hotplug_vm.py), the Debian image as the root."""
     cfg = userspace_driver_config("systemd", MemDevice(DEVICE, size=1 * GiB, block_size=BLOCK))
     return dataclasses.replace(
         cfg,
         root_image=image,
-        # Room for the device added later, plus QEMU's 1 GiB of alignment slack.
-        maxmem=cfg.memory + 1 * GiB + 1 * GiB + 1 * GiB,
+        # Room for the two devices added later, plus QEMU's 1 GiB of alignment slack.
+        maxmem=cfg.memory + 1 * GiB + 2 * GiB + 1 * GiB,
         extra_qemu_args=(
             *("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"),
             *("-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"),
+            *("-device", "pcie-root-port,id=rp2,bus=pcie.0,chassis=2"),
         ),
     )
 
@@ -105,8 +111,6 @@ def show(vm: TestVM, prop: str) -> str:
 
 def status(vm: TestVM) -> dict[str, dict[str, object]]:
     """``vmem-guest status --json`` by device (PCI address)."""
-    import json
-
     return {dev["device"]: dev for dev in json.loads(vm.sh(f"{VMEM_GUEST} status --json"))}
 
 
@@ -200,19 +204,25 @@ def test_stop_keeps_the_memory_and_start_picks_it_up(vm: TestVM, transcript: Tra
     assert dev["online_blocks"] == online_before
 
 
+def device_add(vm: TestVM, device_id: str, bus: str) -> None:
+    """A 1 GiB virtio-mem-pci device, nothing requested, behind root port ``bus``."""
+    backend = f"mem-{device_id}"
+    vm.qmp("object-add", **{"qom-type": "memory-backend-ram", "id": backend, "size": GiB})
+    vm.qmp(
+        "device_add",
+        driver="virtio-mem-pci",
+        id=device_id,
+        memdev=backend,
+        bus=bus,
+        **{"block-size": BLOCK, "requested-size": 0},
+    )
+
+
 def test_a_device_hot_plugged_later_is_served_without_a_restart(
     vm: TestVM, transcript: Transcript
 ) -> None:
     pid, restarts, total = show(vm, "MainPID"), show(vm, "NRestarts"), vm.mem_total()
-    vm.qmp("object-add", **{"qom-type": "memory-backend-ram", "id": "mem-hp0", "size": GiB})
-    vm.qmp(
-        "device_add",
-        driver="virtio-mem-pci",
-        id=HOTPLUG_ID,
-        memdev="mem-hp0",
-        bus="rp1",
-        **{"block-size": BLOCK, "requested-size": 0},
-    )
+    device_add(vm, HOTPLUG_ID, "rp1")
     vm.wait_until(lambda: len(status(vm)) == 2, timeout=120, what="the agent to take hp0")
     vm.resize(HOTPLUG_ID, STEP)
     vm.wait_until(lambda: vm.plugged(HOTPLUG_ID) == STEP, timeout=120, what="hp0's plug")
@@ -247,3 +257,22 @@ def test_logind_lists_the_agents_sleep_inhibitor_while_memory_is_plugged(
     vm.wait_until(lambda: not inhibitor_listed(vm), timeout=30, what="the lock to go")
     transcript.run("systemd-inhibit --list --no-pager")
     transcript.run(f"systemctl status {UNIT} --no-pager --lines=10")
+
+
+def test_a_device_hot_plugged_while_the_agent_is_stopped_starts_it(
+    vm: TestVM, transcript: Transcript
+) -> None:
+    # contrib/70-vmem-guest.rules: the new function's SYSTEMD_WANTS starts the unit.
+    transcript.run(f"systemctl stop {UNIT}")
+    assert vm.sh(f"systemctl is-active {UNIT} || true").strip() == "inactive"
+    device_add(vm, LATE_ID, "rp2")
+    vm.wait_until(
+        lambda: vm.guest(f"systemctl is-active {UNIT}")[1].strip() == "active",
+        timeout=180,
+        what="udev to start the unit",
+    )
+    vm.wait_until(lambda: len(status(vm)) == 3, timeout=60, what="the agent to take hp1")
+    transcript.run(f"journalctl -u {UNIT} --no-pager -n 6")
+    vm.resize(LATE_ID, STEP)
+    vm.wait_until(lambda: vm.plugged(LATE_ID) == STEP, timeout=120, what="hp1's plug")
+    transcript.run(f"systemctl status {UNIT} --no-pager --lines=5")
