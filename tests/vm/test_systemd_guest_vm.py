@@ -28,11 +28,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vmharness import GiB, HostUnavailable, MemDevice, MiB, TestVM, VMConfig
 from vmharness import host as vmhost
 from vmharness.config import userspace_driver_config
+from vmharness.guest_agent import STATUS_PRINTED
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 #: Where docs/install.md puts the command (the unit runs it from there too).
@@ -109,9 +111,12 @@ def show(vm: TestVM, prop: str) -> str:
     return vm.sh(f"systemctl show -p {prop} --value {UNIT}").strip()
 
 
-def status(vm: TestVM) -> dict[str, dict[str, object]]:
-    """``vmem-guest status --json`` by device (PCI address)."""
-    return {dev["device"]: dev for dev in json.loads(vm.sh(f"{VMEM_GUEST} status --json"))}
+def status(vm: TestVM) -> dict[str, dict[str, Any]]:
+    """The devices of ``vmem-guest status --json`` (docs/status-json.md) by PCI address,
+    whatever their verdict (the exit status); an error raises."""
+    rc, out = vm.guest(f"{VMEM_GUEST} status --json 2>/run/status.err")
+    assert rc in STATUS_PRINTED, f"status --json: exit status {rc}: {vm.read('/run/status.err')}"
+    return {dev["device"]: dev for dev in json.loads(out)["devices"]}
 
 
 def device_bdf(vm: TestVM, device_id: str) -> str:
