@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmem_guest import requirements
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none, write_word
 from vmem_guest.errors import TransportError, UsageError
 from vmem_guest.pci import NOIOMMU_PARAM, VirtioMemPci, get_device
@@ -94,8 +95,10 @@ def _ensure_vfio_pci(sysfs_root: Path, timeout: float) -> None:
         raise TransportError(f"cannot run modprobe {VFIO_PCI}: {exc}") from None
     if proc.returncode != 0:
         raise TransportError(
-            f"modprobe {VFIO_PCI} failed (exit status {proc.returncode}): "
-            f"{proc.stderr.strip() or proc.stdout.strip()}",
+            requirements.VFIO_PCI.refusal(
+                f"modprobe {VFIO_PCI} failed (exit status {proc.returncode}): "
+                f"{proc.stderr.strip() or proc.stdout.strip()}"
+            ),
             returncode=proc.returncode,
         )
     if not _wait_for("the vfio-pci driver", driver_dir.is_dir, timeout):
@@ -108,8 +111,10 @@ def _enable_noiommu(sysfs_root: Path) -> None:
     current = read_value_or_none(param)
     if current is None:
         raise TransportError(
-            "the kernel's vfio has no no-IOMMU mode (CONFIG_VFIO_NOIOMMU is off): "
-            f"{param} is missing; a vIOMMU (type1) is needed",
+            requirements.DMA_ISOLATION.refusal(
+                f"the kernel's vfio has no no-IOMMU mode: {param} is missing "
+                "(CONFIG_VFIO_NOIOMMU is off)"
+            ),
             path=str(param),
         )
     if current in ("Y", "1"):
@@ -164,18 +169,9 @@ def bind(
     """
     dev = get_device(bdf, sysfs_root)
     if dev.iommu_kind is None:
-        raise UsageError(
-            f"{dev.bdf} has no IOMMU and this kernel's vfio has no no-IOMMU mode "
-            "(CONFIG_VFIO_NOIOMMU); give the VM a vIOMMU",
-            bdf=dev.bdf,
-        )
+        raise UsageError(requirements.no_iommu_mode(dev.bdf), bdf=dev.bdf)
     if dev.iommu_kind == "noiommu" and not allow_noiommu:
-        raise UsageError(
-            f"{dev.bdf} is not behind an IOMMU: binding it needs VFIO's unsafe no-IOMMU "
-            "mode, which lets the device DMA anywhere and taints the kernel; allow it "
-            "explicitly (--noiommu) or give the VM a vIOMMU",
-            bdf=dev.bdf,
-        )
+        raise UsageError(requirements.noiommu_not_allowed(dev.bdf), bdf=dev.bdf)
     _ensure_vfio_pci(sysfs_root, timeout)
     if dev.iommu_kind == "noiommu":
         _enable_noiommu(sysfs_root)

@@ -400,6 +400,37 @@ def devices(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option(
+    "--noiommu",
+    is_flag=True,
+    help="Check as for run --noiommu (devices without an IOMMU are then usable).",
+)
+@ONLINE_POLICY
+@STATE_DIR
+@JSON
+def doctor(noiommu: bool, online_policy: str, state_dir: Path, as_json: bool) -> None:
+    """Check that this guest has what the agent needs, and say what is missing.
+
+    Each requirement is listed as ok, missing, not needed or unknown, with what a
+    missing one costs and how to get it (docs/requirements.md). Exit status 0 when
+    every required item is present (optional ones may be missing), 1 when one is
+    missing: run with the same options would stop.
+    """
+    from vmem_guest import doctor as doctor_mod
+
+    report = doctor_mod.examine(
+        doctor_mod.Host(state_dir=state_dir),
+        doctor_mod.Options(noiommu=noiommu, online_policy=planner.OnlinePolicy(online_policy)),
+    )
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        click.echo(doctor_mod.report_text(report))
+    if not report.ready:
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command()
 @click.argument("bdf")
 @NOIOMMU
 def bind(bdf: str, noiommu: bool) -> None:

@@ -19,6 +19,7 @@ the agent can decide what to do without parsing text::
      +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
      |    +-- TrackerLocked    another process owns the tracker
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
+ +-- RequirementMissing    the guest lacks what the agent needs (docs/requirements.md)
      +-- Mismatch              fuzzing: the device and the model disagree (after, differences)
      +-- DeviceLost            fuzzing: the device under test stopped answering (reason, after)
 
@@ -146,3 +147,10 @@ class TrackerLocked(TrackerError):
 
 class SafetyError(VmemError):
     """An action would break a safety invariant (docs/design.md section 5)."""
+
+
+class RequirementMissing(VmemError):
+    """The guest lacks something the agent needs (:mod:`vmem_guest.requirements`).
+
+    Attributes (in ``fields``): ``requirement``, the name ``vmem-guest doctor`` lists it by.
+    """

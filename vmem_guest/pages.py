@@ -26,6 +26,7 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
+from vmem_guest import requirements
 from vmem_guest._linux.lifetime import Closing
 from vmem_guest._linux.procfs import MEMINFO, PROC_ROOT, meminfo_bytes
 from vmem_guest._linux.sysfs import SYSFS_ROOT
@@ -50,6 +51,8 @@ FLAG_READ_BATCH = 512
 TAKE_ROUNDS = 8
 #: Linux's EHWPOISON (asm-generic/errno.h); Python's errno module does not name it.
 EHWPOISON: int = getattr(errno, "EHWPOISON", 133)
+#: A missing piece of the page-level interface: the requirement and what was seen.
+Missing = tuple[requirements.Requirement, str]
 #: errnos with which soft_offline_page refuses one page (docs/protocol.md section 6):
 #: the page stays in use, and the caller decides what to do with the range.
 SOFT_OFFLINE_REFUSALS = frozenset(
@@ -196,41 +199,51 @@ class ProcPages(Closing):
         return meminfo_bytes("HardwareCorrupted", self.meminfo)
 
     def unavailable_reason(self) -> str | None:
-        """The first missing piece, with the kernel option or the fix that supplies it."""
-        for check in (
-            self._soft_offline_missing,
-            self._kpageflags_unreadable,
-            self._locked_down,
-            self._unpoison_missing,
-        ):
-            reason = check()
-            if reason is not None:
-                return reason
-        return None
+        """The first missing piece, with what it costs and the fix (the words of
+        :mod:`vmem_guest.requirements`, as ``vmem-guest doctor`` prints them)."""
+        missing = self.missing()
+        if not missing:
+            return None
+        requirement, detail = missing[0]
+        return requirement.refusal(detail)
 
-    def _soft_offline_missing(self) -> str | None:
+    def missing(self) -> list[Missing]:
+        """Every missing piece, in the order they are needed: the requirement and what
+        was seen (``vmem-guest doctor`` lists them all)."""
+        found = [
+            self.soft_offline_missing(),
+            self.kpageflags_unreadable(),
+            self.locked_down(),
+            self.unpoison_missing(),
+        ]
+        return [item for item in found if item is not None]
+
+    def soft_offline_missing(self) -> Missing | None:
         if _exists(self.soft_offline_page):
             return None
         return (
-            f"{self.soft_offline_page} does not exist: "
-            "the kernel was built without CONFIG_MEMORY_FAILURE"
+            requirements.SOFT_OFFLINE,
+            f"{self.soft_offline_page} does not exist (the kernel was built without "
+            "CONFIG_MEMORY_FAILURE)",
         )
 
-    def _kpageflags_unreadable(self) -> str | None:
+    def kpageflags_unreadable(self) -> Missing | None:
         try:
             os.close(os.open(self.kpageflags, os.O_RDONLY | os.O_CLOEXEC))
         except FileNotFoundError:
-            return (
-                f"{self.kpageflags} does not exist: "
-                "the kernel was built without CONFIG_PROC_PAGE_MONITOR"
+            detail = (
+                f"{self.kpageflags} does not exist (the kernel was built without "
+                "CONFIG_PROC_PAGE_MONITOR)"
             )
         except PermissionError:
-            return f"{self.kpageflags} is not readable: page flags need root (CAP_SYS_ADMIN)"
+            detail = f"{self.kpageflags} is not readable: page flags need root (CAP_SYS_ADMIN)"
         except OSError as exc:
-            return f"{self.kpageflags} cannot be read: {os.strerror(exc.errno or errno.EIO)}"
-        return None
+            detail = f"{self.kpageflags} cannot be read: {os.strerror(exc.errno or errno.EIO)}"
+        else:
+            return None
+        return requirements.KPAGEFLAGS, detail
 
-    def _locked_down(self) -> str | None:
+    def locked_down(self) -> Missing | None:
         """Lockdown (integrity or confidentiality) refuses writes to debugfs, so no
         page could be given back; the file is missing without the lockdown LSM."""
         try:
@@ -238,17 +251,18 @@ class ProcPages(Closing):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return f"{self.lockdown} cannot be read: {os.strerror(exc.errno or errno.EIO)}"
+            detail = f"{self.lockdown} cannot be read: {os.strerror(exc.errno or errno.EIO)}"
+            return requirements.LOCKDOWN, detail
         selected = _selected_word(text)
         if selected in (None, "none"):
             return None
         return (
+            requirements.LOCKDOWN,
             f"the kernel is locked down ({selected}), and lockdown refuses debugfs writes "
-            f"({UNPOISON_PFN}): boot without lockdown (no lockdown= on the command line, "
-            "Secure Boot off)"
+            f"({UNPOISON_PFN})",
         )
 
-    def _unpoison_missing(self) -> str | None:
+    def unpoison_missing(self) -> Missing | None:
         if _exists(self.unpoison_pfn):
             return None
         try:
@@ -256,12 +270,13 @@ class ProcPages(Closing):
         except FileNotFoundError:
             mounted = False
         except OSError as exc:
-            return f"{self.debugfs} cannot be read: {os.strerror(exc.errno or errno.EIO)}"
+            detail = f"{self.debugfs} cannot be read: {os.strerror(exc.errno or errno.EIO)}"
+            return requirements.DEBUGFS, detail
         if not mounted:
-            return f"debugfs is not mounted at {self.debugfs}: mount -t debugfs none {self.debugfs}"
+            return requirements.DEBUGFS, f"debugfs is not mounted at {self.debugfs}"
         return (
-            f"{self.unpoison_pfn} does not exist: load the hwpoison_inject module "
-            "(modprobe hwpoison_inject; needs CONFIG_HWPOISON_INJECT)"
+            requirements.HWPOISON_INJECT,
+            f"{self.unpoison_pfn} does not exist (the hwpoison_inject module is not loaded)",
         )
 
 

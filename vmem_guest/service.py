@@ -9,17 +9,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import binding, control, manual, metrics, pci, planner, render
+from vmem_guest import binding, control, manual, metrics, pci, planner, render, requirements
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent, Listeners, StateListener
 from vmem_guest.attach import Attached, attach
 from vmem_guest.control import ControlServer, Emit
-from vmem_guest.errors import DeviceError, KernelError, TrackerLocked, UsageError, VmemError
+from vmem_guest.errors import (
+    DeviceError,
+    RequirementMissing,
+    TrackerLocked,
+    UsageError,
+    VmemError,
+)
 from vmem_guest.hotplug import DEFAULT_OFFLINE_TIMEOUT, SysfsMemory
 from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.pages import ProcPages
@@ -45,13 +52,19 @@ class RunOptions:
 
 
 def _kernel(offline_timeout: float = DEFAULT_OFFLINE_TIMEOUT) -> SysfsMemory:
+    """The memory-hotplug interface, refused (RequirementMissing, in the words of
+    ``vmem-guest doctor``) when not root or without the ``probe`` file."""
+    uid = os.geteuid()
+    if uid != 0:
+        raise RequirementMissing(
+            requirements.ROOT.refusal(requirements.not_root(uid)),
+            requirement=requirements.ROOT.name,
+        )
     kernel = SysfsMemory(offline_timeout=offline_timeout)
     if not kernel.has_probe():
-        raise KernelError(
-            "probe",
-            None,
-            2,
-            "this kernel has no /sys/devices/system/memory/probe (CONFIG_ARCH_MEMORY_PROBE)",
+        raise RequirementMissing(
+            requirements.PROBE.refusal(requirements.no_probe(str(kernel.root / "probe"))),
+            requirement=requirements.PROBE.name,
         )
     return kernel
 
@@ -76,7 +89,17 @@ def select_devices(
 
 
 def bind_device(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Mode:
-    """Bind ``dev`` to vfio-pci; the VFIO mode its group can then be opened in."""
+    """Bind ``dev`` to vfio-pci; the VFIO mode its group can then be opened in.
+
+    A device the in-kernel virtio_mem driver holds is refused (RequirementMissing):
+    that driver owns the memory it plugged (docs/requirements.md)."""
+    owner = dev.virtio_driver()
+    if owner is not None:
+        raise RequirementMissing(
+            requirements.KERNEL_DRIVER.refusal(requirements.driven_by(dev.bdf, owner)),
+            requirement=requirements.KERNEL_DRIVER.name,
+            bdf=dev.bdf,
+        )
     binding.bind(dev.bdf, allow_noiommu=allow_noiommu)
     return pci.get_device(dev.bdf).vfio_mode
 

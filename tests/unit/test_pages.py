@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from vmem_guest import pages as pages_mod
+from vmem_guest import requirements
 from vmem_guest.errors import KernelError, PageRefused
 from vmem_guest.pages import (
     FLAG_READ_BATCH,
@@ -259,13 +260,11 @@ def test_unavailable_when_debugfs_is_not_mounted(tree: Path) -> None:
     (tree / "debug" / "hwpoison" / "unpoison-pfn").unlink()
     (tree / "debug" / "hwpoison").rmdir()  # an empty mount point
     debugfs = tree / "debug"
-    assert proc_pages(tree).unavailable_reason() == (
-        f"debugfs is not mounted at {debugfs}: mount -t debugfs none {debugfs}"
-    )
+    expected = requirements.DEBUGFS.refusal(f"debugfs is not mounted at {debugfs}")
+    assert proc_pages(tree).unavailable_reason() == expected
+    assert expected.endswith("; fix: mount -t debugfs none /sys/kernel/debug (CONFIG_DEBUG_FS=y)")
     debugfs.rmdir()
-    assert proc_pages(tree).unavailable_reason() == (
-        f"debugfs is not mounted at {debugfs}: mount -t debugfs none {debugfs}"
-    )
+    assert proc_pages(tree).unavailable_reason() == expected
 
 
 def test_unavailable_without_hwpoison_inject(tree: Path) -> None:

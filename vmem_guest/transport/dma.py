@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from vmem_guest import requirements
 from vmem_guest._linux import pagemap, secretmem
 from vmem_guest._linux.mman import map_locked
 from vmem_guest._linux.procfs import PROC_ROOT
@@ -176,8 +177,10 @@ class PhysBuffer(DmaBuffer):
         """
         spans = list(avoid)
         rejects: list[PhysBuffer] = []
+        secret_fd = secretmem.memfd_secret()
+        if secret_fd is None:
+            log.warning(requirements.SECRETMEM.refusal("memfd_secret(2) is not available"))
         try:
-            secret_fd = secretmem.memfd_secret()
             if secret_fd is not None:
                 buffer = cls(size, pagemap_path=pagemap_path, secret_fd=secret_fd)
                 if buffer.misplaced(spans) is None:
@@ -194,8 +197,8 @@ class PhysBuffer(DmaBuffer):
             for reject in rejects:
                 reject.close()
         raise SafetyError(
-            f"no DMA page outside the virtio-mem regions in {attempts} tries; boot with"
-            " secretmem.enable=1 or give the VM a vIOMMU",
+            f"no DMA page outside the virtio-mem regions in {attempts} tries;"
+            f" fix: {requirements.SECRETMEM.fix}, or give the VM a vIOMMU",
             attempts=attempts,
         )
 
