@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos pressure test-matrix qemu clean test-debian-packages man
+        conformance chaos pressure test-matrix qemu rootfs clean test-debian-packages man
 
 all: test
 
@@ -76,6 +76,11 @@ kernel:
 qemu:
 	bash scripts/install-qemu.sh system
 	bash scripts/install-qemu.sh 10.0
+
+# The systemd guest's Debian 12 root filesystem with the checkout installed (cached;
+# tests/vm/test_systemd_guest_vm.py boots it).
+rootfs:
+	bash scripts/build-rootfs.sh
 
 vm-deps: kernel qemu
 	bash scripts/install-vm-deps.sh

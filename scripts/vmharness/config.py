@@ -71,6 +71,10 @@ class VMConfig:
     #: which does not survive an S3 wake-up. Slower to boot (the copy), so only where
     #: a test suspends the guest.
     ram_root: bool = False
+    #: Boot this ext4 image (scripts/build-rootfs.sh) from a virtio-blk disk with its own
+    #: init, systemd, instead of the host's / over 9p with guest-init.sh. QEMU's
+    #: ``snapshot=on`` keeps the image as it is. The image starts the command runner.
+    root_image: Path | None = None
 
     def with_devices(self, *devices: MemDevice) -> VMConfig:
         """A copy with other devices."""
@@ -138,18 +142,24 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
     """The guest kernel command line for cfg."""
     words = [
         "console=ttyS0",
-        "root=hostroot",
-        "rootfstype=9p",
-        "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose",
-        "ro",
-        f"init={paths.guest_init}",
         "panic=0",  # hang on panic; the harness spots "Kernel panic" in the console
         "oops=panic",
         "8250.nr_uarts=1",
-        f"VMH_RUNNER={paths.guest_runner}",
-        f"VMH_PYTHON={paths.python}",
-        f"VMH_SHARE={paths.share}",
     ]
+    if cfg.root_image is not None:
+        # The image's own init (systemd) and fstab; its runner needs no settings.
+        words += ["root=/dev/vda", "rootfstype=ext4", "rw"]
+    else:
+        words += [
+            "root=hostroot",
+            "rootfstype=9p",
+            "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose",
+            "ro",
+            f"init={paths.guest_init}",
+            f"VMH_RUNNER={paths.guest_runner}",
+            f"VMH_PYTHON={paths.python}",
+            f"VMH_SHARE={paths.share}",
+        ]
     if mode:
         words.append(f"VMH_MODE={mode}")
     if cfg.ram_root:
@@ -212,9 +222,16 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
             argv += ["-numa", node]
     if cfg.viommu:
         argv += ["-device", "intel-iommu,intremap=on"]
+    if cfg.root_image is not None:
+        # snapshot=on: writes go to a temporary overlay, the cached image stays pristine.
+        drive = f"file={cfg.root_image},if=virtio,format=raw,snapshot=on,cache=unsafe"
+        argv += ["-drive", drive]
+    else:
+        argv += [
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ]
     argv += [
-        "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs",
         f"local,path={paths.share},mount_tag=results,security_model=none,multidevs=remap",
         "-device", "virtio-serial-pci,id=vser0",

@@ -158,6 +158,16 @@ def find_kernel(build: bool = True, pair: Pair | None = None) -> Path:
     return Path(r.stdout.strip())
 
 
+def find_rootfs(build: bool = True) -> Path:
+    """The systemd guest's root filesystem image (scripts/build-rootfs.sh: Debian 12 with
+    the checkout installed), from the cache, or built when missing and build is True
+    (a few minutes cold; about half a minute when only the project changed)."""
+    r = _run_script(paths.BUILD_ROOTFS, *(() if build else ("--print-path",)))
+    if r.returncode != 0:
+        raise HostUnavailable(f"systemd guest image: {_last_line(r)}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
 def _probe_kvm(qemu: str, kernel: Path, timeout: float) -> bool:
     """Boot the guest kernel under KVM with VMH_MODE=probe; True if it reached init."""
     from .config import RunPaths, VMConfig, qemu_argv

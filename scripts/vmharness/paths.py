@@ -17,6 +17,7 @@ VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 GUEST_INIT = SCRIPTS_DIR / "guest-init.sh"
 GUEST_RUNNER = Path(__file__).resolve().parent / "guest_runner.py"
 BUILD_KERNEL = SCRIPTS_DIR / "build-kernel.sh"
+BUILD_ROOTFS = SCRIPTS_DIR / "build-rootfs.sh"
 INSTALL_DEPS = SCRIPTS_DIR / "install-vm-deps.sh"
 INSTALL_QEMU = SCRIPTS_DIR / "install-qemu.sh"
 
