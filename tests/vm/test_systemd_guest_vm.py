@@ -9,7 +9,7 @@ QEMU keeps unchanged (``snapshot=on``). Nothing starts the agent but systemd. Th
 harness's command runner runs from a unit of its own in the image.
 
 The tests run in order on one guest, as a user's session would: the unit is up after
-boot, ``systemctl status`` shows the agent's STATUS= line, a host resize is followed,
+boot, ``vmem-guest doctor`` finds what it needs, ``systemctl status`` shows the agent's STATUS= line, a host resize is followed,
 a refusal reaches ``journalctl -p warning``, ``systemctl stop``/``start`` keep the
 memory as it is, a device hot-plugged later is served by the running agent, logind
 lists the agent's sleep inhibitor while memory is plugged, and a device hot-plugged
@@ -139,6 +139,24 @@ def test_the_unit_starts_the_agent_at_boot(vm: TestVM, transcript: Transcript) -
     assert show(vm, "NRestarts") == "0"
     (bdf,) = status(vm)
     assert vm.sh(f"basename $(readlink /sys/bus/pci/devices/{bdf}/driver)").strip() == "vfio-pci"
+
+
+def test_doctor_finds_what_the_service_needs(vm: TestVM, transcript: Transcript) -> None:
+    """``vmem-guest doctor`` as a user runs it in this guest, with the unit's options:
+    every required item present, and here (systemd as PID 1) the sleep inhibitor too."""
+    rc, text = transcript.run(f"{VMEM_GUEST} doctor --noiommu")
+    assert rc == 0, "doctor says run would stop (above)"
+    rc, out = vm.guest(f"{VMEM_GUEST} doctor --noiommu --json 2>/run/doctor.err")
+    assert rc == 0, vm.read("/run/doctor.err")
+    report = json.loads(out)
+    assert report["ready"] is True
+    checks = {check["name"]: check for check in report["checks"]}
+    for check in checks.values():
+        assert check["name"] in text
+        if check["level"] == "required":
+            assert check["status"] in ("ok", "not needed"), check
+    assert checks["sleep inhibitor"]["status"] == "ok", checks["sleep inhibitor"]
+    assert checks["memory probe"]["status"] == "ok"
 
 
 def test_systemctl_status_shows_the_agents_status_line(vm: TestVM, transcript: Transcript) -> None:
