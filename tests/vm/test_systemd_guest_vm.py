@@ -9,7 +9,8 @@ QEMU keeps unchanged (``snapshot=on``). Nothing starts the agent but systemd. Th
 harness's command runner runs from a unit of its own in the image.
 
 The tests run in order on one guest, as a user's session would: the unit is up after
-boot, ``vmem-guest doctor`` finds what it needs, ``systemctl status`` shows the agent's STATUS= line, a host resize is followed,
+boot, ``vmem-guest doctor`` finds what it needs, ``systemctl status`` shows the
+agent's STATUS= line, a host resize is followed,
 a refusal reaches ``journalctl -p warning``, ``systemctl stop``/``start`` keep the
 memory as it is, a device hot-plugged later is served by the running agent, logind
 lists the agent's sleep inhibitor while memory is plugged, and a device hot-plugged
