@@ -21,35 +21,4 @@ case "${1:-all}" in
     *) echo "usage: $0 [--runtime|--all]" >&2; exit 2 ;;
 esac
 
-missing=()
-for p in "${WANT[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$p")
-    fi
-done
-
-if [ "${#missing[@]}" -eq 0 ]; then
-    echo "debian-python: all present (${WANT[*]})"
-    exit 0
-fi
-
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        SUDO=(sudo -n)
-    else
-        echo "debian-python: missing ${missing[*]} and not root (no passwordless sudo);" \
-            "install them with: apt-get install ${missing[*]}" >&2
-        exit 1
-    fi
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "debian-python: missing ${missing[*]} and apt-get is not available" >&2
-    exit 1
-fi
-
-echo "debian-python: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -q
-"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-echo "debian-python: done"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" debian-python "${WANT[@]}"

@@ -24,35 +24,4 @@ case "${1:-all}" in
     *) echo "usage: $0 [--qemu|--kernel|--rootfs|--all]" >&2; exit 2 ;;
 esac
 
-missing=()
-for p in "${WANT[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$p")
-    fi
-done
-
-if [ "${#missing[@]}" -eq 0 ]; then
-    echo "vm-deps: all present (${WANT[*]})"
-    exit 0
-fi
-
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        SUDO=(sudo -n)
-    else
-        echo "vm-deps: missing ${missing[*]} and not root (no passwordless sudo);" \
-            "install them with: apt-get install ${missing[*]}" >&2
-        exit 1
-    fi
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "vm-deps: missing ${missing[*]} and apt-get is not available" >&2
-    exit 1
-fi
-
-echo "vm-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -q
-"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-echo "vm-deps: done"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" vm-deps "${WANT[@]}"
