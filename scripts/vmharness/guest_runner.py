@@ -89,7 +89,9 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
     if op == "read":
         try:
             with open(req["path"], "rb") as f:
-                f.seek(int(req.get("offset", 0)))
+                offset = int(req.get("offset", 0))
+                if offset:  # not for offset 0: a FIFO (chaos's kill trigger) cannot seek
+                    f.seek(offset)
                 data = f.read()
         except OSError as e:
             return {"rc": 1, "out": f"{type(e).__name__}: {e}"}

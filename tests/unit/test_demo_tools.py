@@ -4,7 +4,9 @@ following ``status --follow --json`` through it, and both shapes of ``status --j
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,17 @@ def test_runner_reads_from_an_offset(tmp_path: Path) -> None:
     assert (rest["out"], rest["bytes"]) == ("ond\n", 4)
     missing = guest_runner.handle({"op": "read", "path": str(tmp_path / "none")})
     assert missing["rc"] == 1
+
+
+def test_runner_reads_a_fifo_without_an_offset(tmp_path: Path) -> None:
+    """A FIFO cannot seek: chaos releases its killer by reading one through the runner."""
+    fifo = tmp_path / "kill.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"go\n",))
+    writer.start()
+    answer = guest_runner.handle({"op": "read", "path": str(fifo)})
+    writer.join(timeout=10)
+    assert (answer["rc"], answer["out"]) == (0, "go\n")
 
 
 class GuestFiles:
