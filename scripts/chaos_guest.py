@@ -124,7 +124,10 @@ def dead_check() -> dict[str, Any]:
         # The agent's lock: nobody may own the device while we look (the agent is dead).
         with device_locked(DEFAULT_STATE_DIR, dev.bdf):
             mode = dev.vfio_mode
-            with no_unevictable_compaction(), PciChannel.open(dev.bdf, mode=mode) as channel:
+            with (
+                no_unevictable_compaction(DEFAULT_STATE_DIR),
+                PciChannel.open(dev.bdf, mode=mode) as channel,
+            ):
                 result = DeadCheck(dev.bdf, VirtioMemDevice(channel, dev.bdf), snap).run()
                 result["tracker_torn"] = torn
                 report.append(result)

@@ -40,6 +40,7 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
     import select
 
     from vmem_guest.device import Cause, Response, VirtioMemDevice
+    from vmem_guest.tracker import DEFAULT_STATE_DIR
     from vmem_guest.transport.channel import PciChannel
     from vmem_guest.transport.dma import no_unevictable_compaction
 
@@ -52,7 +53,7 @@ def _guest(mode: str, bdf: str, action: str) -> dict[str, Any]:
     out: dict[str, Any] = {"compact_unevictable_before": knob.read_text().strip()}
     with contextlib.ExitStack() as stack:
         if mode == "noiommu":
-            stack.enter_context(no_unevictable_compaction())
+            stack.enter_context(no_unevictable_compaction(DEFAULT_STATE_DIR))
         out["compact_unevictable_during"] = knob.read_text().strip()
         t0 = time.monotonic()
         channel = stack.enter_context(PciChannel.open(bdf, mode=mode))  # type: ignore[arg-type]
