@@ -320,12 +320,20 @@ class AgentError(VmemError):
     """An error the agent reported over the control socket (its fields are kept)."""
 
 
-def call(path: Path, request: Operation, on_progress: Emit | None = None) -> dict[str, Any] | None:
+def call(
+    path: Path,
+    request: Operation,
+    on_progress: Emit | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any] | None:
     """Send one request to a running agent; None when no agent listens at ``path``.
 
-    Raises AgentError (or UsageError for usage errors the agent reported).
+    Raises AgentError (or UsageError for usage errors the agent reported), and
+    TimeoutError when ``timeout`` seconds pass on one send or receive (the agent
+    answers between steps, and a step may take long: an offline under pressure).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     with sock:
         try:
             sock.connect(str(path))

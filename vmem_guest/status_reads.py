@@ -14,6 +14,11 @@ from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest.errors import VmemError
 from vmem_guest.pages import ProcPages
 
+#: How long ``status`` waits for the agent's answer to a ping. The agent answers between
+#: steps only; ``status`` itself reads the trackers without the agent and must not hang
+#: on a busy one (an offline retried under memory pressure).
+PING_SECONDS = 1.0
+
 
 def guest_memory() -> render.GuestMemory:
     """MemTotal and HardwareCorrupted of this guest, for ``status`` beside the devices:
@@ -25,10 +30,10 @@ def guest_memory() -> render.GuestMemory:
 def agent_online_paths(state_dir: Path) -> dict[str, str]:
     """How each device the running agent serves onlines new blocks (by PCI address,
     ``online_path.describe``), for ``status``; empty when no agent answers (none runs,
-    or its socket is root's and we are not)."""
+    its socket is root's and we are not, or it is inside a step for PING_SECONDS)."""
     try:
-        answer = control.call(control.socket_path(state_dir), control.Ping())
-    except VmemError:
+        answer = control.call(control.socket_path(state_dir), control.Ping(), timeout=PING_SECONDS)
+    except (VmemError, TimeoutError):
         return {}
     paths = (answer or {}).get("online_paths", {})
     return {str(bdf): str(path) for bdf, path in paths.items()} if isinstance(paths, dict) else {}
