@@ -85,6 +85,10 @@ def _prune_stale_sockets() -> None:
             shutil.rmtree(owner.parent, ignore_errors=True)
 
 
+#: Boot time added for a VM whose guest first copies its RAM root (VMConfig.ram_root).
+RAM_ROOT_COPY_SECONDS = 180.0
+
+
 class TestVM:
     """A running test VM; use as a context manager (or call start() and close())."""
 
@@ -103,7 +107,10 @@ class TestVM:
         self.pair = pair or host.Pair.from_env()
         #: QEMU's version as it reports it (``7.2.x``, ``10.0.2``), set by start().
         self.qemu_version = ""
-        self.boot_timeout = boot_timeout
+        # A RAM root is copied from the 9p root before the runner starts: 437 paths,
+        # 115 MiB, which took a Linux 6.1 TCG guest past the plain 120 s (runner up
+        # after about 120 s, measured 2026-12-07; docs/test-vm.md section 3).
+        self.boot_timeout = boot_timeout + (RAM_ROOT_COPY_SECONDS if self.config.ram_root else 0)
         self._accel = accel
         self.accel = ""
         self.boot_id = ""
