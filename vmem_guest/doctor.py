@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from vmem_guest import config_peek, kernel_setting, online_path, pci, planner, requirements
+from vmem_guest import config_peek, control, kernel_setting, online_path, pci, planner, requirements
 from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.blocks import Geometry
@@ -32,6 +32,7 @@ from vmem_guest.errors import VmemError
 from vmem_guest.inhibit import SYSTEMD_RUNTIME_DIR
 from vmem_guest.pages import DEBUGFS, ProcPages
 from vmem_guest.requirements import Level, Requirement
+from vmem_guest.status_reads import PING_SECONDS
 from vmem_guest.transport.vfio import DEV_ROOT
 from vmem_guest.units import format_size
 
@@ -470,9 +471,18 @@ def _auto_online(survey: Survey) -> Finding:
     )
     said += f"; run --online-policy {policy.value} holds it at {held} while it serves"
     record = kernel_setting.record_path(host.state_dir, online_path.AUTO_ONLINE_BLOCKS)
-    if record.exists():
+    if record.exists() and not _agent_answers(host.state_dir):
         said += f" ({record} is a killed agent's record: the next run puts the original back)"
     return ok(said)
+
+
+def _agent_answers(state_dir: Path) -> bool:
+    """Whether an agent serves ``state_dir`` now (its record is then its own, live)."""
+    try:
+        socket = control.socket_path(state_dir)
+        return control.call(socket, control.Ping(), timeout=PING_SECONDS) is not None
+    except (VmemError, TimeoutError, OSError):
+        return False
 
 
 def _cmdline_word(host: Host, key: str) -> str | None:

@@ -8,7 +8,9 @@ import functools
 import gzip
 import json
 import os
+import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,16 @@ from fake_pci_sysfs import BDF, FakeKernel
 from test_cli import run_main
 from test_virtio_pci_caps import config_space, qemu_caps
 
-from vmem_guest import binding, doctor, kernel_setting, online_path, planner, requirements, service
+from vmem_guest import (
+    binding,
+    control,
+    doctor,
+    kernel_setting,
+    online_path,
+    planner,
+    requirements,
+    service,
+)
 from vmem_guest.blocks import Geometry
 from vmem_guest.doctor import Host, Options, Status
 from vmem_guest.errors import RequirementMissing
@@ -413,6 +424,29 @@ def test_auto_online_names_a_killed_agents_record(guest: Guest) -> None:
     record.write_text("{}")
     report = guest.examine()
     assert "killed agent's record" in detail(report, "auto-online")
+
+
+def test_auto_online_record_of_a_running_agent_is_its_own(guest: Guest) -> None:
+    """A record with an agent answering on the control socket is that agent's, live."""
+    record = kernel_setting.record_path(guest.state_dir, online_path.AUTO_ONLINE_BLOCKS)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("{}")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control.socket_path(guest.state_dir)))
+    server.listen(1)
+
+    def answer_one_ping() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.makefile("rb").readline()
+            conn.sendall(b'{"ok": true, "result": {"pid": 1}}\n')
+
+    agent = threading.Thread(target=answer_one_ping, daemon=True)
+    agent.start()
+    with server:
+        report = guest.examine()
+    agent.join(timeout=10)
+    assert "killed agent" not in detail(report, "auto-online")
 
 
 def test_auto_online_unreadable_is_missing(guest: Guest) -> None:
