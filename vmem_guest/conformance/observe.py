@@ -213,9 +213,10 @@ class DeviceView:
     def all_unplugged(self) -> None:
         """Every block unplugged (an ACKed UNPLUG_ALL, or ``plugged_size`` 0)."""
         first = self.first
-        self.plugged = bytearray(first.region_size // first.block_size) if first else None
-        if first is not None and not first.sane_blocks:
+        if first is None or not first.sane_blocks:
             self.plugged = None
+            return
+        self.plugged = bytearray(first.region_size // first.block_size)
 
     def forget(self) -> None:
         self.plugged = None
