@@ -58,8 +58,9 @@ class Checker:
     bytes out); ``resize`` sets its ``requested_size`` from the host side, or is
     None. ``usable_margin`` is the model's usable-region extent (QEMU on x86:
     256 MiB); ``model_factory`` builds a model (a DeviceModel, or a variant).
-    ``device`` is reached through an :class:`ObservedChannel`: ``oracle`` checks
-    everything it sends and reads, ``spec`` keeps what it found.
+    The checker reaches ``device`` through ``observed``, an
+    :class:`ObservedChannel`: ``oracle`` checks everything sent and read, ``spec``
+    keeps what it found.
     """
 
     def __init__(
@@ -74,12 +75,16 @@ class Checker:
         self.spec = SpecFindings()
         #: What the oracle found at the last step (or clean-up).
         self.last_found: list[Violation] = []
-        self.device = ObservedChannel(device, self.oracle)
+        #: The steps of the example being run, which a rule broken in its clean-up
+        #: is reported with.
+        self.example_trace: list[TraceEntry] = []
+        self.device = device
+        self.observed = ObservedChannel(device, self.oracle)
         self.resize = resize
         self.usable_margin = usable_margin
         self.model_factory = model_factory
         self.counts = Counts()
-        initial = config_fields(device.read_config())
+        initial = config_fields(self.observed.read_config())
         self.initial_requested = initial.get("requested_size", 0)
         self._requested = self.initial_requested
 
@@ -88,7 +93,7 @@ class Checker:
     def _submit(self, raw: bytes, trace: list[TraceEntry], step: Step) -> bytes:
         """The device's answer to ``raw``; DeviceLost when it gives none."""
         try:
-            return self.device.submit(raw)
+            return self.observed.submit(raw)
         except VmemError as exc:
             trace.append(TraceEntry(step, f"no answer: {exc.message}", "-"))
             raise DeviceLost(trace, exc.message) from exc
@@ -102,13 +107,14 @@ class Checker:
             raise DeviceLost(trace, exc.message) from exc
         self._requested = step.size
 
-    def clean(self, before: Sequence[TraceEntry] = ()) -> None:
+    def clean(self) -> None:
         """Bring the device back to the example's start: requested restored, UNPLUG_ALL.
 
-        ``before``: the example's steps, which a rule broken here is reported with.
         Raises DeviceLost when UNPLUG_ALL is not ACKed (after BUSY retries) or
-        ``plugged_size`` is not 0 afterwards.
+        ``plugged_size`` is not 0 afterwards. A rule broken here is reported with
+        :attr:`example_trace` (the example this clean-up ends), which it resets.
         """
+        before, self.example_trace = self.example_trace, []
         trace: list[TraceEntry] = []
         if self.resize is not None and self._requested != self.initial_requested:
             restore = Step("resize", size=self.initial_requested, kind="cleanup")
@@ -121,7 +127,7 @@ class Checker:
             if answer != ResponseType.BUSY.name:
                 break
             time.sleep(CLEANUP_BACKOFF * (attempt + 1))
-        plugged = config_fields(self.device.read_config()).get("plugged_size")
+        plugged = config_fields(self.observed.read_config()).get("plugged_size")
         trace.append(TraceEntry(step, answer, "-"))
         self._violations([*before, *trace])
         if answer != ResponseType.ACK.name or plugged != 0:
@@ -139,7 +145,7 @@ class Checker:
         "QEMU specifics"). A usable region no history explains is left to the
         start-of-example comparison to report.
         """
-        cfg = config_fields(self.device.read_config())
+        cfg = config_fields(self.observed.read_config())
         geometry = {
             "addr": cfg["addr"],
             "region_size": cfg["region_size"],
@@ -166,7 +172,8 @@ class Checker:
         """
         self.counts.examples += 1
         trace: list[TraceEntry] = []
-        start_raw = self.device.read_config()
+        self.example_trace = trace
+        start_raw = self.observed.read_config()
         try:
             model = self.new_model()
             start = config_differences(start_raw, model.read_config())
@@ -182,14 +189,14 @@ class Checker:
             self.run_step(Step("request", UNPLUG_ALL, kind="end of example"), model, trace)
         except Mismatch as exc:
             exc.start_config = config_fields(start_raw)
-            self.clean(trace)
+            self.clean()
             raise
         except DeviceLost:
             raise  # nothing more is sent to a device that stopped answering
         except BaseException:
-            self.clean(trace)
+            self.clean()
             raise
-        self.clean(trace)
+        self.clean()
         return trace
 
     def run_step(self, step: Step, model: DeviceModel, trace: list[TraceEntry]) -> None:
@@ -205,7 +212,7 @@ class Checker:
             self._resize_step(step, model, trace)
         else:
             differences = self._request_step(step, model, trace)
-        device_config = self.device.read_config()
+        device_config = self.observed.read_config()
         violations = self._violations(trace)
         if not differences:
             differences = config_differences(device_config, model.read_config())

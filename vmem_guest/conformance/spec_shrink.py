@@ -69,5 +69,6 @@ def _breaks(checker: Checker, rule_id: str, steps: Sequence[Step]) -> bool:
                 return True
         return False
     finally:
-        checker.clean(trace)
+        checker.example_trace = trace
+        checker.clean()
         checker.spec.occurrences = counted
