@@ -327,6 +327,25 @@ def test_a_must_violation_classifies_the_mismatch() -> None:
     assert failure["profile_source"] is None
 
 
+class UsableZeroAfterUnplugAll(DeviceModel):
+    """Sets usable_region_size to 0 on UNPLUG_ALL, whatever requested_size is."""
+
+    def _unplug_all(self) -> None:
+        super()._unplug_all()
+        self._usable, self._usable_end, self._config = 0, self.addr, None
+
+
+def test_a_mismatch_names_each_rule_broken_once() -> None:
+    """The first example starts (two config reads) on a usable region smaller than
+    requested_size: one MUST, named once, classifies the start-of-example mismatch."""
+    result = conformance.fuzz(model(UsableZeroAfterUnplugAll), examples=5, seed=1)
+    assert result.mismatch is not None and not result.mismatch.trace
+    failure = result.as_dict()["mismatch"]
+    assert failure["class"] == "violates a MUST"
+    assert failure["rules"] == ["5.15.4.2 config.usable-covers-requested"]
+    assert result.spec.occurrences["config.usable-covers-requested"] >= 2
+
+
 def test_a_difference_the_spec_allows_is_profile_only() -> None:
     result = conformance.fuzz(model(ErrorBeyondRequested), examples=30, seed=3, max_steps=10)
     assert result.mismatch is not None

@@ -98,7 +98,7 @@ def mismatch_class(profile: str, mismatch: Mismatch) -> dict[str, Any]:
     if found is FindingClass.PROFILE:
         source = profile_source(profile, mismatch)
         return {"class": str(found), "rules": [], "profile_source": source}
-    rules = [f"{v.rule.section} {v.rule.id}" for v in mismatch.violations]
+    rules = list(dict.fromkeys(f"{v.rule.section} {v.rule.id}" for v in mismatch.violations))
     return {"class": str(found), "rules": rules, "profile_source": None}
 
 
