@@ -235,6 +235,17 @@ def test_a_finding_forgets_block_states_until_unplug_all() -> None:
     assert fired(again) == ["plug.plugged-error", "state.answer"]
 
 
+def test_a_finding_about_no_block_keeps_block_states() -> None:
+    """A stale config_generation, or a rule broken by a refusal (which changes no
+    block), leaves the history known: later rules are still checked against it."""
+    events = [config(gen=1), x(PLUG, A, 1, ACK), config(gen=1, plugged_size=B)]
+    assert fired(events) == ["pci.config-generation"]
+    nacked = [*events, x(PLUG, A, 1, NACK), config(gen=1, plugged_size=B)]
+    assert fired(nacked) == ["pci.config-generation", "plug.plugged-error"]
+    later = [*nacked, x(STATE, A, 1, ACK, BlockState.UNPLUGGED)]
+    assert fired(later) == ["pci.config-generation", "plug.plugged-error", "state.answer"]
+
+
 # -- the oracle in the fuzzer -----------------------------------------------------------
 
 
@@ -368,6 +379,8 @@ def test_config_generation_is_checked_when_the_channel_tells_it() -> None:
     assert "pci.config-generation" not in result.spec.shortest
     qemu_like = model(QemuGenerations)
     result = conformance.fuzz(qemu_like, examples=20, seed=4, resize=qemu_like.resize)
+    # Both of QEMU's departures, the stale generation hiding nothing.
+    assert set(result.spec.shortest) == {"pci.config-generation", "plug.plugged-error"}
     found = result.spec.shortest["pci.config-generation"]
     assert "plugged_size changed" in found.detail
     assert [e.step.describe() for e in found.trace][-1].startswith("PLUG")

@@ -112,7 +112,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         f" {oracle['config_reads']} config reads checked; config_generation checked: {generation}",
         "findings by class:",
     ]
-    lines += [f"  {name:<30} {count}" for name, count in report["classes"].items()]
+    classes = report["classes"]
+    lines += [f"  {name:<30} {classes.get(str(name), 0)}" for name in FindingClass]
     for finding in report["spec_findings"]:
         level = finding["level"]
         lines += [

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 from vmem_guest.conformance.findings import TraceEntry
 from vmem_guest.conformance.observe import ConfigSeen, DeviceView, Exchange, Request
 from vmem_guest.conformance.rules import CONFIG_RULES, EXCHANGE_RULES, Rule
+from vmem_guest.spec import ResponseType
 
 
 @runtime_checkable
@@ -82,7 +83,10 @@ class Oracle:
             and (detail := rule.on_exchange(exchange, self.view)) is not None
         ]
         self.view.apply(exchange)
-        self._found(found)
+        # A refusal (NACK, BUSY, ERROR) changed nothing, whatever rule it broke; after
+        # any other answer that broke one, the blocks' states are in doubt.
+        refused = exchange.answered(ResponseType.NACK, ResponseType.BUSY, ResponseType.ERROR)
+        self._found(found, doubt=bool(found) and not refused)
 
     def observe_config(self, raw: bytes, generation: int | None = None) -> None:
         """One config read, checked, then taken as the view's reference."""
@@ -98,13 +102,16 @@ class Oracle:
             and (detail := rule.on_config(config, self.view)) is not None
         ]
         self.view.read(config)
-        self._found(found)
+        self._found(found, doubt=any(v.rule.against_history for v in found))
 
-    def _found(self, found: list[Violation]) -> None:
-        """Keep ``found``; a device that broke a rule no longer vouches for its block
-        states, so the view forgets them (no second finding from the same cause)."""
-        if found:
-            self._pending.extend(found)
+    def _found(self, found: list[Violation], *, doubt: bool) -> None:
+        """Keep ``found``. ``doubt``: the device's answer leaves its blocks' states in
+        doubt (an ACK that broke a rule, a ``plugged_size`` or STATE the history
+        does not explain), so the view forgets them until an ACKed UNPLUG_ALL: no
+        train of findings from one cause. A rule that says nothing about blocks
+        (``config_generation``, say) leaves them known."""
+        self._pending.extend(found)
+        if doubt:
             self.view.forget()
 
     def take(self) -> list[Violation]:

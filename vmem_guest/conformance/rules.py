@@ -100,6 +100,9 @@ class Rule:
     unchecked: str = ""
     kept_by: str = ""
     source: Literal["requirement", "description"] = "requirement"
+    #: A config rule that compares the device with the ACKed history: when it fires,
+    #: the history no longer describes the device (the oracle forgets block states).
+    against_history: bool = False
 
     @property
     def title(self) -> str:
@@ -390,7 +393,7 @@ def _request_rules(name: str, section: str, req_type: RequestType) -> list[Rule]
              "The device MUST acknowledge requests with VIRTIO_MEM_RESP_ACK in case all"
              f" memory blocks were successfully {target}.  The device MUST reflect the change"
              " in the device configuration plugged_size.",
-             on_config=_plugged_size_after(req_type)),
+             on_config=_plugged_size_after(req_type), against_history=True),
         Rule(f"{name}.driver-response-type", driver, _MUST, _DRIVER, _RESPONSE_TYPE_ONLY,
              kept_by=_PARSE_RESPONSE),
     ]  # fmt: skip
@@ -432,7 +435,7 @@ RULES: tuple[Rule, ...] = (
          on_config=_fixed_geometry),
     Rule("config.plugged-size", "5.15.4.2", _MUST, _DEVICE,
          "The device MUST change plugged_size to reflect the size of plugged memory blocks.",
-         on_config=_plugged_size_after(None)),
+         on_config=_plugged_size_after(None), against_history=True),
     Rule("config.usable-covers-requested", "5.15.4.2", _MUST, _DEVICE,
          "The device MUST set usable_region_size to requested_size or greater.",
          on_config=_usable_covers_requested),
@@ -583,7 +586,7 @@ RULES: tuple[Rule, ...] = (
     Rule("unplug-all.plugged-zero", "5.15.6.5.2", _MUST, _DEVICE,
          "The device MUST set plugged_size to 0 in case the request is acknowledged with"
          " VIRTIO_MEM_RESP_ACK.",
-         on_config=_plugged_size_after(UNPLUG_ALL)),
+         on_config=_plugged_size_after(UNPLUG_ALL), against_history=True),
     Rule("unplug-all.may-modify-usable", "5.15.6.5.2", _MAY, _DEVICE,
          "The device MAY modify usable_region_size before responding with"
          " VIRTIO_MEM_RESP_ACK.",
