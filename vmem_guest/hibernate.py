@@ -93,10 +93,7 @@ def give_back_all(
     refused an offline, the device said no, a broken device holds memory, or time ran
     out): devices emptied before then stay empty until the caller lets them grow."""
     started = clock()
-    for bdf, reason in broken.items():
-        raise HibernationRefused(
-            f"device {bdf} is broken ({reason}); its memory cannot be given back", device=bdf
-        )
+    _refuse_what_cannot_be_emptied(drivers, broken)
     given: dict[str, int] = {}
     for bdf, driver in drivers.items():
         spent = clock() - started
@@ -121,6 +118,30 @@ def give_back_all(
         spent,
     )
     return {"given_back": given, "seconds": round(spent, 3)}
+
+
+def _refuse_what_cannot_be_emptied(
+    drivers: Mapping[str, DeviceDriver], broken: Mapping[str, str]
+) -> None:
+    """Before any device is touched: a broken device holding memory cannot be emptied
+    (the agent no longer talks to it), nor can an online block with subblocks taken
+    out of use (poisoned pages): offlining it would lose it for good (from Linux 6.2 a
+    block offlined with poisoned pages is never onlined again; docs/safety.md), and
+    left online it would be resumed over unplugged memory."""
+    for bdf, reason in broken.items():
+        raise HibernationRefused(
+            f"device {bdf} is broken ({reason}); its memory cannot be given back", device=bdf
+        )
+    for bdf, driver in drivers.items():
+        taken = driver.tracker.state.taken_subblocks
+        if taken:
+            raise HibernationRefused(
+                f"{bdf}: {taken} subblocks of online blocks are taken out of use (holes);"
+                " those blocks can be neither offlined nor kept online across a hibernation:"
+                " grow the device to fill them first",
+                device=bdf,
+                taken_subblocks=taken,
+            )
 
 
 def prepare(verb: str, state_dir: Path, seconds: float = DEFAULT_SECONDS) -> dict[str, Any]:

@@ -150,13 +150,15 @@ def test_a_manual_agent_with_memory_plugged_refuses(tmp_path: Path) -> None:
 class StubDriver:
     """A device that empties in one call (the time it takes is the clock's)."""
 
-    def __init__(self, plugged: int) -> None:
+    def __init__(self, plugged: int, taken: int = 0) -> None:
         self.plugged = plugged
+        self.taken = taken
         self.emptied = False
 
     @property
     def tracker(self) -> Any:
-        state = type("State", (), {"plugged_bytes": self.plugged})()
+        fields = {"plugged_bytes": self.plugged, "taken_subblocks": self.taken}
+        state = type("State", (), fields)()
         return type("Tracker", (), {"state": state})()
 
     def unplug_everything(self, sleep: Callable[[float], None]) -> None:
@@ -185,6 +187,17 @@ def test_a_broken_device_holding_memory_refuses() -> None:
             seconds=60.0,
         )
     assert not driver.emptied
+
+
+def test_holes_in_online_blocks_refuse_before_any_device_is_touched() -> None:
+    whole, holed = StubDriver(GIB), StubDriver(GIB, taken=3)
+    with pytest.raises(HibernationRefused, match="b: 3 subblocks of online blocks are taken"):
+        hibernate.give_back_all(
+            {"a": whole, "b": holed},  # type: ignore[dict-item]
+            broken={},
+            seconds=60.0,
+        )
+    assert not whole.emptied and not holed.emptied
 
 
 def test_the_hold_ends_by_itself_when_no_hibernation_comes(
