@@ -507,6 +507,8 @@ class Agent:
         self.hibernation.start()
         try:
             answer = hibernate.give_back_all(live, broken=broken, seconds=seconds, clock=self.clock)
+            channels = {bdf: s.attached.channel for bdf, s in self.slots.items() if not s.broken}
+            answer["left_secret_memory"] = hibernate.leave_secret_memory(channels)
         except HibernationRefused as exc:
             log.error("hibernation refused: %s", exc.message)
             self.hibernation.end("hibernation refused")

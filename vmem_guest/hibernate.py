@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vmem_guest import control
+from vmem_guest.device import InterruptingChannel
 from vmem_guest.driver import DeviceDriver
 from vmem_guest.errors import HibernationRefused, VmemError
 from vmem_guest.units import format_size
@@ -118,6 +119,23 @@ def give_back_all(
         spent,
     )
     return {"given_back": given, "seconds": round(spent, 3)}
+
+
+def leave_secret_memory(channels: Mapping[str, InterruptingChannel]) -> list[str]:
+    """Move every ring out of memfd_secret memory (Linux offers no hibernation while
+    any exists: ``hibernation_available`` in kernel/power/hibernate.c); the devices
+    whose ring moved. HibernationRefused when one cannot be moved."""
+    moved = []
+    for bdf, channel in channels.items():
+        try:
+            if channel.leave_secret_memory():
+                moved.append(bdf)
+        except VmemError as exc:
+            raise HibernationRefused(
+                f"{bdf}: cannot move the ring out of memfd_secret memory: {exc.message}",
+                device=bdf,
+            ) from exc
+    return moved
 
 
 def _refuse_what_cannot_be_emptied(
