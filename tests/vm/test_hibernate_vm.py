@@ -211,6 +211,9 @@ def test_hibernation_gives_memory_back_and_the_resume_grows_it_again(vm: TestVM)
     agent = vm.sh("journalctl -u vmem-guest --no-pager -o cat")
     assert "memory given back for hibernation" in agent
     assert "hibernation hold ended (the guest resumed)" in agent
+    for line in (unit + agent).splitlines():
+        if "hibernat" in line or "resumed" in line or "re-initialised" in line:
+            print(line)
     print(
         f"{vm.pair.label()}: {in_device} of {HELD_MIB * 256} pages in device memory;"
         f" powered off after {powered_off:.0f} s, resumed after {resumed:.0f} s;"
