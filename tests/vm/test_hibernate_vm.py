@@ -219,3 +219,45 @@ def test_hibernation_gives_memory_back_and_the_resume_grows_it_again(vm: TestVM)
         f" powered off after {powered_off:.0f} s, resumed after {resumed:.0f} s;"
         f" QEMU plugged sizes seen: {sorted(set(watch.seen))}"
     )
+
+
+@pytest.fixture(scope="module")
+def secret_vm(boot_vm: BootVM, image: Path) -> Iterator[TestVM]:
+    """The harness's usual no-IOMMU guest: the agent's ring in memfd_secret memory
+    (``secretmem.enable=1``), so the kernel offers no hibernation while it runs."""
+    cfg = dataclasses.replace(
+        hibernate_config(image), secretmem=True, extra_cmdline=("resume=/dev/vdb",)
+    )
+    with boot_vm(cfg, Pair()) as booted:
+        yield booted
+
+
+def test_by_hand_the_ring_leaves_memfd_secret_and_the_kernel_hibernates(
+    secret_vm: TestVM,
+) -> None:
+    """Without logind's path (which checks ``can_sleep`` before the unit could run):
+    ``vmem-guest hibernate-prepare`` gives the memory back and moves the ring out of
+    memfd_secret memory; ``disk`` appears in /sys/power/state and a hibernation by
+    hand resumes with the device grown back."""
+    vm = secret_vm
+    vm.guest("systemctl is-system-running --wait", timeout=SYSTEM_UP_TIMEOUT)
+    vm.sh("mkswap /dev/vdb >/dev/null && swapon /dev/vdb")
+    vm.wait_until(lambda: vm.plugged(DEVICE) == PLUGGED, timeout=180, what="the plug")
+    assert "disk" not in vm.read("/sys/power/state").split()  # secretmem_active()
+    rc, out = vm.guest(f"{VMEM_GUEST} hibernate-prepare --json 2>/run/prepare.err")
+    assert rc == 0, vm.read("/run/prepare.err")
+    answer = json.loads(out)
+    (bdf,) = answer["given_back"]
+    assert answer["given_back"] == {bdf: PLUGGED} and answer["left_secret_memory"] == [bdf]
+    assert vm.plugged(DEVICE) == 0
+    assert "disk" in vm.read("/sys/power/state").split()
+    boot_id = vm.boot_id
+    vm.sh("setsid sh -c 'sleep 1; echo disk > /sys/power/state' >/dev/null 2>&1 &")
+    wait_power_off(vm, POWER_OFF_TIMEOUT)
+    vm.restart()
+    assert vm.boot_id == boot_id, "the guest booted afresh instead of resuming from the image"
+    vm.wait_until(lambda: vm.plugged(DEVICE) == PLUGGED, timeout=180, what="the plug after resume")
+    assert state_mismatches(vm, status(vm)) == []
+    agent = vm.sh("journalctl -u vmem-guest --no-pager -o cat")
+    assert "ring moved out of memfd_secret memory" in agent
+    assert "hibernation hold ended (the guest resumed)" in agent
