@@ -16,10 +16,12 @@ counts as many pages as the image (``check_image_kernel``, "Image mismatch:
 memory size" otherwise).
 
 The request comes from ``vmem-guest hibernate-prepare``, run by
-``vmem-guest-hibernate.service`` before systemd's ``systemd-hibernate.service``
-(and the hybrid-sleep and suspend-then-hibernate services), which require it:
-when the memory cannot be given back within the time allowed, the command fails
-and systemd does not start the hibernation (docs/lifecycle.md "Hibernation").
+``vmem-guest-hibernate@hibernate.service`` before systemd's
+``systemd-hibernate.service`` (and ``@hybrid-sleep`` before
+``systemd-hybrid-sleep.service``), which requires it: when the memory cannot be
+given back within the time allowed, the command fails and systemd does not start
+the hibernation. ``@suspend-then-hibernate`` always fails (:func:`prepare`).
+See docs/lifecycle.md "Hibernation".
 """
 
 from __future__ import annotations
