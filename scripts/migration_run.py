@@ -92,10 +92,12 @@ class MigrationRun:
 
     # --- sizes ---------------------------------------------------------------------
 
-    def resize(self, move: str, sizes: dict[str, int]) -> None:
+    def resize(self, move: str, sizes: dict[str, int]) -> str:
         """Set every device's request for ``move`` from QEMU's ``sizes``; a move a
-        device cannot make (nothing to shrink, nothing left to grow) becomes the other."""
+        device cannot make (nothing to shrink, nothing left to grow) becomes the other.
+        The moves made, joined with "+"."""
         ch, rng = self.chaos, self.rng
+        made = []
         for dev_id, dev in ch.devices.items():
             plugged, block = sizes[dev_id], dev.block_size
             this = move
@@ -113,6 +115,8 @@ class MigrationRun:
                 size = plugged - rng.randint(1, min(MAX_TAKE_SUBBLOCKS, plugged // block)) * block
             ch.requested[dev_id] = size
             self.vm.resize(dev_id, size)
+            made.append(this)
+        return "+".join(sorted(set(made)))
 
     def target(self, record: MigrationRecord, dev_id: str) -> int:
         """Where the agent stops for the request the migration began with: exactly on
@@ -147,14 +151,15 @@ class MigrationRun:
         retries = self.retries()
         before = {dev_id: vm.plugged(dev_id) for dev_id in ch.devices}
         record = MigrationRecord(index, move, before, holes=dict(ch.holes))
-        if record.move in ("grow", "shrink", "take"):
-            self.resize(record.move, before)
-            record.work = ch.work(before)
-            record.delay = self.rng.uniform(0.0, record.work)
-            time.sleep(record.delay)
-        record.requested = dict(ch.requested)
         try:
-            self.migrate(record)
+            migration = vm.prepare_migration()
+            if record.move in ("grow", "shrink", "take"):
+                record.move = self.resize(record.move, before)
+                record.work = ch.work(before)
+                record.delay = self.rng.uniform(0.0, record.work)
+                time.sleep(record.delay)
+            record.requested = dict(ch.requested)
+            self.migrate(migration, record)
         except Exception as exc:
             record.error = f"migration failed: {str(exc).splitlines()[0]}"
             record.seconds = time.monotonic() - t0
@@ -168,11 +173,11 @@ class MigrationRun:
         record.seconds = time.monotonic() - t0
         return record
 
-    def migrate(self, record: MigrationRecord) -> None:
-        """Begin the migration, read the frozen sizes, resize during it when the move
-        says so, finish it (the VM then drives the destination)."""
+    def migrate(self, migration: Any, record: MigrationRecord) -> None:
+        """Start the prepared migration, read the frozen sizes, resize during it when
+        the move says so, finish it (the VM then drives the destination)."""
         vm, ch = self.vm, self.chaos
-        migration = vm.begin_migration()
+        migration.start()
         record.frozen = {dev_id: vm.plugged(dev_id) for dev_id in ch.devices}
         if record.move == "resize during migration":
             time.sleep(self.rng.uniform(0.0, DURING_DELAY))

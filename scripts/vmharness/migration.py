@@ -15,9 +15,9 @@ resize then lands inside the migration. A virtio-mem device answers every PLUG, 
 and UNPLUG_ALL with BUSY until it is over (QEMU's ``virtio_mem_is_busy``). Nothing may
 be asked of the guest's command runner meanwhile: the channel moves with the guest.
 
-    migration = vm.begin_migration()
-    vm.resize("vm0", size)          # the source's device: migrated with the guest
-    stats = migration.finish()      # vm now drives the destination
+    migration = vm.begin_migration()   # or prepare_migration(), then .start()
+    vm.resize("vm0", size)             # the source's device: migrated with the guest
+    stats = migration.finish()         # vm now drives the destination
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from .errors import MigrationFailed
 if TYPE_CHECKING:
     from .vm import TestVM
 
-#: Bytes per second the migration may use. QEMU's default cap (32 MiB/s in 7.2) would
-#: make a local migration of a 1 GiB guest take most of a minute; this one lifts it.
+#: Bytes per second the migration may use. QEMU's default cap (MAX_THROTTLE in
+#: migration/migration.c: 32 MiB/s, 128 MiB/s in later versions) would stretch a local
+#: migration of a 1 GiB guest to seconds or tens of seconds; this one lifts it.
 MAX_BANDWIDTH = 4 << 30
 #: How often the source's ``query-migrate`` is polled.
 POLL_SECONDS = 0.05
@@ -93,10 +94,14 @@ class Migration:
         self.qmp: Any = None
         self.started = 0.0
 
-    def begin(self) -> None:
-        """Start the destination, then ``migrate`` on the source (returns at once)."""
-        vm = self.vm
+    def prepare(self) -> None:
+        """Start the destination; it waits for the migration (seconds under TCG on a
+        busy host: started first, the migration itself begins exactly when wanted)."""
         self._start_destination()
+
+    def start(self) -> None:
+        """``migrate`` on the source (returns at once; the migration runs)."""
+        vm = self.vm
         try:
             vm.qmp("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
             self.started = time.monotonic()

@@ -446,12 +446,18 @@ class TestVM:
         self.boot_id = self.wait_ready(timeout or self.boot_timeout, not_boot=old)
 
     # ----- live migration (migration.py) --------------------------------------------
+    def prepare_migration(self) -> Migration:
+        """Start a destination QEMU, waiting for the guest; ``.start()`` migrates."""
+        migration = Migration(self)
+        self._migration = migration
+        migration.prepare()
+        return migration
+
     def begin_migration(self) -> Migration:
         """Start a destination QEMU and ``migrate`` to it; returns while the migration
         runs (QMP still reaches the source). Finish it with ``.finish()``."""
-        migration = Migration(self)
-        migration.begin()
-        self._migration = migration
+        migration = self.prepare_migration()
+        migration.start()
         return migration
 
     def migrate(self, timeout: float = 600.0) -> MigrationStats:

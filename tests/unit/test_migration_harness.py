@@ -143,7 +143,7 @@ def test_a_move_sets_a_request_the_way_it_says(move: str) -> None:
     for seed in range(50):
         run.rng = random.Random(seed)
         plugged = 5 * BLOCK
-        run.resize(move, {"vm0": plugged})
+        assert run.resize(move, {"vm0": plugged}) == move
         size = resized["vm0"]
         assert run.chaos.requested["vm0"] == size and size % (2 * MiB) == 0
         if move == "grow":
@@ -159,7 +159,7 @@ def test_a_move_a_device_cannot_make_becomes_the_other() -> None:
     resized: dict[str, int] = {}
     run.vm = SimpleNamespace(resize=resized.__setitem__)
     run.chaos.holes, run.chaos.requested, run.rng = {"vm0": 0}, {}, random.Random(1)
-    run.resize("shrink", {"vm0": 0})
+    assert run.resize("shrink", {"vm0": 0}) == "grow"
     assert resized["vm0"] > 0
-    run.resize("grow", {"vm0": 2 << 30})
+    assert run.resize("grow", {"vm0": 2 << 30}) == "take"
     assert resized["vm0"] < 2 << 30
