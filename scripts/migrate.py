@@ -90,7 +90,8 @@ def main() -> int:
         run.start()
         try:
             run.run(args.migrations)
-            run.final_check()
+            if not run.stopped:
+                run.final_check()
         finally:
             report = run.as_dict()
             report["run_dir"] = str(vm.paths.run_dir)

@@ -75,6 +75,8 @@ class MigrationRun:
         self.log = log
         self.records: list[MigrationRecord] = []
         self.final: list[str] = []
+        #: Why the run stopped early (a migration failed: the guest may be gone).
+        self.stopped = ""
         self._cycle: list[str] = []
         #: The agent's pid, as its trackers name their owner: the same one throughout.
         self.agent_pids: set[int] = set()
@@ -249,9 +251,13 @@ class MigrationRun:
     # --- the run -------------------------------------------------------------------
 
     def run(self, count: int) -> None:
-        """``count`` migrations, the moves in shuffled cycles."""
+        """``count`` migrations, the moves in shuffled cycles; the first that fails
+        ends the run (its record says why)."""
         for _ in range(count):
-            self.run_move(self.next_move())
+            record = self.run_move(self.next_move())
+            if not record.stats:
+                self.stopped = f"migration {record.index}: {record.error}"
+                return
 
     def run_move(self, move: str) -> MigrationRecord:
         """One migration after (or with) ``move``, logged."""
@@ -307,13 +313,16 @@ class MigrationRun:
             "mean_migration_seconds": _mean([s["seconds"] for s in done]),
             "max_downtime_ms": max((s["downtime_ms"] for s in done), default=0),
             "mean_converge_seconds": _mean([r.converge_seconds for r in self.records]),
-            "ok": converged == len(self.records) and violations == 0,
+            "stopped": self.stopped,
+            "ok": converged == len(self.records) and violations == 0 and not self.stopped,
         }
 
     def summary_lines(self) -> list[str]:
         s = self.summary()
         phases = ", ".join(f"{phase} {count}" for phase, count in s["phases"].items())
+        stopped = [f"stopped early: {s['stopped']}"] if s["stopped"] else []
         return [
+            *stopped,
             f"phases: {phases}",
             f"migrations took {s['mean_migration_seconds']:.2f} s on average (longest"
             f" downtime {s['max_downtime_ms']} ms); the agent retried {s['busy_retries']}"
