@@ -5,8 +5,8 @@ the agent alive.
 After a live migration the agent keeps running and owns every device, so
 ``chaos_guest.py dead`` (which opens the device itself) cannot run. This runs the same
 :class:`chaos_guest.DeadCheck` per tracked device, with its STATE requests sent through
-the agent's control socket (STATE changes nothing) and the device's sizes as the agent
-last read them: every plugged subblock found by STATE over the usable region (MIXED
+the agent's control socket (STATE changes nothing) and the device's sizes as its
+tracker holds them: every plugged subblock found by STATE over the usable region (MIXED
 ranges bisected); every page of every online memory block plugged or HWPOISON; the
 tracker's plug bitmap equal to the device's; taken bits only under online blocks,
 every hole held taken, no poisoned page in a subblock in use. On top of what a kill
@@ -36,12 +36,16 @@ class AgentDevice:
         self.snap, self.socket = snap, socket
 
     def config(self) -> SimpleNamespace:
+        """The device's config as the tracker holds it. ``plugged_size`` is the
+        tracker's plugged bytes: its copy of the device's field is the value of the
+        agent's last config read, which no UNPLUG refreshes (driver.py ``_publish``);
+        the device's own size is QEMU's, which the host compares with the tracker."""
         snap, geo = self.snap, self.snap.identity.geometry
         return SimpleNamespace(
             addr=geo.addr,
             region_size=geo.region_size,
             block_size=geo.block_size,
-            plugged_size=snap.plugged_size,
+            plugged_size=snap.plugged_bytes,
             requested_size=snap.requested_size,
             usable_region_size=snap.usable_region_size,
         )
