@@ -1,9 +1,10 @@
 """Fuzz the driver core against the device model: resizes, faults, crashes, reboots.
 
 A hypothesis state machine plays the host (resizes of any size, misaligned
-ones too), the device (BUSY answers), the kernel (refused offlines; pages it
-will not give up, pinned or unmovable; soft offlines that lose races or
-migrate into the same subblock) and fate (killing the agent between any two
+ones too), the device (BUSY answers), the kernel (refused offlines; probes,
+onlines, offlines, soft offlines and unpoisons refused with ENOMEM or EBUSY;
+pages it will not give up, pinned or unmovable; soft offlines that lose races
+or migrate into the same subblock) and fate (killing the agent between any two
 actions, including between writing the intent and getting the response,
 between plug and online, between two page writes of a take or give-back,
 between poisoning and UNPLUG and between PLUG and unpoison; rebooting the
@@ -14,6 +15,7 @@ of steps to exactly what the guest can use.
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import tempfile
@@ -33,7 +35,7 @@ from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome
 from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
-from vmem_guest.sim.kernel import FakeKernelMemory
+from vmem_guest.sim.kernel import BLOCK_OPS, FakeKernelMemory, KernelOp
 from vmem_guest.sim.pages import FakePages
 from vmem_guest.sim.runner import VirtualClock
 from vmem_guest.tracker import Tracker, TrackerIdentity, state_disagreement, state_of
@@ -252,6 +254,21 @@ class AgentMachine(RuleBasedStateMachine):
     def kernel_allows_offline(self) -> None:
         self.kernel.refuse_offline.clear()
 
+    @rule(op=st.sampled_from(list(KernelOp)), err=st.sampled_from([errno.ENOMEM, errno.EBUSY]))
+    def kernel_refuses(self, op: KernelOp, err: int) -> None:
+        """A kernel short of memory or busy: every ``op`` fails with ``err`` until the
+        refusals are lifted (a probe or online refused after the PLUG: plugged memory
+        waits, or goes back; an unpoison refused: the subblock stays taken)."""
+        if op in BLOCK_OPS:
+            self.kernel.refuse(op, err)
+        else:
+            self.pages.refuse(op, err)
+
+    @rule()
+    def kernel_stops_refusing(self) -> None:
+        self.kernel.stop_refusing()
+        self.pages.stop_refusing()
+
     @rule(where=st.sampled_from(["before-request", "after-response", "after-sysfs"]))
     def arm_crash(self, where: str) -> None:
         """Kill the agent at the next request or sysfs write (the next steps will hit it)."""
@@ -392,6 +409,7 @@ class AgentMachine(RuleBasedStateMachine):
         """Lift every fault: the driver must settle on exactly what the guest can use."""
         self.model.busy_next = 0
         self.kernel.refuse_offline.clear()
+        self.kernel_stops_refusing()
         self.channel.crash_before = self.channel.crash_after = False
         self.kernel.crash_after_change = False
         self.pages.crash_after_writes = None
