@@ -257,3 +257,53 @@ def test_a_refused_unpoison_keeps_the_subblock_taken_until_the_kernel_agrees(
     assert rig.holes() == [] and not any(state.is_taken(sb) for sb in holes)
     assert all(rig.poisoned_pages(sb) == 0 for sb in holes)
     rig.check_consistent()
+
+
+# --- what sysfs says after a refused write; the manual path's all or nothing ----------
+
+
+def test_a_block_onlined_behind_the_agents_back_is_recorded_as_sysfs_says(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A udev rule onlines each new block as soon as it is added: the agent's own
+    online write is refused (EINVAL, already online); it asks sysfs, records the
+    block ONLINE in the zone the kernel chose, and writes nothing more
+    (docs/design.md 5.3, ``_after_refused_online``)."""
+    kernel = rig.kernel
+    real_probe = kernel.probe
+
+    def probe_then_udev_onlines(phys_addr: int) -> bool:
+        added = real_probe(phys_addr)
+        kernel.online(phys_addr // MEMORY_BLOCK, planner.Zone.KERNEL)
+        return added
+
+    monkeypatch.setattr(kernel, "probe", probe_then_udev_onlines)
+    rig.model.resize(128 * MIB)
+    assert rig.converge()[-1].outcome is Outcome.DONE
+    assert rig.tracker is not None
+    assert rig.tracker.block(MB0).zone is planner.Zone.KERNEL
+    assert kernel.probes == [MB0 * MEMORY_BLOCK]  # one probe: nothing added twice
+    rig.check_consistent()
+
+
+def test_manual_unplug_all_onlines_again_what_it_offlined_when_an_offline_is_refused(
+    rig: Rig,
+) -> None:
+    """``vmem-guest unplug-all`` is all or nothing (docs/design.md 5.4,
+    ``DeviceDriver.offline_all``): memory35..33 go offline, memory32 refuses; the
+    three are onlined again in their zones, no UNPLUG_ALL is sent, and the error
+    names memory32."""
+    driver = rig.driver
+    assert driver is not None
+    rig.model.resize(512 * MIB)
+    rig.converge()
+    rig.kernel.refuse_offline.add(MB0)
+    sent = len(rig.channel.sent)
+    with pytest.raises(OfflineRefused, match="memory32") as info:
+        manual.ManualOps(driver, sleep=no_sleep).unplug_all()
+    assert info.value.errno == errno.EBUSY
+    assert online_blocks(rig) == {MB0 + i for i in range(4)}
+    assert all(rig.kernel.block(MB0 + i).zone is planner.Zone.MOVABLE for i in range(4))
+    assert rig.channel.sent[sent:] == []
+    assert rig.model.plugged_size == 512 * MIB
+    rig.check_consistent()
