@@ -86,6 +86,20 @@ def test_a_host_that_cannot_boot_the_vm_fails_the_session_with_one_line(tmp_path
     assert "KeyError" not in out + result.stderr
 
 
+def test_under_xdist_a_worker_that_cannot_boot_fails_the_session_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """make test runs two pytest-xdist workers: the reason travels from the worker
+    that met it to the controller, which prints it once and fails."""
+    result = run_child(tmp_path, VM_TESTS, "-n", "2", "--dist", "loadfile")
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    lines = [line for line in out.splitlines() if "cannot run on this host" in line]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("FAILED: VM tests on qemu-") and lines[0].endswith(NO_QEMU)
+    assert "2 skipped" in out and "1 passed" in out, out
+
+
 def test_without_vm_tests_the_session_passes(tmp_path: Path) -> None:
     result = run_child(tmp_path, VM_TESTS, "-k", "without")
     assert result.returncode == 0, result.stdout + result.stderr
