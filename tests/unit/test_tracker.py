@@ -1240,7 +1240,7 @@ def test_only_subblocks_of_online_blocks_are_taken(tracker: Tracker) -> None:
 def test_a_block_with_taken_subblocks_is_never_offlined(tracker: Tracker) -> None:
     plug_and_online(tracker, 33)
     tracker.record_taking(sb_addr(tracker, 33, 5), 1)
-    with pytest.raises(HolesKeepBlockOnline, match="taken subblocks and .* plugged"):
+    with pytest.raises(HolesKeepBlockOnline, match=r"taken subblocks and .* plugged"):
         tracker.record_offline(33)
     assert tracker.block(33).state is MemoryBlockState.ONLINE
 
@@ -1333,7 +1333,7 @@ def test_a_block_with_holes_and_memory_in_use_is_not_offlined(tracker: Tracker) 
     hole = sb_addr(tracker, 33, 63)
     tracker.record_taking(hole, 1)
     tracker.record_unplugged(hole, 1)
-    with pytest.raises(HolesKeepBlockOnline, match="taken subblocks and .* plugged"):
+    with pytest.raises(HolesKeepBlockOnline, match=r"taken subblocks and .* plugged"):
         tracker.record_offline(33)
 
 
