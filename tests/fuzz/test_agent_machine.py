@@ -36,7 +36,7 @@ from vmem_guest.driver import DeviceDriver, Outcome
 from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.kernel import BLOCK_OPS, FakeKernelMemory, KernelOp
-from vmem_guest.sim.pages import FakePages
+from vmem_guest.sim.pages import PAGE_OPS, FakePages
 from vmem_guest.sim.runner import VirtualClock
 from vmem_guest.tracker import Tracker, TrackerIdentity, state_disagreement, state_of
 
@@ -46,6 +46,10 @@ MEMORY_BLOCK = 128 * MIB
 PAGE = 4096
 #: (region size, device block size): Sub Block Mode and Big Block Mode.
 GEOMETRIES = [(1024 * MIB, 2 * MIB), (1024 * MIB, 4 * MIB), (2048 * MIB, 256 * MIB)]
+#: How the kernel refuses a memory operation it may grant later.
+REFUSALS = [errno.ENOMEM, errno.EBUSY]
+#: The share of its calls a flaky operation refuses.
+FLAKY_RATE = 0.3
 #: With faults lifted, convergence from any state must take fewer steps than this.
 CONVERGENCE_STEP_BOUND = 2000
 
@@ -165,8 +169,24 @@ class AgentMachine(RuleBasedStateMachine):
         geometry=st.sampled_from(GEOMETRIES),
         seed=st.integers(0, 2**16),
         refuses_poisoned_online=st.booleans(),  # Linux 6.2 and later, or before
+        plugged=st.floats(0, 1),
+        flaky=st.sampled_from([None, *sorted(KernelOp, key=str)]),
+        err=st.sampled_from(REFUSALS),
     )
-    def boot(self, geometry: tuple[int, int], seed: int, refuses_poisoned_online: bool) -> None:
+    def boot(
+        self,
+        geometry: tuple[int, int],
+        seed: int,
+        refuses_poisoned_online: bool,
+        plugged: float,
+        flaky: KernelOp | None,
+        err: int,
+    ) -> None:
+        """A guest that already runs the agent with ``plugged`` of its region in use, so
+        that the rules that follow shrink (offlines, takes) as often as they grow; and
+        a kernel that refuses a third of its ``flaky`` operation's calls with ``err``
+        (until the refusals are lifted), so that each operation is refused where it
+        happens, not only where a refusal rule happened to come first."""
         region_size, block_size = geometry
         self.geometry = Geometry(REGION_ADDR, region_size, block_size, MEMORY_BLOCK)
         self.model = DeviceModel(addr=REGION_ADDR, region_size=region_size, block_size=block_size)
@@ -176,6 +196,12 @@ class AgentMachine(RuleBasedStateMachine):
         self.new_pages(seed)
         self.clock = VirtualClock()
         self.start_agent()
+        if flaky in BLOCK_OPS:
+            self.kernel.refuse(flaky, err, rate=FLAKY_RATE)
+        elif flaky is not None:
+            self.pages.refuse(flaky, err, rate=FLAKY_RATE)
+        self.host_resize(plugged, misalign=False)
+        self.run_steps(CONVERGENCE_STEP_BOUND)
 
     def new_pages(self, seed: int) -> None:
         """A boot's pages; on the 6.2+ kind the kernel refuses to online a block
@@ -254,15 +280,18 @@ class AgentMachine(RuleBasedStateMachine):
     def kernel_allows_offline(self) -> None:
         self.kernel.refuse_offline.clear()
 
-    @rule(op=st.sampled_from(list(KernelOp)), err=st.sampled_from([errno.ENOMEM, errno.EBUSY]))
-    def kernel_refuses(self, op: KernelOp, err: int) -> None:
-        """A kernel short of memory or busy: every ``op`` fails with ``err`` until the
-        refusals are lifted (a probe or online refused after the PLUG: plugged memory
-        waits, or goes back; an unpoison refused: the subblock stays taken)."""
-        if op in BLOCK_OPS:
-            self.kernel.refuse(op, err)
-        else:
-            self.pages.refuse(op, err)
+    @rule(op=st.sampled_from(sorted(BLOCK_OPS, key=str)), err=st.sampled_from(REFUSALS))
+    def kernel_refuses_blocks(self, op: KernelOp, err: int) -> None:
+        """A kernel short of memory or busy: every probe, online or offline fails with
+        ``err`` until the refusals are lifted (a probe or online refused after the
+        PLUG: plugged memory waits, or goes back)."""
+        self.kernel.refuse(op, err)
+
+    @rule(op=st.sampled_from(sorted(PAGE_OPS, key=str)), err=st.sampled_from(REFUSALS))
+    def kernel_refuses_pages(self, op: KernelOp, err: int) -> None:
+        """The same for soft offline (a take undone, its subblock avoided) and unpoison
+        (the subblock stays taken until the kernel agrees)."""
+        self.pages.refuse(op, err)
 
     @rule()
     def kernel_stops_refusing(self) -> None:

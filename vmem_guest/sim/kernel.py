@@ -65,8 +65,9 @@ class FakeKernelMemory:
         self.blocks: dict[int, KernelBlock] = {}
         self.refuse_offline: set[int] = set()
         self.offline_refusals = 0
-        #: Operations refused, each with its errno, until :meth:`stop_refusing`.
-        self.refusing: dict[KernelOp, int] = {}
+        #: Operations refused, each with its errno and the chance of a refusal per call,
+        #: until :meth:`stop_refusing`.
+        self.refusing: dict[KernelOp, tuple[int, float]] = {}
         #: How many times each operation was refused that way.
         self.refused: dict[KernelOp, int] = dict.fromkeys(BLOCK_OPS, 0)
         self.probes: list[int] = []
@@ -77,19 +78,24 @@ class FakeKernelMemory:
         #: ``sim.pages.FakePages.block_onlined`` models it.
         self.on_online: Callable[[int, int], None] | None = None
 
-    def refuse(self, op: KernelOp, err: int) -> None:
-        """Refuse every ``op`` (probe, online or offline) with ``err`` from now on."""
+    def refuse(self, op: KernelOp, err: int, rate: float = 1.0) -> None:
+        """Refuse ``op`` (probe, online or offline) with ``err`` from now on: every call,
+        or each call with probability ``rate`` (drawn from ``rng``)."""
         if op not in BLOCK_OPS:
             raise ValueError(f"{op.value} is a page operation (sim.pages.FakePages)")
-        self.refusing[op] = err
+        self.refusing[op] = (err, rate)
 
     def stop_refusing(self) -> None:
         self.refusing.clear()
 
     def _refusal(self, op: KernelOp) -> int | None:
-        err = self.refusing.get(op)
-        if err is not None:
-            self.refused[op] += 1
+        refusal = self.refusing.get(op)
+        if refusal is None:
+            return None
+        err, rate = refusal
+        if rate < 1.0 and self.rng.random() >= rate:
+            return None
+        self.refused[op] += 1
         return err
 
     def block_size(self) -> int:

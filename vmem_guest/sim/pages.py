@@ -102,24 +102,30 @@ class FakePages:
         # Groups onlined since: their pages not yet looked at are free, not drawn.
         self._fresh_groups: set[int] = set()
         self._poisoned_pages = 0
-        #: Operations refused, each with its errno, until :meth:`stop_refusing`.
-        self.refusing: dict[KernelOp, int] = {}
+        #: Operations refused, each with its errno and the chance of a refusal per call,
+        #: until :meth:`stop_refusing`.
+        self.refusing: dict[KernelOp, tuple[int, float]] = {}
         self.refused: dict[KernelOp, int] = dict.fromkeys(PAGE_OPS, 0)
 
-    def refuse(self, op: KernelOp, err: int) -> None:
+    def refuse(self, op: KernelOp, err: int, rate: float = 1.0) -> None:
         """Refuse every soft offline (of a page not yet poisoned) or every unpoison (of
-        a poisoned page) with ``err`` from now on; the page stays as it is."""
+        a poisoned page) with ``err`` from now on, or each with probability ``rate``
+        (drawn from ``rng``); the page stays as it is."""
         if op not in PAGE_OPS:
             raise ValueError(f"{op.value} is a memory block operation (sim.kernel)")
-        self.refusing[op] = err
+        self.refusing[op] = (err, rate)
 
     def stop_refusing(self) -> None:
         self.refusing.clear()
 
     def _refusal(self, op: KernelOp) -> int | None:
-        err = self.refusing.get(op)
-        if err is not None:
-            self.refused[op] += 1
+        refusal = self.refusing.get(op)
+        if refusal is None:
+            return None
+        err, rate = refusal
+        if rate < 1.0 and self.rng.random() >= rate:
+            return None
+        self.refused[op] += 1
         return err
 
     # --- PageControl -------------------------------------------------------------
