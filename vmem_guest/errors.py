@@ -20,6 +20,7 @@ the agent can decide what to do without parsing text::
      |    +-- TrackerLocked    another process owns the tracker
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
      |    +-- HolesKeepBlockOnline  a block with taken subblocks is never offlined (block)
+     |    +-- HibernationRefused  device memory cannot be given back before a hibernation
  +-- RequirementMissing    the guest lacks what the agent needs (docs/requirements.md)
      +-- Mismatch              fuzzing: the device and the model disagree (after, differences)
      +-- DeviceLost            fuzzing: the device under test stopped answering (reason, after)
@@ -171,6 +172,10 @@ class HolesKeepBlockOnline(SafetyError):
             plugged=plugged,
         )
         self.block = block
+
+
+class HibernationRefused(SafetyError):
+    """Device memory cannot be given back before a hibernation (docs/lifecycle.md)."""
 
 
 class RequirementMissing(VmemError):
