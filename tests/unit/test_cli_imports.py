@@ -46,3 +46,15 @@ def test_status_imports_neither_the_agent_nor_the_driver(tmp_path: Path) -> None
         assert "vmem_guest.status_reads" in modules  # the probe ran the command
         unwanted = [m for m in modules if m.startswith(NOT_FOR_STATUS)]
         assert unwanted == [], (args, unwanted)
+
+
+def test_the_spelled_out_online_policies_are_the_planners() -> None:
+    from vmem_guest import cli, planner
+
+    assert tuple(p.value for p in planner.OnlinePolicy) == cli.ONLINE_POLICIES
+    assert cli.ONLINE_POLICIES[0] == planner.Policy().online.value  # the default
+
+
+def test_status_does_not_import_the_planner(tmp_path: Path) -> None:
+    modules = imported_by(["status", "--json", "--state-dir", str(tmp_path)])
+    assert "vmem_guest.planner" not in modules

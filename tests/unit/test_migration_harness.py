@@ -59,9 +59,9 @@ def test_the_destination_runs_the_same_command_line_listening_and_appending() ->
     incoming = qemu_argv(cfg, dest, "qemu", "tcg", incoming="unix:socks2/migrate.sock")
     assert option(incoming, "-incoming") == ["unix:socks2/migrate.sock"]
     assert option(source, "-incoming") == []
-    # Its console appends to the source's log (the file chardev truncates otherwise).
+    # Both append to the one console log (a file chardev truncates otherwise).
     assert option(incoming, "-chardev")[0] == "file,id=con0,path=run/console.log,append=on"
-    assert option(source, "-chardev")[0] == "file,id=con0,path=run/console.log"
+    assert option(source, "-chardev")[0] == "file,id=con0,path=run/console.log,append=on"
 
     # The same devices, RAM and machine; only the sockets and the console differ.
     def alike(args: list[str]) -> list[str]:
