@@ -73,7 +73,7 @@ class VMConfig:
     ram_root: bool = False
     #: A guest QEMU can live-migrate (scripts/vmharness/migration.py): it runs from its
     #: RAM root (needs ``ram_root``) with nothing of 9p mounted, since QEMU refuses to
-    #: migrate while a 9p export is mounted (docs/test-vm.md section 12). guest-init
+    #: migrate while a 9p export is mounted (docs/test-vm.md section 13). guest-init
     #: pivots into the copy and unmounts the 9p root and the share; results come out
     #: through the command channel only.
     migratable: bool = False

@@ -75,7 +75,7 @@ def tcg_thread_for(version: str) -> str:
 #: migration: a Linux 6.1 guest under multi-threaded TCG died after migration (general
 #: protection faults, bad page state) whatever the driver, even the in-kernel one with
 #: no device memory, once processes allocated memory during the migration; 6.12 did
-#: not (docs/test-vm.md section 12).
+#: not (docs/test-vm.md section 13).
 MIGRATION_TCG_SINGLE_LINUX = ("6.1",)
 
 

@@ -8,7 +8,7 @@ The destination runs the source's own command line plus ``-incoming unix:PATH`` 
 neither runs, the destination is resumed, and the :class:`~vmharness.vm.TestVM`
 switches its QMP connection, command channel and process to it; the source (paused in
 ``postmigrate``) is told to quit. Only a :attr:`VMConfig.migratable` guest can be
-migrated: QEMU refuses while a 9p export is mounted (docs/test-vm.md section 12).
+migrated: QEMU refuses while a 9p export is mounted (docs/test-vm.md section 13).
 
 While the migration runs the source still answers QMP (``vm.qmp``, ``vm.resize``): a
 resize then lands inside the migration. A virtio-mem device answers every PLUG, UNPLUG
