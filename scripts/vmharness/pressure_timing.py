@@ -40,7 +40,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 #: The guest's local time as the agent's log writes it (logging's asctime: ms, comma).
 STAMP = "%Y-%m-%d %H:%M:%S,%f"
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ ([\w.]+): (.*)$")
+#: A line of it: time, level, logger (``vmem_guest.driver.0000:00:03.0``), message.
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (\S+): (.*)$")
 
 
 def first_reach(samples: list[tuple[float, int]], before: int, unplugged: int) -> float | None:

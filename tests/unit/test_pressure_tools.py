@@ -48,12 +48,12 @@ def test_first_reach_is_the_first_sample_with_that_much_gone() -> None:
 
 LOG = """\
 2026-12-07 20:10:00,100 DEBUG vmem_guest.tracker.drv: before the stop
-2026-12-07 20:10:05,200 INFO vmem_guest.driver.x: offline memory9 failed: EBUSY; later
+2026-12-07 20:10:05,200 INFO vmem_guest.driver.0000:00:03.0: offline memory9 failed: EBUSY; later
 2026-12-07 20:10:05,300 DEBUG vmem_guest.tracker.drv: taking addr=0x1 nb_blocks=1
-2026-12-07 20:10:25,300 INFO vmem_guest.driver.x: MemAvailable rose: refusals end early
+2026-12-07 20:10:25,300 INFO vmem_guest.driver.0000:00:03.0: MemAvailable rose: refusals end early
 not a log line
 2026-12-07 20:10:25,800 INFO vmem_guest.resizes: converged
-2026-12-07 20:11:00,000 INFO vmem_guest.driver.x: after QEMU got there
+2026-12-07 20:11:00,000 INFO vmem_guest.driver.0000:00:03.0: after QEMU got there
 """
 
 
@@ -65,7 +65,7 @@ def test_the_agents_waits_are_the_gaps_in_its_log_after_the_stop() -> None:
         {
             "seconds": 20.0,
             "at_s": 0.3,
-            "then": "vmem_guest.driver.x: MemAvailable rose: refusals end early",
+            "then": "vmem_guest.driver.0000:00:03.0: MemAvailable rose: refusals end early",
         }
     ]
     assert waits["waited_s"] == 20.0
