@@ -102,12 +102,21 @@ class UnplugAll:
     device: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Hibernate:
+    """Give every device's memory back within ``seconds`` and hold the devices empty
+    until the guest resumes (vmem_guest/hibernate.py)."""
+
+    op: ClassVar[str] = "hibernate"
+    seconds: float
+
+
 #: What is asked of one device (the rest is asked of the agent).
 DeviceOperation = QueryState | Plug | Unplug | UnplugAll
-Operation = Ping | DeviceOperation
+Operation = Ping | Hibernate | DeviceOperation
 #: The operations the agent serves, by wire name.
 OPS: dict[str, type[Operation]] = {
-    cls.op: cls for cls in (Ping, QueryState, Plug, Unplug, UnplugAll)
+    cls.op: cls for cls in (Ping, Hibernate, QueryState, Plug, Unplug, UnplugAll)
 }
 #: Zones a plug request may name.
 _ZONES = {"movable": Zone.MOVABLE, "kernel": Zone.KERNEL}
@@ -147,6 +156,8 @@ def operation_of(message: dict[str, Any]) -> Operation:
         )
     if op == Ping.op:
         return Ping()
+    if op == Hibernate.op:
+        return Hibernate(float(_count(message, "seconds")))
     device = _device(message)
     if op == QueryState.op:
         return QueryState(device, _count(message, "addr"), _count(message, "blocks"))
@@ -164,6 +175,9 @@ def message_of(operation: Operation) -> dict[str, Any]:
     """The wire form of ``operation`` (what :func:`operation_of` reads back)."""
     message: dict[str, Any] = {"op": operation.op}
     if isinstance(operation, Ping):
+        return message
+    if isinstance(operation, Hibernate):
+        message["seconds"] = int(operation.seconds)
         return message
     message["device"] = operation.device
     if isinstance(operation, QueryState):
@@ -212,10 +226,19 @@ def parse_request(line: bytes) -> Operation:
 class ControlServer:
     """The listening socket; the agent's selector loop calls :meth:`serve_one`."""
 
-    def __init__(self, path: Path, handler: Handler, *, allowed_uids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        *,
+        allowed_uids: frozenset[int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` (seconds, monotonic) times each client's request line."""
         self.path = path
         self.handler = handler
         self.allowed_uids = allowed_uids
+        self.clock = clock
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -253,7 +276,7 @@ class ControlServer:
         try:
             # Read before judging: closing on unread data would reset the
             # connection and the peer would never see why it was refused.
-            line = _read_line(conn, time.monotonic() + CLIENT_TIMEOUT)
+            line = _read_line(conn, self.clock() + CLIENT_TIMEOUT, self.clock)
             if uid not in self.allowed_uids:
                 log.warning("refused control connection from uid %d", uid)
                 raise UsageError("permission denied: root only", uid=uid)
@@ -293,11 +316,12 @@ class _ProgressSender:
             log.warning("control client stopped taking progress (%s); carrying on", exc)
 
 
-def _read_line(conn: socket.socket, deadline: float) -> bytes:
-    """The first line the client sends, read before ``deadline`` (time.monotonic)."""
+def _read_line(conn: socket.socket, deadline: float, clock: Callable[[], float]) -> bytes:
+    """The first line the client sends, read before ``deadline`` (on ``clock``): the
+    deadline bounds the whole line, so a client trickling bytes cannot hold the agent."""
     buffer = b""
     while b"\n" not in buffer:
-        left = deadline - time.monotonic()
+        left = deadline - clock()
         if left <= 0:
             raise UsageError(f"control request not received within {CLIENT_TIMEOUT:g} s")
         conn.settimeout(left)
