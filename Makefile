@@ -126,9 +126,10 @@ chaos: $(STAMP) vm-deps
 migrate: $(STAMP) vm-deps
 	$(PY) scripts/migrate.py --migrations $(N)
 
-# Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver.
+# Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver,
+# with pinned pages and with movable pages only (a target off the 128 MiB block grid).
 pressure: $(STAMP) vm-deps
-	$(PY) scripts/pressure.py
+	$(PY) scripts/pressure.py; a=$$?; $(PY) scripts/pressure.py --workload movable && exit $$a
 
 # The agent VM tests, `make conformance` and `make chaos N=20` on all four pairs of
 # QEMU {7.2, 10.0} x Linux {6.1, 6.12}; one table at the end (results/matrix/).
