@@ -9,7 +9,8 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos pressure test-matrix qemu rootfs clean test-debian-packages man hibernate
+        conformance chaos migrate pressure test-matrix qemu rootfs clean test-debian-packages man \
+        hibernate
 
 all: test
 
@@ -120,6 +121,10 @@ conformance: $(STAMP) vm-deps
 N ?= 100
 chaos: $(STAMP) vm-deps
 	$(PY) scripts/chaos.py --kills $(N)
+
+# Live-migrate the guest N times at random moments while the agent resizes; check, converge.
+migrate: $(STAMP) vm-deps
+	$(PY) scripts/migrate.py --migrations $(N)
 
 # Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver,
 # with pinned pages and with movable pages only (a target off the 128 MiB block grid).

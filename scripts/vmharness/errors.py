@@ -34,6 +34,10 @@ class VMTimeout(VMError):
     """A wait on the VM (boot, command, predicate) ran out of time."""
 
 
+class MigrationFailed(VMError):
+    """A live migration did not complete (the source VM carries on)."""
+
+
 class GuestCommandError(VMError):
     """A guest command failed (non-zero exit status or timeout)."""
 
