@@ -9,7 +9,8 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos pressure test-matrix qemu rootfs clean test-debian-packages man hibernate
+        conformance chaos migrate pressure test-matrix qemu rootfs clean test-debian-packages man \
+        hibernate
 
 all: test
 
@@ -121,9 +122,14 @@ N ?= 100
 chaos: $(STAMP) vm-deps
 	$(PY) scripts/chaos.py --kills $(N)
 
-# Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver.
+# Live-migrate the guest N times at random moments while the agent resizes; check, converge.
+migrate: $(STAMP) vm-deps
+	$(PY) scripts/migrate.py --migrations $(N)
+
+# Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver,
+# with pinned pages and with movable pages only (a target off the 128 MiB block grid).
 pressure: $(STAMP) vm-deps
-	$(PY) scripts/pressure.py
+	$(PY) scripts/pressure.py; a=$$?; $(PY) scripts/pressure.py --workload movable && exit $$a
 
 # The agent VM tests, `make conformance` and `make chaos N=20` on all four pairs of
 # QEMU {7.2, 10.0} x Linux {6.1, 6.12}; one table at the end (results/matrix/).

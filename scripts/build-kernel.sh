@@ -43,8 +43,12 @@ done
 log() { echo "build-kernel: $*"; }
 die() { echo "build-kernel: ERROR: $*" >&2; exit 1; }
 
+# The project's fragment, then the series' own if it has one (options only the tests
+# of that series' pair use: adding one rebuilds that kernel, not every kernel).
+FRAGMENTS=("$FRAGMENT")
+[ -f "$HERE/kernel/vmem-guest-$SERIES.config" ] && FRAGMENTS+=("$HERE/kernel/vmem-guest-$SERIES.config")
 # Hash only the option lines: editing the comments does not force a rebuild.
-FRAG_HASH="$(grep -E '^(CONFIG_|# CONFIG_)' "$FRAGMENT" | sort | sha256sum | cut -c1-12)"
+FRAG_HASH="$(cat "${FRAGMENTS[@]}" | grep -E '^(CONFIG_|# CONFIG_)' | sort | sha256sum | cut -c1-12)"
 
 # Sets SRC_VER, KEY, OUT_DIR, BZIMAGE for the source version $1.
 key_for() {
@@ -136,12 +140,12 @@ fi
 # Configure in a staging tree. A build tree left by an interrupted build with the
 # same final .config is kept, so the build resumes where it stopped.
 STAGE_DIR="$OBJ_DIR.config-stage"
-log "configuring (x86_64_defconfig + kvm_guest.config + $(basename "$FRAGMENT"))"
+log "configuring (x86_64_defconfig + kvm_guest.config + $(basename -a "${FRAGMENTS[@]}" | paste -sd+))"
 rm -rf "$STAGE_DIR"
 mkdir -p "$STAGE_DIR"
 make -s -C "$SRC_DIR" O="$STAGE_DIR" x86_64_defconfig >/dev/null
 (cd "$SRC_DIR" && scripts/kconfig/merge_config.sh -m -O "$STAGE_DIR" "$STAGE_DIR/.config" \
-    kernel/configs/kvm_guest.config "$FRAGMENT" >/dev/null)
+    kernel/configs/kvm_guest.config "${FRAGMENTS[@]}" >/dev/null)
 make -s -C "$SRC_DIR" O="$STAGE_DIR" olddefconfig >/dev/null
 if [ -f "$OBJ_DIR/.config" ] && cmp -s "$STAGE_DIR/.config" "$OBJ_DIR/.config"; then
     log "resuming the build tree in $OBJ_DIR (same .config)"
@@ -156,12 +160,12 @@ missing=()
 while IFS= read -r line; do
     opt="${line%%=*}"
     grep -qx "$opt=y" "$OBJ_DIR/.config" || missing+=("$opt (got: $(grep -E "^$opt=|^# $opt is not set" "$OBJ_DIR/.config" || echo absent))")
-done < <(grep -E '^CONFIG_[A-Z0-9_]+=y$' "$FRAGMENT")
+done < <(cat "${FRAGMENTS[@]}" | grep -E '^CONFIG_[A-Z0-9_]+=y$')
 if [ "${#missing[@]}" -gt 0 ]; then
     printf 'build-kernel: ERROR: required option not =y in the final .config: %s\n' "${missing[@]}" >&2
-    die "fix $FRAGMENT (a dependency is probably missing); config: $OBJ_DIR/.config"
+    die "fix ${FRAGMENTS[*]} (a dependency is probably missing); config: $OBJ_DIR/.config"
 fi
-log "config ok: all $(grep -cE '^CONFIG_[A-Z0-9_]+=y$' "$FRAGMENT") required options are =y"
+log "config ok: all $(cat "${FRAGMENTS[@]}" | grep -cE '^CONFIG_[A-Z0-9_]+=y$') required options are =y"
 
 JOBS="$(nproc)"
 BUILD_LOG="$OBJ_DIR/build.log"
@@ -193,7 +197,7 @@ cp "$OBJ_DIR/.config" "$OUT_DIR/config"
 cp "$BUILD_LOG" "$OUT_DIR/build.log"
 cat >"$OUT_DIR/info.txt" <<INFO
 source: linux-source-$SERIES $SRC_VER ($TARBALL)
-fragment: $FRAGMENT (hash of its option lines: $FRAG_HASH)
+fragments: ${FRAGMENTS[*]} (hash of their option lines: $FRAG_HASH)
 built: $(date -u +%FT%TZ) in $(( $(date +%s) - START ))s with -j$JOBS
 INFO
 mv "$OUT_DIR/bzImage.tmp" "$BZIMAGE"

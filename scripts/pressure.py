@@ -13,6 +13,13 @@ Issue 5, item 6. For each driver, one VM (TCG unless KVM was proven to work):
 * ``vmem_guest_whole``: the same agent with ``--no-subblock-unplug`` (whole memory
   blocks only, as before subblocks), so the figure before and after is in one run.
 
+Two workloads (``--workload``, ``make pressure`` runs both): ``pinned`` as described
+below, and ``movable``: the same memory, nothing pinned (``--pin-stride 0``: every page
+in use is movable), shrunk to 1000 MiB, not a whole number of 128 MiB memory blocks.
+Besides the bytes, the run times how soon each driver unplugged what the in-kernel driver
+did, and how soon each reached its target once the workload ended
+(``vmharness/pressure_timing.py``).
+
 Each VM grows the device to ``--grow`` (2 GiB) and starts the same workload in the
 guest (``WORKLOAD``, one process), in this order: ``--mlocked`` (512 MiB) of anonymous
 memory locked with mlock(2), one page every ``--pin-stride`` (1 MiB) of it also held by
@@ -82,6 +89,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, fmt_size, parse_size, paths
+from vmharness import pressure_timing as timing
 from vmharness.guest_agent import (
     AGENT_LOG,
     AGENT_PID,
@@ -226,10 +234,13 @@ class Params:
     anon: int = 512 * MiB
     cache: int = 768 * MiB
     settle: float = 60.0
-    sample_every: float = 3.0
+    sample_every: float = 0.25
     offline_timeout: float = 2.0
     converge_timeout: float = 300.0
+    #: The in-kernel driver retries on a timer of 50 s doubling to 300 s (virtio_mem.c).
+    kernel_converge_timeout: float = 330.0
     drivers: tuple[str, ...] = DRIVERS
+    workload: str = "pinned"
 
 
 def is_agent(driver: str) -> bool:
@@ -239,10 +250,11 @@ def is_agent(driver: str) -> bool:
 def reachable(driver: str, size: int, block_size: int, *, growing: bool) -> int:
     """Where QEMU's size ends for a request of ``size``: the in-kernel driver plugs and
     unplugs device blocks; the agent grows in whole memory blocks (a new block cannot be
-    onlined in part), and shrinks to device blocks only when it takes subblocks."""
+    onlined in part: the block below the request), and shrinks to device blocks only when
+    it takes subblocks (else to the block above the request)."""
     whole = is_agent(driver) and (growing or driver == "vmem_guest_whole")
     unit = max(MEMORY_BLOCK, block_size) if whole else block_size
-    return size // unit * unit
+    return size // unit * unit if growing else -(-size // unit) * unit
 
 
 def vm_config(driver: str, p: Params) -> VMConfig:
@@ -605,9 +617,7 @@ def converge_agent(
     plugged size on target, the memory it keeps online in use exactly the target (holes
     stay online), nothing in flight."""
     target = reachable(driver, p.shrink_to, p.block_size, growing=False)
-    if out["after"]["workload_alive"]:
-        stop_workload(vm)
-    t1 = time.monotonic()
+    t1 = time.monotonic()  # the workload is gone and QEMU's size at the target: ended
 
     def converged() -> dict[str, Any] | None:
         view = agent_view(vm)
@@ -660,6 +670,8 @@ def finish_agent(
     text = (vm.paths.share / "agent.log").read_text(errors="replace")
     lines = text.splitlines()
     settle = out["after"].get("agent_log_lines_at_settle", len(lines))
+    ended = out["ended"]
+    out["agent_waits"] = timing.agent_waits(text, ended["guest_stop"], ended["qemu_s"])
     pinned = set(out["workload"]["pinned_device_subblocks"])
     out["refusals"] = refusals(lines[:settle], pinned, p.block_size)
     out["refusals_after_settle"] = refusals(lines[settle:], pinned, p.block_size)
@@ -756,6 +768,9 @@ def run_driver(
             out["before"]["agent"] = agent_view(vm)
         out["after"] = measure_after(vm, driver, p, out)
         log_after(driver, p, out, log)
+        target = reachable(driver, p.shrink_to, p.block_size, growing=False)
+        timeout = p.converge_timeout if agent else p.kernel_converge_timeout
+        out["ended"] = timing.end_workload(vm, DEV, target, timeout, stop_workload)
         if agent and out["after"]["agent_alive"]:
             finish_agent(vm, driver, p, out, log)
     out["wall_s"] = time.monotonic() - t_start
@@ -907,7 +922,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"memory pressure: boot {fmt_size(p['boot_memory'])}, vm0 {fmt_size(p['grow'])} plugged"
         f" ({fmt_size(p['region'])} region, {fmt_size(p['block_size'])} blocks); workload"
-        f" mlocked {fmt_size(p['mlocked'])} (a page every {fmt_size(p['pin_stride'])} pinned)"
+        f" {p['workload']}: mlocked {fmt_size(p['mlocked'])}"
+        f" ({pins_text(p['pin_stride'])})"
         f" + anon {fmt_size(p['anon'])} + page cache"
         f" {fmt_size(p['cache'])}; shrink to {fmt_size(p['shrink_to'])}, settle"
         f" {p['settle']:g} s ({result['accel']})",
@@ -927,6 +943,10 @@ def table(result: dict[str, Any]) -> str:
         if line:
             lines.append(line)
     return "\n".join(lines)
+
+
+def pins_text(stride: int) -> str:
+    return f"a page every {fmt_size(stride)} pinned" if stride else "nothing pinned"
 
 
 def table_row(driver: str, r: dict[str, Any]) -> str:
@@ -988,14 +1008,24 @@ def compare(p: Params, log: Callable[[str], None] = print, boot: Boot = TestVM) 
                 result["ratios"][driver] = d[driver]["after"]["unplugged"] / k if k else None
     result["ratio"] = result["ratios"].get("vmem_guest")
     result["problems"] = problems(result)
-    result["table"] = table(result)
+    result["table"] = "\n".join([table(result), *timing.timing_lines(result)])
     result["wall_s"] = time.monotonic() - t0
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Params, bool]:
-    d = Params()
+    workloads = argparse.ArgumentParser(add_help=False)
+    workloads.add_argument(
+        "--workload",
+        choices=timing.WORKLOADS,
+        default="pinned",
+        help="pinned: a page every --pin-stride pinned, shrink to 0; movable: nothing"
+        " pinned, shrink to 1000M (the other options default to the workload's) [pinned]",
+    )
+    workload = workloads.parse_known_args(argv)[0].workload
+    d = Params(**timing.WORKLOADS[workload], workload=workload)  # the preset's defaults
     ap = argparse.ArgumentParser(
+        parents=[workloads],
         description=__doc__.split("\n\n")[0],
         epilog="Sizes take K/M/G/T. Writes results/bench/pressure-<time>.json.",
     )
@@ -1042,6 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Params, bool]:
         settle=a.settle,
         offline_timeout=a.offline_timeout,
         drivers=tuple(a.driver) if a.driver else DRIVERS,
+        workload=workload,
     )
     return p, a.json
 
@@ -1054,7 +1085,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=stream, flush=True)
 
     result = compare(p, log)
-    path = paths.write_bench_result("pressure", result)
+    kind = "pressure" if p.workload == "pinned" else f"pressure-{p.workload}"
+    path = paths.write_bench_result(kind, result)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -11,7 +11,8 @@ Response handling (docs/design.md section 5.6, spec 5.15.6):
 * NACK: the config changed under us; re-read it and plan again.
 * BUSY (device): exponential, bounded backoff; a config change cuts the wait
   short. A kernel refusal (EBUSY offline, a page it will not give up) avoids that
-  block or subblock for a window of its own and tries others (``retry.py``).
+  block or subblock for a window of its own and tries others (``retry.py``); the
+  window ends early once its cause is gone (``relief.py``).
 * ERROR: a driver bug or a broken device: mark it broken and stop.
 
 Every request is bracketed by the tracker's pending intent, so a crash at any
@@ -35,12 +36,14 @@ from vmem_guest.errors import (
     DeviceError,
     KernelError,
     OfflineRefused,
+    PageRefused,
     SafetyError,
     VmemError,
 )
 from vmem_guest.hotplug import KernelBlockState, KernelMemory
 from vmem_guest.online_path import AUTO_ONLINE_ZONES
 from vmem_guest.pages import PageControl, all_poisoned, give_back, poisoned_count, take
+from vmem_guest.relief import Relief
 from vmem_guest.retry import (
     DEFAULT_BACKOFF,
     DEFAULT_REFUSAL_BACKOFF,
@@ -92,10 +95,13 @@ class DeviceDriver:
         refusal_backoff: BackoffPolicy = DEFAULT_REFUSAL_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         pages: PageControl | None = None,
+        relief: Relief | None = None,
     ) -> None:
         """``pages``: the kernel's page-level interface, for taking single subblocks
         of online blocks; without it (or where the kernel cannot) shrinking goes
-        in whole memory blocks, as ``policy.subblock_unplug`` False does."""
+        in whole memory blocks, as ``policy.subblock_unplug`` False does.
+        ``relief``: what ends refusal windows before their time (None: only their
+        time and a config change do)."""
         self.device = device
         self.tracker = tracker
         self.kernel = kernel
@@ -116,6 +122,7 @@ class DeviceDriver:
         self.refused_blocks = Refusals(refusal_backoff)
         #: Subblocks whose pages the kernel would not give up (or take back) lately.
         self.refused_subblocks = Refusals(refusal_backoff)
+        self.relief = relief
         self.nacks_in_a_row = 0
         self.last_done: planner.Done | None = None
         self._broken_text = ""
@@ -205,6 +212,8 @@ class DeviceDriver:
         self.not_before = 0.0
         self.refused_blocks.clear()
         self.refused_subblocks.clear()
+        if self.relief is not None:
+            self.relief.clear()
         self.last_done = None
 
     # --- after a resume from suspend (docs/design.md section 1, "Suspend and resume") --
@@ -543,6 +552,7 @@ class DeviceDriver:
             return StepResult(Outcome.WAIT, wait_seconds=self.not_before - now)
         self.refused_blocks.expire(now)
         self.refused_subblocks.expire(now)
+        self._end_outlived_windows(now)
         step: planner.Step | None = None
         try:
             step = planner.next_step(self.plan_input())
@@ -578,8 +588,31 @@ class DeviceDriver:
         # and next_delay() doubles the backoff.
         earliest = (self.refused_blocks.earliest(), self.refused_subblocks.earliest())
         waits = [t for t in earliest if t is not None]
+        if waits and self.relief is not None:
+            waits.append(self.relief.next_check)  # a window may end before its time
         wake = min(waits) if waits else now + self.backoff.next_delay()
         return StepResult(Outcome.WAIT, step, wait_seconds=max(0.0, wake - now))
+
+    def _end_outlived_windows(self, now: float) -> None:
+        """End the refusal windows whose cause is gone (:class:`~vmem_guest.relief.Relief`,
+        asked only while a window is open)."""
+        if self.relief is None or not (self.refused_blocks or self.refused_subblocks):
+            return
+        relieved = self.relief.check(now)
+        if relieved is None:
+            return
+        if relieved.everything:
+            blocks = self.refused_blocks.lift()
+            subblocks = self.refused_subblocks.lift()
+        else:
+            blocks, subblocks = [], self.refused_subblocks.lift(relieved.subblocks)
+        if blocks or subblocks:
+            self.log.info(
+                "%s: refusals end early (%d memory blocks, %d subblocks)",
+                relieved.why,
+                len(blocks),
+                len(subblocks),
+            )
 
     def _plug(self, step: planner.PlugStep) -> StepResult:
         response = self._request(RequestType.PLUG, step.addr, step.nb_blocks)
@@ -631,7 +664,7 @@ class DeviceDriver:
                 self._undo_take(first, sb - first + 1)
                 return self._avoid_subblocks(step, sb, 1, exc, started)
             lowest = sb
-        self.refused_subblocks.succeeded(range(lowest, end))
+        self._subblocks_succeeded(range(lowest, end))
         return StepResult(Outcome.PROGRESS, step)
 
     def _above_unmovable(self, first: int, end: int) -> int:
@@ -651,6 +684,7 @@ class DeviceDriver:
             return first
         now = self.clock()
         until = self.refused_subblocks.refuse(unmovable, now, 0.0)
+        self._tell_relief(unmovable)
         self.log.info(
             "subblocks %s hold unmovable pages (kpageflags): not taken (until %.2f s from now)",
             unmovable,
@@ -670,7 +704,7 @@ class DeviceDriver:
         except KernelError as exc:
             self._undo_take(first, step.nb_blocks)
             return self._avoid_subblocks(step, first, step.nb_blocks, exc, started)
-        self.refused_subblocks.succeeded(range(first, first + step.nb_blocks))
+        self._subblocks_succeeded(range(first, first + step.nb_blocks))
         return None
 
     def _undo_take(self, first: int, count: int) -> None:
@@ -696,7 +730,7 @@ class DeviceDriver:
             self._give_back_subblocks(first, step.nb_blocks)
         except KernelError as exc:
             return self._avoid_subblocks(step, first, step.nb_blocks, exc, started)
-        self.refused_subblocks.succeeded(range(first, first + step.nb_blocks))
+        self._subblocks_succeeded(range(first, first + step.nb_blocks))
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
 
@@ -713,10 +747,23 @@ class DeviceDriver:
         self.tracker.count_retry()
         now = self.clock()
         until = self.refused_subblocks.refuse(range(first, first + count), now, now - started)
+        self._tell_relief(range(first, first + count), exc)
         self.log.info(
             "%s; subblocks %d+%d later (in %.2f s)", exc.message, first, count, until - now
         )
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)
+
+    def _subblocks_succeeded(self, subblocks: range) -> None:
+        """The kernel did what was asked of ``subblocks``: their refusals are forgotten."""
+        self.refused_subblocks.succeeded(subblocks)
+        if self.relief is not None:
+            self.relief.forget(subblocks)
+
+    def _tell_relief(self, subblocks: Iterable[int] = (), exc: KernelError | None = None) -> None:
+        """A refusal: the relief watches from here (and the page a take stopped at)."""
+        if self.relief is not None:
+            pfn = exc.pfn if isinstance(exc, PageRefused) else None
+            self.relief.refused(subblocks, pfn)
 
     def _after_range_request(
         self, step: planner.PlugStep | planner.UnplugStep, response: Response
@@ -870,7 +917,13 @@ class DeviceDriver:
         return AUTO_ONLINE_ZONES.get(self._auto_online, Zone.AUTO)
 
     def _offline_block(self, mb: int) -> None:
-        """Offline block ``mb`` and record it; OfflineRefused when the kernel says no."""
+        """Offline block ``mb`` and record it; OfflineRefused when the kernel says no.
+
+        The one place the agent offlines a block it owns: the tracker refuses first
+        what it would refuse to record (``check_may_offline``: a block with taken
+        subblocks, holes only or not, is never offlined, docs/design.md 5.1), so the
+        kernel is never asked for an offline the rules forbid."""
+        self.tracker.check_may_offline(mb)
         self.kernel.offline(mb)
         self.tracker.record_offline(mb)
 
@@ -900,6 +953,7 @@ class DeviceDriver:
         self.tracker.count_retry()
         now = self.clock()
         until = self.refused_blocks.refuse((mb,), now, now - started)
+        self._tell_relief()
         self.log.info("%s; retrying memory%d later (in %.2f s)", exc.message, mb, until - now)
         return StepResult(Outcome.PROGRESS, step, detail=exc.message)
 
@@ -964,9 +1018,13 @@ class DeviceDriver:
     def offline_all(self, blocks: Iterable[int]) -> None:
         """Offline every online block of ``blocks``, highest first, all or nothing: when
         the kernel refuses one, those offlined here are onlined again and the refusal
-        (naming the block and the errno) is re-raised."""
+        (naming the block and the errno) is re-raised. A block the rules keep online
+        (:class:`~vmem_guest.errors.HolesKeepBlockOnline`) is refused before any is
+        offlined."""
         state = self.tracker.state
         online = [mb for mb in blocks if state.block_state(mb) is MemoryBlockState.ONLINE]
+        for mb in online:
+            self.tracker.check_may_offline(mb)
         zones = {mb: state.block_zone(mb) for mb in online}
         done: list[int] = []
         try:

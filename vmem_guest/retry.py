@@ -115,6 +115,15 @@ class Refusals:
             self.in_a_row.pop(key, None)
             self.until.pop(key, None)
 
+    def lift(self, keys: Iterable[int] | None = None) -> list[int]:
+        """End the windows of ``keys`` (every window: None) before their time, because
+        their cause is gone (relief.py); the counts stay, as at :meth:`expire`. The
+        keys whose window was open."""
+        ended = sorted(self.until if keys is None else (k for k in keys if k in self.until))
+        for key in ended:
+            del self.until[key]
+        return ended
+
     def expire(self, now: float) -> None:
         """Drop the windows that have passed (their counts stay)."""
         if self.until:

@@ -32,6 +32,7 @@ from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.online_path import auto_online_while_serving
 from vmem_guest.pages import ProcPages
 from vmem_guest.pci_events import PciMonitor
+from vmem_guest.relief import ProcMemorySignals, Relief
 from vmem_guest.sdnotify import Notifier
 from vmem_guest.sdstatus import SystemdStatus
 from vmem_guest.transport.channel import PciChannel
@@ -153,6 +154,7 @@ class DeviceAttacher:
             guard_ranges=known,
             pages=self.pages,
         )
+        item.driver.relief = Relief(ProcMemorySignals(), item.driver.clock)
         self.attached.append(item)
         self.guard_dma()
         return item

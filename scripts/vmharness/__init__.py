@@ -5,7 +5,14 @@ See README "## The test VM".
 """
 
 from .config import Dimm, MemDevice, VMConfig, userspace_driver_config
-from .errors import GuestCommandError, HarnessError, HostUnavailable, VMError, VMTimeout
+from .errors import (
+    GuestCommandError,
+    HarnessError,
+    HostUnavailable,
+    MigrationFailed,
+    VMError,
+    VMTimeout,
+)
 from .host import NEWER_PAIR, Pair
 from .sizes import GiB, MiB, fmt_size, parse_size
 from .vm import TestVM
@@ -19,6 +26,7 @@ __all__ = [
     "HostUnavailable",
     "MemDevice",
     "MiB",
+    "MigrationFailed",
     "Pair",
     "TestVM",
     "VMConfig",

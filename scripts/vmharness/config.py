@@ -71,6 +71,12 @@ class VMConfig:
     #: which does not survive an S3 wake-up. Slower to boot (the copy), so only where
     #: a test suspends the guest.
     ram_root: bool = False
+    #: A guest QEMU can live-migrate (scripts/vmharness/migration.py): it runs from its
+    #: RAM root (needs ``ram_root``) with nothing of 9p mounted, since QEMU refuses to
+    #: migrate while a 9p export is mounted (docs/test-vm.md section 13). guest-init
+    #: pivots into the copy and unmounts the 9p root and the share; results come out
+    #: through the command channel only.
+    migratable: bool = False
     #: Boot this ext4 image (scripts/build-rootfs.sh) from a virtio-blk disk with its own
     #: init, systemd, instead of the host's / over 9p with guest-init.sh. QEMU's
     #: ``snapshot=on`` keeps the image as it is. The image starts the command runner.
@@ -97,6 +103,8 @@ class VMConfig:
                 raise ValueError(f"{d.id}: node {d.node} but only {self.numa_nodes} NUMA nodes")
             if d.size % d.block_size or d.requested_size % d.block_size:
                 raise ValueError(f"{d.id}: sizes must be multiples of the block size")
+        if self.migratable and not self.ram_root:
+            raise ValueError("a migratable VM runs from its RAM root: set ram_root too")
         if self.persistent_root and self.root_image is None:
             raise ValueError("persistent_root needs a root_image")
         if self.numa_nodes and self.memory % (self.numa_nodes * 128 * MiB):
@@ -135,6 +143,9 @@ class RunPaths:
     guest_init: Path = GUEST_INIT  #: the guest kernel's init= (the checkout's guest-init.sh)
     guest_runner: Path = GUEST_RUNNER  #: VMH_RUNNER, the command runner init starts
     python: str = "/usr/bin/python3"
+    #: 0 for the first QEMU of a run; N for the destination of its N-th migration,
+    #: which logs to qemu-N.log (the console log is shared: the destination appends).
+    generation: int = 0
     console_log: Path = field(init=False)
     qemu_log: Path = field(init=False)
     qmp_sock: Path = field(init=False)
@@ -146,7 +157,8 @@ class RunPaths:
         object.__setattr__(self, "root_copy", self.run_dir / "root.ext4")
         object.__setattr__(self, "swap_img", self.run_dir / "swap.img")
         object.__setattr__(self, "console_log", self.run_dir / "console.log")
-        object.__setattr__(self, "qemu_log", self.run_dir / "qemu.log")
+        qemu_log = f"qemu-{self.generation}.log" if self.generation else "qemu.log"
+        object.__setattr__(self, "qemu_log", self.run_dir / qemu_log)
         object.__setattr__(self, "qmp_sock", self.sock_dir / "qmp.sock")
         object.__setattr__(self, "cmd_sock", self.sock_dir / "cmd.sock")
 
@@ -177,6 +189,8 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
         words.append(f"VMH_MODE={mode}")
     if cfg.ram_root:
         words.append(f"VMH_RAMROOT={paths.share / RAM_ROOT_LIST}")
+    if cfg.migratable:
+        words.append("VMH_NO9P=1")
     if cfg.in_kernel_driver:
         words.append("memhp_default_state=online_movable")
     else:
@@ -198,8 +212,11 @@ def kernel_cmdline(cfg: VMConfig, paths: RunPaths, mode: str = "") -> str:
     return " ".join(words)
 
 
-def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str = "") -> list[str]:
-    """The full qemu-system-x86_64 command for cfg."""
+def qemu_argv(
+    cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str = "", incoming: str = ""
+) -> list[str]:
+    """The full qemu-system-x86_64 command for cfg. ``incoming``: the URI a migration
+    destination listens on (``-incoming``); its console appends to the source's log."""
     cfg.validate()
     hotplug = sum(d.size for d in cfg.devices) + sum(d.size for d in cfg.dimms)
     maxmem = cfg.maxmem if cfg.maxmem is not None else cfg.memory + hotplug
@@ -221,7 +238,8 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
         # No -no-reboot: with it QEMU treats QMP system_reset as a power-off.
         "-kernel", str(paths.kernel),
         "-append", kernel_cmdline(cfg, paths, mode),
-        # append=on: a QEMU started again (TestVM.restart) keeps the console before.
+        # append=on: a QEMU started again (TestVM.restart), or a migration's
+        # destination, keeps the console before.
         "-chardev", f"file,id=con0,path={paths.console_log},append=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{paths.qmp_sock},server=on,wait=off",
@@ -279,6 +297,8 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
             dimm += f",node={m.node}"
         argv += ["-device", dimm]
     argv += list(cfg.extra_qemu_args)
+    if incoming:
+        argv += ["-incoming", incoming]
     return argv
 
 

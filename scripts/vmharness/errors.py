@@ -11,7 +11,8 @@ class HarnessError(Exception):
 class HostUnavailable(HarnessError):
     """The host cannot run the test VM (no QEMU and no way to install it, or no kernel).
 
-    Tests turn this into a skip with its message as the one-line reason.
+    tests/vm/conftest.py skips the pair's tests and fails the session, with this
+    message as its one-line reason.
     """
 
 
@@ -31,6 +32,10 @@ class VMError(HarnessError):
 
 class VMTimeout(VMError):
     """A wait on the VM (boot, command, predicate) ran out of time."""
+
+
+class MigrationFailed(VMError):
+    """A live migration did not complete (the source VM carries on)."""
 
 
 class GuestCommandError(VMError):

@@ -71,6 +71,20 @@ def tcg_thread_for(version: str) -> str:
     return "single" if major_minor >= TCG_THREAD_SINGLE_FROM else "multi"
 
 
+#: Guest Linux series that must run single-threaded under TCG to survive a live
+#: migration: a Linux 6.1 guest under multi-threaded TCG died after migration (general
+#: protection faults, bad page state) whatever the driver, even the in-kernel one with
+#: no device memory, once processes allocated memory during the migration; 6.12 did
+#: not (docs/test-vm.md section 13).
+MIGRATION_TCG_SINGLE_LINUX = ("6.1",)
+
+
+def migration_tcg_thread(linux: str, thread: str) -> str:
+    """The TCG threading for a migratable guest of Linux ``linux`` (``thread``: what
+    it would run with otherwise)."""
+    return "single" if linux in MIGRATION_TCG_SINGLE_LINUX else thread
+
+
 #: The newest pair the project is tested on besides the default one.
 NEWER_PAIR = Pair(qemu="10.0", linux="6.12")
 

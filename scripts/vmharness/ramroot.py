@@ -30,7 +30,7 @@ RAM_ROOT_LIST = "ram-root.list"
 COMMANDS = (
     "sh", "dash", "cat", "rm", "setsid", "kill", "ls", "wc", "basename", "readlink",
     "sleep", "tail", "head", "grep", "sed", "mkdir", "test", "true", "env", "uname",
-    "pgrep", "ps", "ldconfig", "chmod", "date",
+    "pgrep", "ps", "ldconfig", "chmod", "date", "umount",
 )  # fmt: skip
 #: Links of Debian's merged /usr, copied as links so /bin/sh and /lib64's loader resolve.
 MERGED_USR_LINKS = ("/bin", "/sbin", "/lib", "/lib64")

@@ -38,6 +38,7 @@ from . import host, paths, ramroot
 from .channel import ChannelTimeout, GuestChannel
 from .config import RunPaths, VMConfig, qemu_argv
 from .errors import GuestCommandError, HarnessError, VMError, VMTimeout
+from .migration import Migration, MigrationStats
 
 T = TypeVar("T")
 
@@ -107,6 +108,8 @@ class TestVM:
         self.pair = pair or host.Pair.from_env()
         #: QEMU's version as it reports it (``7.2.x``, ``10.0.2``), set by start().
         self.qemu_version = ""
+        #: The qemu-system-x86_64 the VM runs (a migration's destination runs it too).
+        self.qemu_path = ""
         # A RAM root is copied from the 9p root before the runner starts: 437 paths,
         # 115 MiB, which took a Linux 6.1 TCG guest past the plain 120 s (runner up
         # after about 120 s, measured 2026-12-07; docs/test-vm.md section 3).
@@ -122,6 +125,8 @@ class TestVM:
         #: One QMP command at a time: a benchmark polls QEMU from a thread of its own.
         self._qmp_lock = threading.Lock()
         self._console_seen = 0
+        #: A migration begun and not yet finished (its destination is killed on close).
+        self._migration: Migration | None = None
         self._argv: list[str] = []
 
     # ----- lifecycle -----------------------------------------------------------------
@@ -143,9 +148,12 @@ class TestVM:
         qemu = host.find_qemu(pair=self.pair)
         kernel = host.find_kernel(pair=self.pair)
         self.qemu_version = host.qemu_version(qemu)
+        self.qemu_path = qemu
         self.accel = self._accel or host.choose_accel(qemu, kernel)
         if self.accel == "tcg" and self.config.tcg_thread == "multi":
             thread = host.tcg_thread_for(self.qemu_version)
+            if self.config.migratable:
+                thread = host.migration_tcg_thread(self.pair.linux, thread)
             self.config = dataclasses.replace(self.config, tcg_thread=thread)
         root = paths.results_dir() / "vm"
         root.mkdir(parents=True, exist_ok=True)
@@ -155,8 +163,7 @@ class TestVM:
         share = run_dir / "share"
         share.mkdir(parents=True)
         _prune_stale_sockets()
-        sock_dir = Path(tempfile.mkdtemp(prefix="vmh-", dir="/tmp"))
-        (sock_dir / "owner").write_text(str(os.getpid()))
+        sock_dir = self.new_sock_dir()
         self.paths = RunPaths(
             kernel=kernel,
             run_dir=run_dir,
@@ -181,6 +188,26 @@ class TestVM:
             raise
         self.boot_seconds = time.monotonic() - t0
 
+    @staticmethod
+    def new_sock_dir() -> Path:
+        """A short temp dir for one QEMU's sockets, marked with our pid (removed on close,
+        or by a later run once we are gone)."""
+        sock_dir = Path(tempfile.mkdtemp(prefix="vmh-", dir="/tmp"))
+        (sock_dir / "owner").write_text(str(os.getpid()))
+        return sock_dir
+
+    @staticmethod
+    def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        """Start a QEMU with its output appended to ``log``; it dies with this process."""
+        with open(log, "ab") as qlog:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+
     def _make_disks(self) -> None:
         """The persistent root's copy of the image and the swap disk, when configured
         (sparse files in the run directory; :meth:`close` removes them)."""
@@ -197,14 +224,7 @@ class TestVM:
     def _launch(self) -> None:
         """Start QEMU with the run's command line (its output appended to qemu.log)."""
         assert self.paths is not None
-        with open(self.paths.qemu_log, "ab") as qlog:
-            self._proc = subprocess.Popen(
-                self._argv,
-                stdin=subprocess.DEVNULL,
-                stdout=qlog,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        self._proc = self.spawn(self._argv, self.paths.qemu_log)
 
     def restart(self, exit_timeout: float = 300.0) -> None:
         """Wait for the guest to power itself off (a hibernation, say), then start QEMU
@@ -317,6 +337,9 @@ class TestVM:
     def close(self) -> None:
         """Shut down (killing QEMU if it must), close sockets, remove the socket dir.
         Safe to call twice, and on a VM that failed to start."""
+        if self._migration is not None:
+            self._migration.abort()
+            self._migration = None
         try:
             if self.alive:
                 self.shutdown()
@@ -463,6 +486,51 @@ class TestVM:
         old = self.boot_id
         self.qmp("system_reset")
         self.boot_id = self.wait_ready(timeout or self.boot_timeout, not_boot=old)
+
+    # ----- live migration (migration.py) --------------------------------------------
+    def prepare_migration(self) -> Migration:
+        """Start a destination QEMU, waiting for the guest; ``.start()`` migrates."""
+        migration = Migration(self)
+        self._migration = migration
+        migration.prepare()
+        return migration
+
+    def begin_migration(self) -> Migration:
+        """Start a destination QEMU and ``migrate`` to it; returns while the migration
+        runs (QMP still reaches the source). Finish it with ``.finish()``."""
+        migration = self.prepare_migration()
+        migration.start()
+        return migration
+
+    def migrate(self, timeout: float = 600.0) -> MigrationStats:
+        """Migrate the running guest to a new QEMU on this host and drive that one."""
+        return self.begin_migration().finish(timeout)
+
+    def adopt(self, proc: subprocess.Popen[bytes], qmp: Any, run_paths: RunPaths) -> None:
+        """Drive a migration's destination from now on (it runs the guest); the source
+        is told to quit, and must answer with the same boot: VMError otherwise."""
+        old_proc, old_qmp, old_chan, old_paths = self._proc, self._qmp, self._chan, self.paths
+        with self._qmp_lock:
+            self._proc, self._qmp, self.paths = proc, qmp, run_paths
+        self._migration = None
+        self._chan = GuestChannel(run_paths.cmd_sock)
+        with contextlib.suppress(Exception):
+            old_qmp.cmd("quit")
+        if old_proc is not None:
+            try:
+                old_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                old_proc.kill()
+                old_proc.wait()
+        with contextlib.suppress(Exception):
+            old_qmp.close()
+        if old_chan is not None:
+            old_chan.close()
+        if old_paths is not None:
+            shutil.rmtree(old_paths.sock_dir, ignore_errors=True)
+        boot = self.wait_ready(60)
+        if boot != self.boot_id:
+            raise VMError(f"the guest answered as boot {boot}, not {self.boot_id}", self.log_tail())
 
     # ----- logs ----------------------------------------------------------------------
     def log_tail(self, lines: int = 60) -> str:

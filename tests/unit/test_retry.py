@@ -57,3 +57,14 @@ def test_a_costly_window_doubles_too_and_is_capped_no_lower_than_itself() -> Non
     assert windows == pytest.approx([4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
     # A first window beyond the maximum is kept, not cut to it.
     assert Refusals(POLICY).refuse((6,), now=0.0, cost=20.0) == pytest.approx(40.0)
+
+
+def test_lift_ends_windows_early_and_keeps_the_counts() -> None:
+    refusals = Refusals(POLICY)
+    refusals.refuse((1, 2), now=0.0, cost=0.0)
+    refusals.refuse((3,), now=0.0, cost=0.0)
+    assert refusals.lift((2, 9)) == [2]
+    assert refusals.keys() == {1, 3}
+    assert refusals.lift() == [1, 3]
+    assert not refusals
+    assert refusals.in_a_row == {1: 1, 2: 1, 3: 1}
