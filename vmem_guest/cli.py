@@ -837,6 +837,8 @@ def fuzz(
 
 
 def _fuzz_text(report: dict[str, Any]) -> str:
+    from vmem_guest.conformance.classify import report_lines  # needs the fuzz extra
+
     geometry = report["geometry"]
     rows = [
         ("device", report["device"]),
@@ -860,11 +862,14 @@ def _fuzz_text(report: dict[str, Any]) -> str:
         if "device_lost" in failure:
             lines += ["", f"DEVICE LOST: {failure['device_lost']}"]
         else:
-            lines += ["", "MISMATCH (shrunk):"]
+            lines += ["", f"MISMATCH (shrunk; {failure['class']}):"]
             lines += [
                 f"  {d['what']}: device {d['device']}, model {d['model']}"
                 for d in failure["differences"]
             ]
+            lines += [f"  rule broken: {rule}" for rule in failure["rules"]]
+            if failure["profile_source"]:
+                lines.append(f"  profile source: {failure['profile_source']}")
         lines.append("  sequence (device answer | model answer):")
         lines += [
             f"  {i:3}. {e['text']}  ->  {e['device']} | {e['model']}"
@@ -872,6 +877,7 @@ def _fuzz_text(report: dict[str, Any]) -> str:
         ]
         if report["saved"]:
             lines.append(f"  saved to {report['saved']}")
+    lines += report_lines(report)
     return "\n".join(lines)
 
 

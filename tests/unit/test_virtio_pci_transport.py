@@ -94,6 +94,22 @@ def test_features_status_config_isr(bar: tuple[ctypes.Array[ctypes.c_char], Fake
     assert transport.needs_reset()
 
 
+def test_read_config_keeps_its_generation(
+    bar: tuple[ctypes.Array[ctypes.c_char], FakeBar],
+) -> None:
+    """The generation a config read was stable under is kept for the spec oracle."""
+    mem, fake = bar
+    transport = vp.VirtioPciTransport(caps(), {4: fake})
+    assert transport.last_config_generation is None
+    struct.pack_into("<B", mem, off("config_generation"), 7)
+    transport.read_config(56)
+    assert transport.last_config_generation == 7
+    struct.pack_into("<B", mem, off("config_generation"), 8)
+    assert transport.last_config_generation == 7
+    transport.read_config(56)
+    assert transport.last_config_generation == 8
+
+
 def test_mmio_bounds_and_alignment(bar: tuple[ctypes.Array[ctypes.c_char], FakeBar]) -> None:
     _, fake = bar
     mmio = vp.Mmio(fake.address, 64)

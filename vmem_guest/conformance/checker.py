@@ -2,7 +2,12 @@
 
 After every step the checker compares the device's answer and config with the
 model's (:mod:`~vmem_guest.conformance.compare`) and raises Mismatch at the
-first difference, or DeviceLost when the device stops answering. Between
+first difference, or DeviceLost when the device stops answering. The spec
+oracle (:mod:`~vmem_guest.conformance.oracle`) sees every request and config
+read on the way, the clean-up's included; what it finds is kept per rule with
+the shortest sequence (:attr:`Checker.spec`) and classifies a mismatch at the
+same step, but does not stop the run: a device may break a rule its profile
+shares, and the comparison with the profile goes on. Between
 examples it brings the device back to where it was: ``requested_size``
 restored, UNPLUG_ALL until ACKed, ``plugged_size`` 0.
 """
@@ -17,6 +22,7 @@ from collections.abc import Callable, Sequence
 from vmem_guest.conformance.compare import answer_text, config_differences, config_fields
 from vmem_guest.conformance.findings import DeviceLost, Difference, Mismatch, TraceEntry
 from vmem_guest.conformance.kinds import Action, resolve
+from vmem_guest.conformance.oracle import ObservedChannel, Oracle, SpecFindings, Violation
 from vmem_guest.conformance.steps import UNPLUG_ALL, Step, request_name
 from vmem_guest.device import RequestChannel
 from vmem_guest.errors import DeviceBroken, VmemError
@@ -52,6 +58,9 @@ class Checker:
     bytes out); ``resize`` sets its ``requested_size`` from the host side, or is
     None. ``usable_margin`` is the model's usable-region extent (QEMU on x86:
     256 MiB); ``model_factory`` builds a model (a DeviceModel, or a variant).
+    The checker reaches ``device`` through ``observed``, an
+    :class:`ObservedChannel`: ``oracle`` checks everything sent and read, ``spec``
+    keeps what it found.
     """
 
     def __init__(
@@ -62,12 +71,20 @@ class Checker:
         usable_margin: int = USABLE_EXTENT_X86,
         model_factory: Callable[..., DeviceModel] = DeviceModel,
     ) -> None:
+        self.oracle = Oracle()
+        self.spec = SpecFindings()
+        #: What the oracle found at the last step (or clean-up).
+        self.last_found: list[Violation] = []
+        #: The steps of the example being run, which a rule broken in its clean-up
+        #: is reported with.
+        self.example_trace: list[TraceEntry] = []
         self.device = device
+        self.observed = ObservedChannel(device, self.oracle)
         self.resize = resize
         self.usable_margin = usable_margin
         self.model_factory = model_factory
         self.counts = Counts()
-        initial = config_fields(device.read_config())
+        initial = config_fields(self.observed.read_config())
         self.initial_requested = initial.get("requested_size", 0)
         self._requested = self.initial_requested
 
@@ -76,7 +93,7 @@ class Checker:
     def _submit(self, raw: bytes, trace: list[TraceEntry], step: Step) -> bytes:
         """The device's answer to ``raw``; DeviceLost when it gives none."""
         try:
-            return self.device.submit(raw)
+            return self.observed.submit(raw)
         except VmemError as exc:
             trace.append(TraceEntry(step, f"no answer: {exc.message}", "-"))
             raise DeviceLost(trace, exc.message) from exc
@@ -94,8 +111,10 @@ class Checker:
         """Bring the device back to the example's start: requested restored, UNPLUG_ALL.
 
         Raises DeviceLost when UNPLUG_ALL is not ACKed (after BUSY retries) or
-        ``plugged_size`` is not 0 afterwards.
+        ``plugged_size`` is not 0 afterwards. A rule broken here is reported with
+        :attr:`example_trace` (the example this clean-up ends), which it resets.
         """
+        before, self.example_trace = self.example_trace, []
         trace: list[TraceEntry] = []
         if self.resize is not None and self._requested != self.initial_requested:
             restore = Step("resize", size=self.initial_requested, kind="cleanup")
@@ -108,9 +127,11 @@ class Checker:
             if answer != ResponseType.BUSY.name:
                 break
             time.sleep(CLEANUP_BACKOFF * (attempt + 1))
-        plugged = config_fields(self.device.read_config()).get("plugged_size")
+        plugged = config_fields(self.observed.read_config()).get("plugged_size")
+        trace.append(TraceEntry(step, answer, "-"))
+        self._violations([*before, *trace])
         if answer != ResponseType.ACK.name or plugged != 0:
-            trace.append(TraceEntry(step, f"{answer}, plugged_size {plugged}", "ACK, 0"))
+            trace[-1] = TraceEntry(step, f"{answer}, plugged_size {plugged}", "ACK, 0")
             raise DeviceLost(trace, f"cleanup UNPLUG_ALL answered {answer}, plugged {plugged}")
 
     def new_model(self) -> DeviceModel:
@@ -124,7 +145,7 @@ class Checker:
         "QEMU specifics"). A usable region no history explains is left to the
         start-of-example comparison to report.
         """
-        cfg = config_fields(self.device.read_config())
+        cfg = config_fields(self.observed.read_config())
         geometry = {
             "addr": cfg["addr"],
             "region_size": cfg["region_size"],
@@ -151,12 +172,14 @@ class Checker:
         """
         self.counts.examples += 1
         trace: list[TraceEntry] = []
-        start_raw = self.device.read_config()
+        self.example_trace = trace
+        start_raw = self.observed.read_config()
         try:
             model = self.new_model()
             start = config_differences(start_raw, model.read_config())
+            violations = self._violations(trace)
             if start:
-                raise Mismatch(trace, start)
+                raise Mismatch(trace, start, violations)
             for action in actions:
                 self.run_step(resolve(action, model), model, trace)
             # The way back, compared too: what it leaves behind is checked in this example.
@@ -178,17 +201,30 @@ class Checker:
 
     def run_step(self, step: Step, model: DeviceModel, trace: list[TraceEntry]) -> None:
         """Run ``step`` on both sides (the model only for a malformed request), then
-        compare the configs; Mismatch at a difference, DeviceLost without an answer."""
+        compare the answers and the configs; Mismatch at a difference, DeviceLost
+        without an answer. The device's config is read after every step, so the
+        oracle checks it whatever the answer was."""
         if step.op == "malformed":
             self._model_only(step, model, trace)
             return
+        differences: list[Difference] = []
         if step.op == "resize":
             self._resize_step(step, model, trace)
         else:
-            self._request_step(step, model, trace)
-        differences = config_differences(self.device.read_config(), model.read_config())
+            differences = self._request_step(step, model, trace)
+        device_config = self.observed.read_config()
+        violations = self._violations(trace)
+        if not differences:
+            differences = config_differences(device_config, model.read_config())
         if differences:
-            raise Mismatch(trace, differences)
+            raise Mismatch(trace, differences, violations)
+
+    def _violations(self, trace: Sequence[TraceEntry]) -> list[Violation]:
+        """What the oracle found since the last call, kept with ``trace`` so far."""
+        found = self.oracle.take()
+        self.spec.record(found, trace)
+        self.last_found = found
+        return found
 
     def _resize_step(self, step: Step, model: DeviceModel, trace: list[TraceEntry]) -> None:
         if self.resize is None:
@@ -198,7 +234,10 @@ class Checker:
         self.counts.resizes += 1
         trace.append(TraceEntry(step, "done", "done"))
 
-    def _request_step(self, step: Step, model: DeviceModel, trace: list[TraceEntry]) -> None:
+    def _request_step(
+        self, step: Step, model: DeviceModel, trace: list[TraceEntry]
+    ) -> list[Difference]:
+        """Send ``step`` to both sides; the difference in their answers, if any."""
         raw = step.raw()
         device_answer = answer_text(self._submit(raw, trace, step), step.req_type)
         model_answer = answer_text(model.submit(raw), step.req_type)
@@ -206,7 +245,8 @@ class Checker:
         self.counts.answers[f"{request_name(step.req_type)} {device_answer}"] += 1
         trace.append(TraceEntry(step, device_answer, model_answer))
         if device_answer != model_answer:
-            raise Mismatch(trace, [Difference("response", device_answer, model_answer)])
+            return [Difference("response", device_answer, model_answer)]
+        return []
 
     def _model_only(self, step: Step, model: DeviceModel, trace: list[TraceEntry]) -> None:
         """A request that breaks QEMU's device: the model must refuse it (virtio_error,

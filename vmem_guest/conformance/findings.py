@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmem_guest.conformance.steps import Step
 from vmem_guest.errors import VmemError
+
+if TYPE_CHECKING:
+    from vmem_guest.conformance.oracle import Violation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +57,19 @@ class Mismatch(VmemError):
     """The device under test and the model disagree after the last step of ``trace``.
 
     Attributes: ``trace`` (the sequence up to the difference), ``differences``,
+    ``violations`` (the spec rules the device broke at the last step, which
+    classify the mismatch: :mod:`~vmem_guest.conformance.classify`),
     ``start_config`` (the device's config when the example started, set by the
     checker). In ``fields``: ``after`` (the last step, as text), ``differences``
     (as dicts).
     """
 
-    def __init__(self, trace: Sequence[TraceEntry], differences: Sequence[Difference]) -> None:
+    def __init__(
+        self,
+        trace: Sequence[TraceEntry],
+        differences: Sequence[Difference],
+        violations: Sequence[Violation] = (),
+    ) -> None:
         last = _last_step(trace)
         what = "; ".join(f"{d.what}: device {d.device}, model {d.model}" for d in differences)
         super().__init__(
@@ -69,6 +79,7 @@ class Mismatch(VmemError):
         )
         self.trace = list(trace)
         self.differences = list(differences)
+        self.violations = list(violations)
         self.start_config: dict[str, int] = {}
 
 

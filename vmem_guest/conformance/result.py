@@ -6,8 +6,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from vmem_guest.conformance import classify
 from vmem_guest.conformance.checker import Counts
 from vmem_guest.conformance.findings import DeviceLost, Mismatch
+from vmem_guest.conformance.oracle import Oracle, SpecFindings, Violation
+from vmem_guest.conformance.rules import RULES
 
 
 @dataclasses.dataclass
@@ -17,7 +20,10 @@ class FuzzResult:
     ``mismatch`` is the shrunk mismatch (``flaky``: it failed once and passed
     on replay, so it is the last failure seen), ``lost`` the sequence that
     lost the device; ``saved`` where the failure was written; ``device`` the
-    PCI address when the device under test is one.
+    PCI address when the device under test is one. ``spec`` holds the rules the
+    spec oracle found broken (each with its shortest sequence), ``oracle`` what it
+    checked; the report sorts every finding into a class
+    (:mod:`~vmem_guest.conformance.classify`).
     """
 
     seed: int
@@ -34,6 +40,16 @@ class FuzzResult:
     #: The device's feature word, when known, and what of it the profile did not expect.
     offered_features: int | None = None
     feature_differences: list[str] = dataclasses.field(default_factory=list)
+    spec: SpecFindings = dataclasses.field(default_factory=SpecFindings)
+    oracle: Oracle = dataclasses.field(default_factory=Oracle)
+
+    def violations(self) -> list[Violation]:
+        """The rules broken, MUST first, then in the rule table's order."""
+        return sorted(self.spec.violations(), key=classify.violation_order)
+
+    def classes(self) -> dict[str, int]:
+        """Findings per class (:func:`~vmem_guest.conformance.classify.class_counts`)."""
+        return classify.class_counts(self.violations(), self.mismatch, self.feature_differences)
 
     @property
     def mismatches(self) -> int:
@@ -51,6 +67,7 @@ class FuzzResult:
                 "sequence": [t.as_dict() for t in self.mismatch.trace],
                 "start_config": self.mismatch.start_config,
                 "flaky": self.flaky,
+                **classify.mismatch_class(self.profile, self.mismatch),
             }
         if self.lost is not None:
             return {
@@ -78,4 +95,15 @@ class FuzzResult:
             "mismatch": self._failure(),
             "saved": str(self.saved) if self.saved else None,
             "geometry": self.geometry,
+            "classes": self.classes(),
+            "spec_findings": [
+                {**v.as_dict(), "occurrences": self.spec.occurrences[v.rule.id]}
+                for v in self.violations()
+            ],
+            "oracle": {
+                "rules_checked": sum(rule.checked for rule in RULES),
+                "exchanges": self.oracle.exchanges,
+                "config_reads": self.oracle.config_reads,
+                "config_generation_checked": self.oracle.generations > 0,
+            },
         }

@@ -3,7 +3,8 @@
 Hypothesis draws sequences (:mod:`~vmem_guest.conformance.strategies`), the
 :class:`~vmem_guest.conformance.checker.Checker` runs each on the device and a
 fresh model, and a Mismatch is shrunk to a minimal sequence. A DeviceLost
-ends the run at once, unshrunk.
+ends the run at once, unshrunk. The spec oracle's findings are shortened after
+the run (:mod:`~vmem_guest.conformance.spec_shrink`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vmem_guest.conformance.findings import DeviceLost, Mismatch
 from vmem_guest.conformance.kinds import Action
 from vmem_guest.conformance.result import FuzzResult
 from vmem_guest.conformance.saved import save_example
+from vmem_guest.conformance.spec_shrink import shrink_violations
 from vmem_guest.conformance.strategies import sequence_strategy
 from vmem_guest.device import RequestChannel
 from vmem_guest.errors import UsageError
@@ -85,12 +87,23 @@ def fuzz(
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 32)
     result = FuzzResult(
-        seed=seed, max_examples=examples, counts=checker.counts, geometry=cfg, profile=profile.name
+        seed=seed,
+        max_examples=examples,
+        counts=checker.counts,
+        geometry=cfg,
+        profile=profile.name,
+        spec=checker.spec,
+        oracle=checker.oracle,
     )
     if offered_features is not None:
         result.offered_features = offered_features
         result.feature_differences = profile.feature_differences(offered_features)
     _run(checker, result, max_steps=max_steps, database=database)
+    if result.lost is None:
+        try:
+            shrink_violations(checker)
+        except DeviceLost as exc:
+            result.lost = exc
     if result.mismatches and save_dir is not None:
         result.saved = save_example(result, save_dir)
     return result

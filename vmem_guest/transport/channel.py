@@ -417,6 +417,14 @@ class PciChannel(Closing):
         transport, _, _ = self._live()
         return transport.read_config(ctypes.sizeof(spec.VirtioMemConfig))
 
+    def config_generation(self) -> int:
+        """The ``config_generation`` the last :meth:`read_config` was read under (the
+        conformance fuzzer's spec oracle checks it, spec 4.1.4.3.1)."""
+        transport, _, _ = self._live()
+        if transport.last_config_generation is None:
+            transport.read_config(ctypes.sizeof(spec.VirtioMemConfig))
+        return transport.last_config_generation or 0
+
     def submit(self, request: bytes) -> bytes:
         """One request, one response; DeviceTimeout if the device stays silent."""
         transport, queue, buffer = self._live()

@@ -490,6 +490,9 @@ class VirtioPciTransport:
         """Read (and thereby clear) the ISR status byte (spec 4.1.4.5)."""
         return self.isr.read8(0)
 
+    #: The ``config_generation`` the last :meth:`read_config` was stable under.
+    last_config_generation: int | None = None
+
     def read_config(self, length: int) -> bytes:
         """``length`` bytes of device config, stable across ``config_generation``.
 
@@ -500,5 +503,6 @@ class VirtioPciTransport:
             before = self.common.read8(gen_off)
             data = self.device_cfg.read_bytes(0, length)
             if self.common.read8(gen_off) == before:
+                self.last_config_generation = before
                 return data
         raise TransportError("config_generation never settled", tries=self.CONFIG_READ_TRIES)
