@@ -123,6 +123,7 @@ HEADER_OFFSETS = {
     "intent_nb_blocks": 208,
     "intent_op": 212,
     "interrupt_mode": 214,
+    "binding": 215,
     "broken_detail": 216,
 }
 RECORD_OFFSETS = {

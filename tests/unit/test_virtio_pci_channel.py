@@ -13,6 +13,7 @@ from vmem_guest.device import Cause, InterruptMode
 from vmem_guest.errors import DeviceBroken, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import channel as ch
+from vmem_guest.transport import vfio_function as vf
 from vmem_guest.transport import virtio_pci as vp
 from vmem_guest.transport.virtqueue import RingLayout
 
@@ -87,6 +88,8 @@ def test_identity() -> None:
 
 
 class FakeVfio:
+    bdf = "0000:00:04.0"
+
     def __init__(self) -> None:
         self.unmasks = 0
 
@@ -108,13 +111,22 @@ class FakeTransport:
         return int(vp.Status.DRIVER_OK)
 
 
+class NoFunction:
+    """A function whose only part used is the one a test sets."""
+
+    access = "noiommu"
+
+
 def intx_channel(isr: list[int]) -> tuple[ch.PciChannel, FakeVfio, EventFd]:
     vfio = FakeVfio()
-    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
-    channel.transport = FakeTransport(isr)  # type: ignore[assignment]
+    channel = ch.PciChannel("0000:00:04.0", NoFunction())  # type: ignore[arg-type]
+    transport = FakeTransport(isr)
+    channel.transport = transport  # type: ignore[assignment]
     channel.queue = channel.buffer = object()  # type: ignore[assignment]
+    interrupts = vf.VfioInterrupts(vfio, transport)  # type: ignore[arg-type]
     efd = EventFd()
-    channel._irq = efd
+    interrupts.irq = efd
+    channel.interrupts = interrupts
     return channel, vfio, efd
 
 
@@ -161,7 +173,9 @@ def test_submit_re_signals_a_config_change_it_swallowed() -> None:
 
 
 class IrqVfio:
-    """The VFIO calls _setup_interrupts makes: vectors per index, what was enabled."""
+    """The VFIO calls VfioInterrupts.setup makes: vectors per index, what was enabled."""
+
+    bdf = "0000:00:04.0"
 
     def __init__(self, msix_vectors: int) -> None:
         self.counts = {uapi.VFIO_PCI_INTX_IRQ_INDEX: 1, uapi.VFIO_PCI_MSIX_IRQ_INDEX: msix_vectors}
@@ -206,9 +220,11 @@ class VectorTransport:
 
 def irq_channel(msix_vectors: int, accepts: bool) -> tuple[ch.PciChannel, IrqVfio, VectorTransport]:
     vfio = IrqVfio(msix_vectors)
-    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
+    channel = ch.PciChannel("0000:00:04.0", NoFunction())  # type: ignore[arg-type]
     transport = VectorTransport(accepts)
-    channel._setup_interrupts(transport)  # type: ignore[arg-type]
+    interrupts = vf.VfioInterrupts(vfio, transport)  # type: ignore[arg-type]
+    interrupts.setup()
+    channel.interrupts = interrupts
     return channel, vfio, transport
 
 
@@ -216,7 +232,7 @@ def test_two_msix_vectors_route_config_and_queue_apart() -> None:
     channel, vfio, transport = irq_channel(2, accepts=True)
     assert channel.interrupt_mode is InterruptMode.MSIX
     assert vfio.enabled == [(uapi.VFIO_PCI_MSIX_IRQ_INDEX, 2)]
-    assert (transport.config_vector, transport.queue_vector) == (ch.CONFIG_VECTOR, ch.QUEUE_VECTOR)
+    assert (transport.config_vector, transport.queue_vector) == (vf.CONFIG_VECTOR, vf.QUEUE_VECTOR)
     assert channel.config_change_fd() != channel.interrupt_fd()
 
 
@@ -234,7 +250,8 @@ def test_a_device_that_refuses_its_vectors_falls_back_to_intx() -> None:
     assert vfio.enabled == [(uapi.VFIO_PCI_MSIX_IRQ_INDEX, 2), (uapi.VFIO_PCI_INTX_IRQ_INDEX, 1)]
     assert vfio.disabled == 1
     assert transport.config_vector == transport.queue_vector == vp.VIRTIO_MSI_NO_VECTOR
-    assert channel._config_irq is None
+    assert isinstance(channel.interrupts, vf.VfioInterrupts)
+    assert channel.interrupts.config_irq is None
 
 
 class ResetTransport:
@@ -286,6 +303,11 @@ class ResetTransport:
 
 
 class ResetVfio:
+    """The VFIO device and the function at once: the calls a restart makes, in order."""
+
+    bdf = "0000:00:04.0"
+    access = "noiommu"
+
     def __init__(self) -> None:
         self.calls: list[str] = []
 
@@ -326,9 +348,11 @@ def resumable_channel(
     channel.transport = transport  # type: ignore[assignment]
     channel.buffer = memory  # type: ignore[assignment]
     channel.features = ch.select_features(offered, mode="noiommu")
-    channel._irq = EventFd()
+    interrupts = vf.VfioInterrupts(vfio, transport)  # type: ignore[arg-type]
+    interrupts.irq = EventFd()
     if msix:
-        channel._config_irq, channel.msix = EventFd(), True
+        interrupts.config_irq, interrupts.msix = EventFd(), True
+    channel.interrupts = interrupts
     layout = RingLayout.for_size(16, request_len=24, response_len=10)
     channel._start_queue(transport, memory, layout)  # type: ignore[arg-type]
     assert channel.queue is not None
@@ -357,13 +381,14 @@ def test_reinitialize_after_a_reset_renegotiates_and_rebuilds_in_the_same_buffer
         "queue 0 size 16 desc 0x10000",  # same ring, same bus address
         "DRIVER_OK",
     ]
-    assert channel._irq is not None
+    interrupts = channel.interrupts
+    assert isinstance(interrupts, vf.VfioInterrupts) and interrupts.irq is not None
     if msix:
-        assert channel._config_irq is not None
-        fds = [channel._config_irq.fd, channel._irq.fd]  # the eventfds the selector holds
+        assert interrupts.config_irq is not None
+        fds = [interrupts.config_irq.fd, interrupts.irq.fd]  # the eventfds the selector holds
         assert vfio.calls == ["bus master", f"irqs {uapi.VFIO_PCI_MSIX_IRQ_INDEX} fds {fds}"]
     else:
-        irqs = f"irqs {uapi.VFIO_PCI_INTX_IRQ_INDEX} fds {[channel._irq.fd]}"
+        irqs = f"irqs {uapi.VFIO_PCI_INTX_IRQ_INDEX} fds {[interrupts.irq.fd]}"
         assert vfio.calls == ["bus master", irqs, "unmask"]
     queue = channel.queue
     assert queue is not None and queue is not old_queue
@@ -405,7 +430,9 @@ def test_without_a_release_request_index_the_channel_has_no_fd_for_it() -> None:
             return False
 
     vfio = NoRequestVfio(0)
-    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
-    channel._setup_interrupts(VectorTransport(True))  # type: ignore[arg-type]
+    channel = ch.PciChannel("0000:00:04.0", NoFunction())  # type: ignore[arg-type]
+    interrupts = vf.VfioInterrupts(vfio, VectorTransport(True))  # type: ignore[arg-type]
+    interrupts.setup()
+    channel.interrupts = interrupts
     assert channel.release_request_fd() is None
     assert channel.interrupt_mode is InterruptMode.INTX  # interrupts are set up all the same
