@@ -6,10 +6,11 @@ import ctypes
 from types import SimpleNamespace
 
 import pytest
+from fake_pci_function import FakeFunction
 
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
-from vmem_guest.device import Cause, InterruptMode
+from vmem_guest.device import Binding, Cause, InterruptMode
 from vmem_guest.errors import DeviceBroken, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import channel as ch
@@ -436,3 +437,63 @@ def test_without_a_release_request_index_the_channel_has_no_fd_for_it() -> None:
     channel.interrupts = interrupts
     assert channel.release_request_fd() is None
     assert channel.interrupt_mode is InterruptMode.INTX  # interrupts are set up all the same
+
+
+# ----- the channel over any PciFunction (tests/unit/fake_pci_function.py) ---------------
+
+
+def fake_function_channel(access: str) -> tuple[ch.PciChannel, FakeFunction, ResetTransport]:
+    function = FakeFunction(access)  # type: ignore[arg-type]
+    channel = ch.PciChannel(function.bdf, function)
+    transport = ResetTransport(PERSISTENT_OFFER)
+    channel.transport = transport  # type: ignore[assignment]
+    channel.buffer = RingMemory()  # type: ignore[assignment]
+    channel.features = ch.select_features(PERSISTENT_OFFER, mode="noiommu")
+    channel.interrupts = function.open_interrupts(transport)  # type: ignore[arg-type]
+    layout = RingLayout.for_size(16, request_len=24, response_len=10)
+    channel._start_queue(transport, channel.buffer, layout)  # type: ignore[arg-type]
+    function.calls.clear()
+    return channel, function, transport
+
+
+@pytest.mark.parametrize(
+    ("access", "binding"),
+    [("type1", Binding.VFIO_TYPE1), ("noiommu", Binding.VFIO_NOIOMMU), ("uio", Binding.UIO)],
+)
+def test_the_binding_is_the_function_s(access: str, binding: Binding) -> None:
+    channel, _, _ = fake_function_channel(access)
+    assert channel.binding is binding
+    assert channel.interrupt_mode is InterruptMode.INTX and not channel.msix
+
+
+def test_a_config_change_seen_during_a_request_is_reposted_through_the_interrupts() -> None:
+    channel, function, _ = fake_function_channel("uio")
+    interrupts = function.interrupts
+
+    class Queue:
+        def submit(self, request: bytes, timeout: float) -> bytes:
+            interrupts.causes.append(Cause.CONFIG | Cause.QUEUE)
+            interrupts.efd.signal()
+            assert channel._wait_for_queue(timeout)
+            return b"answer"
+
+    channel.queue = Queue()  # type: ignore[assignment]
+    channel.buffer.check_outside = lambda ranges: None  # type: ignore[union-attr]
+    assert channel.submit(b"request") == b"answer"
+    assert function.calls == ["take", "repost"]
+    assert channel.config_change_fd() == interrupts.efd.fd and interrupts.wait(0)
+    assert channel.handle_interrupt() == Cause.CONFIG
+
+
+def test_reinitialize_and_close_go_through_the_function() -> None:
+    channel, function, transport = fake_function_channel("uio")
+    transport.status_value = 0
+    channel.reinitialize()
+    assert function.calls == ["bus master", "restore interrupts"]
+    function.calls.clear()
+    channel.buffer.close = lambda: function.calls.append("close buffer")  # type: ignore[union-attr]
+    channel.close()
+    # Interrupts off before the reset, DMA memory released, the function let go last.
+    assert function.calls == ["close interrupts", "close buffer", "close function"]
+    assert transport.calls[-1] == "reset"
+    assert channel.interrupts is None and channel.transport is None
