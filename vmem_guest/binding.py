@@ -277,19 +277,17 @@ def _check_free(dev: VirtioMemPci, dev_root: Path, sysfs_root: Path) -> None:
     if dev.driver == VFIO_PCI:
         _check_group_free(dev, dev_root)
     elif dev.driver == UIO_PCI_GENERIC:
-        _check_uio_free(dev, dev_root, sysfs_root)
+        _check_uio_free(dev, sysfs_root)
 
 
-def _check_uio_free(dev: VirtioMemPci, dev_root: Path, sysfs_root: Path) -> None:
-    """Refuse to unbind a function whose ``/dev/uioN`` an agent holds (its flock):
-    uio would let it go at once, under a device still doing DMA."""
-    number = uio.uio_number(dev.bdf, sysfs_root)
-    node = None if number is None else uio.uio_node(number, dev_root)
-    if node is not None and uio.node_in_use(node):
+def _check_uio_free(dev: VirtioMemPci, sysfs_root: Path) -> None:
+    """Refuse to unbind a function an agent drives through UIO (its flock on the
+    function's ``config``, :func:`uio.held`): uio would let it go at once, under a
+    device still doing DMA."""
+    if uio.held(dev.bdf, sysfs_root):
         raise TransportError(
-            f"{dev.bdf} is in use: {node} is held (is the agent running?)",
+            f"{dev.bdf} is in use: an agent drives it through UIO (is the agent running?)",
             bdf=dev.bdf,
-            path=str(node),
         )
 
 

@@ -78,8 +78,15 @@ def test_bind_uio_needs_no_noiommu_mode(uio_fk: FakeKernel) -> None:
 def test_a_held_uio_device_is_neither_unbound_nor_rebound(uio_fk: FakeKernel) -> None:
     node = bind_uio(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev)
     function = UioFunction.open(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev)
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: object, *args: object) -> int:
+        opened.append(str(path))
+        return real_open(path, *args)  # type: ignore[arg-type]
+
     try:
-        assert uio.node_in_use(node)
+        assert uio.held(BDF, uio_fk.sys)
         with pytest.raises(TransportError, match=r"in use.*agent running"):
             unbind(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev)
         with pytest.raises(TransportError, match="in use"):
@@ -87,9 +94,19 @@ def test_a_held_uio_device_is_neither_unbound_nor_rebound(uio_fk: FakeKernel) ->
         with pytest.raises(TransportError, match="in use"):
             UioFunction.open(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev)
         assert uio_fk.driver_of(BDF) == UIO_PCI_GENERIC
+        # None of them opened /dev/uioN: its every close clears Bus Master
+        # (uio_pci_generic.c release), which would stop the agent's DMA.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "open", recording_open)
+            assert uio.held(BDF, uio_fk.sys)
+            with pytest.raises(TransportError, match="in use"):
+                UioFunction.open(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev)
+            with pytest.raises(TransportError, match="in use"):
+                unbind(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev)
+        assert opened and not any(path == str(node) for path in opened), opened
     finally:
         function.close()
-    assert not uio.node_in_use(node)
+    assert not uio.held(BDF, uio_fk.sys)
     assert unbind(BDF, sysfs_root=uio_fk.sys, dev_root=uio_fk.dev) == "virtio-pci"
 
 

@@ -86,14 +86,18 @@ def uio_node(number: int, dev_root: Path = DEV_ROOT) -> Path:
     return dev_root / f"uio{number}"
 
 
-def node_in_use(node: Path) -> bool:
-    """True when an agent holds ``node`` (its exclusive flock, taken at open).
+def held(bdf: str, sysfs_root: Path = SYSFS_ROOT) -> bool:
+    """True when an agent drives ``bdf`` through UIO: it holds an exclusive flock on
+    the function's sysfs ``config`` file (:meth:`UioFunction.open`).
 
-    ``/dev/uioN`` can be opened any number of times (unlike a VFIO group), so the
-    lock is what tells a second user, and ``unbind``, that the device is driven.
+    ``/dev/uioN`` can be opened any number of times (unlike a VFIO group), so a lock
+    is what tells a second user, and ``unbind``, that the device is driven. The lock
+    is not on ``/dev/uioN`` itself: every close of that node runs uio_pci_generic's
+    ``release``, which clears Bus Master, so merely testing a lock there would stop
+    the device's DMA under the agent. Opening and closing ``config`` does nothing.
     """
     try:
-        fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(device_dir(bdf, sysfs_root) / "config", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -279,8 +283,8 @@ class UioInterrupts:
 
 
 class UioFunction:
-    """One function bound to uio_pci_generic: ``/dev/uioN`` (held with an exclusive
-    flock), its sysfs ``config`` and ``resourceN`` files."""
+    """One function bound to uio_pci_generic: ``/dev/uioN``, its sysfs ``config``
+    (held with an exclusive flock, :func:`held`) and ``resourceN`` files."""
 
     def __init__(
         self,
@@ -321,19 +325,20 @@ class UioFunction:
         number = uio_number(bdf, sysfs_root)
         if number is None:
             raise TransportError(f"{bdf} has no uio device under {devdir / 'uio'}", bdf=bdf)
-        node = uio_node(number, dev_root)
-        uio_fd = _open(node, os.O_RDWR | os.O_NONBLOCK)
+        config = SysfsConfig(devdir / "config")
         try:
-            fcntl.flock(uio_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(config.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(uio_fd)
+            config.close()
             raise TransportError(
-                f"{node} is in use (is an agent running?)", path=str(node)
+                f"{bdf} is in use: another process drives it through UIO (is an agent running?)",
+                bdf=bdf,
             ) from None
+        node = uio_node(number, dev_root)
         try:
-            config = SysfsConfig(devdir / "config")
+            uio_fd = _open(node, os.O_RDWR | os.O_NONBLOCK)
         except BaseException:
-            os.close(uio_fd)
+            config.close()
             raise
         log.info("opened %s through %s", bdf, node)
         return cls(bdf, devdir, uio_fd, config, pagemap_path=pagemap_path)
