@@ -7,15 +7,19 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_pci_sysfs import BDF, FakeKernel
+from test_cli import run_main
+from test_doctor import RELEASE, Guest, detail, status
 from test_virtio_pci_caps import config_space, qemu_caps
 
 from vmem_guest import binding, service
 from vmem_guest.binding import UIO_PCI_GENERIC, VFIO_PCI, bind, bind_uio, unbind
 from vmem_guest.device import Binding, Cause, InterruptMode
+from vmem_guest.doctor import Status
 from vmem_guest.errors import TransportError
 from vmem_guest.pci import get_device
 from vmem_guest.transport import pci_config, uio
@@ -298,3 +302,79 @@ def test_dma_memory_is_physical_and_kept_out_of_the_regions(
     function.pagemap_path = tmp_path / "pagemap"
     assert function.dma_buffer(4096, [(1 << 32, 2 << 32)]) == "buffer"  # type: ignore[comparison-overlap]
     assert calls == [(4096, [(1 << 32, 2 << 32)], tmp_path / "pagemap")]
+
+
+# ----- the command line -----------------------------------------------------------------
+
+
+def test_bind_uio_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    asked: list[str] = []
+
+    def bind_uio(bdf: str) -> Path:
+        asked.append(bdf)
+        return tmp_path / "uio3"
+
+    monkeypatch.setattr(binding, "bind_uio", bind_uio)
+    code, out, _ = run_main(["bind", "--uio", "00:03.0"], capsys)
+    assert (code, asked) == (0, ["00:03.0"])
+    assert out == f"0000:00:03.0 bound to uio_pci_generic ({tmp_path / 'uio3'})\n"
+    code, out, err = run_main(["bind", "--uio", "--noiommu", "00:03.0"], capsys)
+    assert code == 2 and out == "" and "--uio and --noiommu exclude each other" in err
+    assert asked == ["00:03.0"]
+
+
+# ----- doctor ---------------------------------------------------------------------------
+
+
+def no_module(guest: Guest, name: str) -> None:
+    """Take ``name``.ko out of the fake guest's modules.dep (and no kernel config)."""
+    dep = guest.lib_modules / RELEASE / "modules.dep"
+    dep.write_text("".join(line for line in dep.read_text().splitlines(True) if name not in line))
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[Guest]:
+    made = Guest(tmp_path)
+    with made.pci.running():
+        yield made
+
+
+def test_doctor_with_the_device_bound_to_uio(guest: Guest) -> None:
+    guest.pci.add_driver(UIO_PCI_GENERIC)
+    bind_uio(BDF, sysfs_root=guest.sys, dev_root=guest.dev)
+    no_module(guest, "vfio-pci")  # no VFIO at all: the UIO path needs none
+    report = guest.examine(noiommu=False)
+    assert status(report, "vfio-pci") is Status.NOT_NEEDED
+    assert status(report, "iommu") is Status.OK and detail(report, "iommu") == f"{BDF}: uio"
+    assert status(report, "uio_pci_generic") is Status.OK
+    assert detail(report, "uio_pci_generic").endswith(f"bound: {BDF}")
+    assert status(report, "secretmem") is Status.OK  # physical addresses: it applies
+    assert status(report, "interrupt remapping") is Status.NOT_NEEDED
+    assert report.ready
+    assert report.devices[0]["driver"] == UIO_PCI_GENERIC
+
+
+def test_doctor_points_to_uio_where_vfio_is_missing(guest: Guest) -> None:
+    no_module(guest, "vfio-pci")
+    report = guest.examine()
+    assert status(report, "vfio-pci") is Status.MISSING and not report.ready
+    assert detail(report, "vfio-pci").endswith(
+        "; fallback: vmem-guest bind --uio BDF (uio_pci_generic is available)"
+    )
+    assert status(report, "uio_pci_generic") is Status.OK
+    assert "bind --uio BDF uses it" in detail(report, "uio_pci_generic")
+
+
+def test_doctor_without_uio(guest: Guest) -> None:
+    no_module(guest, "uio_pci_generic")
+    report = guest.examine()  # VFIO serves (no-IOMMU allowed): the fallback is not needed
+    assert status(report, "uio_pci_generic") is Status.NOT_NEEDED
+    assert report.ready
+    no_module(guest, "vfio-pci")
+    report = guest.examine()  # neither
+    assert status(report, "uio_pci_generic") is Status.MISSING
+    assert "no uio_pci_generic" in detail(report, "uio_pci_generic")
+    assert "fallback" not in detail(report, "vfio-pci")
+    assert not report.ready
