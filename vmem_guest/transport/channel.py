@@ -27,7 +27,7 @@ from vmem_guest.device import DEVICE_FEATURE_MASK, Binding, Cause, InterruptMode
 from vmem_guest.errors import DeviceBroken, DeviceTimeout, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import virtio_pci as vp
-from vmem_guest.transport.dma import DmaBuffer
+from vmem_guest.transport.dma import DmaBuffer, PhysBuffer
 from vmem_guest.transport.function import Access, Interrupts, PciFunction, binding_of
 from vmem_guest.transport.uio import UioFunction
 from vmem_guest.transport.vfio import DEV_ROOT
@@ -116,6 +116,7 @@ class PciChannel(Closing):
         #: Physical ranges ([start, end)) the no-IOMMU DMA pages must stay out of.
         self.guard_ranges: list[tuple[int, int]] = []
         self._pending = Cause.NONE
+        self._pagemap_path = pagemap.PAGEMAP  # where no-IOMMU buffers read their addresses
 
     @classmethod
     def open(
@@ -152,7 +153,12 @@ class PciChannel(Closing):
                 pagemap_path=pagemap_path,
             )
         return cls.start(
-            bdf, function, queue_size=queue_size, timeout=timeout, guard_ranges=guard_ranges
+            bdf,
+            function,
+            queue_size=queue_size,
+            timeout=timeout,
+            guard_ranges=guard_ranges,
+            pagemap_path=pagemap_path,
         )
 
     @classmethod
@@ -164,10 +170,12 @@ class PciChannel(Closing):
         queue_size: int = DEFAULT_QUEUE_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
         guard_ranges: Sequence[tuple[int, int]] = (),
+        pagemap_path: Path = pagemap.PAGEMAP,
     ) -> PciChannel:
         """Bring the device behind an open ``function`` to DRIVER_OK (the channel
         owns the function from here: it is closed if this fails)."""
         channel = cls(bdf, function)
+        channel._pagemap_path = pagemap_path
         channel.guard_ranges.extend(guard_ranges)
         channel.timeout = timeout
         try:
@@ -271,6 +279,46 @@ class PciChannel(Closing):
         touched here: the driver checks it afterwards (``DeviceDriver.after_resume``).
         """
         transport, queue, buffer = self._live()
+        self._restart(transport, buffer, queue.layout)
+        self.log.info(
+            "transport re-initialised: features %#x negotiated again, queue size %d rebuilt"
+            " at bus %#x, %s interrupts, DRIVER_OK",
+            self.features,
+            queue.layout.size,
+            self._ring_bus(),
+            self.interrupt_mode.text,
+        )
+
+    def leave_secret_memory(self) -> bool:
+        """Before a hibernation: move the ring out of memfd_secret memory, since Linux
+        offers no hibernation while any exists (``hibernation_available``:
+        ``!secretmem_active()``), into a locked anonymous page outside every device
+        region (:meth:`PhysBuffer.outside`'s fallback, as where memfd_secret is off).
+        The device is reset and the queue rebuilt in the new page, as after a resume
+        (a reset changes no block state); the memfd_secret page is then released.
+        False when the ring is not in memfd_secret memory (nothing to do)."""
+        transport, queue, buffer = self._live()
+        if not buffer.secret:
+            return False
+        plain = PhysBuffer.outside(
+            queue.layout.total, self.guard_ranges, pagemap_path=self._pagemap_path, secret=False
+        )
+        try:
+            self._restart(transport, plain, queue.layout)
+        except BaseException:
+            plain.close()
+            raise
+        self.buffer = plain
+        buffer.close()
+        self.log.info("ring moved out of memfd_secret memory to %s (hibernation)", plain.where())
+        return True
+
+    def _restart(
+        self, transport: vp.VirtioPciTransport, buffer: DmaBuffer, layout: RingLayout
+    ) -> None:
+        """Reset, the features accepted at open negotiated again (TransportError when
+        the device no longer offers one), the same interrupt fds routed, a fresh ring
+        in ``buffer``, DRIVER_OK."""
         offered = self._handshake(transport)
         missing = self.features & ~offered
         if missing:
@@ -282,15 +330,7 @@ class PciChannel(Closing):
             )
         transport.negotiate(self.features)
         self._irqs().restore()
-        self._start_queue(transport, buffer, queue.layout)
-        self.log.info(
-            "transport re-initialised: features %#x negotiated again, queue size %d rebuilt"
-            " at bus %#x, %s interrupts, DRIVER_OK",
-            self.features,
-            queue.layout.size,
-            self._ring_bus(),
-            self.interrupt_mode.text,
-        )
+        self._start_queue(transport, buffer, layout)
 
     def _irqs(self) -> Interrupts:
         if self.interrupts is None:
