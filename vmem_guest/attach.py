@@ -21,7 +21,7 @@ from vmem_guest.hotplug import KernelMemory
 from vmem_guest.pages import PageControl
 from vmem_guest.tracker import Tracker, TrackerIdentity
 from vmem_guest.transport.channel import PciChannel
-from vmem_guest.transport.vfio import Mode
+from vmem_guest.transport.function import Access
 
 log = logging.getLogger("vmem_guest.attach")
 
@@ -50,7 +50,7 @@ class Attached:
 def attach(
     bdf: str,
     *,
-    mode: Mode,
+    mode: Access,
     state_dir: Path,
     kernel: KernelMemory,
     policy: planner.Policy,
@@ -58,7 +58,8 @@ def attach(
     boot_record: Path = bootmem.RECORD,
     pages: PageControl | None = None,
 ) -> Attached:
-    """Open ``bdf`` (bound to vfio-pci), lock its tracker and recover its state."""
+    """Open ``bdf`` (bound to vfio-pci, or to uio_pci_generic for ``uio``), lock its
+    tracker and recover its state."""
     channel = PciChannel.open(bdf, mode=mode, guard_ranges=guard_ranges or ())
     return attach_channel(
         bdf,
@@ -101,7 +102,9 @@ def attach_channel(
         if tracker.discarded_reason:
             log.warning("%s: tracker set aside: %s", bdf, tracker.discarded_reason)
         tracker.set_transport_info(
-            device_features=channel.device_features, interrupt_mode=channel.interrupt_mode
+            device_features=channel.device_features,
+            interrupt_mode=channel.interrupt_mode,
+            binding=channel.binding,
         )
         driver = DeviceDriver(device, tracker, kernel, policy, clock=clock, pages=pages)
         driver.start()

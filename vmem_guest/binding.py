@@ -1,10 +1,12 @@
-"""Hand virtio-mem PCI functions to vfio-pci, and back to the kernel.
+"""Hand virtio-mem PCI functions to vfio-pci or uio_pci_generic, and back to the kernel.
 
 * :func:`bind`: ``driver_override`` = ``vfio-pci``, unbind from the current driver,
   ``drivers_probe``; returns the ``/dev/vfio`` group node. Without an IOMMU this needs
   VFIO's no-IOMMU mode, which taints the kernel: only with ``allow_noiommu=True``.
-* :func:`unbind`: clear ``driver_override``, unbind from vfio-pci, ``drivers_probe``,
-  so virtio-pci takes the device back.
+* :func:`bind_uio`: the same with ``uio_pci_generic``, for guests without VFIO
+  (docs/uio.md); returns ``/dev/uioN``.
+* :func:`unbind`: clear ``driver_override``, unbind from vfio-pci or uio_pci_generic,
+  ``drivers_probe``, so virtio-pci takes the device back.
 
 Functions are found and classified by :mod:`vmem_guest.pci`. Writes
 (``driver_override``, ``unbind``, ``drivers_probe``, the vfio module parameter) go to
@@ -29,6 +31,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,17 @@ from vmem_guest import requirements
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none, write_word
 from vmem_guest.errors import TransportError, UsageError
 from vmem_guest.pci import NOIOMMU_PARAM, VirtioMemPci, get_device
+from vmem_guest.requirements import Requirement
+from vmem_guest.transport import uio
+from vmem_guest.transport.uio import UIO_PCI_GENERIC
 from vmem_guest.transport.vfio import DEV_ROOT
 
 log = logging.getLogger(__name__)
 
 VFIO_PCI = "vfio-pci"
+#: The drivers :func:`bind` and :func:`bind_uio` hand functions to, and :func:`unbind`
+#: takes them back from.
+OURS = (VFIO_PCI, UIO_PCI_GENERIC)
 _POLL_INTERVAL = 0.01
 
 
@@ -81,28 +90,33 @@ def _wait_for(what: str, check: Any, timeout: float) -> Any:
         time.sleep(_POLL_INTERVAL)
 
 
-def _ensure_vfio_pci(sysfs_root: Path, timeout: float) -> None:
-    """Load vfio-pci unless its driver directory exists (built in, or loaded)."""
-    driver_dir = sysfs_root / "bus/pci/drivers" / VFIO_PCI
+def _ensure_driver(
+    sysfs_root: Path,
+    timeout: float,
+    driver: str = VFIO_PCI,
+    requirement: Requirement = requirements.VFIO_PCI,
+) -> None:
+    """Load ``driver`` unless its driver directory exists (built in, or loaded)."""
+    driver_dir = sysfs_root / "bus/pci/drivers" / driver
     if driver_dir.is_dir():
         return
-    log.info("loading the vfio-pci module")
+    log.info("loading the %s module", driver)
     try:
         proc = subprocess.run(
-            ["modprobe", VFIO_PCI], capture_output=True, text=True, check=False, timeout=30
+            ["modprobe", driver], capture_output=True, text=True, check=False, timeout=30
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TransportError(f"cannot run modprobe {VFIO_PCI}: {exc}") from None
+        raise TransportError(f"cannot run modprobe {driver}: {exc}") from None
     if proc.returncode != 0:
         raise TransportError(
-            requirements.VFIO_PCI.refusal(
-                f"modprobe {VFIO_PCI} failed (exit status {proc.returncode}): "
+            requirement.refusal(
+                f"modprobe {driver} failed (exit status {proc.returncode}): "
                 f"{proc.stderr.strip() or proc.stdout.strip()}"
             ),
             returncode=proc.returncode,
         )
-    if not _wait_for("the vfio-pci driver", driver_dir.is_dir, timeout):
-        raise TransportError(f"modprobe {VFIO_PCI} succeeded but {driver_dir} is missing")
+    if not _wait_for(f"the {driver} driver", driver_dir.is_dir, timeout):
+        raise TransportError(f"modprobe {driver} succeeded but {driver_dir} is missing")
 
 
 def _enable_noiommu(sysfs_root: Path) -> None:
@@ -172,43 +186,109 @@ def bind(
         raise UsageError(requirements.no_iommu_mode(dev.bdf), bdf=dev.bdf)
     if dev.iommu_kind == "noiommu" and not allow_noiommu:
         raise UsageError(requirements.noiommu_not_allowed(dev.bdf), bdf=dev.bdf)
-    _ensure_vfio_pci(sysfs_root, timeout)
+    _ensure_driver(sysfs_root, timeout)
     if dev.iommu_kind == "noiommu":
         _enable_noiommu(sysfs_root)
 
+    def node(now: VirtioMemPci) -> Path | None:
+        return now.group_node(dev_root)
+
+    return _hand_over(
+        dev, VFIO_PCI, node, sysfs_root=sysfs_root, dev_root=dev_root, timeout=timeout
+    )
+
+
+def bind_uio(
+    bdf: str,
+    *,
+    sysfs_root: Path = SYSFS_ROOT,
+    dev_root: Path = DEV_ROOT,
+    timeout: float = 5.0,
+) -> Path:
+    """Bind a virtio-mem function to uio_pci_generic; return its ``/dev/uioN``.
+
+    For a guest without VFIO (docs/uio.md): no IOMMU protects anything, as in VFIO's
+    no-IOMMU mode, and nothing taints the kernel; asking for it is the consent.
+    Already bound: returns the node. Loads uio_pci_generic when it is missing; the
+    rest as :func:`bind`.
+    """
+    dev = get_device(bdf, sysfs_root)
+    _ensure_driver(sysfs_root, timeout, UIO_PCI_GENERIC, requirements.UIO_PCI_GENERIC)
+
+    def node(now: VirtioMemPci) -> Path | None:
+        number = uio.uio_number(now.bdf, sysfs_root)
+        return None if number is None else uio.uio_node(number, dev_root)
+
+    return _hand_over(
+        dev, UIO_PCI_GENERIC, node, sysfs_root=sysfs_root, dev_root=dev_root, timeout=timeout
+    )
+
+
+def _hand_over(
+    dev: VirtioMemPci,
+    driver: str,
+    node_of: Callable[[VirtioMemPci], Path | None],
+    *,
+    sysfs_root: Path,
+    dev_root: Path,
+    timeout: float,
+) -> Path:
+    """Give ``dev`` to ``driver`` (override, unbind, probe) and wait for the node
+    ``node_of`` names; hand it back to its old driver if ``driver`` does not take it."""
     devdir = sysfs_root / "bus/pci/devices" / dev.bdf
-    if dev.driver != VFIO_PCI:
-        log.info("binding %s to %s (was %s)", dev.bdf, VFIO_PCI, dev.driver or "unbound")
-        _write(devdir / "driver_override", VFIO_PCI)
+    if dev.driver != driver:
+        _check_free(dev, dev_root, sysfs_root)
+        log.info("binding %s to %s (was %s)", dev.bdf, driver, dev.driver or "unbound")
+        _write(devdir / "driver_override", driver)
         if dev.driver is not None:
             _write(devdir / "driver" / "unbind", dev.bdf)
         _write(sysfs_root / "bus/pci/drivers_probe", dev.bdf)
 
     def ready() -> Path | None:
         now = get_device(dev.bdf, sysfs_root, use_udev=False)
-        node = now.group_node(dev_root) if now.driver == VFIO_PCI else None
-        return node if node is not None and node.exists() else None
+        found = node_of(now) if now.driver == driver else None
+        return found if found is not None and found.exists() else None
 
-    node: Path | None = _wait_for(f"{VFIO_PCI} on {dev.bdf}", ready, timeout)
-    if node is not None:
-        return node
+    found: Path | None = _wait_for(f"{driver} on {dev.bdf}", ready, timeout)
+    if found is not None:
+        return found
     now = get_device(dev.bdf, sysfs_root, use_udev=False)
-    if now.driver != VFIO_PCI:
-        log.warning("%s did not take %s; handing it back", VFIO_PCI, dev.bdf)
+    if now.driver != driver:
+        log.warning("%s did not take %s; handing it back", driver, dev.bdf)
         with contextlib.suppress(TransportError):
             _write(devdir / "driver_override", "\n")
             _write(sysfs_root / "bus/pci/drivers_probe", dev.bdf)
         raise TransportError(
-            f"{VFIO_PCI} did not bind {dev.bdf} within {timeout:g} s (see dmesg)",
+            f"{driver} did not bind {dev.bdf} within {timeout:g} s (see dmesg)",
             bdf=dev.bdf,
             driver=now.driver,
         )
     raise TransportError(
-        f"{dev.bdf} is bound to {VFIO_PCI} but its group node "
-        f"{now.group_node(dev_root) or '(no IOMMU group)'} did not appear within {timeout:g} s",
+        f"{dev.bdf} is bound to {driver} but its node "
+        f"{node_of(now) or '(none)'} did not appear within {timeout:g} s",
         bdf=dev.bdf,
         iommu_group=now.iommu_group,
     )
+
+
+def _check_free(dev: VirtioMemPci, dev_root: Path, sysfs_root: Path) -> None:
+    """Refuse to take a function from vfio-pci or uio_pci_generic while an agent
+    drives it (:func:`_check_group_free`, :func:`_check_uio_free`)."""
+    if dev.driver == VFIO_PCI:
+        _check_group_free(dev, dev_root)
+    elif dev.driver == UIO_PCI_GENERIC:
+        _check_uio_free(dev, sysfs_root)
+
+
+def _check_uio_free(dev: VirtioMemPci, sysfs_root: Path) -> None:
+    """Refuse to unbind a function an agent drives through UIO (its flock on the
+    function's ``config``, :func:`uio.held`): uio would let it go at once, under a
+    device still doing DMA."""
+    if uio.held(dev.bdf, sysfs_root):
+        raise TransportError(
+            f"{dev.bdf} is in use: an agent drives it through UIO (is the agent running?)",
+            bdf=dev.bdf,
+        )
 
 
 def unbind(
@@ -220,35 +300,33 @@ def unbind(
 ) -> str | None:
     """Give a virtio-mem function back to the kernel; return the driver that took it.
 
-    Clears ``driver_override``, unbinds from vfio-pci (refused with TransportError while
-    its vfio group is open) and reprobes, so virtio-pci binds it again. A device bound to
-    another driver than vfio-pci is left there. Waits up to ``timeout`` s for a driver;
-    None when no driver took the device.
+    Clears ``driver_override``, unbinds from vfio-pci or uio_pci_generic (refused with
+    TransportError while an agent holds it) and reprobes, so virtio-pci binds it again.
+    A device bound to another driver is left there. Waits up to ``timeout`` s for a
+    driver; None when no driver took the device.
     """
     dev = get_device(bdf, sysfs_root)
     devdir = sysfs_root / "bus/pci/devices" / dev.bdf
-    if dev.driver not in (None, VFIO_PCI):
+    if dev.driver is not None and dev.driver not in OURS:
         _write(devdir / "driver_override", "\n")
-        log.info("%s is bound to %s, not %s: left alone", dev.bdf, dev.driver, VFIO_PCI)
+        log.info("%s is bound to %s, not %s: left alone", dev.bdf, dev.driver, " or ".join(OURS))
         return dev.driver
-    if dev.driver == VFIO_PCI:
-        _check_group_free(dev, dev_root)
+    _check_free(dev, dev_root, sysfs_root)
     log.info("unbinding %s from %s", dev.bdf, dev.driver or "no driver")
     _write(devdir / "driver_override", "\n")
-    if dev.driver == VFIO_PCI:
+    if dev.driver is not None:
         _write(devdir / "driver" / "unbind", dev.bdf)
     _write(sysfs_root / "bus/pci/drivers_probe", dev.bdf)
 
     def new_driver() -> str | None:
         driver = get_device(dev.bdf, sysfs_root, use_udev=False).driver
-        return driver if driver != VFIO_PCI else None
+        return driver if driver not in OURS else None
 
     driver: str | None = _wait_for(f"a driver for {dev.bdf}", new_driver, timeout)
     if driver is not None:
         return driver
-    if get_device(dev.bdf, sysfs_root, use_udev=False).driver == VFIO_PCI:
-        raise TransportError(
-            f"{dev.bdf} is still bound to {VFIO_PCI} after unbinding it", bdf=dev.bdf
-        )
-    log.warning("no driver took %s after unbinding it from %s", dev.bdf, VFIO_PCI)
+    still = get_device(dev.bdf, sysfs_root, use_udev=False).driver
+    if still in OURS:
+        raise TransportError(f"{dev.bdf} is still bound to {still} after unbinding it", bdf=dev.bdf)
+    log.warning("no driver took %s after unbinding it from %s", dev.bdf, dev.driver)
     return None

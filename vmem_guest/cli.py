@@ -484,10 +484,22 @@ def doctor(noiommu: bool, online_policy: str, state_dir: Path, as_json: bool) ->
 @cli.command()
 @click.argument("bdf")
 @NOIOMMU
-def bind(bdf: str, noiommu: bool) -> None:
-    """Bind device BDF to vfio-pci so that vmem-guest can drive it."""
+@click.option(
+    "--uio",
+    is_flag=True,
+    help="Bind to uio_pci_generic instead, where VFIO is not available (no IOMMU "
+    "protection, INTx only; docs/uio.md). run then drives the device through UIO.",
+)
+def bind(bdf: str, noiommu: bool, uio: bool) -> None:
+    """Bind device BDF to vfio-pci (or uio_pci_generic) so that vmem-guest can drive it."""
     from vmem_guest import binding, pci_address
 
+    if uio and noiommu:
+        raise UsageError("--uio and --noiommu exclude each other")
+    if uio:
+        node = binding.bind_uio(bdf)
+        click.echo(f"{pci_address.normalize_bdf(bdf)} bound to uio_pci_generic ({node})")
+        return
     node = binding.bind(bdf, allow_noiommu=noiommu)
     click.echo(f"{pci_address.normalize_bdf(bdf)} bound to vfio-pci ({node})")
 

@@ -47,6 +47,23 @@ class InterruptMode(enum.IntEnum):
         return {1: "INTx", 2: "MSI-X", 3: "model"}.get(self.value, "unknown")
 
 
+class Binding(enum.IntEnum):
+    """Which kernel driver hands the PCI function to the agent, and how the device
+    addresses its DMA memory (kept in the tracker header's ``binding``; 0 is what a
+    tracker written before that field existed holds). docs/uio.md."""
+
+    UNKNOWN = 0
+    VFIO_TYPE1 = 1  # vfio-pci behind an IOMMU: the device sees IOVAs
+    VFIO_NOIOMMU = 2  # vfio-pci in no-IOMMU mode: the device sees physical addresses
+    UIO = 3  # uio_pci_generic: physical addresses, INTx through /dev/uioN
+    MODEL = 4  # the simulator's device model (no PCI)
+
+    @property
+    def text(self) -> str:
+        """``vfio type1``, ``vfio noiommu``, ``uio``, ``model``, ``unknown`` (for ``status``)."""
+        return {1: "vfio type1", 2: "vfio noiommu", 3: "uio", 4: "model"}.get(self.value, "unknown")
+
+
 #: The device-type feature bits of a virtio feature word (spec 6: bits 0-23).
 DEVICE_FEATURE_MASK = 0x00FF_FFFF
 
@@ -79,6 +96,10 @@ class InterruptingChannel(RequestChannel, Protocol):
     @property
     def interrupt_mode(self) -> InterruptMode:
         """How this channel's interrupts arrive."""
+
+    @property
+    def binding(self) -> Binding:
+        """Which driver hands the function over (vfio type1, vfio noiommu, uio)."""
 
     @property
     def device_features(self) -> int:

@@ -33,6 +33,7 @@ from vmem_guest.inhibit import SYSTEMD_RUNTIME_DIR
 from vmem_guest.pages import DEBUGFS, ProcPages
 from vmem_guest.requirements import Level, Requirement
 from vmem_guest.status_reads import PING_SECONDS
+from vmem_guest.transport.uio import UIO_PCI_GENERIC
 from vmem_guest.transport.vfio import DEV_ROOT
 from vmem_guest.units import format_size
 
@@ -136,11 +137,22 @@ class Survey:
     devices: tuple[pci.VirtioMemPci, ...]
 
     def modes(self) -> set[str]:
-        """How the devices would be driven: ``type1``, ``noiommu`` and/or ``none``;
-        without devices, what the host offers (a registered IOMMU: type1)."""
+        """How the devices would be driven: ``type1``, ``noiommu``, ``uio`` (bound to
+        uio_pci_generic) and/or ``none``; without devices, what the host offers (a
+        registered IOMMU: type1)."""
         if self.devices:
-            return {d.iommu_kind or "none" for d in self.devices}
+            return {_mode_of(d) for d in self.devices}
         return {"type1"} if _has_iommu(self.host) else {"noiommu"}
+
+    def all_uio(self) -> bool:
+        """Every device found is bound to uio_pci_generic: VFIO plays no part."""
+        return bool(self.devices) and self.modes() == {"uio"}
+
+
+def _mode_of(dev: pci.VirtioMemPci) -> str:
+    if dev.driver == UIO_PCI_GENERIC:
+        return "uio"
+    return dev.iommu_kind or "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,18 +308,62 @@ def _tracked_geometry(bdf: str, state_dir: Path) -> Geometry | None:
 
 
 def _vfio_pci(survey: Survey) -> Finding:
-    host = survey.host
+    if survey.all_uio():
+        return not_needed("every device is bound to uio_pci_generic (bind --uio)")
+    found = _vfio_pci_present(survey.host)
+    if found.status is Status.MISSING:
+        return missing(found.detail + _uio_fallback(survey.host))
+    return found
+
+
+def _vfio_pci_present(host: Host) -> Finding:
     if (host.sys / "bus/pci/drivers/vfio-pci").is_dir():
         return ok("vfio-pci is registered (built in or loaded)")
+    return _driver_available(host, "vfio-pci", "VFIO_PCI")
+
+
+def _driver_available(host: Host, module: str, option: str) -> Finding:
+    """Whether ``module`` can be loaded (``modules.builtin``/``modules.dep`` of the
+    running kernel) or is configured in (``CONFIG_<option>``)."""
     modules = host.lib_modules / host.release()
     for index in ("modules.builtin", "modules.dep"):
         text = _read_text(modules / index)
-        if text is not None and "/vfio-pci.ko" in text:
-            return ok(f"vfio-pci is a module ({modules / index}); run loads it")
-    setting = host.kernel_config("VFIO_PCI")
+        if text is not None and f"/{module}.ko" in text:
+            return ok(f"{module} is a module ({modules / index}); it is loaded when needed")
+    setting = host.kernel_config(option)
     if setting in ("y", "m"):
-        return ok(f"CONFIG_VFIO_PCI={setting}")
-    return missing(f"no vfio-pci: not registered, not in {modules}")
+        return ok(f"CONFIG_{option}={setting}")
+    return missing(f"no {module}: not registered, not in {modules}")
+
+
+def _uio_present(host: Host) -> Finding:
+    if (host.sys / "bus/pci/drivers" / UIO_PCI_GENERIC).is_dir():
+        return ok(f"{UIO_PCI_GENERIC} is registered (built in or loaded)")
+    return _driver_available(host, UIO_PCI_GENERIC, "UIO_PCI_GENERIC")
+
+
+def _uio_fallback(host: Host) -> str:
+    """The words that point to the UIO path, when this kernel has it."""
+    if _uio_present(host).status is Status.OK:
+        return f"; fallback: vmem-guest bind --uio BDF ({UIO_PCI_GENERIC} is available)"
+    return ""
+
+
+def _uio(survey: Survey) -> Finding:
+    """The UIO fallback: present, in use, or not needed because VFIO serves."""
+    host = survey.host
+    found = _uio_present(host)
+    bound = [d.bdf for d in survey.devices if d.driver == UIO_PCI_GENERIC]
+    if bound:
+        return ok(f"{found.detail}; bound: {', '.join(bound)}")
+    if found.status is Status.OK:
+        return ok(f"{found.detail}; bind --uio BDF uses it where VFIO cannot")
+    vfio_serves = (
+        _vfio_pci_present(host).status is Status.OK and _dma_isolation(survey).status is Status.OK
+    )
+    if vfio_serves:
+        return not_needed(f"VFIO serves the devices ({found.detail})")
+    return found
 
 
 def _read_text(path: Path) -> str | None:
@@ -342,7 +398,7 @@ def _dma_isolation(survey: Survey) -> Finding:
         found = [p for p in problems if p is not None]
         if found:
             return missing("; ".join(found))
-        return ok(", ".join(f"{d.bdf}: {d.iommu_kind}" for d in survey.devices))
+        return ok(", ".join(f"{d.bdf}: {_mode_of(d)}" for d in survey.devices))
     if _has_iommu(host):
         return ok("an IOMMU is registered (VFIO type1)")
     supported = _noiommu_supported(host)
@@ -355,7 +411,10 @@ def _dma_isolation(survey: Survey) -> Finding:
 
 
 def _device_isolation(dev: pci.VirtioMemPci, opts: Options) -> str | None:
-    """Why ``dev`` cannot be bound with these options, in run's own words."""
+    """Why ``dev`` cannot be bound with these options, in run's own words (None for
+    one bound to uio_pci_generic: ``bind --uio`` was the consent)."""
+    if dev.driver == UIO_PCI_GENERIC:
+        return None
     if dev.iommu_kind is None:
         return requirements.no_iommu_mode(dev.bdf)
     if dev.iommu_kind == "noiommu" and not opts.noiommu:
@@ -379,7 +438,7 @@ def _interrupt_remapping(survey: Survey) -> Finding:
 
 
 def _secretmem(survey: Survey) -> Finding:
-    if "noiommu" not in survey.modes():
+    if not survey.modes() & {"noiommu", "uio"}:
         return not_needed("no device is driven without an IOMMU")
     param = survey.host.sys / "module/secretmem/parameters/enable"
     try:
@@ -515,6 +574,7 @@ CHECKS: tuple[Check, ...] = (
     Check(requirements.BLOCK_SIZE, _block_size),
     Check(requirements.VFIO_PCI, _vfio_pci),
     Check(requirements.DMA_ISOLATION, _dma_isolation),
+    Check(requirements.UIO_PCI_GENERIC, _uio),
     Check(requirements.INTERRUPT_REMAPPING, _interrupt_remapping),
     Check(requirements.SECRETMEM, _secretmem),
     Check(requirements.KERNEL_DRIVER, _kernel_driver),

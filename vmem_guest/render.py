@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from vmem_guest import health
 from vmem_guest.blocks import MemoryBlockState, Zone
+from vmem_guest.device import Binding
 from vmem_guest.spec import Feature
 from vmem_guest.tracker import TrackerSnapshot
 from vmem_guest.units import format_size
@@ -105,6 +106,7 @@ def snapshot_dict(snap: TrackerSnapshot, online_path: str | None = None) -> dict
         "big_block_mode": geometry.big_block_mode,
         "node_id": snap.node_id,
         "interrupts": snap.interrupt_mode.text,
+        "binding": snap.binding.text,
         "device_features": feature_names(snap.device_features),
         "online_path": online_path,
         "requested_size": snap.requested_size,
@@ -169,6 +171,14 @@ def block_map(snap: TrackerSnapshot) -> list[str]:
     return lines
 
 
+def _binding_words(snap: TrackerSnapshot) -> str:
+    """``vfio noiommu, `` before the interrupts; nothing for the model (its interrupts
+    say it) or a tracker that predates the field."""
+    if snap.binding in (Binding.UNKNOWN, Binding.MODEL):
+        return ""
+    return f"{snap.binding.text}, "
+
+
 def snapshot_text(
     snap: TrackerSnapshot, guest: GuestMemory | None = None, online_path: str | None = None
 ) -> str:
@@ -188,7 +198,7 @@ def snapshot_text(
         f", online {format_size(snap.online_bytes)}, usable {format_size(snap.usable_region_size)}"
         f", remainder {format_size(snap.remainder_bytes)}",
         f"  memory blocks: {counts}",
-        f"  {snap.interrupt_mode.text} interrupts, features:"
+        f"  {_binding_words(snap)}{snap.interrupt_mode.text} interrupts, features:"
         f" {', '.join(feature_names(snap.device_features)) or 'none'}",
     ]
     if online_path:

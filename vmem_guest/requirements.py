@@ -80,6 +80,16 @@ VFIO_PCI = Requirement(
     cost="no device can be driven",
     fix="a kernel with CONFIG_VFIO_PCI (=y, or =m with its modules installed)",
 )
+UIO_PCI_GENERIC = Requirement(
+    "uio_pci_generic",
+    Level.OPTIONAL,
+    need="the fallback where VFIO cannot be used: vmem-guest bind --uio hands a device "
+    "to uio_pci_generic and run drives it through /dev/uioN (INTx), sysfs resourceN "
+    "(BARs) and DMA memory at physical addresses, as in no-IOMMU mode",
+    cost="no fallback: a guest without vfio-pci (or without an IOMMU and without "
+    "VFIO's no-IOMMU mode) cannot drive any device",
+    fix="a kernel with CONFIG_UIO_PCI_GENERIC (=y, or =m with its modules installed)",
+)
 DMA_ISOLATION = Requirement(
     "iommu",
     Level.REQUIRED,

@@ -37,7 +37,8 @@ from vmem_guest.sdnotify import Notifier
 from vmem_guest.sdstatus import SystemdStatus
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
-from vmem_guest.transport.vfio import Mode
+from vmem_guest.transport.function import Access
+from vmem_guest.transport.uio import UIO_PCI_GENERIC
 
 log = logging.getLogger("vmem_guest.service")
 
@@ -90,8 +91,9 @@ def select_devices(
     return found
 
 
-def bind_device(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Mode:
-    """Bind ``dev`` to vfio-pci; the VFIO mode its group can then be opened in.
+def bind_device(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Access:
+    """Bind ``dev`` to vfio-pci; the VFIO mode its group can then be opened in. A
+    device already bound to uio_pci_generic (``bind --uio``) stays there: ``uio``.
 
     A device the in-kernel virtio_mem driver holds is refused (RequirementMissing):
     that driver owns the memory it plugged (docs/requirements.md)."""
@@ -102,6 +104,8 @@ def bind_device(dev: pci.VirtioMemPci, allow_noiommu: bool) -> Mode:
             requirement=requirements.KERNEL_DRIVER.name,
             bdf=dev.bdf,
         )
+    if dev.driver == UIO_PCI_GENERIC:
+        return "uio"
     binding.bind(dev.bdf, allow_noiommu=allow_noiommu)
     return pci.get_device(dev.bdf).vfio_mode
 

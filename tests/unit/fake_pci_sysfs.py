@@ -1,10 +1,13 @@
-"""A fake /sys and /dev for PCI discovery and binding tests (test_pci, test_binding).
+"""A fake /sys and /dev for PCI discovery and binding tests (test_pci, test_binding,
+test_uio).
 
 :class:`FakeKernel` builds the tree (``devices/pci0000:00/<bdf>`` with the
 ``bus/pci/devices`` links, drivers, iommu groups, the vfio module parameter, /dev/vfio)
 and, in a thread, plays the kernel's part: it consumes writes to ``drivers/*/unbind``
-and ``drivers_probe`` the way the PCI core and vfio-pci do (driver links, no-IOMMU
-groups and their /dev/vfio nodes), and logs what it did.
+and ``drivers_probe`` the way the PCI core, vfio-pci and uio_pci_generic do (driver
+links, no-IOMMU groups and their /dev/vfio nodes, ``<device>/uio/uioN`` and a
+``/dev/uioN`` that is a FIFO, so reads and polls behave), and logs what it did.
+:meth:`FakeKernel.raise_uio_interrupt` plays uio_pci_generic's interrupt handler.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 from vmem_guest.binding import VFIO_PCI
 from vmem_guest.pci import NOIOMMU_PARAM
+from vmem_guest.transport.pci_config import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE
+from vmem_guest.transport.uio import UIO_PCI_GENERIC
 from vmem_guest.transport.vfio import NOIOMMU_GROUP_NAME
 
 BDF = "0000:00:03.0"
@@ -35,6 +40,8 @@ class FakeKernel:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_noiommu_group = 0
+        self._next_uio = 0
+        self._uio_counts: dict[str, int] = {}
         (self.dev / "vfio").mkdir(parents=True)
         (self.sys / "bus/pci").mkdir(parents=True)
         (self.sys / "bus/pci/drivers_probe").write_text("")
@@ -98,6 +105,31 @@ class FakeKernel:
         link = self.devdir(bdf) / "driver"
         return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
+    def uio_number(self, bdf: str) -> int | None:
+        names = list((self.devdir(bdf) / "uio").glob("uio*"))
+        return int(names[0].name[3:]) if names else None
+
+    def raise_uio_interrupt(self, bdf: str) -> None:
+        """What uio_pci_generic's handler does: Interrupt Disable set in the Command
+        register (``<device>/config``, when there is one), the event count bumped and
+        handed to ``/dev/uioN`` readers (4 bytes into the FIFO)."""
+        config = self.devdir(bdf) / "config"
+        if config.exists():
+            data = bytearray(config.read_bytes())
+            command = int.from_bytes(data[PCI_COMMAND : PCI_COMMAND + 2], "little")
+            data[PCI_COMMAND : PCI_COMMAND + 2] = (command | PCI_COMMAND_INTX_DISABLE).to_bytes(
+                2, "little"
+            )
+            config.write_bytes(bytes(data))
+        number = self.uio_number(bdf)
+        assert number is not None, f"{bdf} is not bound to {UIO_PCI_GENERIC}"
+        self._uio_counts[bdf] = self._uio_counts.get(bdf, 0) + 1
+        fd = os.open(self.dev / f"uio{number}", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, self._uio_counts[bdf].to_bytes(4, "little"))
+        finally:
+            os.close(fd)
+
     def override(self, bdf: str) -> str:
         return (self.devdir(bdf) / "driver_override").read_text()
 
@@ -127,6 +159,10 @@ class FakeKernel:
                 (self.dev / f"vfio/noiommu-{number}").unlink()
             else:
                 (self.dev / f"vfio/{number}").unlink()
+        number = self.uio_number(bdf)
+        if driver == UIO_PCI_GENERIC and number is not None:  # uio_unregister_device
+            (self.devdir(bdf) / f"uio/uio{number}").rmdir()
+            (self.dev / f"uio{number}").unlink()
 
     def _probe(self, bdf: str) -> None:
         if self.driver_of(bdf) is not None:
@@ -147,6 +183,11 @@ class FakeKernel:
                 (self.dev / f"vfio/noiommu-{number}").touch()
             else:
                 (self.dev / f"vfio/{group[0]}").touch()
+        if target == UIO_PCI_GENERIC:  # uio_register_device: uio/uioN and /dev/uioN
+            number = self._next_uio
+            self._next_uio += 1
+            (self.devdir(bdf) / f"uio/uio{number}").mkdir(parents=True)
+            os.mkfifo(self.dev / f"uio{number}")
         self.link_driver(bdf, target)
         self.log.append(("probe", bdf, target))
 

@@ -75,7 +75,8 @@ class Guest:
         self.write(self.proc / "cmdline", "initcall_blacklist=virtio_mem_driver_init\n")
         self.write(
             self.lib_modules / RELEASE / "modules.dep",
-            "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/vfio.ko\n",
+            "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/vfio.ko\n"
+            "kernel/drivers/uio/uio_pci_generic.ko: kernel/drivers/uio/uio.ko\n",
         )
         self.systemd.mkdir(parents=True)
         self.state_dir.mkdir(parents=True)

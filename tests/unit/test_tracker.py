@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from vmem_guest import render
 from vmem_guest import tracker as tracker_module
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
-from vmem_guest.device import InterruptMode
+from vmem_guest.device import Binding, InterruptMode
 from vmem_guest.errors import HolesKeepBlockOnline, SafetyError, TrackerError, TrackerLocked
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import (
@@ -123,6 +123,7 @@ HEADER_OFFSETS = {
     "intent_nb_blocks": 208,
     "intent_op": 212,
     "interrupt_mode": 214,
+    "binding": 215,
     "broken_detail": 216,
 }
 RECORD_OFFSETS = {
@@ -1347,3 +1348,24 @@ def test_transport_info_is_kept_for_status(tracker: Tracker) -> None:
     assert render.feature_names(0b101) == ["ACPI_PXM", "PERSISTENT_SUSPEND"]  # status shows it
     with pytest.raises(ValueError, match="device_features"):
         tracker.set_transport_info(device_features=1 << 24, interrupt_mode=InterruptMode.INTX)
+
+
+def test_the_binding_is_kept_beside_the_interrupt_mode(tracker: Tracker) -> None:
+    assert tracker.snapshot().binding is Binding.UNKNOWN  # a fresh file, or an older one
+    tracker.set_transport_info(
+        device_features=0, interrupt_mode=InterruptMode.INTX, binding=Binding.UIO
+    )
+    snap = tracker.snapshot()
+    assert (snap.interrupt_mode, snap.binding) == (InterruptMode.INTX, Binding.UIO)
+    assert render.snapshot_dict(snap)["binding"] == "uio"
+    guest = render.GuestMemory(mem_total=1 << 30, hardware_corrupted=0)
+    assert "  uio, INTx interrupts, features: none" in render.snapshot_text(snap, guest)
+    # Before the field existed interrupt_mode was a u16 holding < 256: its high byte,
+    # now the binding, reads 0 (unknown), and status says nothing about it.
+    tracker.set_transport_info(
+        device_features=0, interrupt_mode=InterruptMode.MSIX, binding=Binding.UNKNOWN
+    )
+    snap = tracker.snapshot()
+    assert render.snapshot_dict(snap)["binding"] == "unknown"
+    assert "  MSI-X interrupts, features: none" in render.snapshot_text(snap, guest)
+    assert [b.text for b in Binding] == ["unknown", "vfio type1", "vfio noiommu", "uio", "model"]

@@ -7,13 +7,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fake_pci_function import FakeFunction
 
 from vmem_guest._linux import vfio_uapi as uapi
 from vmem_guest._linux.eventfd import EventFd
-from vmem_guest.device import Cause, InterruptMode
+from vmem_guest.device import Binding, Cause, InterruptMode
 from vmem_guest.errors import DeviceBroken, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import channel as ch
+from vmem_guest.transport import vfio_function as vf
 from vmem_guest.transport import virtio_pci as vp
 from vmem_guest.transport.virtqueue import RingLayout
 
@@ -88,6 +90,8 @@ def test_identity() -> None:
 
 
 class FakeVfio:
+    bdf = "0000:00:04.0"
+
     def __init__(self) -> None:
         self.unmasks = 0
 
@@ -109,13 +113,22 @@ class FakeTransport:
         return int(vp.Status.DRIVER_OK)
 
 
+class NoFunction:
+    """A function whose only part used is the one a test sets."""
+
+    access = "noiommu"
+
+
 def intx_channel(isr: list[int]) -> tuple[ch.PciChannel, FakeVfio, EventFd]:
     vfio = FakeVfio()
-    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
-    channel.transport = FakeTransport(isr)  # type: ignore[assignment]
+    channel = ch.PciChannel("0000:00:04.0", NoFunction())  # type: ignore[arg-type]
+    transport = FakeTransport(isr)
+    channel.transport = transport  # type: ignore[assignment]
     channel.queue = channel.buffer = object()  # type: ignore[assignment]
+    interrupts = vf.VfioInterrupts(vfio, transport)  # type: ignore[arg-type]
     efd = EventFd()
-    channel._irq = efd
+    interrupts.irq = efd
+    channel.interrupts = interrupts
     return channel, vfio, efd
 
 
@@ -162,7 +175,9 @@ def test_submit_re_signals_a_config_change_it_swallowed() -> None:
 
 
 class IrqVfio:
-    """The VFIO calls _setup_interrupts makes: vectors per index, what was enabled."""
+    """The VFIO calls VfioInterrupts.setup makes: vectors per index, what was enabled."""
+
+    bdf = "0000:00:04.0"
 
     def __init__(self, msix_vectors: int) -> None:
         self.counts = {uapi.VFIO_PCI_INTX_IRQ_INDEX: 1, uapi.VFIO_PCI_MSIX_IRQ_INDEX: msix_vectors}
@@ -207,9 +222,11 @@ class VectorTransport:
 
 def irq_channel(msix_vectors: int, accepts: bool) -> tuple[ch.PciChannel, IrqVfio, VectorTransport]:
     vfio = IrqVfio(msix_vectors)
-    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
+    channel = ch.PciChannel("0000:00:04.0", NoFunction())  # type: ignore[arg-type]
     transport = VectorTransport(accepts)
-    channel._setup_interrupts(transport)  # type: ignore[arg-type]
+    interrupts = vf.VfioInterrupts(vfio, transport)  # type: ignore[arg-type]
+    interrupts.setup()
+    channel.interrupts = interrupts
     return channel, vfio, transport
 
 
@@ -217,7 +234,7 @@ def test_two_msix_vectors_route_config_and_queue_apart() -> None:
     channel, vfio, transport = irq_channel(2, accepts=True)
     assert channel.interrupt_mode is InterruptMode.MSIX
     assert vfio.enabled == [(uapi.VFIO_PCI_MSIX_IRQ_INDEX, 2)]
-    assert (transport.config_vector, transport.queue_vector) == (ch.CONFIG_VECTOR, ch.QUEUE_VECTOR)
+    assert (transport.config_vector, transport.queue_vector) == (vf.CONFIG_VECTOR, vf.QUEUE_VECTOR)
     assert channel.config_change_fd() != channel.interrupt_fd()
 
 
@@ -235,7 +252,8 @@ def test_a_device_that_refuses_its_vectors_falls_back_to_intx() -> None:
     assert vfio.enabled == [(uapi.VFIO_PCI_MSIX_IRQ_INDEX, 2), (uapi.VFIO_PCI_INTX_IRQ_INDEX, 1)]
     assert vfio.disabled == 1
     assert transport.config_vector == transport.queue_vector == vp.VIRTIO_MSI_NO_VECTOR
-    assert channel._config_irq is None
+    assert isinstance(channel.interrupts, vf.VfioInterrupts)
+    assert channel.interrupts.config_irq is None
 
 
 class ResetTransport:
@@ -287,6 +305,11 @@ class ResetTransport:
 
 
 class ResetVfio:
+    """The VFIO device and the function at once: the calls a restart makes, in order."""
+
+    bdf = "0000:00:04.0"
+    access = "noiommu"
+
     def __init__(self) -> None:
         self.calls: list[str] = []
 
@@ -327,9 +350,11 @@ def resumable_channel(
     channel.transport = transport  # type: ignore[assignment]
     channel.buffer = memory  # type: ignore[assignment]
     channel.features = ch.select_features(offered, mode="noiommu")
-    channel._irq = EventFd()
+    interrupts = vf.VfioInterrupts(vfio, transport)  # type: ignore[arg-type]
+    interrupts.irq = EventFd()
     if msix:
-        channel._config_irq, channel.msix = EventFd(), True
+        interrupts.config_irq, interrupts.msix = EventFd(), True
+    channel.interrupts = interrupts
     layout = RingLayout.for_size(16, request_len=24, response_len=10)
     channel._start_queue(transport, memory, layout)  # type: ignore[arg-type]
     assert channel.queue is not None
@@ -358,13 +383,14 @@ def test_reinitialize_after_a_reset_renegotiates_and_rebuilds_in_the_same_buffer
         "queue 0 size 16 desc 0x10000",  # same ring, same bus address
         "DRIVER_OK",
     ]
-    assert channel._irq is not None
+    interrupts = channel.interrupts
+    assert isinstance(interrupts, vf.VfioInterrupts) and interrupts.irq is not None
     if msix:
-        assert channel._config_irq is not None
-        fds = [channel._config_irq.fd, channel._irq.fd]  # the eventfds the selector holds
+        assert interrupts.config_irq is not None
+        fds = [interrupts.config_irq.fd, interrupts.irq.fd]  # the eventfds the selector holds
         assert vfio.calls == ["bus master", f"irqs {uapi.VFIO_PCI_MSIX_IRQ_INDEX} fds {fds}"]
     else:
-        irqs = f"irqs {uapi.VFIO_PCI_INTX_IRQ_INDEX} fds {[channel._irq.fd]}"
+        irqs = f"irqs {uapi.VFIO_PCI_INTX_IRQ_INDEX} fds {[interrupts.irq.fd]}"
         assert vfio.calls == ["bus master", irqs, "unmask"]
     queue = channel.queue
     assert queue is not None and queue is not old_queue
@@ -406,10 +432,72 @@ def test_without_a_release_request_index_the_channel_has_no_fd_for_it() -> None:
             return False
 
     vfio = NoRequestVfio(0)
-    channel = ch.PciChannel("0000:00:04.0", vfio)  # type: ignore[arg-type]
-    channel._setup_interrupts(VectorTransport(True))  # type: ignore[arg-type]
+    channel = ch.PciChannel("0000:00:04.0", NoFunction())  # type: ignore[arg-type]
+    interrupts = vf.VfioInterrupts(vfio, VectorTransport(True))  # type: ignore[arg-type]
+    interrupts.setup()
+    channel.interrupts = interrupts
     assert channel.release_request_fd() is None
     assert channel.interrupt_mode is InterruptMode.INTX  # interrupts are set up all the same
+
+
+# ----- the channel over any PciFunction (tests/unit/fake_pci_function.py) ---------------
+
+
+def fake_function_channel(access: str) -> tuple[ch.PciChannel, FakeFunction, ResetTransport]:
+    function = FakeFunction(access)  # type: ignore[arg-type]
+    channel = ch.PciChannel(function.bdf, function)
+    transport = ResetTransport(PERSISTENT_OFFER)
+    channel.transport = transport  # type: ignore[assignment]
+    channel.buffer = RingMemory()  # type: ignore[assignment]
+    channel.features = ch.select_features(PERSISTENT_OFFER, mode="noiommu")
+    channel.interrupts = function.open_interrupts(transport)  # type: ignore[arg-type]
+    layout = RingLayout.for_size(16, request_len=24, response_len=10)
+    channel._start_queue(transport, channel.buffer, layout)  # type: ignore[arg-type]
+    function.calls.clear()
+    return channel, function, transport
+
+
+@pytest.mark.parametrize(
+    ("access", "binding"),
+    [("type1", Binding.VFIO_TYPE1), ("noiommu", Binding.VFIO_NOIOMMU), ("uio", Binding.UIO)],
+)
+def test_the_binding_is_the_function_s(access: str, binding: Binding) -> None:
+    channel, _, _ = fake_function_channel(access)
+    assert channel.binding is binding
+    assert channel.interrupt_mode is InterruptMode.INTX and not channel.msix
+
+
+def test_a_config_change_seen_during_a_request_is_reposted_through_the_interrupts() -> None:
+    channel, function, _ = fake_function_channel("uio")
+    interrupts = function.interrupts
+
+    class Queue:
+        def submit(self, request: bytes, timeout: float) -> bytes:
+            interrupts.causes.append(Cause.CONFIG | Cause.QUEUE)
+            interrupts.efd.signal()
+            assert channel._wait_for_queue(timeout)
+            return b"answer"
+
+    channel.queue = Queue()  # type: ignore[assignment]
+    channel.buffer.check_outside = lambda ranges: None  # type: ignore[union-attr]
+    assert channel.submit(b"request") == b"answer"
+    assert function.calls == ["take", "repost"]
+    assert channel.config_change_fd() == interrupts.efd.fd and interrupts.wait(0)
+    assert channel.handle_interrupt() == Cause.CONFIG
+
+
+def test_reinitialize_and_close_go_through_the_function() -> None:
+    channel, function, transport = fake_function_channel("uio")
+    transport.status_value = 0
+    channel.reinitialize()
+    assert function.calls == ["bus master", "restore interrupts"]
+    function.calls.clear()
+    channel.buffer.close = lambda: function.calls.append("close buffer")  # type: ignore[union-attr]
+    channel.close()
+    # Interrupts off before the reset, DMA memory released, the function let go last.
+    assert function.calls == ["close interrupts", "close buffer", "close function"]
+    assert transport.calls[-1] == "reset"
+    assert channel.interrupts is None and channel.transport is None
 
 
 class SecretRing(RingMemory):

@@ -27,7 +27,7 @@ from vmem_guest.spec import RequestType
 from vmem_guest.tracker import device_locked
 from vmem_guest.transport.channel import PciChannel
 from vmem_guest.transport.dma import no_unevictable_compaction
-from vmem_guest.transport.vfio import Mode
+from vmem_guest.transport.function import Access
 
 log = logging.getLogger("vmem_guest.conformance")
 
@@ -134,7 +134,7 @@ def _unused_config(channel: PciChannel, bdf: str, memory: SysfsMemory) -> dict[s
     return cfg
 
 
-def _unplug_all_after_reset(bdf: str, mode: Mode) -> None:
+def _unplug_all_after_reset(bdf: str, mode: Access) -> None:
     """One more UNPLUG_ALL after a lost device: closing the channel reset it, and a
     reset keeps every block's state (docs/protocol.md section 1, "Device rules")."""
     log.warning("device lost; trying UNPLUG_ALL after a reset")

@@ -17,7 +17,7 @@ import os
 import threading
 
 from vmem_guest._linux.lifetime import close_fd
-from vmem_guest.device import Cause, InterruptMode
+from vmem_guest.device import Binding, Cause, InterruptMode
 from vmem_guest.errors import DeviceTimeout
 from vmem_guest.sim.device_model import DeviceModel
 
@@ -108,6 +108,10 @@ class SimChannel:
     @property
     def interrupt_mode(self) -> InterruptMode:
         return InterruptMode.MODEL
+
+    @property
+    def binding(self) -> Binding:
+        return Binding.MODEL
 
     @property
     def device_features(self) -> int:

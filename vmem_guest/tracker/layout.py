@@ -165,7 +165,10 @@ class TrackerHeader(ctypes.LittleEndianStructure, LayoutCheck):
         ("intent_addr", ctypes.c_uint64),
         ("intent_nb_blocks", ctypes.c_uint32),
         ("intent_op", ctypes.c_uint16),
-        ("interrupt_mode", ctypes.c_uint16),  # InterruptMode
+        # Two bytes that were one u16 interrupt_mode (values < 256): old files read
+        # binding 0, unknown.
+        ("interrupt_mode", ctypes.c_uint8),  # InterruptMode
+        ("binding", ctypes.c_uint8),  # Binding
         ("broken_detail", ctypes.c_char * BROKEN_DETAIL_SIZE),
     )
 

@@ -30,7 +30,7 @@ from types import TracebackType
 
 from vmem_guest._linux.lifetime import Closing
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
-from vmem_guest.device import DEVICE_FEATURE_MASK, InterruptMode
+from vmem_guest.device import DEVICE_FEATURE_MASK, Binding, InterruptMode
 from vmem_guest.errors import HolesKeepBlockOnline, SafetyError, TrackerError
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker.files import (
@@ -522,15 +522,26 @@ class Tracker(Closing):
             node_id,
         )
 
-    def set_transport_info(self, *, device_features: int, interrupt_mode: InterruptMode) -> None:
-        """Store what the transport negotiated: the virtio-mem feature bits accepted and
-        the interrupt mode (for ``status``; nothing is recovered from them)."""
+    def set_transport_info(
+        self,
+        *,
+        device_features: int,
+        interrupt_mode: InterruptMode,
+        binding: Binding = Binding.UNKNOWN,
+    ) -> None:
+        """Store what the transport negotiated: the virtio-mem feature bits accepted,
+        the interrupt mode and the binding (for ``status``; nothing is recovered from
+        them)."""
         check_unsigned("device_features", device_features, DEVICE_FEATURE_MASK)
         with self._write_section() as header:
             header.device_features = device_features
             header.interrupt_mode = InterruptMode(interrupt_mode)
+            header.binding = Binding(binding)
         self._log.info(
-            "transport: features %#x, %s interrupts", device_features, interrupt_mode.text
+            "transport: %s, features %#x, %s interrupts",
+            binding.text,
+            device_features,
+            interrupt_mode.text,
         )
 
     def set_broken(self, reason: str | BrokenReason) -> None:

@@ -23,7 +23,7 @@ import enum
 from typing import TypeVar
 
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
-from vmem_guest.device import InterruptMode
+from vmem_guest.device import Binding, InterruptMode
 from vmem_guest.errors import TrackerError
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker.layout import (
@@ -108,6 +108,8 @@ class TrackerSnapshot:
     #: The virtio-mem feature bits negotiated, and how interrupts arrive.
     device_features: int
     interrupt_mode: InterruptMode
+    #: Which driver handed the function over (vfio type1, vfio noiommu, uio).
+    binding: Binding
     broken: bool
     broken_reason: str
     plugged_bytes: int
@@ -267,6 +269,7 @@ def decode(buf: bytes) -> TrackerSnapshot:
         node_id=header.node_id,
         device_features=header.device_features,
         interrupt_mode=enum_or_error(InterruptMode, header.interrupt_mode, "interrupt mode"),
+        binding=enum_or_error(Binding, header.binding, "binding"),
         broken=header.device_status == DeviceStatus.BROKEN,
         broken_reason=broken_reason(header),
         plugged_bytes=header.plugged_bytes,

@@ -1,49 +1,42 @@
-"""PciChannel: a :class:`vmem_guest.device.RequestChannel` over VFIO and virtio-pci.
+"""PciChannel: a :class:`vmem_guest.device.RequestChannel` over virtio-pci, on a
+PCI function handed over by VFIO or UIO (:mod:`.function`).
 
 It puts the pieces together in the order the spec asks (virtio spec 3.1.1,
-4.1.5.1): VFIO device, capability walk, BAR mappings, reset, ACKNOWLEDGE,
+4.1.5.1): the function, capability walk, BAR mappings, reset, ACKNOWLEDGE,
 DRIVER, features, FEATURES_OK, DMA memory, interrupts, queue 0, DRIVER_OK.
 
-Interrupts are eventfds. With INTx (all QEMU 7.2 offers for virtio-mem) one
-eventfd carries both causes: :meth:`PciChannel.handle_interrupt` reads the ISR
-byte (which clears it) and unmasks INTx. A config change that arrives while a
-request waits for its answer is remembered and the eventfd re-signalled once
-the request is done, so an outer selector loop never misses it.
+Interrupts arrive on file descriptors (:class:`.function.Interrupts`). With INTx
+(all QEMU 7.2 offers for virtio-mem) one line carries both causes: taking an
+interrupt reads the ISR byte (which clears it) and lets the line fire again. A
+config change that arrives while a request waits for its answer is remembered
+and re-posted once the request is done, so an outer selector loop never misses it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from vmem_guest import spec
 from vmem_guest._linux import pagemap
-from vmem_guest._linux import vfio_uapi as uapi
-from vmem_guest._linux.eventfd import EventFd
 from vmem_guest._linux.lifetime import Closing
 from vmem_guest._linux.sysfs import SYSFS_ROOT
-from vmem_guest.device import DEVICE_FEATURE_MASK, Cause, InterruptMode
-from vmem_guest.errors import DeviceBroken, DeviceTimeout, IoctlError, TransportError
+from vmem_guest.device import DEVICE_FEATURE_MASK, Binding, Cause, InterruptMode
+from vmem_guest.errors import DeviceBroken, DeviceTimeout, TransportError
 from vmem_guest.spec import Feature
 from vmem_guest.transport import virtio_pci as vp
-from vmem_guest.transport.dma import PAGE_SIZE, DmaBuffer, IovaBuffer, PhysBuffer
-from vmem_guest.transport.vfio import DEV_ROOT, Mode, VfioDevice, choose_iova
+from vmem_guest.transport.dma import DmaBuffer, PhysBuffer
+from vmem_guest.transport.function import Access, Interrupts, PciFunction, binding_of
+from vmem_guest.transport.uio import UioFunction
+from vmem_guest.transport.vfio import DEV_ROOT
+from vmem_guest.transport.vfio_function import DEFAULT_IOVA, VfioFunction
 from vmem_guest.transport.virtqueue import RingLayout, Virtqueue
 
-#: Where the first DMA buffer goes in the IOMMU domain (type1). Below the x86
-#: MSI window (0xfee00000) and above the first 256 MiB.
-DEFAULT_IOVA = 0x1000_0000
 #: One request in flight needs two descriptors; a small ring fits in one page.
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_TIMEOUT = 5.0
-
-#: MSI-X table entries the channel uses: config changes and the request queue.
-CONFIG_VECTOR = 0
-QUEUE_VECTOR = 1
-MSIX_VECTORS = 2
 
 _OPTIONAL_FEATURES = (
     Feature.ACPI_PXM,
@@ -67,7 +60,7 @@ def check_identity(config: bytes) -> None:
         )
 
 
-def select_features(offered: int, *, mode: Mode) -> int:
+def select_features(offered: int, *, mode: Access) -> int:
     """The features we accept from ``offered`` (docs/protocol.md section 1).
 
     VERSION_1 is required. ACPI_PXM and UNPLUGGED_INACCESSIBLE are accepted
@@ -79,7 +72,8 @@ def select_features(offered: int, *, mode: Mode) -> int:
     not let the guest suspend (docs/protocol.md section 1, driver rules).
     ACCESS_PLATFORM is accepted when offered (spec 6: a driver SHOULD) and
     required under type1: without it the device would bypass the IOMMU and our
-    IOVAs would mean nothing. Everything else is declined.
+    IOVAs would mean nothing (without an IOMMU, VFIO no-IOMMU or UIO, the platform's
+    DMA translation is the identity). Everything else is declined.
     """
     if not offered & (1 << Feature.VERSION_1):
         raise TransportError(f"device does not offer VERSION_1 ({offered:#x})", offered=offered)
@@ -107,23 +101,20 @@ class PciChannel(Closing):
     Build it with :meth:`open`; it is a context manager.
     """
 
-    def __init__(self, bdf: str, vfio: VfioDevice) -> None:
+    def __init__(self, bdf: str, function: PciFunction) -> None:
         self.bdf = bdf
-        self.vfio = vfio
+        self.function = function
         self.log = logging.getLogger(f"vmem_guest.channel.{bdf}")
         self.timeout = DEFAULT_TIMEOUT
         self.features = 0
         #: The device's whole feature word as offered (before negotiation).
         self.offered_features = 0
-        self.msix = False
         self.transport: vp.VirtioPciTransport | None = None
         self.buffer: DmaBuffer | None = None
         self.queue: Virtqueue | None = None
+        self.interrupts: Interrupts | None = None
         #: Physical ranges ([start, end)) the no-IOMMU DMA pages must stay out of.
         self.guard_ranges: list[tuple[int, int]] = []
-        self._irq: EventFd | None = None  # INTx, or the MSI-X queue vector
-        self._config_irq: EventFd | None = None  # MSI-X config vector
-        self._release_req: EventFd | None = None  # the kernel wants the device back
         self._pending = Cause.NONE
         self._pagemap_path = pagemap.PAGEMAP  # where no-IOMMU buffers read their addresses
 
@@ -132,7 +123,7 @@ class PciChannel(Closing):
         cls,
         bdf: str,
         *,
-        mode: Mode,
+        mode: Access,
         sysfs_root: Path = SYSFS_ROOT,
         dev_root: Path = DEV_ROOT,
         queue_size: int = DEFAULT_QUEUE_SIZE,
@@ -141,36 +132,72 @@ class PciChannel(Closing):
         pagemap_path: Path = pagemap.PAGEMAP,
         guard_ranges: Sequence[tuple[int, int]] = (),
     ) -> PciChannel:
-        """Open ``bdf`` (bound to vfio-pci) and bring the device to DRIVER_OK.
+        """Open ``bdf`` (bound to vfio-pci, or to uio_pci_generic for ``uio``) and
+        bring the device to DRIVER_OK.
 
-        ``guard_ranges``: other devices' regions, which no-IOMMU DMA pages must
-        stay out of too (this device's own region is always guarded).
+        ``guard_ranges``: other devices' regions, which physically addressed DMA
+        pages must stay out of too (this device's own region is always guarded).
         """
-        vfio = VfioDevice.open(bdf, mode=mode, sysfs_root=sysfs_root, dev_root=dev_root)
-        channel = cls(bdf, vfio)
+        function: PciFunction
+        if mode == "uio":
+            function = UioFunction.open(
+                bdf, sysfs_root=sysfs_root, dev_root=dev_root, pagemap_path=pagemap_path
+            )
+        else:
+            function = VfioFunction.open(
+                bdf,
+                mode=mode,
+                sysfs_root=sysfs_root,
+                dev_root=dev_root,
+                iova=iova,
+                pagemap_path=pagemap_path,
+            )
+        return cls.start(
+            bdf,
+            function,
+            queue_size=queue_size,
+            timeout=timeout,
+            guard_ranges=guard_ranges,
+            pagemap_path=pagemap_path,
+        )
+
+    @classmethod
+    def start(
+        cls,
+        bdf: str,
+        function: PciFunction,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        guard_ranges: Sequence[tuple[int, int]] = (),
+        pagemap_path: Path = pagemap.PAGEMAP,
+    ) -> PciChannel:
+        """Bring the device behind an open ``function`` to DRIVER_OK (the channel
+        owns the function from here: it is closed if this fails)."""
+        channel = cls(bdf, function)
+        channel._pagemap_path = pagemap_path
         channel.guard_ranges.extend(guard_ranges)
         channel.timeout = timeout
         try:
-            channel._start(mode, queue_size, iova, pagemap_path)
+            channel._start(queue_size)
         except BaseException:
             channel.close()
             raise
         return channel
 
-    def _start(self, mode: Mode, queue_size: int, iova: int, pagemap_path: Path) -> None:
-        self._pagemap_path = pagemap_path
-        vfio = self.vfio
-        config = vfio.config_space()
+    def _start(self, queue_size: int) -> None:
+        function = self.function
+        config = function.config_space()
         check_identity(config)
         caps = vp.parse_virtio_caps(
-            config, vfio.bar_sizes(), device_cfg_size=ctypes.sizeof(spec.VirtioMemConfig)
+            config, function.bar_sizes(), device_cfg_size=ctypes.sizeof(spec.VirtioMemConfig)
         )
-        bars = {index: vfio.map_bar(index) for index in sorted(caps.bars())}
+        bars = {index: function.map_bar(index) for index in sorted(caps.bars())}
         transport = vp.VirtioPciTransport(caps, bars, name=self.bdf)
         self.transport = transport
         offered = self._handshake(transport)
         self.offered_features = offered
-        self.features = select_features(offered, mode=mode)
+        self.features = select_features(offered, mode=function.access)
         transport.negotiate(self.features)
         self.log.info("features offered %#x, accepted %#x", offered, self.features)
 
@@ -180,26 +207,18 @@ class PciChannel(Closing):
             request_len=ctypes.sizeof(spec.VirtioMemReq),
             response_len=ctypes.sizeof(spec.VirtioMemResp),
         )
-        if mode == "type1":
-            ranges = vfio.container.iova_ranges()
-            iova = choose_iova(ranges, layout.total, iova, PAGE_SIZE)
-            self.buffer = IovaBuffer(layout.total, vfio.container, iova)
         config_size = ctypes.sizeof(spec.VirtioMemConfig)
         raw = spec.VirtioMemConfig.from_buffer_copy(transport.read_config(config_size))
         if raw.region_size:
             self.guard_ranges.append((raw.addr, raw.addr + raw.region_size))
-        if mode == "noiommu":
-            self.buffer = PhysBuffer.outside(
-                layout.total, self.guard_ranges, pagemap_path=pagemap_path
-            )
-        assert self.buffer is not None
+        self.buffer = function.dma_buffer(layout.total, self.guard_ranges)
         self.buffer.check_outside(self.guard_ranges)
 
-        self._setup_interrupts(transport)
+        self.interrupts = function.open_interrupts(transport)
         self._start_queue(transport, self.buffer, layout)
         self.log.info(
             "DRIVER_OK: %s, queue size %d, ring at bus %#x, %s interrupts",
-            mode,
+            self.binding.text,
             size,
             self._ring_bus(),
             self.interrupt_mode.text,
@@ -208,7 +227,7 @@ class PciChannel(Closing):
     def _handshake(self, transport: vp.VirtioPciTransport) -> int:
         """Reset, bus master, ACKNOWLEDGE, DRIVER (spec 3.1.1 steps 1-3); the offered features."""
         transport.reset()
-        self.vfio.enable_bus_master()
+        self.function.enable_bus_master()
         transport.add_status(vp.Status.ACKNOWLEDGE)
         transport.add_status(vp.Status.DRIVER)
         return transport.device_features()
@@ -298,8 +317,8 @@ class PciChannel(Closing):
         self, transport: vp.VirtioPciTransport, buffer: DmaBuffer, layout: RingLayout
     ) -> None:
         """Reset, the features accepted at open negotiated again (TransportError when
-        the device no longer offers one), the same eventfds routed, a fresh ring in
-        ``buffer``, DRIVER_OK."""
+        the device no longer offers one), the same interrupt fds routed, a fresh ring
+        in ``buffer``, DRIVER_OK."""
         offered = self._handshake(transport)
         missing = self.features & ~offered
         if missing:
@@ -310,95 +329,31 @@ class PciChannel(Closing):
                 offered=offered,
             )
         transport.negotiate(self.features)
-        self._restore_interrupts(transport)
+        self._irqs().restore()
         self._start_queue(transport, buffer, layout)
 
-    def _restore_interrupts(self, transport: vp.VirtioPciTransport) -> None:
-        """Route the existing eventfds again, and the MSI-X vectors the reset forgot
-        (``virtio_pci_reset`` sets them to VIRTIO_MSI_NO_VECTOR).
-
-        VFIO_DEVICE_SET_IRQS with the same eventfds rewrites the MSI-X table entries
-        from the kernel's cached messages (``vfio_msi_set_vector_signal``: "The MSIx
-        vector table resides in device memory which may be cleared via backdoor
-        resets"); for INTx it rebinds the eventfd, and the unmask lets a line VFIO
-        masked before the suspend fire again.
-        """
-        if self._irq is None:
+    def _irqs(self) -> Interrupts:
+        if self.interrupts is None:
             raise TransportError(f"channel {self.bdf} has no interrupt", bdf=self.bdf)
-        if not self.msix:
-            self.vfio.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [self._irq])
-            self.vfio.unmask_intx()
-            return
-        assert self._config_irq is not None
-        self.vfio.enable_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [self._config_irq, self._irq])
-        if not (
-            transport.set_config_vector(CONFIG_VECTOR)
-            and transport.set_queue_vector(spec.REQUEST_QUEUE, QUEUE_VECTOR)
-        ):
-            raise TransportError(f"{self.bdf} refused its MSI-X vectors after resume", bdf=self.bdf)
-
-    def _setup_interrupts(self, transport: vp.VirtioPciTransport) -> None:
-        """MSI-X with a config and a queue vector when the device has two and takes
-        them, else INTx (QEMU 7.2's virtio-mem-pci has no MSI-X; 10.0 has two vectors).
-        And VFIO's request index, so a hot-unplug asks for the device back."""
-        self._setup_release_request()
-        if self._try_msix(transport):
-            return
-        intx = self.vfio.irq_info(uapi.VFIO_PCI_INTX_IRQ_INDEX)
-        if intx.count < 1:
-            raise TransportError(f"{self.bdf} has neither MSI-X nor INTx", bdf=self.bdf)
-        self._irq = EventFd()
-        self.vfio.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [self._irq])
-
-    def _setup_release_request(self) -> None:
-        release = EventFd()
-        try:
-            offered = self.vfio.enable_release_request(release)
-        except (TransportError, IoctlError) as exc:
-            self.log.warning("no release request (%s): a hot-unplug will wait for us", exc)
-            offered = False
-        if offered:
-            self._release_req = release
-        else:
-            release.close()
+        return self.interrupts
 
     def release_request_fd(self) -> int | None:
         """Readable when the kernel asks for the device back (``device_del``)."""
-        return None if self._release_req is None else self._release_req.fd
-
-    def _try_msix(self, transport: vp.VirtioPciTransport) -> bool:
-        """Vector 0 for config changes, 1 for the request queue; False (and MSI-X off
-        again) when the function has fewer vectors or the device refuses one."""
-        vectors = self.vfio.irq_info(uapi.VFIO_PCI_MSIX_IRQ_INDEX).count
-        if vectors < MSIX_VECTORS:
-            self.log.info("%d MSI-X vectors: INTx", vectors)
-            return False
-        config_irq, queue_irq = EventFd(), EventFd()
-        try:
-            self.vfio.enable_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [config_irq, queue_irq])
-        except TransportError as exc:
-            self.log.warning("MSI-X cannot be enabled (%s): falling back to INTx", exc)
-            config_irq.close()
-            queue_irq.close()
-            return False
-        if transport.set_config_vector(CONFIG_VECTOR) and transport.set_queue_vector(
-            spec.REQUEST_QUEUE, QUEUE_VECTOR
-        ):
-            self._config_irq, self._irq = config_irq, queue_irq
-            self.msix = True
-            return True
-        self.log.warning("the device refused its MSI-X vectors: falling back to INTx")
-        transport.set_config_vector(vp.VIRTIO_MSI_NO_VECTOR)
-        transport.set_queue_vector(spec.REQUEST_QUEUE, vp.VIRTIO_MSI_NO_VECTOR)
-        self.vfio.disable_irqs()
-        config_irq.close()
-        queue_irq.close()
-        return False
+        return None if self.interrupts is None else self.interrupts.release_request_fd()
 
     @property
     def interrupt_mode(self) -> InterruptMode:
         """MSI-X (two vectors) or INTx: how this device's interrupts arrive."""
-        return InterruptMode.MSIX if self.msix else InterruptMode.INTX
+        return self._irqs().mode
+
+    @property
+    def msix(self) -> bool:
+        return self.interrupt_mode is InterruptMode.MSIX
+
+    @property
+    def binding(self) -> Binding:
+        """vfio type1, vfio noiommu or uio: who handed the function over."""
+        return binding_of(self.function.access)
 
     @property
     def device_features(self) -> int:
@@ -445,49 +400,28 @@ class PciChannel(Closing):
             exc.fields["status"] = transport.status()
             raise
         finally:
-            if self._pending and self._irq is not None:
-                self._irq.signal()  # hand the outer loop what we saw while waiting
+            if self._pending and self.interrupts is not None:
+                self.interrupts.repost()  # hand the outer loop what we saw while waiting
 
     # -- interrupts -----------------------------------------------------------------
 
     def interrupt_fd(self) -> int:
-        """The eventfd to poll for queue interrupts (with INTx: for everything)."""
-        if self._irq is None:
-            raise TransportError(f"channel {self.bdf} has no interrupt", bdf=self.bdf)
-        return self._irq.fd
+        """The fd to poll for queue interrupts (with INTx: for everything)."""
+        return self._irqs().queue_fd()
 
     def config_change_fd(self) -> int:
-        """The eventfd to poll for config changes (the INTx eventfd without MSI-X)."""
-        if self._config_irq is not None:
-            return self._config_irq.fd
-        return self.interrupt_fd()
+        """The fd to poll for config changes (with INTx: the same one)."""
+        return self._irqs().config_fd()
 
     def handle_interrupt(self) -> Cause:
-        """Consume pending interrupts and say which causes they had.
-
-        With INTx: drain the eventfd, read ISR (clears it), unmask INTx.
-        """
+        """Consume pending interrupts and say which causes they had (with INTx: the
+        ISR read, which clears it, then the line let fire again)."""
         causes, self._pending = self._pending, Cause.NONE
-        if self.msix:
-            if self._config_irq is not None and self._config_irq.drain():
-                causes |= Cause.CONFIG
-            if self._irq is not None and self._irq.drain():
-                causes |= Cause.QUEUE
-            return causes
-        transport, _, _ = self._live()
-        if self._irq is not None:
-            self._irq.drain()
-        isr = transport.read_isr()
-        self.vfio.unmask_intx()
-        if isr & vp.ISR_QUEUE:
-            causes |= Cause.QUEUE
-        if isr & vp.ISR_CONFIG:
-            causes |= Cause.CONFIG
-        return causes
+        return causes | self._irqs().take()
 
     def _wait_for_queue(self, timeout: float) -> bool:
-        """Virtqueue seam: block on the interrupt eventfd, keep config causes for later."""
-        if self._irq is None or not self._irq.wait(timeout):
+        """Virtqueue seam: block on the queue interrupt, keep config causes for later."""
+        if self.interrupts is None or not self.interrupts.wait(timeout):
             return False
         # A config change seen while waiting is kept for the outer loop.
         self._pending |= self.handle_interrupt() & Cause.CONFIG
@@ -496,12 +430,11 @@ class PciChannel(Closing):
     # -- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Interrupts off, device reset (block state survives it, spec 5.15.5), DMA unmapped."""
-        try:
-            self.vfio.disable_irqs()
-        except IoctlError as exc:
-            if exc.errno != errno.ENODEV:
-                self.log.warning("disabling interrupts: %s", exc)
+        """Interrupts off, device reset (block state survives it, spec 5.15.5), DMA
+        released, the function let go."""
+        if self.interrupts is not None:
+            self.interrupts.close()
+            self.interrupts = None
         if self.transport is not None:
             try:
                 self.transport.reset()
@@ -515,9 +448,5 @@ class PciChannel(Closing):
             except TransportError as exc:
                 self.log.warning("releasing DMA memory: %s", exc)
             self.buffer = None
-        self.vfio.close()
-        for efd in (self._irq, self._config_irq, self._release_req):
-            if efd is not None:
-                efd.close()
-        self._irq = self._config_irq = self._release_req = None
+        self.function.close()
         self.log.info("closed")

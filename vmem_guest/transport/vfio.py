@@ -31,6 +31,8 @@ from vmem_guest._linux.lifetime import Closing, close_fd
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.errors import IoctlError, TransportError
 from vmem_guest.pci_address import check_bdf
+from vmem_guest.transport import pci_config
+from vmem_guest.transport.pci_config import PCI_CONFIG_SIZE
 
 #: How a function is opened: behind a real IOMMU (``type1``) or without one
 #: (``noiommu``). The one such type: :mod:`vmem_guest.pci` classifies functions by it.
@@ -40,12 +42,6 @@ Mode = Literal["type1", "noiommu"]
 DEV_ROOT = Path("/dev")
 #: The name vfio gives the IOMMU groups it makes up for devices without an IOMMU.
 NOIOMMU_GROUP_NAME = "vfio-noiommu"
-
-#: PCI config space: Command register (PCI Local Bus spec 6.2.2) and its bits.
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 1 << 1
-PCI_COMMAND_MASTER = 1 << 2
-PCI_CONFIG_SIZE = 256
 
 
 def group_node(number: int, mode: Mode, dev_root: Path = DEV_ROOT) -> Path:
@@ -407,13 +403,7 @@ class VfioDevice(Closing):
 
     def enable_bus_master(self) -> None:
         """Set Memory Space and Bus Master in PCI_COMMAND: the device may now DMA."""
-        command = int.from_bytes(self.config_read(PCI_COMMAND, 2), "little")
-        wanted = command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
-        if wanted != command:
-            self.config_write(PCI_COMMAND, wanted.to_bytes(2, "little"))
-        readback = int.from_bytes(self.config_read(PCI_COMMAND, 2), "little")
-        if readback & wanted != wanted:
-            raise TransportError(f"PCI_COMMAND is {readback:#x} after writing {wanted:#x}")
+        pci_config.enable_bus_master(self)
 
     def map_bar(self, index: int) -> MappedBar:
         """mmap BAR ``index`` (the device fd at the region's offset), read-write, shared."""
