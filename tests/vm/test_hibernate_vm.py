@@ -80,8 +80,10 @@ def image() -> Path:
         pytest.fail(str(e))
 
 
-#: make test hibernates the default pair; `make hibernate` both pairs and by hand.
-PAIRS = [Pair(), pytest.param(NEWER_PAIR, marks=pytest.mark.long)]
+#: The whole module is a long run (a systemd boot, a hibernation and a second boot per
+#: pair: about 7 min each under TCG): `make hibernate`, not `make test`.
+pytestmark = pytest.mark.long
+PAIRS = [Pair(), NEWER_PAIR]
 
 
 @pytest.fixture(scope="module", params=PAIRS, ids=lambda p: p.label())
@@ -236,7 +238,6 @@ def secret_vm(boot_vm: BootVM, image: Path) -> Iterator[TestVM]:
         yield booted
 
 
-@pytest.mark.long
 def test_by_hand_the_ring_leaves_memfd_secret_and_the_kernel_hibernates(
     secret_vm: TestVM,
 ) -> None:
