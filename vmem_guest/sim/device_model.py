@@ -284,7 +284,8 @@ class DeviceModel:
                 reason=self.broken_reason,
             )
         if len(request) < spec.VirtioMemReq.SPEC_SIZE:
-            return self._malformed(self.rules.short_request, f"invalid request size: {len(request)}")
+            reason = f"invalid request size: {len(request)}"
+            return self._malformed(self.rules.short_request, reason)
         req_type, gpa, nb_blocks = self._req.unpack_from(request)
         if req_type in (_PLUG, _UNPLUG):
             answer = self._state_change_request(req_type, gpa, nb_blocks)
@@ -348,9 +349,9 @@ class DeviceModel:
         beyond = plug and self._plugged + size > self._requested
         if beyond and rules.requested_check_first:
             return answers.plug_answer(rules.plug_beyond_requested)
-        if not plug and rules.unplug_nack_below_requested:
-            if not size or size + self._requested > self._plugged:
-                return answers.unplug_nack
+        below = not size or size + self._requested > self._plugged
+        if not plug and rules.unplug_nack_below_requested and below:
+            return answers.unplug_nack
         if not self._valid_range(gpa, size):
             return answers.plug_error if plug else answers.unplug_error
         if beyond:

@@ -146,6 +146,8 @@ QEMU_10_0 = DeviceProfile(
     default_features=PROFILED_FEATURES,
     msix_vectors=2,
     keeps_blocks_on_wakeup=True,
+    # virtio_mem_unplug_all: the BUSY check only with memory plugged (QEMU 8.1 on).
+    rules=ModelRules(busy_unplug_all_when_empty=False),
 )
 
 #: Cloud Hypervisor, newest read (after "virtio-devices: mem: Use usize for block
@@ -160,7 +162,6 @@ CLOUD_HYPERVISOR = DeviceProfile(
     rules=ModelRules(
         requested_check_first=True,  # mem.rs:501-506: NACK checked before is_valid_range
         usable_policy="region",  # mem.rs:785: usable_region_size = region.len(), never changed
-        unplug_all_usable="keep",  # mem.rs:561-596: unplug_all leaves usable_region_size
         busy_requests=frozenset(),  # mem.rs:72-73: VIRTIO_MEM_RESP_BUSY is dead code
         busy_unplug_all_when_empty=False,
         short_request="empty",  # mem.rs:283-285, 638-647: used with length 0
@@ -173,8 +174,8 @@ CLOUD_HYPERVISOR = DeviceProfile(
     max_block_size=2 * MiB,
     sources={
         "requested_check_first": "mem.rs:501-506",
-        "usable_policy": "mem.rs:785 (usable_region_size: region.len()); resize 224-246",
-        "unplug_all_usable": "mem.rs:561-596",
+        "usable_policy": "mem.rs:785 (usable_region_size: region.len()); resize 224-246"
+        " and unplug_all 561-596 leave it",
         "busy_requests": "mem.rs:72-73 (BUSY unused); discard failure answers ERROR 519-522,"
         " 563-566",
         "short_request": "mem.rs:283-285 (InvalidRequest), 638-647 (add_used length 0)",
@@ -252,7 +253,6 @@ STRATOVIRT = DeviceProfile(
         empty_plug_nack=True,  # memory.rs:449: "|| plug_size == 0" -> NACK
         unplug_nack_below_requested=True,  # memory.rs:468-471
         usable_policy="region",  # memory.rs:677: usable_region_size = region_size
-        unplug_all_usable="keep",  # memory.rs:491-509: never touches usable_region_size
         unplug_all_by_runs=True,  # memory.rs:491-509 over top_plugged_range 276-288
         busy_requests=frozenset({int(RequestType.PLUG)}),  # memory.rs:334-337
         busy_unplug_all_when_empty=False,
@@ -267,14 +267,12 @@ STRATOVIRT = DeviceProfile(
         "requested_check_first": "memory.rs:448-451 (before plug_range 320-329)",
         "empty_plug_nack": "memory.rs:449",
         "unplug_nack_below_requested": "memory.rs:468-471",
-        "usable_policy": "memory.rs:677; update_request 710-726 leaves it",
-        "unplug_all_usable": "memory.rs:491-509",
+        "usable_policy": "memory.rs:677; update_request 710-726 and unplug_all 491-509 leave it",
         "unplug_all_by_runs": "memory.rs:491-509; run length cast to u16 at 282",
         "busy_requests": "memory.rs:334-337 (add_subregion failure; UNPLUG's answers ERROR"
         " 365-368)",
         "reset_forgets_blocks": "memory.rs:821-826 (new MemRegionState) and 842-844",
-        "short_request": "memory.rs:524-528 (iov_read_object error), 616-622"
-        " (report_virtio_error)",
+        "short_request": "memory.rs:524-528 (iov_read_object error), 616-622 (report_virtio_error)",
         "unknown_request": "memory.rs:600-602, 616-622",
         "default_features": "memory.rs:755-766 (UNPLUGGED_INACCESSIBLE only when configured)",
         "acpi_pxm": "memory.rs:678-687 (node forced to NUMA_NONE, 4097)",

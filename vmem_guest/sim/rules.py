@@ -26,9 +26,9 @@ from vmem_guest.spec import RequestType, ResponseType
 UsablePolicy = Literal["extent", "region", "slot"]
 
 #: What an ACKed UNPLUG_ALL leaves as ``usable_region_size``: ``requested``: what the
-#: usable policy gives for the current ``requested_size`` (QEMU); ``keep``: unchanged;
-#: ``zero``: 0, whatever ``requested_size`` is.
-UnplugAllUsable = Literal["requested", "keep", "zero"]
+#: usable policy gives for the current ``requested_size`` (QEMU; the whole region
+#: again under the ``region`` policy); ``zero``: 0, whatever ``requested_size`` is.
+UnplugAllUsable = Literal["requested", "zero"]
 
 #: What a request the device cannot parse (shorter than 24 bytes, or of an unknown
 #: type) leads to: ``virtio_error``: the device marks itself broken and raises
@@ -39,9 +39,7 @@ UnplugAllUsable = Literal["requested", "keep", "zero"]
 Malformed = Literal["virtio_error", "dies", "unanswered", "empty", "error"]
 
 #: Requests QEMU can answer BUSY (a migration runs, a discard or preallocation failed).
-ALL_BUSY = frozenset(
-    {int(RequestType.PLUG), int(RequestType.UNPLUG), int(RequestType.UNPLUG_ALL)}
-)
+ALL_BUSY = frozenset({int(RequestType.PLUG), int(RequestType.UNPLUG), int(RequestType.UNPLUG_ALL)})
 
 #: 2**16: ``nb_blocks`` is a le16; counts truncated to 16 bits wrap at this.
 U16_WRAP = 1 << 16
