@@ -355,7 +355,7 @@ def _probes() -> list[tuple[str, dict[str, int], list[Step]]]:
             ],
         ),
         (
-            "unplug_all_by_runs",
+            "unplug_all_run_u16",
             BIG_GEOMETRY,
             [
                 Step("resize", size=(1 << 16) * block, kind="probe"),

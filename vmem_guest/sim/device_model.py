@@ -401,17 +401,21 @@ class DeviceModel:
         return self._answers.unplug_all_ack
 
     def _unplug_runs(self) -> _Answer | None:
-        """UNPLUG_ALL as a loop of UNPLUGs over the lowest plugged run, each run's
-        length cast to 16 bits; the first answer other than ACK, or None (ACK)."""
+        """UNPLUG_ALL as a loop of UNPLUGs over the lowest plugged run (its length cast
+        to 16 bits if the rules say so); the first answer other than ACK, or None (ACK)."""
         answers = self._answers
         while True:
             first = self._bitmap.find(1)
             if first == -1:
                 return None
             end = self._bitmap.find(0, first)
-            count = ((self._nr_blocks if end == -1 else end) - first) % U16_WRAP
-            if not count:
-                return None  # the run is left plugged, and the loop ends with ACK
+            length = (self._nr_blocks if end == -1 else end) - first
+            if self.rules.unplug_all_run_u16:
+                count = length % U16_WRAP
+                if not count:
+                    return None  # the run is left plugged, and the loop ends with ACK
+            else:
+                count = min(length, spec.MAX_BLOCKS_PER_REQUEST)
             gpa = self._addr + (first << self._shift)
             answer = self._state_change_request(_UNPLUG, gpa, count)
             if answer is not answers.unplug_ack:

@@ -254,6 +254,7 @@ STRATOVIRT = DeviceProfile(
         unplug_nack_below_requested=True,  # memory.rs:468-471
         usable_policy="region",  # memory.rs:677: usable_region_size = region_size
         unplug_all_by_runs=True,  # memory.rs:491-509 over top_plugged_range 276-288
+        unplug_all_run_u16=True,  # memory.rs:282: (end - begin) as u16
         busy_requests=frozenset({int(RequestType.PLUG)}),  # memory.rs:334-337
         busy_unplug_all_when_empty=False,
         reset_forgets_blocks=True,  # memory.rs:821-826: activate builds a new bitmap
@@ -268,7 +269,8 @@ STRATOVIRT = DeviceProfile(
         "empty_plug_nack": "memory.rs:449",
         "unplug_nack_below_requested": "memory.rs:468-471",
         "usable_policy": "memory.rs:677; update_request 710-726 and unplug_all 491-509 leave it",
-        "unplug_all_by_runs": "memory.rs:491-509; run length cast to u16 at 282",
+        "unplug_all_by_runs": "memory.rs:491-509 (through handle_unplug_request 463-481)",
+        "unplug_all_run_u16": "memory.rs:282 ((end - begin) as u16), 495-497",
         "busy_requests": "memory.rs:334-337 (add_subregion failure; UNPLUG's answers ERROR"
         " 365-368)",
         "reset_forgets_blocks": "memory.rs:821-826 (new MemRegionState) and 842-844",

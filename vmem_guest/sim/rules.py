@@ -69,9 +69,11 @@ class ModelRules:
     #: (the whole count cast to 16 bits) and still sets ``plugged_size`` to 0.
     unplug_all_count_u16: bool = False
     #: UNPLUG_ALL unplugs run by run, lowest first, through the UNPLUG checks (so it
-    #: answers what an UNPLUG would, NACK included), each run's length cast to 16
-    #: bits; a run whose length wraps to 0 ends it with ACK, the run left plugged.
+    #: answers what an UNPLUG would, NACK included), at most 65,535 blocks at a time.
     unplug_all_by_runs: bool = False
+    #: With ``unplug_all_by_runs``: each run's whole length is cast to 16 bits; a run
+    #: whose length wraps to 0 ends UNPLUG_ALL with ACK, the run left plugged.
+    unplug_all_run_u16: bool = False
     #: Requests that can answer BUSY at all (``busy_next`` / ``busy_rate`` apply to
     #: these only); empty: the device never answers BUSY.
     busy_requests: frozenset[int] = ALL_BUSY
