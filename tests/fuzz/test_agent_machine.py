@@ -296,13 +296,16 @@ class AgentMachine(RuleBasedStateMachine):
             refused_same = same and self.profile.rules.resize_same_refused
             assert misalign or refused_same, f"the model refused an aligned size {requested:#x}"
 
-    @rule(fraction=st.floats(0, 1))
-    def host_shrink_races_request(self, fraction: float) -> None:
-        """The host lowers requested_size while the agent's next request is in flight:
-        a PLUG planned for the old size meets the new one (NACK in QEMU, ERROR in
-        Firecracker, device.rs:328-331)."""
-        blocks = int(fraction * self.model.requested_size) // self.geometry.block_size
+    @rule(grow=st.floats(0, 1), shrink=st.floats(0, 1), steps=st.integers(1, 20))
+    def host_shrink_races_plug(self, grow: float, shrink: float, steps: int) -> None:
+        """The host raises requested_size, then lowers it while the agent's next PLUG
+        is in flight: the PLUG planned for the higher size meets the lower one (NACK
+        in QEMU, ERROR in Firecracker, device.rs:328-331); the config interrupt of
+        the shrink arrives after the answer."""
+        self.host_resize(grow, misalign=False)
+        blocks = int(shrink * self.model.requested_size) // self.geometry.block_size
         self.channel.resize_in_flight = blocks * self.geometry.block_size
+        self.run_steps(steps)
 
     @rule()
     def device_reset_and_restart(self) -> None:
