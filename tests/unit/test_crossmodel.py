@@ -71,3 +71,11 @@ def test_static_differences_name_their_source() -> None:
     assert {"default_features", "required_features", "acpi_pxm", "block_sizes"} <= set(rows)
     assert "device.rs:670-678" in rows["required_features"]["source"]
     assert rows["busy_requests"]["device_value"] == "{}"
+
+
+def test_every_rule_has_the_spec_word() -> None:
+    from vmem_guest.conformance.crossmodel import SPEC_WORD, STATIC_RULES
+
+    fields = {f.name for f in dataclasses.fields(QEMU_10_0.rules)} - STATIC_RULES
+    assert fields == set(SPEC_WORD)
+    assert {level for level, _ in SPEC_WORD.values()} == {"MUST", "none"}

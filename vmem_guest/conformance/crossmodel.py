@@ -51,6 +51,27 @@ STATIC_RULES = frozenset({"busy_requests", "busy_unplug_all_when_empty"})
 #: Profile fields compared as data (negotiation and configuration).
 STATIC_FIELDS = ("default_features", "required_features", "acpi_pxm", "block_sizes")
 
+#: The spec's word on each rule (oasis-tcs/virtio-spec, device-types/mem/description.tex,
+#: docs/device-profiles.md): the level at stake when a device departs from QEMU's
+#: value, and the subsection. "none": the spec says nothing normative, so a
+#: difference there is a difference from the profile only.
+SPEC_WORD: dict[str, tuple[str, str]] = {
+    "plug_beyond_requested": ("none", "section intro: plug requests 'will be rejected'"),
+    "requested_check_first": ("MUST", "PLUG request: ERROR if not aligned or outside usable"),
+    "empty_plug_nack": ("MUST", "PLUG request: ERROR if nb_blocks is not greater than 0"),
+    "unplug_nack_below_requested": ("MUST", "UNPLUG request: ACK when unplugged; ERROR for 0"),
+    "usable_policy": ("none", "configuration layout: the device MAY change it, grow only"),
+    "slot_size": ("none", "configuration layout: the device MAY change usable_region_size"),
+    "unplug_all_usable": ("MUST", "configuration layout: usable_region_size >= requested_size"),
+    "unplug_all_count_u16": ("MUST", "UNPLUG ALL: ACK only if all unplugged; plugged_size"),
+    "unplug_all_by_runs": ("MUST", "UNPLUG ALL request: ACK when all unplugged (or BUSY)"),
+    "unplug_all_run_u16": ("MUST", "UNPLUG ALL request: plugged_size 0 when ACKed"),
+    "short_request": ("none", "device operation: all requests are 24 bytes long"),
+    "unknown_request": ("none", "not specified"),
+    "reset_forgets_blocks": ("MUST", "device initialization: no block state change on reset"),
+    "resize_same_refused": ("none", "configuration layout: MAY notify when nothing changed"),
+}
+
 
 class ModelDevice:
     """A device of profile Q for the checker: a fresh model for every example,
@@ -240,6 +261,7 @@ class Finding:
             "profile_value": self.profile_value,
             "device_value": self.device_value,
             "source": self.source,
+            "spec": {name: list(SPEC_WORD[name]) for name in self.fields if name in SPEC_WORD},
             "differences": [d.as_dict() for d in self.differences],
             "sequence": [t.as_dict() for t in self.sequence],
         }
@@ -472,6 +494,11 @@ def report_text(report: CrossReport) -> str:
             f" {finding.device_value}"
         )
         lines.append(f"  source: {finding.source}")
+        lines += [
+            f"  spec: {SPEC_WORD[name][0]} ({SPEC_WORD[name][1]})"
+            for name in finding.fields
+            if name in SPEC_WORD
+        ]
         lines += [f"  {d.what}: device {d.device}, model {d.model}" for d in finding.differences]
         lines.append("  shrunk sequence (device | model):")
         lines += [
