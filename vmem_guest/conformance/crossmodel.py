@@ -25,6 +25,7 @@ features and block sizes, is compared as profile data (:func:`static_differences
 from __future__ import annotations
 
 import dataclasses
+import enum
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -341,9 +342,11 @@ def _text(value: object) -> str:
     if isinstance(value, frozenset):
         names = {0: "PLUG", 1: "UNPLUG", 2: "UNPLUG_ALL", 3: "STATE"}
         return "{" + ", ".join(names.get(v, str(v)) for v in sorted(value)) + "}"
+    if isinstance(value, enum.Enum):
+        return value.name
     if isinstance(value, int) and not isinstance(value, bool):
         return hex(value)
-    return getattr(value, "name", None) or str(value)
+    return str(value)
 
 
 def _source(fields: Sequence[str], p: DeviceProfile, q: DeviceProfile) -> str:
