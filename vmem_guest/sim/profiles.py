@@ -199,11 +199,20 @@ CLOUD_HYPERVISOR_51 = dataclasses.replace(
         short_request="dies",  # v51.0 mem.rs:296-297, 644: parse error ends process_queue
         unknown_request="dies",  # v51.0 mem.rs:657: Err(UnknownRequestType)
     ),
+    # Line numbers of the v51.0 file.
     sources={
-        **CLOUD_HYPERVISOR.sources,
-        "unplug_all_count_u16": "v51.0 mem.rs:589-591 (fixed by dfee31a84)",
-        "short_request": "v51.0 mem.rs:296-297, 644 (fixed by 6a1fe123c)",
-        "unknown_request": "v51.0 mem.rs:657 (fixed by 97e16f249)",
+        "requested_check_first": "mem.rs:502-507",
+        "usable_policy": "mem.rs:781 (usable_region_size: region.len()); resize 237-259"
+        " and unplug_all 563-597 leave it",
+        "busy_requests": "mem.rs:73-74 (BUSY unused); discard failure answers ERROR 521-524,"
+        " 565-568",
+        "unplug_all_count_u16": "mem.rs:589-591 (fixed by dfee31a84)",
+        "short_request": "mem.rs:296-297, 644 (fixed by 6a1fe123c)",
+        "unknown_request": "mem.rs:657 (fixed by 97e16f249)",
+        "resize_same_refused": "mem.rs:238-241",
+        "default_features": "mem.rs:775-798 (VERSION_1; ACPI_PXM with a NUMA node)",
+        "block_sizes": "mem.rs:56, 778 (VIRTIO_MEM_DEFAULT_BLOCK_SIZE)",
+        "reset": "mem.rs:1014-1018 (common reset only: blocks kept)",
     },
 )
 
