@@ -139,6 +139,12 @@ QEMU_7_2 = DeviceProfile(
     default_features=0,
     msix_vectors=0,
     keeps_blocks_on_wakeup=False,
+    source="qemu/qemu v7.2.0 hw/virtio/virtio-mem.c",
+    sources={
+        "default_features": "virtio_mem_get_features (unplugged-inaccessible off by default)",
+        "busy_unplug_all_when_empty": "virtio_mem_unplug_all (the migration BUSY check"
+        " before the plugged test, until 8.1)",
+    },
 )
 QEMU_10_0 = DeviceProfile(
     name="qemu-10.0",
@@ -244,6 +250,7 @@ FIRECRACKER = DeviceProfile(
         "short_request": "device.rs:244-246, 447 (parse error: never used)",
         "unknown_request": "device.rs:457",
         "default_features": "device.rs:155",
+        "acpi_pxm": "device.rs:155 (VERSION_1 and UNPLUGGED_INACCESSIBLE only)",
         "required_features": "device.rs:670-678",
         "block_sizes": "src/vmm/src/vmm_config/memory_hotplug.rs:52-60",
         "reset": "device.rs:652-661 (blocks kept)",
