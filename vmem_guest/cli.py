@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import click
 
-from vmem_guest import control, planner, render
+from vmem_guest import control, render
 from vmem_guest.blocks import Zone
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.pci_address import normalize_bdf
@@ -77,10 +77,13 @@ STATE_DIR = click.option(
     show_default=True,
     help="Directory of the tracker files (one per device).",
 )
+#: planner.OnlinePolicy's values, spelled out so that a short command such as `status`
+#: need not import the planner (tests/unit/test_cli_imports.py checks they agree).
+ONLINE_POLICIES = ("movable", "kernel", "auto")
 ONLINE_POLICY = click.option(
     "--online-policy",
-    type=click.Choice([p.value for p in planner.OnlinePolicy]),
-    default=planner.OnlinePolicy.MOVABLE.value,
+    type=click.Choice(ONLINE_POLICIES),
+    default=ONLINE_POLICIES[0],
     show_default=True,
     help="Zone for onlined memory: movable (unplug stays reliable), kernel, or auto "
     "(movable up to a ratio of kernel memory).",
@@ -233,6 +236,7 @@ def sim(
     hostile: a device refused at attach, or one the driver stops touching at
     a step, ends the run with status 1 and one line that says why.
     """
+    from vmem_guest import planner
     from vmem_guest.sim.runner import SimOptions, Simulation
 
     options = SimOptions(
@@ -463,6 +467,7 @@ def doctor(noiommu: bool, online_policy: str, state_dir: Path, as_json: bool) ->
     missing: run with the same options would stop.
     """
     from vmem_guest import doctor as doctor_mod
+    from vmem_guest import planner
 
     report = doctor_mod.examine(
         doctor_mod.Host(state_dir=state_dir),
@@ -556,7 +561,7 @@ def run(
     finishes and the memory stays as it is. A control socket in --state-dir
     serves `vmem-guest plug/unplug/state/unplug-all` (root only).
     """
-    from vmem_guest import service
+    from vmem_guest import planner, service
 
     _setup_logging(log_level)
     options = service.RunOptions(
@@ -700,6 +705,39 @@ def state(
 def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -> None:
     """Offline every memory block of the device, then UNPLUG_ALL (all or nothing)."""
     _manual(control.UnplugAll(bdf), state_dir, noiommu, as_json)
+
+
+@cli.command("hibernate-prepare")
+@click.option(
+    "--timeout",
+    "seconds",
+    type=click.IntRange(1, 3600),
+    default=60,
+    show_default=True,
+    help="Seconds the agent may take; past them the hibernation is refused.",
+)
+@click.option(
+    "--sleep",
+    "verb",
+    type=click.Choice(["hibernate", "hybrid-sleep", "suspend-then-hibernate"]),
+    default="hibernate",
+    show_default=True,
+    help="The sleep systemd is about to start (suspend-then-hibernate is refused).",
+)
+@STATE_DIR
+@JSON
+def hibernate_prepare(seconds: int, verb: str, state_dir: Path, as_json: bool) -> None:
+    """Before a hibernation: the agent gives every device's memory back and holds
+    the devices empty until the resume. Fails (so vmem-guest-hibernate@.service stops
+    the hibernation) when that cannot be done in time."""
+    from vmem_guest import hibernate
+
+    result = hibernate.prepare(verb, state_dir, float(seconds))
+    if as_json:
+        _emit_json(result)
+        return
+    given = ", ".join(f"{bdf} {format_size(size)}" for bdf, size in result["given_back"].items())
+    click.echo(f"memory given back for hibernation: {given or 'no device'}")
 
 
 @cli.command()
