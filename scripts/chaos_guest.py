@@ -105,7 +105,13 @@ def dead_check() -> dict[str, Any]:
     from vmem_guest import pci
     from vmem_guest.device import VirtioMemDevice
     from vmem_guest.errors import TrackerError
-    from vmem_guest.tracker import DEFAULT_STATE_DIR, TrackerReader, device_locked, tracker_path
+    from vmem_guest.tracker import (
+        DEFAULT_STATE_DIR,
+        TrackerReader,
+        device_locked,
+        tracker_path,
+        write_in_progress,
+    )
     from vmem_guest.transport.channel import PciChannel
     from vmem_guest.transport.dma import no_unevictable_compaction
 
@@ -118,6 +124,8 @@ def dead_check() -> dict[str, Any]:
                 with TrackerReader.open(path) as reader:
                     snap = reader.snapshot()
             except TrackerError as exc:
+                if not write_in_progress(path.read_bytes()):
+                    raise  # not a torn file: unreadable or corrupt, a finding
                 # Killed inside a write section (odd generation): the restarted agent
                 # sets the file aside and rebuilds from STATE, sysfs and kpageflags.
                 torn = exc.message

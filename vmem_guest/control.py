@@ -226,10 +226,19 @@ def parse_request(line: bytes) -> Operation:
 class ControlServer:
     """The listening socket; the agent's selector loop calls :meth:`serve_one`."""
 
-    def __init__(self, path: Path, handler: Handler, *, allowed_uids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        *,
+        allowed_uids: frozenset[int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` (seconds, monotonic) times each client's request line."""
         self.path = path
         self.handler = handler
         self.allowed_uids = allowed_uids
+        self.clock = clock
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -267,7 +276,7 @@ class ControlServer:
         try:
             # Read before judging: closing on unread data would reset the
             # connection and the peer would never see why it was refused.
-            line = _read_line(conn, time.monotonic() + CLIENT_TIMEOUT)
+            line = _read_line(conn, self.clock() + CLIENT_TIMEOUT, self.clock)
             if uid not in self.allowed_uids:
                 log.warning("refused control connection from uid %d", uid)
                 raise UsageError("permission denied: root only", uid=uid)
@@ -307,11 +316,12 @@ class _ProgressSender:
             log.warning("control client stopped taking progress (%s); carrying on", exc)
 
 
-def _read_line(conn: socket.socket, deadline: float) -> bytes:
-    """The first line the client sends, read before ``deadline`` (time.monotonic)."""
+def _read_line(conn: socket.socket, deadline: float, clock: Callable[[], float]) -> bytes:
+    """The first line the client sends, read before ``deadline`` (on ``clock``): the
+    deadline bounds the whole line, so a client trickling bytes cannot hold the agent."""
     buffer = b""
     while b"\n" not in buffer:
-        left = deadline - time.monotonic()
+        left = deadline - clock()
         if left <= 0:
             raise UsageError(f"control request not received within {CLIENT_TIMEOUT:g} s")
         conn.settimeout(left)

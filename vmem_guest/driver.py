@@ -956,7 +956,13 @@ class DeviceDriver:
         return AUTO_ONLINE_ZONES.get(self._auto_online, Zone.AUTO)
 
     def _offline_block(self, mb: int) -> None:
-        """Offline block ``mb`` and record it; OfflineRefused when the kernel says no."""
+        """Offline block ``mb`` and record it; OfflineRefused when the kernel says no.
+
+        The one place the agent offlines a block it owns: the tracker refuses first
+        what it would refuse to record (``check_may_offline``: a block with taken
+        subblocks, holes only or not, is never offlined, docs/design.md 5.1), so the
+        kernel is never asked for an offline the rules forbid."""
+        self.tracker.check_may_offline(mb)
         self.kernel.offline(mb)
         self.tracker.record_offline(mb)
 
@@ -1050,9 +1056,13 @@ class DeviceDriver:
     def offline_all(self, blocks: Iterable[int]) -> None:
         """Offline every online block of ``blocks``, highest first, all or nothing: when
         the kernel refuses one, those offlined here are onlined again and the refusal
-        (naming the block and the errno) is re-raised."""
+        (naming the block and the errno) is re-raised. A block the rules keep online
+        (:class:`~vmem_guest.errors.HolesKeepBlockOnline`) is refused before any is
+        offlined."""
         state = self.tracker.state
         online = [mb for mb in blocks if state.block_state(mb) is MemoryBlockState.ONLINE]
+        for mb in online:
+            self.tracker.check_may_offline(mb)
         zones = {mb: state.block_zone(mb) for mb in online}
         done: list[int] = []
         try:

@@ -19,6 +19,7 @@ the agent can decide what to do without parsing text::
      +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
      |    +-- TrackerLocked    another process owns the tracker
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
+     |    +-- HolesKeepBlockOnline  a block with taken subblocks is never offlined (block)
      |    +-- HibernationRefused  device memory cannot be given back before a hibernation
  +-- RequirementMissing    the guest lacks what the agent needs (docs/requirements.md)
      +-- Mismatch              fuzzing: the device and the model disagree (after, differences)
@@ -148,6 +149,29 @@ class TrackerLocked(TrackerError):
 
 class SafetyError(VmemError):
     """An action would break a safety invariant (docs/design.md section 5)."""
+
+
+class HolesKeepBlockOnline(SafetyError):
+    """A memory block holding taken subblocks (holes, or subblocks being taken) is never
+    offlined (docs/design.md section 2 and 5.1): onlining it again would free every
+    page, holes included, and the poisoned pages of a block of holes only would keep
+    HardwareCorrupted raised (6.1) or the block from coming online again (6.2+). It
+    stays online until growth gives its holes back.
+
+    Attributes (in ``fields``): ``block``, ``taken`` and ``plugged`` (its subblocks
+    taken and plugged).
+    """
+
+    def __init__(self, block: int, taken: int, plugged: int) -> None:
+        what = "only holes" if not plugged else f"{taken} taken subblocks and {plugged} plugged"
+        super().__init__(
+            f"memory{block} holds {what}: it is never offlined (it stays online until"
+            " growth gives its holes back)",
+            block=block,
+            taken=taken,
+            plugged=plugged,
+        )
+        self.block = block
 
 
 class HibernationRefused(SafetyError):

@@ -11,7 +11,8 @@ class HarnessError(Exception):
 class HostUnavailable(HarnessError):
     """The host cannot run the test VM (no QEMU and no way to install it, or no kernel).
 
-    Tests turn this into a skip with its message as the one-line reason.
+    tests/vm/conftest.py skips the pair's tests and fails the session, with this
+    message as its one-line reason.
     """
 
 

@@ -1,11 +1,13 @@
 """Fuzz the driver core against the device model: resizes, faults, crashes, reboots.
 
 A hypothesis state machine plays the host (resizes of any size, misaligned
-ones too, and shrinks that race a request in flight), the device (every
-profile of sim/profiles.py: QEMU, Cloud Hypervisor, Firecracker, StratoVirt;
-BUSY answers where the profile has them; device resets), the kernel (refused offlines; pages it
-will not give up, pinned or unmovable; soft offlines that lose races or
-migrate into the same subblock) and fate (killing the agent between any two
+ones too, and shrinks that race a PLUG in flight), the device (every profile
+of sim/profiles.py: QEMU, Cloud Hypervisor, Firecracker, StratoVirt; BUSY
+answers where the profile has them; device resets), the kernel (refused
+offlines; probes, onlines, offlines, soft offlines and unpoisons refused with
+ENOMEM or EBUSY; pages it will not give up, pinned or unmovable; soft offlines
+that lose races or migrate into the same subblock) and fate (killing the agent
+between any two
 actions, including between writing the intent and getting the response,
 between plug and online, between two page writes of a take or give-back,
 between poisoning and UNPLUG and between PLUG and unpoison; rebooting the
@@ -19,6 +21,7 @@ assumes of a device").
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import tempfile
@@ -39,8 +42,8 @@ from vmem_guest.driver import DeviceDriver, Outcome
 from vmem_guest.errors import VmemError
 from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
-from vmem_guest.sim.kernel import FakeKernelMemory
-from vmem_guest.sim.pages import FakePages
+from vmem_guest.sim.kernel import BLOCK_OPS, FakeKernelMemory, KernelOp
+from vmem_guest.sim.pages import PAGE_OPS, FakePages
 from vmem_guest.sim.profiles import PROFILES, DeviceProfile
 from vmem_guest.sim.runner import VirtualClock
 from vmem_guest.spec import RequestType
@@ -52,6 +55,10 @@ MEMORY_BLOCK = 128 * MIB
 PAGE = 4096
 #: (region size, device block size): Sub Block Mode and Big Block Mode.
 GEOMETRIES = [(1024 * MIB, 2 * MIB), (1024 * MIB, 4 * MIB), (2048 * MIB, 256 * MIB)]
+#: How the kernel refuses a memory operation it may grant later.
+REFUSALS = [errno.ENOMEM, errno.EBUSY]
+#: The share of its calls a flaky operation refuses.
+FLAKY_RATE = 0.3
 #: With faults lifted, convergence from any state must take fewer steps than this.
 CONVERGENCE_STEP_BOUND = 2000
 
@@ -189,6 +196,9 @@ class AgentMachine(RuleBasedStateMachine):
         profile_name=st.sampled_from(sorted(PROFILES)),
         seed=st.integers(0, 2**16),
         refuses_poisoned_online=st.booleans(),  # Linux 6.2 and later, or before
+        plugged=st.floats(0, 1),
+        flaky=st.sampled_from([None, *sorted(KernelOp, key=str)]),
+        err=st.sampled_from(REFUSALS),
     )
     def boot(
         self,
@@ -196,10 +206,18 @@ class AgentMachine(RuleBasedStateMachine):
         profile_name: str,
         seed: int,
         refuses_poisoned_online: bool,
+        plugged: float,
+        flaky: KernelOp | None,
+        err: int,
     ) -> None:
+        """A guest that already runs the agent with ``plugged`` of its region in use, so
+        that the rules that follow shrink (offlines, takes) as often as they grow; and
+        a kernel that refuses a third of its ``flaky`` operation's calls with ``err``
+        (until the refusals are lifted), so that each operation is refused where it
+        happens, not only where a refusal rule happened to come first. The device is
+        of any profile, on a geometry its block sizes allow (Cloud Hypervisor: 2 MiB
+        blocks only)."""
         self.profile: DeviceProfile = PROFILES[profile_name]
-        # Of the geometries, those the profile's device can have (Cloud Hypervisor:
-        # 2 MiB blocks only).
         accepted = [g for g in GEOMETRIES if self.profile.accepts_block_size(g[1])]
         region_size, block_size = accepted[which_geometry % len(accepted)]
         self.geometry = Geometry(REGION_ADDR, region_size, block_size, MEMORY_BLOCK)
@@ -212,6 +230,12 @@ class AgentMachine(RuleBasedStateMachine):
         self.new_pages(seed)
         self.clock = VirtualClock()
         self.start_agent()
+        if flaky in BLOCK_OPS:
+            self.kernel.refuse(flaky, err, rate=FLAKY_RATE)
+        elif flaky is not None:
+            self.pages.refuse(flaky, err, rate=FLAKY_RATE)
+        self.host_resize(plugged, misalign=False)
+        self.run_steps(CONVERGENCE_STEP_BOUND)
 
     def new_pages(self, seed: int) -> None:
         """A boot's pages; on the 6.2+ kind the kernel refuses to online a block
@@ -334,6 +358,24 @@ class AgentMachine(RuleBasedStateMachine):
     @rule()
     def kernel_allows_offline(self) -> None:
         self.kernel.refuse_offline.clear()
+
+    @rule(op=st.sampled_from(sorted(BLOCK_OPS, key=str)), err=st.sampled_from(REFUSALS))
+    def kernel_refuses_blocks(self, op: KernelOp, err: int) -> None:
+        """A kernel short of memory or busy: every probe, online or offline fails with
+        ``err`` until the refusals are lifted (a probe or online refused after the
+        PLUG: plugged memory waits, or goes back)."""
+        self.kernel.refuse(op, err)
+
+    @rule(op=st.sampled_from(sorted(PAGE_OPS, key=str)), err=st.sampled_from(REFUSALS))
+    def kernel_refuses_pages(self, op: KernelOp, err: int) -> None:
+        """The same for soft offline (a take undone, its subblock avoided) and unpoison
+        (the subblock stays taken until the kernel agrees)."""
+        self.pages.refuse(op, err)
+
+    @rule()
+    def kernel_stops_refusing(self) -> None:
+        self.kernel.stop_refusing()
+        self.pages.stop_refusing()
 
     @rule(where=st.sampled_from(["before-request", "after-response", "after-sysfs"]))
     def arm_crash(self, where: str) -> None:
@@ -485,6 +527,7 @@ class AgentMachine(RuleBasedStateMachine):
         self.deliver_late_interrupt()
         self.model.busy_next = 0
         self.kernel.refuse_offline.clear()
+        self.kernel_stops_refusing()
         self.channel.crash_before = self.channel.crash_after = False
         self.kernel.crash_after_change = False
         self.pages.crash_after_writes = None

@@ -6,10 +6,11 @@ thread plays the host and the user, then stops the agent with SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import types
@@ -293,38 +294,83 @@ def test_parse_request_refuses_bad_fields_clearly(line: bytes, complaint: str) -
         control.parse_request(line)
 
 
+class TricklingClient:
+    """A connection whose client sends one byte each time the server reads, each just
+    before that read would time out: ``step`` seconds of the server's clock pass per
+    byte. The server's socket calls are recorded."""
+
+    def __init__(self, clock: list[float], step: float) -> None:
+        self.clock = clock
+        self.step = step
+        self.timeouts: list[float | None] = []
+        self.reads = 0
+        self.sent = b""
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.timeouts.append(seconds)
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        assert self.reads < 100, "the server keeps reading a client that never ends its line"
+        self.clock[0] += self.step
+        return b" "
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> TricklingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class OneClientListener:
+    """The listening socket of :class:`control.ControlServer`, with one client waiting."""
+
+    def __init__(self, conn: TricklingClient) -> None:
+        self.conn = conn
+
+    def accept(self) -> tuple[TricklingClient, None]:
+        return self.conn, None
+
+    def close(self) -> None:
+        pass
+
+
 def test_a_client_trickling_bytes_cannot_hold_the_agent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CLIENT_TIMEOUT bounds the whole request line, not each recv."""
+    """CLIENT_TIMEOUT bounds the whole request line, not each recv: a byte arriving
+    every 0.125 s (always within a recv's timeout) is cut off after 0.5 s, with the
+    reason sent back. Time is the server's injected clock: nothing here waits."""
     monkeypatch.setattr(control, "CLIENT_TIMEOUT", 0.5)
-    path = tmp_path / "ctl.sock"
+    now = [100.0]
     server = control.ControlServer(
-        path, lambda req, emit: {}, allowed_uids=frozenset({os.getuid()})
+        tmp_path / "ctl.sock",
+        lambda req, emit: {},
+        allowed_uids=frozenset({os.getuid()}),
+        clock=lambda: now[0],
     )
-    stop = threading.Event()
-
-    def trickle(sock: socket.socket) -> None:
-        give_up = time.monotonic() + 4.0  # so that a regression fails instead of hanging
-        with contextlib.suppress(OSError):
-            while not stop.wait(0.1) and time.monotonic() < give_up:
-                sock.sendall(b" ")
-
+    client = TricklingClient(now, step=0.125)
+    real_listener = server.sock
+    server.sock = OneClientListener(client)  # type: ignore[assignment]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(path))
-            thread = threading.Thread(target=trickle, args=(sock,))
-            thread.start()
-            started = time.monotonic()
-            server.serve_one()
-            elapsed = time.monotonic() - started
-            stop.set()
-            thread.join(5)
-            reply = sock.makefile("rb").read()
+        server.serve_one()
     finally:
+        server.sock = real_listener
         server.close()
-    assert elapsed < 2.0, elapsed
-    assert b"not received within 0.5 s" in reply
+    assert client.reads == 4  # 4 x 0.125 s: the deadline, not the bytes, ended the read
+    assert client.timeouts[:4] == [0.5, 0.375, 0.25, 0.125]  # each recv waits what is left
+    reply = json.loads(client.sent)
+    assert reply["ok"] is False
+    assert "not received within 0.5 s" in reply["error"]["message"]
 
 
 def test_call_as_a_user_the_socket_refuses_is_a_usage_error(

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from test_driver import GEOMETRY, MB0, MEMORY_BLOCK, MIB, NAME, Rig, opened
 
-from vmem_guest import planner
+from vmem_guest import manual, planner
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome
+from vmem_guest.errors import HolesKeepBlockOnline
 from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.kernel import FakeKernelMemory
 from vmem_guest.sim.pages import FakePages
@@ -372,3 +373,104 @@ def test_a_crash_inside_a_tracker_write_during_a_give_back_is_found_at_restart(
         if state.is_plugged(s) and not state.is_taken(s) and rig.poisoned_pages(s)
     ]
     assert in_use_poisoned == []
+
+
+# --- the rule in one place: a block with holes is never offlined -----------------------
+
+
+def holes_then(rig: PagesRig, *sizes: int) -> None:
+    """1 GiB, then the sizes in turn: at 132 MiB memory33 holds 2 subblocks in use and
+    62 holes; at 0 it holds holes only (no full unit is left to go instead)."""
+    for size in (1024 * MIB, *sizes):
+        rig.resize(size)
+        assert rig.converge()[-1].outcome is Outcome.DONE
+
+
+def assert_untouched(rig: PagesRig, online: list[int], sent: int, before: object) -> None:
+    assert rig.tracker is not None
+    assert [mb for mb in GEOMETRY.memory_blocks() if rig.kernel.state(mb).name == "ONLINE"] == (
+        online
+    )
+    assert len(rig.channel.sent) == sent, rig.channel.sent[sent:]
+    assert rig.tracker.snapshot() == before
+    rig.check_holes_poisoned()
+
+
+def test_manual_unplug_all_refuses_a_block_of_holes_only_before_touching_anything(
+    rig: PagesRig,
+) -> None:
+    """``vmem-guest unplug-all`` goes through the driver's offline, which asks the
+    tracker first: memory33 (holes only) stays online, nothing is offlined, no
+    UNPLUG_ALL is sent, and the error says which block and why."""
+    holes_then(rig, 132 * MIB, 0)
+    assert rig.tracker is not None and rig.driver is not None
+    assert rig.holes() == list(GEOMETRY.subblocks_of(MB0 + 1))
+    sent, before = len(rig.channel.sent), rig.tracker.snapshot()
+    with pytest.raises(HolesKeepBlockOnline, match="memory33 holds only holes") as info:
+        manual.ManualOps(rig.driver, sleep=no_sleep).unplug_all()
+    assert info.value.as_dict()["error"] == "HolesKeepBlockOnline"
+    assert (info.value.fields["taken"], info.value.fields["plugged"]) == (64, 0)
+    assert_untouched(rig, [MB0 + 1], sent, before)
+
+
+def test_manual_unplug_all_refuses_a_holed_block_and_offlines_no_other(rig: PagesRig) -> None:
+    """memory33 holds holes and memory in use, memory32 is whole: offline_all is all
+    or nothing, so the refusal comes before memory32 (or memory33) is offlined."""
+    holes_then(rig, 132 * MIB)
+    assert rig.driver is not None and rig.tracker is not None
+    sent, before = len(rig.channel.sent), rig.tracker.snapshot()
+    ops = manual.ManualOps(rig.driver, sleep=no_sleep)
+    with pytest.raises(HolesKeepBlockOnline, match="memory33 holds 62 taken subblocks and 2"):
+        ops.unplug_all()
+    assert_untouched(rig, [MB0, MB0 + 1], sent, before)
+    unit_bytes = MEMORY_BLOCK
+    with pytest.raises(HolesKeepBlockOnline, match="memory33"):
+        ops.unplug_range(GEOMETRY.memory_block_addr(MB0 + 1), unit_bytes)
+    assert_untouched(rig, [MB0, MB0 + 1], sent, before)
+
+
+def test_manual_unplug_all_refuses_before_offlining_a_block_above_a_holed_one(
+    rig: PagesRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """memory39's pages are unmovable, so the shrink's hole lands in memory38: the
+    highest block (offlined first) could go, but unplug-all could not finish, so it is
+    refused before the kernel is asked for any offline."""
+    rig.resize(1024 * MIB)
+    rig.converge()
+    rig.pages.unmovable.update(rig.pfns(sb)[0] for sb in GEOMETRY.subblocks_of(MB0 + 7))
+    rig.resize(1022 * MIB)
+    assert rig.converge()[-1].outcome is Outcome.DONE
+    assert rig.holes() == [top_subblock(MB0 + 6)]
+    assert rig.driver is not None and rig.tracker is not None
+    offlines: list[int] = []
+    monkeypatch.setattr(rig.kernel, "offline", offlines.append)
+    sent, before = len(rig.channel.sent), rig.tracker.snapshot()
+    with pytest.raises(HolesKeepBlockOnline, match="memory38 holds 1 taken subblocks"):
+        manual.ManualOps(rig.driver, sleep=no_sleep).unplug_all()
+    assert offlines == []
+    assert_untouched(rig, list(GEOMETRY.memory_blocks()), sent, before)
+
+
+def test_the_driver_refuses_to_offline_a_block_of_holes_before_the_kernel_write(
+    rig: PagesRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule does not rest on the planner: a plan that offlines memory33 (holes
+    only) is refused by the driver's one offline before ``offline`` is written; the
+    device is marked broken (a plan that breaks a rule is a bug) and the block stays."""
+    holes_then(rig, 132 * MIB, 0)
+    assert rig.driver is not None and rig.tracker is not None
+    offlines: list[int] = []
+    monkeypatch.setattr(rig.kernel, "offline", offlines.append)
+    monkeypatch.setattr(planner, "next_step", lambda inp: planner.OfflineStep(MB0 + 1))
+    before = rig.tracker.snapshot()
+    result = rig.driver.step()
+    assert result.outcome is Outcome.BROKEN
+    assert "memory33 holds only holes" in result.detail
+    assert offlines == []
+    assert rig.kernel.state(MB0 + 1) is KernelBlockState.ONLINE
+    after = rig.tracker.snapshot()
+    assert after.block(MB0 + 1) == before.block(MB0 + 1) and after.taken == before.taken
+
+
+def no_sleep(seconds: float) -> None:
+    raise AssertionError(f"slept {seconds} s: nothing here is BUSY")

@@ -20,7 +20,7 @@ from vmem_guest import render
 from vmem_guest import tracker as tracker_module
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import InterruptMode
-from vmem_guest.errors import SafetyError, TrackerError, TrackerLocked
+from vmem_guest.errors import HolesKeepBlockOnline, SafetyError, TrackerError, TrackerLocked
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker import (
     HEADER_SIZE,
@@ -1240,7 +1240,7 @@ def test_only_subblocks_of_online_blocks_are_taken(tracker: Tracker) -> None:
 def test_a_block_with_taken_subblocks_is_never_offlined(tracker: Tracker) -> None:
     plug_and_online(tracker, 33)
     tracker.record_taking(sb_addr(tracker, 33, 5), 1)
-    with pytest.raises(SafetyError, match="taken subblocks and plugged ones"):
+    with pytest.raises(HolesKeepBlockOnline, match=r"taken subblocks and .* plugged"):
         tracker.record_offline(33)
     assert tracker.block(33).state is MemoryBlockState.ONLINE
 
@@ -1309,21 +1309,23 @@ def test_a_taken_bit_under_a_block_not_online_is_a_corrupt_file(tmp_path: Path) 
         assert "taken subblocks" in t.discarded_reason
 
 
-def test_a_block_of_holes_only_goes_offline_and_unplugged(tracker: Tracker) -> None:
-    """Nothing of it is plugged: offline leaves it UNPLUGGED with no taken bit, so it
-    comes back only through a whole plug and online."""
+def test_a_block_of_holes_only_is_never_offlined(tracker: Tracker) -> None:
+    """docs/design.md section 2: its poisoned pages would keep HardwareCorrupted up
+    (6.1) or the block offline for good (6.2+); it stays online until growth gives
+    the holes back. The mutator refuses it, whoever asks, before any change."""
     plug_and_online(tracker, 33)
     first = SBM.subblocks_of(33).start
     addr = SBM.subblock_addr(first)
     tracker.record_taking(addr, SUBBLOCKS_PER_BLOCK)
     tracker.record_unplugged(addr, SUBBLOCKS_PER_BLOCK)
-    tracker.record_offline(33)
+    with pytest.raises(HolesKeepBlockOnline, match="memory33 holds only holes") as info:
+        tracker.check_may_offline(33)
+    assert info.value.as_dict()["taken"] == SUBBLOCKS_PER_BLOCK
+    assert info.value.fields["plugged"] == 0 and info.value.block == 33
+    assert_refused_without_change(tracker, tracker.record_offline, 33)
     snap = tracker.snapshot()
-    assert snap.block(33).state is MemoryBlockState.UNPLUGGED
-    assert snap.block(33).present
-    assert snap.hole_bytes == 0 and not any(snap.taken)
-    assert consistency_problem(snap) is None
-    assert state_disagreement(tracker.state, snap) is None
+    assert snap.block(33).state is MemoryBlockState.ONLINE
+    assert snap.hole_bytes == 128 * MIB
 
 
 def test_a_block_with_holes_and_memory_in_use_is_not_offlined(tracker: Tracker) -> None:
@@ -1331,7 +1333,7 @@ def test_a_block_with_holes_and_memory_in_use_is_not_offlined(tracker: Tracker) 
     hole = sb_addr(tracker, 33, 63)
     tracker.record_taking(hole, 1)
     tracker.record_unplugged(hole, 1)
-    with pytest.raises(SafetyError, match="taken subblocks and plugged ones"):
+    with pytest.raises(HolesKeepBlockOnline, match=r"taken subblocks and .* plugged"):
         tracker.record_offline(33)
 
 

@@ -80,7 +80,11 @@ def image() -> Path:
         pytest.fail(str(e))
 
 
-@pytest.fixture(scope="module", params=[Pair(), NEWER_PAIR], ids=lambda p: p.label())
+#: make test hibernates the default pair; `make hibernate` both pairs and by hand.
+PAIRS = [Pair(), pytest.param(NEWER_PAIR, marks=pytest.mark.long)]
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda p: p.label())
 def vm(request: pytest.FixtureRequest, boot_vm: BootVM, image: Path) -> Iterator[TestVM]:
     with boot_vm(hibernate_config(image), request.param) as booted:
         yield booted
@@ -232,6 +236,7 @@ def secret_vm(boot_vm: BootVM, image: Path) -> Iterator[TestVM]:
         yield booted
 
 
+@pytest.mark.long
 def test_by_hand_the_ring_leaves_memfd_secret_and_the_kernel_hibernates(
     secret_vm: TestVM,
 ) -> None:

@@ -29,6 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from vmem_guest.errors import KernelError, PageRefused
 from vmem_guest.pages import FLAG_READ_BATCH
+from vmem_guest.sim.kernel import KernelOp
+
+#: The operations FakePages can be made to refuse (:meth:`FakePages.refuse`).
+PAGE_OPS = frozenset({KernelOp.SOFT_OFFLINE, KernelOp.UNPOISON})
 
 #: The group a migration target or a reallocation stays in (a subblock of the
 #: in-kernel driver; the pageblock of x86-64).
@@ -98,6 +102,31 @@ class FakePages:
         # Groups onlined since: their pages not yet looked at are free, not drawn.
         self._fresh_groups: set[int] = set()
         self._poisoned_pages = 0
+        #: Operations refused, each with its errno and the chance of a refusal per call,
+        #: until :meth:`stop_refusing`.
+        self.refusing: dict[KernelOp, tuple[int, float]] = {}
+        self.refused: dict[KernelOp, int] = dict.fromkeys(PAGE_OPS, 0)
+
+    def refuse(self, op: KernelOp, err: int, rate: float = 1.0) -> None:
+        """Refuse every soft offline (of a page not yet poisoned) or every unpoison (of
+        a poisoned page) with ``err`` from now on, or each with probability ``rate``
+        (drawn from ``rng``); the page stays as it is."""
+        if op not in PAGE_OPS:
+            raise ValueError(f"{op.value} is a memory block operation (sim.kernel)")
+        self.refusing[op] = (err, rate)
+
+    def stop_refusing(self) -> None:
+        self.refusing.clear()
+
+    def _refusal(self, op: KernelOp) -> int | None:
+        refusal = self.refusing.get(op)
+        if refusal is None:
+            return None
+        err, rate = refusal
+        if rate < 1.0 and self.rng.random() >= rate:
+            return None
+        self.refused[op] += 1
+        return err
 
     # --- PageControl -------------------------------------------------------------
 
@@ -114,6 +143,9 @@ class FakePages:
         state = self.state(pfn)
         if state is PageState.POISONED:
             return
+        err = self._refusal(KernelOp.SOFT_OFFLINE)
+        if err is not None:
+            raise PageRefused(pfn, err, "refused")
         if state is PageState.PINNED:
             raise PageRefused(pfn, errno.EBUSY, "pinned: migration failed")
         if state is PageState.UNMOVABLE:
@@ -148,6 +180,9 @@ class FakePages:
         self.unpoison_writes += 1
         if self._stored(pfn) is not PageState.POISONED:
             raise KernelError("unpoison", None, errno.EBUSY, f"pfn {pfn:#x} is not poisoned")
+        err = self._refusal(KernelOp.UNPOISON)
+        if err is not None:
+            raise KernelError("unpoison", None, err, f"pfn {pfn:#x} stays poisoned")
         self._store(pfn, PageState.FREE)
         self.unpoisoned += 1
 

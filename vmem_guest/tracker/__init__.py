@@ -36,6 +36,7 @@ from vmem_guest.tracker.layout import (
     BrokenReason,
     DeviceStatus,
     TrackerHeader,
+    write_in_progress,
 )
 from vmem_guest.tracker.owner import Tracker
 from vmem_guest.tracker.reader import TrackerReader
@@ -85,4 +86,5 @@ __all__ = [
     "state_disagreement",
     "state_of",
     "tracker_path",
+    "write_in_progress",
 ]

@@ -195,6 +195,16 @@ GENERATION = struct.Struct("<Q")
 GENERATION_OFFSET: int = TrackerHeader.generation.offset
 
 
+def write_in_progress(data: bytes) -> bool:
+    """Whether a copy of a tracker file was taken inside one of the owner's write
+    sections (the seqlock's generation is odd: docs/design.md section 4): a torn
+    copy, to be read again. A copy too short to hold the generation is not torn
+    but broken, and says False (decoding it raises TrackerError)."""
+    if len(data) < GENERATION_OFFSET + GENERATION.size:
+        return False
+    return bool(GENERATION.unpack_from(data, GENERATION_OFFSET)[0] & 1)
+
+
 def align(value: int, alignment: int = ARRAY_ALIGNMENT) -> int:
     return -(-value // alignment) * alignment
 

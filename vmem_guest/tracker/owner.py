@@ -31,7 +31,7 @@ from types import TracebackType
 from vmem_guest._linux.lifetime import Closing
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import DEVICE_FEATURE_MASK, InterruptMode
-from vmem_guest.errors import SafetyError, TrackerError
+from vmem_guest.errors import HolesKeepBlockOnline, SafetyError, TrackerError
 from vmem_guest.spec import RequestType
 from vmem_guest.tracker.files import (
     create_fresh,
@@ -413,13 +413,12 @@ class Tracker(Closing):
                 index, MemoryBlockState.ONLINE, zone=zone, present=True, node=node
             )
 
-    def record_offline(self, index: int) -> None:
-        """Memory block ``index`` was offlined: back to PLUGGED, no zone; or, for a
-        block whose every subblock is a hole, UNPLUGGED with its taken bits cleared
-        (nothing of it is plugged, so nothing can come back online unplugged).
-
-        SafetyError unless it is ONLINE, or when it holds taken subblocks and
-        plugged ones (docs/design.md 5.1: onlining it again would free its holes).
+    def check_may_offline(self, index: int) -> None:
+        """Refuse, before anything is written to the kernel, an offline of memory block
+        ``index`` that :meth:`record_offline` would refuse: SafetyError unless it is
+        ONLINE; :class:`HolesKeepBlockOnline` when it holds taken subblocks (holes, or
+        subblocks being taken), with plugged ones or without (docs/design.md 5.1 and
+        section 2: a block of holes only stays online until growth gives them back).
         """
         state = self._state(index)
         if state is not MemoryBlockState.ONLINE:
@@ -428,19 +427,18 @@ class Tracker(Closing):
             )
         subblocks = self.geometry.subblocks_of(index)
         taken = popcount(self.state.taken, subblocks.start, len(subblocks))
-        plugged, _total = self._count_plugged(index)
-        if taken and plugged:
-            raise SafetyError(
-                f"offline of memory{index}, which has taken subblocks and plugged ones",
-                block=index,
-            )
+        if taken:
+            plugged, _total = self._count_plugged(index)
+            raise HolesKeepBlockOnline(index, taken, plugged)
+
+    def record_offline(self, index: int) -> None:
+        """Memory block ``index`` was offlined: back to PLUGGED, no zone.
+
+        Refused as :meth:`check_may_offline` refuses (the driver asks that before it
+        writes ``offline``), so no caller can record an offline the rules forbid.
+        """
+        self.check_may_offline(index)
         with self._write_section():
-            if taken:
-                self._write_taken(subblocks.start, len(subblocks), taken=False)
-                self._set_block_state(
-                    index, MemoryBlockState.UNPLUGGED, zone=Zone.NONE, present=True
-                )
-                return
             self._set_block_state(index, MemoryBlockState.PLUGGED, zone=Zone.NONE, present=True)
 
     def rebuild_from_states(
