@@ -792,9 +792,18 @@ def hibernate_prepare(seconds: int, verb: str, state_dir: Path, as_json: bool) -
     type=click.Choice(["auto", *PROFILES]),
     default="auto",
     show_default=True,
-    help="Whose rules the model follows: a QEMU version's device profile, or auto: "
+    help="Whose rules the model follows: a device profile (docs/device-profiles.md), or auto: "
     "chosen from the features the device offers (PERSISTENT_SUSPEND: qemu-10.0). "
     "Offered features the profile does not expect count as a mismatch.",
+)
+@click.option(
+    "--device-model",
+    "device_model",
+    type=click.Choice([*PROFILES, "all"]),
+    default=None,
+    help="No device: fuzz the --profile model (auto: qemu-10.0) against a simulated "
+    "device of this profile (all: of every other profile) and list each difference, "
+    "shrunk, with its source line (docs/device-profiles.md).",
 )
 @JSON
 def fuzz(
@@ -807,6 +816,7 @@ def fuzz(
     results_dir: Path | None,
     host_resize: Path | None,
     profile: str,
+    device_model: str | None,
     as_json: bool,
 ) -> None:
     """Conformance fuzzer: the device against vmem_guest's QEMU-faithful model.
@@ -828,6 +838,9 @@ def fuzz(
     except ModuleNotFoundError as exc:
         _fail(f"vmem-guest fuzz needs {exc.name} (pip install 'vmem-guest[fuzz]')")
 
+    if device_model is not None:
+        _fuzz_models(profile, device_model, examples, seed, max_steps, as_json)
+        return
     result = conformance.fuzz_pci_device(
         bdf,
         allow_noiommu=noiommu,
@@ -845,6 +858,26 @@ def fuzz(
     else:
         click.echo(_fuzz_text(report))
     if result.mismatches:
+        sys.exit(EXIT_FAILURE)
+
+
+def _fuzz_models(
+    profile: str, device_model: str, examples: int, seed: int | None, steps: int, as_json: bool
+) -> None:
+    """``fuzz --device-model``: model against model, no device; exit 1 unless every
+    expected difference was found and nothing else."""
+    from vmem_guest.conformance import crossmodel
+
+    model = PROFILES["qemu-10.0" if profile == "auto" else profile]
+    devices = list(PROFILES.values()) if device_model == "all" else [PROFILES[device_model]]
+    reports = crossmodel.cross_fuzz_all(
+        model, devices, examples=examples, seed=seed or 0, max_steps=steps
+    )
+    if as_json:
+        _emit_json([r.as_dict() for r in reports])
+    else:
+        click.echo("\n\n".join(crossmodel.report_text(r) for r in reports))
+    if not all(r.ok for r in reports):
         sys.exit(EXIT_FAILURE)
 
 

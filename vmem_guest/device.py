@@ -199,14 +199,23 @@ class DeviceConfig:
                 )
         # Blocks are plugged only inside the usable region, and the usable region
         # shrinks only when nothing is plugged (UNPLUG_ALL, system reset; spec 5.15.4).
-        for name in ("requested_size", "plugged_size"):
-            if getattr(self, name) > self.usable_region_size:
-                raise ConfigError(
-                    f"{name} exceeds usable_region_size"
-                    f" ({getattr(self, name):#x} > {self.usable_region_size:#x})",
-                    field=name,
-                    usable_region_size=self.usable_region_size,
-                )
+        # A requested_size beyond the usable region also breaks a device MUST (spec,
+        # "The device MUST set usable_region_size to requested_size or greater"), but
+        # Firecracker does it after every UNPLUG_ALL (device.rs:418, until the host's
+        # next resize): it is tolerated, and the planner plans within the usable
+        # region only (docs/design.md, "What the agent assumes of a device").
+        if self.plugged_size > self.usable_region_size:
+            raise ConfigError(
+                "plugged_size exceeds usable_region_size"
+                f" ({self.plugged_size:#x} > {self.usable_region_size:#x})",
+                field="plugged_size",
+                usable_region_size=self.usable_region_size,
+            )
+
+    @property
+    def requested_beyond_usable(self) -> bool:
+        """``requested_size`` exceeds ``usable_region_size`` (a device MUST broken)."""
+        return self.requested_size > self.usable_region_size
 
 
 @dataclasses.dataclass(frozen=True)

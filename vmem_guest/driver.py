@@ -326,7 +326,7 @@ class DeviceDriver:
         if self.config.plugged_size and not online:
             plugged = self._unplug_all_unused(present)
         else:
-            plugged = self._scan_plugged() if self.config.plugged_size else []
+            plugged = self._scan_consistent() if self.config.plugged_size else []
         self._rebuild(plugged, online, present)
 
     def resync(self) -> None:
@@ -351,19 +351,66 @@ class DeviceDriver:
         return online, present
 
     def _unplug_all_unused(self, present: list[int]) -> list[int]:
-        """UNPLUG_ALL, nothing being online; the subblocks still plugged after it."""
+        """UNPLUG_ALL, nothing being online; the subblocks still plugged after it.
+
+        The answer is not taken on trust (docs/design.md, "What the agent assumes
+        of a device"): BUSY, NACK or ERROR (StratoVirt NACKs it while
+        ``requested_size`` is not 0, memory.rs:468-471 via 491-509; Cloud
+        Hypervisor answers ERROR when a discard fails, mem.rs:563-566) leave the
+        STATE scan to say what is plugged, as after a crash; an ACK is checked
+        against ``plugged_size`` and a STATE scan of the usable region
+        (:meth:`_check_unplug_all`).
+        """
         # Forget what the tracker believed first: it may say ONLINE for a block
         # a crash left offline, and the tracker refuses UNPLUG_ALL over those.
         self.tracker.rebuild_from_states(plugged=[], online={}, present=present)
         response = self._request(RequestType.UNPLUG_ALL, 0, 0)
-        if response.type is ResponseType.ERROR:
-            raise DeviceBroken("UNPLUG_ALL answered ERROR")
         if not response.acked:
+            self.log.warning(
+                "UNPLUG_ALL answered %s: finding what is plugged by STATE", response.type.name
+            )
+            self.refresh_config()
             return self._scan_plugged()
         # ACKed UNPLUG_ALL zeroes plugged_size and may shrink the usable
         # region, with no config interrupt: re-read it.
         self.refresh_config()
-        return []
+        return self._check_unplug_all()
+
+    def _check_unplug_all(self) -> list[int]:
+        """After an ACKed UNPLUG_ALL: the subblocks still plugged (normally none).
+
+        ``plugged_size`` must be 0 (spec, UNPLUG ALL request: "The device MUST set
+        plugged_size to 0"); a device that leaves runs plugged (StratoVirt casts a
+        run's length to 16 bits, memory.rs:282) gets them found by STATE and
+        unplugged later like any others. STATE over the usable region must find
+        nothing plugged either: blocks plugged behind a ``plugged_size`` of 0
+        (Cloud Hypervisor v51.0 clears ``nr_blocks as u16`` bitmap entries,
+        mem.rs:589-591) are a device whose accounting cannot be trusted.
+        """
+        config = self.config
+        if config.requested_beyond_usable:
+            self.log.warning(
+                "after UNPLUG_ALL the usable region (%s) is below requested_size (%s):"
+                " nothing more can be plugged until the host resizes again",
+                format_size(config.usable_region_size),
+                format_size(config.requested_size),
+            )
+        plugged = self._scan_plugged()
+        found = len(plugged) * self.geometry.block_size
+        if found != config.plugged_size:
+            raise DeviceBroken(
+                f"UNPLUG_ALL was ACKed, yet STATE finds {format_size(found)} plugged and"
+                f" plugged_size says {format_size(config.plugged_size)}: the device's"
+                " block accounting cannot be trusted",
+                found=found,
+                plugged_size=config.plugged_size,
+            )
+        if plugged:
+            self.log.warning(
+                "UNPLUG_ALL was ACKed but left %s plugged: unplugging them one by one",
+                format_size(found),
+            )
+        return plugged
 
     def _rebuild(self, plugged: list[int], online: dict[int, Zone], present: list[int]) -> None:
         """Record what the device and the kernel say, resolving interrupted takes."""
@@ -388,6 +435,24 @@ class DeviceDriver:
                 for first in range(0, usable_blocks, MAX_BLOCKS_PER_REQUEST)
             ]
         )
+
+    def _scan_consistent(self) -> list[int]:
+        """:meth:`_scan_plugged`, checked against ``plugged_size``: a device whose STATE
+        answers and ``plugged_size`` disagree is refused (ConfigError) before anything
+        is done on its word. StratoVirt forgets every block at a device reset and keeps
+        ``plugged_size`` (a new bitmap at activation, memory.rs:821-826): every restart
+        of the agent resets the device, so such a device is refused at attach."""
+        plugged = self._scan_plugged()
+        found = len(plugged) * self.geometry.block_size
+        if found != self.config.plugged_size:
+            raise ConfigError(
+                f"STATE finds {format_size(found)} plugged but plugged_size says"
+                f" {format_size(self.config.plugged_size)}: the device lost its block state"
+                " (a device reset must not change it, spec: Device Initialization)",
+                found=found,
+                plugged_size=self.config.plugged_size,
+            )
+        return plugged
 
     def _plugged_among(self, ranges: list[tuple[int, int]]) -> list[int]:
         """Indices of plugged subblocks in ``ranges`` ((first, count), each at most one
@@ -785,6 +850,8 @@ class DeviceDriver:
             return self._wait(step, "NACK")
         if response.type is ResponseType.BUSY:
             return self._wait(step, "BUSY")
+        if isinstance(step, planner.PlugStep) and self._plug_error_explained(step):
+            return self._after_range_request(step, Response(ResponseType.NACK))
         # Cause first: the tracker keeps only 39 bytes of the reason.
         verb = "PLUG" if isinstance(step, planner.PlugStep) else "UNPLUG"
         raise DeviceBroken(
@@ -792,6 +859,25 @@ class DeviceDriver:
             addr=step.addr,
             nb_blocks=step.nb_blocks,
         )
+
+    def _plug_error_explained(self, step: planner.PlugStep) -> bool:
+        """An ERROR to a PLUG that a shrink of ``requested_size`` explains: re-read the
+        config before deciding. Firecracker answers ERROR, not NACK, to a PLUG beyond
+        ``requested_size`` (device.rs:328-331, 350-354); when the host shrank the
+        request while the PLUG was under way, that ERROR is the race, not a broken
+        device, and it is handled as the NACK QEMU gives (Linux marks the device
+        broken on any PLUG ERROR: ``virtio_mem_send_plug_request`` -> -EINVAL)."""
+        config = self.refresh_config()
+        size = step.nb_blocks * self.geometry.block_size
+        if config.plugged_size + size <= config.requested_size:
+            return False
+        self.log.warning(
+            "PLUG %#x x%d answered ERROR after requested_size dropped to %s: taken as NACK",
+            step.addr,
+            step.nb_blocks,
+            format_size(config.requested_size),
+        )
+        return True
 
     def _wait(self, step: planner.Step, why: str) -> StepResult:
         self.tracker.count_retry()
@@ -1037,6 +1123,16 @@ class DeviceDriver:
             raise
 
     def unplug_everything(self, sleep: Callable[[float], None]) -> None:
-        """Offline every online block of the device (all or none), then UNPLUG_ALL."""
+        """Offline every online block of the device (all or none), then UNPLUG_ALL,
+        whose ACK is checked (``plugged_size`` and STATE, :meth:`_check_unplug_all`)."""
         self.offline_all(self.geometry.memory_blocks())
         self.manual_request(RequestType.UNPLUG_ALL, 0, 0, sleep)
+        self.refresh_config()
+        left = self._check_unplug_all()
+        if left:
+            self.resync()  # the tracker recorded the ACK: take STATE's word instead
+            raise DeviceError(
+                f"UNPLUG_ALL was ACKed but {format_size(len(left) * self.geometry.block_size)}"
+                " stay plugged; the agent unplugs them block by block",
+                plugged=len(left) * self.geometry.block_size,
+            )

@@ -1,16 +1,22 @@
 """Fuzz the driver core against the device model: resizes, faults, crashes, reboots.
 
 A hypothesis state machine plays the host (resizes of any size, misaligned
-ones too), the device (BUSY answers), the kernel (refused offlines; probes,
-onlines, offlines, soft offlines and unpoisons refused with ENOMEM or EBUSY;
-pages it will not give up, pinned or unmovable; soft offlines that lose races
-or migrate into the same subblock) and fate (killing the agent between any two
+ones too, and shrinks that race a PLUG in flight), the device (every profile
+of sim/profiles.py: QEMU, Cloud Hypervisor, Firecracker, StratoVirt; BUSY
+answers where the profile has them; device resets), the kernel (refused
+offlines; probes, onlines, offlines, soft offlines and unpoisons refused with
+ENOMEM or EBUSY; pages it will not give up, pinned or unmovable; soft offlines
+that lose races or migrate into the same subblock) and fate (killing the agent
+between any two
 actions, including between writing the intent and getting the response,
 between plug and online, between two page writes of a take or give-back,
 between poisoning and UNPLUG and between PLUG and unpoison; rebooting the
 guest). After every rule the safety invariants of docs/design.md section 5
 hold; at the end, with faults lifted, the driver converges in a bounded number
-of steps to exactly what the guest can use.
+of steps to exactly what the guest can use. A device whose reset forgets its
+blocks (StratoVirt) is refused at the agent's next start, with the reason; no
+other profile may be refused or marked broken (docs/design.md, "What the agent
+assumes of a device").
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ from vmem_guest import planner
 from vmem_guest.blocks import Geometry, MemoryBlockState, Zone
 from vmem_guest.device import VirtioMemDevice
 from vmem_guest.driver import DeviceDriver, Outcome
+from vmem_guest.errors import VmemError
 from vmem_guest.hotplug import KernelBlockState
 from vmem_guest.sim.device_model import DeviceModel
 from vmem_guest.sim.kernel import BLOCK_OPS, FakeKernelMemory, KernelOp
 from vmem_guest.sim.pages import PAGE_OPS, FakePages
+from vmem_guest.sim.profiles import PROFILES, DeviceProfile
 from vmem_guest.sim.runner import VirtualClock
+from vmem_guest.spec import RequestType
 from vmem_guest.tracker import Tracker, TrackerIdentity, state_disagreement, state_of
 
 MIB = 1 << 20
@@ -59,12 +68,17 @@ class Crash(BaseException):
 
 
 class FaultyChannel:
-    """The device channel, able to kill the agent just before or just after a request."""
+    """The device channel, able to kill the agent just before or just after a request,
+    and to let the host shrink ``requested_size`` while the next PLUG is in flight (the
+    config interrupt then arrives after the answer: :attr:`interrupt_pending`)."""
 
     def __init__(self, model: DeviceModel) -> None:
         self.model = model
         self.crash_before = False
         self.crash_after = False
+        #: A requested_size the host sets after the next request left the driver.
+        self.resize_in_flight: int | None = None
+        self.interrupt_pending = False
 
     def read_config(self) -> bytes:
         return self.model.read_config()
@@ -73,6 +87,16 @@ class FaultyChannel:
         if self.crash_before:
             self.crash_before = False
             raise Crash("killed after the intent was written, before the request")
+        if self.resize_in_flight is not None and request[0] == RequestType.PLUG:
+            size, self.resize_in_flight = self.resize_in_flight, None
+            notify, self.model.on_config_change = self.model.on_config_change, None
+            try:
+                self.model.resize(size)
+                self.interrupt_pending = notify is not None
+            except ValueError:
+                pass
+            finally:
+                self.model.on_config_change = notify
         response = self.model.submit(request)
         if self.crash_after:
             self.crash_after = False
@@ -164,9 +188,12 @@ class AgentMachine(RuleBasedStateMachine):
         self.state_dir = Path(tempfile.mkdtemp(prefix="vmem-fuzz-"))
         self.driver: DeviceDriver | None = None
         self.tracker: Tracker | None = None
+        #: Why the agent refused the device at its last start (None: it did not).
+        self.refused: str | None = None
 
     @initialize(
-        geometry=st.sampled_from(GEOMETRIES),
+        which_geometry=st.integers(0, len(GEOMETRIES) - 1),
+        profile_name=st.sampled_from(sorted(PROFILES)),
         seed=st.integers(0, 2**16),
         refuses_poisoned_online=st.booleans(),  # Linux 6.2 and later, or before
         plugged=st.floats(0, 1),
@@ -175,7 +202,8 @@ class AgentMachine(RuleBasedStateMachine):
     )
     def boot(
         self,
-        geometry: tuple[int, int],
+        which_geometry: int,
+        profile_name: str,
         seed: int,
         refuses_poisoned_online: bool,
         plugged: float,
@@ -186,10 +214,16 @@ class AgentMachine(RuleBasedStateMachine):
         that the rules that follow shrink (offlines, takes) as often as they grow; and
         a kernel that refuses a third of its ``flaky`` operation's calls with ``err``
         (until the refusals are lifted), so that each operation is refused where it
-        happens, not only where a refusal rule happened to come first."""
-        region_size, block_size = geometry
+        happens, not only where a refusal rule happened to come first. The device is
+        of any profile, on a geometry its block sizes allow (Cloud Hypervisor: 2 MiB
+        blocks only)."""
+        self.profile: DeviceProfile = PROFILES[profile_name]
+        accepted = [g for g in GEOMETRIES if self.profile.accepts_block_size(g[1])]
+        region_size, block_size = accepted[which_geometry % len(accepted)]
         self.geometry = Geometry(REGION_ADDR, region_size, block_size, MEMORY_BLOCK)
-        self.model = DeviceModel(addr=REGION_ADDR, region_size=region_size, block_size=block_size)
+        self.model = self.profile.model(
+            addr=REGION_ADDR, region_size=region_size, block_size=block_size
+        )
         self.channel = FaultyChannel(self.model)
         self.kernel = CheckedKernel(self.model, self.geometry)
         self.refuses_poisoned_online = refuses_poisoned_online
@@ -213,7 +247,11 @@ class AgentMachine(RuleBasedStateMachine):
     # --- agent lifecycle ------------------------------------------------------
 
     def start_agent(self) -> None:
-        """Start (or restart) the agent; a crash armed for start-up kills it there too."""
+        """Start (or restart) the agent; a crash armed for start-up kills it there too.
+
+        A refusal (a VmemError out of ``start``, as ``attach`` would pass it on) is
+        recorded in :attr:`refused`: allowed only for a device whose reset forgot
+        its blocks, and then it must say so."""
         identity = TrackerIdentity("fuzz0", self.geometry)
         while True:
             self.tracker = Tracker.open(self.state_dir, identity)
@@ -226,18 +264,33 @@ class AgentMachine(RuleBasedStateMachine):
             except Crash:
                 self.kill_agent()
                 continue
+            except VmemError as exc:
+                self.kill_agent()
+                assert self.profile.rules.reset_forgets_blocks, f"refused: {exc.message}"
+                assert "plugged" in exc.message and "STATE" in exc.message, exc.message
+                self.refused = exc.message
+                return
             self.model.on_config_change = driver.config_changed
             self.driver = driver
             return
 
     def kill_agent(self) -> None:
-        self.model.on_config_change = None
+        if hasattr(self, "model"):
+            self.model.on_config_change = None
         if self.tracker is not None:
             self.tracker.close()
         self.tracker = None
         self.driver = None
 
+    def deliver_late_interrupt(self) -> None:
+        """The config interrupt of a resize that raced the last request."""
+        if self.channel.interrupt_pending and self.driver is not None:
+            self.channel.interrupt_pending = False
+            self.driver.config_changed()
+
     def run_steps(self, count: int) -> None:
+        if self.refused is not None:
+            return
         assert self.driver is not None
         for _ in range(count):
             try:
@@ -247,6 +300,7 @@ class AgentMachine(RuleBasedStateMachine):
                 self.start_agent()
                 return
             assert result.outcome is not Outcome.BROKEN, result.detail
+            self.deliver_late_interrupt()
             if result.outcome is Outcome.DONE:
                 return
             if result.outcome is Outcome.WAIT:
@@ -258,10 +312,35 @@ class AgentMachine(RuleBasedStateMachine):
     def host_resize(self, fraction: float, misalign: bool) -> None:
         blocks = int(fraction * self.geometry.nr_subblocks)
         requested = blocks * self.geometry.block_size + (MIB // 2 if misalign else 0)
+        same = requested == self.model.requested_size
         try:
             self.model.resize(requested)
         except ValueError:
-            assert misalign, f"the model refused an aligned size {requested:#x}"
+            # Cloud Hypervisor refuses a resize to the current size (mem.rs:225-228).
+            refused_same = same and self.profile.rules.resize_same_refused
+            assert misalign or refused_same, f"the model refused an aligned size {requested:#x}"
+
+    @rule(grow=st.floats(0, 1), shrink=st.floats(0, 1), steps=st.integers(1, 20))
+    def host_shrink_races_plug(self, grow: float, shrink: float, steps: int) -> None:
+        """The host raises requested_size, then lowers it while the agent's next PLUG
+        is in flight: the PLUG planned for the higher size meets the lower one (NACK
+        in QEMU, ERROR in Firecracker, device.rs:328-331); the config interrupt of
+        the shrink arrives after the answer."""
+        self.host_resize(grow, misalign=False)
+        blocks = int(shrink * self.model.requested_size) // self.geometry.block_size
+        self.channel.resize_in_flight = blocks * self.geometry.block_size
+        self.run_steps(steps)
+
+    @rule()
+    def device_reset_and_restart(self) -> None:
+        """The agent restarts and its transport resets the device (PciChannel.open
+        does): a device reset must not change block state (spec, Device
+        Initialization); StratoVirt forgets its blocks (memory.rs:821-826)."""
+        if self.refused is not None:
+            return
+        self.kill_agent()
+        self.model.device_reset()
+        self.start_agent()
 
     @rule(count=st.integers(1, 40))
     def agent_steps(self, count: int) -> None:
@@ -341,12 +420,15 @@ class AgentMachine(RuleBasedStateMachine):
     @rule()
     def kill_and_restart(self) -> None:
         """SIGKILL at a step boundary (e.g. between plug and online), then restart."""
+        if self.refused is not None:
+            return
         self.kill_agent()
         self.start_agent()
 
     @rule(lose_tracker=st.booleans())
     def guest_reboot(self, lose_tracker: bool) -> None:
         """System reset: the device unplugs all, hotplugged blocks are gone, /run is cleared."""
+        self.refused = None  # a new boot: the device is whole again
         self.kill_agent()
         self.model.system_reset()
         self.kernel.reboot()
@@ -354,6 +436,8 @@ class AgentMachine(RuleBasedStateMachine):
         self.new_pages(len(self.kernel.probes))
         self.channel.crash_before = self.channel.crash_after = False
         self.kernel.crash_after_change = False
+        self.channel.resize_in_flight = None
+        self.channel.interrupt_pending = False
         if lose_tracker:
             shutil.rmtree(self.state_dir)
             self.state_dir.mkdir()
@@ -371,8 +455,9 @@ class AgentMachine(RuleBasedStateMachine):
     @invariant()
     def online_memory_is_plugged_or_poisoned(self) -> None:
         """5.1 and 5.2: every page of an online block lies in a subblock the device
-        holds plugged, or is poisoned (taken out of use) for as long as it is not."""
-        if not hasattr(self, "model"):
+        holds plugged, or is poisoned (taken out of use) for as long as it is not.
+        (Not judged once the agent refused a device that forgot its blocks.)"""
+        if not hasattr(self, "model") or self.refused is not None:
             return
         pages_per_subblock = self.geometry.block_size // PAGE
         for mb in self.online_blocks():
@@ -435,7 +520,11 @@ class AgentMachine(RuleBasedStateMachine):
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def converge_without_faults(self) -> None:
-        """Lift every fault: the driver must settle on exactly what the guest can use."""
+        """Lift every fault: the driver must settle on exactly what the guest can use
+        (within the usable region: Firecracker leaves it below requested_size after
+        an UNPLUG_ALL until the host resizes again, device.rs:418)."""
+        self.channel.resize_in_flight = None
+        self.deliver_late_interrupt()
         self.model.busy_next = 0
         self.kernel.refuse_offline.clear()
         self.kernel_stops_refusing()
@@ -457,7 +546,8 @@ class AgentMachine(RuleBasedStateMachine):
         done = self.driver.last_done
         assert done is not None and not done.blocked
         assert self.model.plugged_size == done.target_bytes, (self.model.plugged_size, done)
-        requested = self.driver.config.requested_size
+        config = self.driver.config
+        requested = min(config.requested_size, config.usable_region_size)
         if self.geometry.block_size < MEMORY_BLOCK and done.target_bytes < requested:
             # Growth into new blocks is whole-block; shrinking ends exactly on target.
             assert requested - done.target_bytes < MEMORY_BLOCK, (requested, done)

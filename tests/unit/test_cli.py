@@ -311,6 +311,7 @@ def test_resize_12q_through_the_module() -> None:
         ["plug", "128M", "--device", "0000:00:33.0"],  # device 0x33 > 0x1f
         ["state", "--addr", "0", "--blocks", "1", "--device", ""],
         ["fuzz", "--device", "0000:00:03.9"],
+        ["fuzz", "--device-model", "bochs"],
         ["run", "--device", "00:03"],
     ],
     ids=lambda argv: " ".join(argv)[:40],
@@ -408,3 +409,16 @@ def test_sim_help_names_the_acceptance_options(capsys: pytest.CaptureFixture[str
         "--state-dir",
     ):
         assert option in out
+
+
+def test_fuzz_device_model_runs_model_against_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """No device: qemu-7.2's and qemu-10.0's models differ in no fuzzed rule; BUSY for
+    an empty UNPLUG_ALL is profile data (docs/device-profiles.md)."""
+    argv = ["fuzz", "--profile", "qemu-10.0", "--device-model", "qemu-7.2", "--examples", "5"]
+    code, out, err = run_main([*argv, "--json"], capsys)
+    assert (code, err) == (0, "")
+    (report,) = json.loads(out)
+    assert report["expected"] == report["found"] == []
+    assert report["ok"] is True
+    static = {row["field"]: row for row in report["static_differences"]}
+    assert static["busy_unplug_all_when_empty"]["device_value"] == "True"

@@ -187,15 +187,17 @@ def test_start_with_plugged_memory_and_nothing_online_sends_unplug_all(rig: Rig)
     rig.plug_behind(0, 2 * PER_UNIT)
     rig.kernel.probe(MB0 * MEMORY_BLOCK)  # present but offline: not in use
     rig.open()
-    assert rig.channel.types() == [RequestType.UNPLUG_ALL]
+    # The ACK is checked: one STATE over the usable region finds nothing plugged.
+    assert rig.channel.types() == [RequestType.UNPLUG_ALL, RequestType.STATE]
     assert rig.model.stats[("UNPLUG_ALL", "ACK")] == 1
+    assert rig.model.stats[("STATE", "ACK")] == 1
     assert rig.model.plugged_size == 0
     assert rig.tracker_plugged() == set()
     assert rig.tracker is not None
     snap = rig.tracker.snapshot()
     assert snap.intent is None
     assert snap.block(MB0).present
-    assert snap.requests == 1
+    assert snap.requests == 2
     rig.check_consistent()
 
 

@@ -824,3 +824,12 @@ def test_a_take_that_would_leave_only_holes_drops_a_whole_unit_instead() -> None
 
 def test_a_block_with_holes_and_memory_in_use_stays_online() -> None:
     assert next_step(holed_input(in_use=3)) == Done(3 * SBM.block_size, 0)
+
+
+def test_requested_beyond_usable_plans_within_usable() -> None:
+    # Firecracker after UNPLUG_ALL: usable_region_size 0 while requested_size is not
+    # (device.rs:418): nothing can be plugged until the host resizes again.
+    assert next_step(make_input(requested=512 * MIB, usable=0)) == Done(0, 512 * MIB, False)
+    # A usable region of two memory blocks: the plug stays inside it.
+    step = next_step(make_input(requested=512 * MIB, usable=256 * MIB))
+    assert step == PlugStep(ADDR, 2 * PER_UNIT)

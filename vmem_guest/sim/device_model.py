@@ -32,19 +32,26 @@ QEMU arithmetic is on ``uint64_t``; the model masks to 64 bits in the same
 places, so an address near 2**64 behaves as it does in QEMU. Not modelled: a
 device-writable buffer shorter than 10 bytes (also ``virtio_error`` in QEMU);
 :meth:`DeviceModel.submit` has no response buffer to check.
+
+Other implementations. A :class:`~vmem_guest.sim.rules.ModelRules` (``rules``)
+switches the model to another implementation's answers where they differ from
+QEMU's (Cloud Hypervisor, Firecracker, StratoVirt: :mod:`vmem_guest.sim.profiles`
+gives each switch with its source line); the default rules are QEMU's.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import random
 import struct
 from collections.abc import Callable
 from typing import NoReturn
 
 from vmem_guest import spec
-from vmem_guest.errors import DeviceBroken
+from vmem_guest.errors import DeviceBroken, DeviceTimeout
+from vmem_guest.sim.rules import QEMU_RULES, U16_WRAP, Malformed, ModelRules
 from vmem_guest.spec import BlockState, RequestType, ResponseType
 
 _U64_MASK = (1 << 64) - 1
@@ -98,6 +105,15 @@ def usable_region_for(
     return -(-newsize // block_size) * block_size
 
 
+def _usable_under(rules: ModelRules, requested: int, region: int, block: int, margin: int) -> int:
+    """The usable region ``rules`` give for ``requested_size`` (before grow-only checks)."""
+    if rules.usable_policy == "region":
+        return region
+    if rules.usable_policy == "slot":
+        return min(region, -(-requested // rules.slot_size) * rules.slot_size)
+    return usable_region_for(requested, region, block, margin)
+
+
 class DeviceModel:
     """A QEMU-faithful virtio-mem device at the request level.
 
@@ -120,12 +136,12 @@ class DeviceModel:
         busy_next: the next N such requests answer BUSY (deterministic).
         busy_unplug_all_when_empty: QEMU 7.2 behaviour (default): BUSY injection
             applies to UNPLUG_ALL even with nothing plugged. False: QEMU >= 8.1.
+            (A field of ``rules``, settable here.)
+        rules: where this device answers unlike QEMU (default: QEMU's rules).
         broken, broken_reason: set by ``virtio_error``; cleared by a reset.
         stats: answered requests, by (request type name, response type name).
         requests: every :meth:`submit` call, answered or not.
     """
-
-    busy_unplug_all_when_empty: bool = True
 
     def __init__(
         self,
@@ -137,8 +153,10 @@ class DeviceModel:
         requested_size: int = 0,
         usable_margin: int = USABLE_EXTENT_X86,
         rng: random.Random | None = None,
+        rules: ModelRules = QEMU_RULES,
     ) -> None:
         _check_geometry(addr, region_size, block_size, node_id, requested_size, usable_margin)
+        self.rules = rules
         self._addr = addr
         self._region_size = region_size
         self._block_size = block_size
@@ -165,6 +183,14 @@ class DeviceModel:
         self.broken_reason: str | None = None
         self.stats: collections.Counter[StatKey] = collections.Counter()
         self.requests = 0
+
+    @property
+    def busy_unplug_all_when_empty(self) -> bool:
+        return self.rules.busy_unplug_all_when_empty
+
+    @busy_unplug_all_when_empty.setter
+    def busy_unplug_all_when_empty(self, value: bool) -> None:
+        self.rules = dataclasses.replace(self.rules, busy_unplug_all_when_empty=value)
 
     # -- geometry and sizes (the config space) ---------------------------------
 
@@ -245,9 +271,11 @@ class DeviceModel:
     def submit(self, request: bytes) -> bytes:
         """Handle one request, as ``virtio_mem_handle_request`` does.
 
-        Returns the 10 response bytes. A request shorter than 24 bytes or of an
-        unknown type breaks the device (``virtio_error``): it is never answered,
-        and this and every later call raise DeviceBroken until a reset.
+        Returns the 10 response bytes. With QEMU's rules a request shorter than
+        24 bytes or of an unknown type breaks the device (``virtio_error``): it is
+        never answered, and this and every later call raise DeviceBroken until a
+        reset. Other rules (:data:`~vmem_guest.sim.rules.Malformed`) answer ERROR,
+        answer with no bytes, or leave that one request unanswered (DeviceTimeout).
         """
         self.requests += 1
         if self.broken:
@@ -256,7 +284,8 @@ class DeviceModel:
                 reason=self.broken_reason,
             )
         if len(request) < spec.VirtioMemReq.SPEC_SIZE:
-            self._virtio_error(f"invalid request size: {len(request)}")
+            reason = f"invalid request size: {len(request)}"
+            return self._malformed(self.rules.short_request, reason)
         req_type, gpa, nb_blocks = self._req.unpack_from(request)
         if req_type in (_PLUG, _UNPLUG):
             answer = self._state_change_request(req_type, gpa, nb_blocks)
@@ -265,9 +294,24 @@ class DeviceModel:
         elif req_type == _UNPLUG_ALL:
             answer = self._unplug_all_request()
         else:
-            self._virtio_error(f"unknown request type: {req_type}")
+            return self._malformed(self.rules.unknown_request, f"unknown request type: {req_type}")
         self.stats[answer[1]] += 1
         return answer[0]
+
+    def _malformed(self, outcome: Malformed, reason: str) -> bytes:
+        """What a request the device cannot parse leads to (``outcome``)."""
+        if outcome == "error":
+            self.stats[self._answers.malformed_error[1]] += 1
+            return self._answers.malformed_error[0]
+        if outcome == "empty":
+            return b""
+        if outcome == "unanswered":
+            raise DeviceTimeout(f"no answer to a malformed request ({reason})", reason=reason)
+        if outcome == "dies":
+            self.broken = True
+            self.broken_reason = f"request thread ended: {reason}"
+            raise DeviceBroken(self.broken_reason, reason=self.broken_reason)
+        self._virtio_error(reason)
 
     def _virtio_error(self, reason: str) -> NoReturn:
         """``virtio_error``: mark broken, raise DEVICE_NEEDS_RESET, answer nothing."""
@@ -292,19 +336,31 @@ class DeviceModel:
         ERROR for an invalid range; NACK for a PLUG beyond ``requested_size``
         (UNPLUG is never NACKed); ERROR unless every block is in the opposite
         state; BUSY when injected (``virtio_mem_set_block_state``); else ACK.
+        ``rules`` move or add the size checks (NACK before the range checks, a
+        NACK for an empty PLUG or an UNPLUG below ``requested_size``) and choose
+        the answer beyond ``requested_size``.
         """
         answers = self._answers
+        rules = self.rules
         plug = req_type == _PLUG
         size = (nb_blocks << self._shift) & _U64_MASK
+        if plug and not size and rules.empty_plug_nack:
+            return answers.plug_nack
+        beyond = plug and self._plugged + size > self._requested
+        if beyond and rules.requested_check_first:
+            return answers.plug_answer(rules.plug_beyond_requested)
+        below = not size or size + self._requested > self._plugged
+        if not plug and rules.unplug_nack_below_requested and below:
+            return answers.unplug_nack
         if not self._valid_range(gpa, size):
             return answers.plug_error if plug else answers.unplug_error
-        if plug and self._plugged + size > self._requested:
-            return answers.plug_nack
+        if beyond:
+            return answers.plug_answer(rules.plug_beyond_requested)
         first = (gpa - self._addr) >> self._shift
         last = first + nb_blocks
         if self._bitmap.find(1 if plug else 0, first, last) != -1:
             return answers.plug_error if plug else answers.unplug_error
-        if self._take_busy():
+        if self._take_busy(req_type):
             return answers.plug_busy if plug else answers.unplug_busy
         if plug:
             self._bitmap[first:last] = self._ones[:nb_blocks]
@@ -330,27 +386,70 @@ class DeviceModel:
         return answers.state_mixed
 
     def _unplug_all_request(self) -> _Answer:
-        """``virtio_mem_unplug_all_request``: BUSY or ACK (never ERROR or NACK)."""
-        busy_applies = self._plugged or self.busy_unplug_all_when_empty
-        if busy_applies and self._take_busy():
+        """``virtio_mem_unplug_all_request``: BUSY or ACK (never ERROR or NACK with
+        QEMU's rules; run by run, it answers what an UNPLUG of a run would)."""
+        busy_applies = self._plugged or self.rules.busy_unplug_all_when_empty
+        if busy_applies and self._take_busy(_UNPLUG_ALL):
             return self._answers.unplug_all_busy
+        if self.rules.unplug_all_by_runs:
+            refused = self._unplug_runs()
+            if refused is not None:
+                return refused
+            self._after_unplug_all()
+            return self._answers.unplug_all_ack
         self._unplug_all()
         return self._answers.unplug_all_ack
+
+    def _unplug_runs(self) -> _Answer | None:
+        """UNPLUG_ALL as a loop of UNPLUGs over the lowest plugged run (its length cast
+        to 16 bits if the rules say so); the first answer other than ACK, or None (ACK)."""
+        answers = self._answers
+        while True:
+            first = self._bitmap.find(1)
+            if first == -1:
+                return None
+            end = self._bitmap.find(0, first)
+            length = (self._nr_blocks if end == -1 else end) - first
+            if self.rules.unplug_all_run_u16:
+                count = length % U16_WRAP
+                if not count:
+                    return None  # the run is left plugged, and the loop ends with ACK
+            else:
+                count = min(length, spec.MAX_BLOCKS_PER_REQUEST)
+            gpa = self._addr + (first << self._shift)
+            answer = self._state_change_request(_UNPLUG, gpa, count)
+            if answer is not answers.unplug_ack:
+                return answers.unplug_all_as(answer)
 
     def _unplug_all(self) -> None:
         """``virtio_mem_unplug_all`` once past BUSY: all unplugged, usable may shrink."""
         if self._plugged:
-            self._bitmap[:] = bytes(self._nr_blocks)
+            if self.rules.unplug_all_count_u16:
+                cleared = self._nr_blocks % U16_WRAP
+                self._bitmap[:cleared] = bytes(cleared)
+            else:
+                self._bitmap[:] = bytes(self._nr_blocks)
             self._plugged = 0
-        self._resize_usable_region(self._requested, can_shrink=True)
+        self._after_unplug_all()
+
+    def _after_unplug_all(self) -> None:
+        """The usable region after an ACKed UNPLUG_ALL, as ``rules`` say."""
+        policy = self.rules.unplug_all_usable
+        if policy == "requested":
+            self._resize_usable_region(self._requested, can_shrink=True)
+        elif policy == "zero":
+            self._set_usable(0)
         self._config = None
 
-    def _take_busy(self) -> bool:
-        """Whether this otherwise successful state change answers BUSY (injection).
+    def _take_busy(self, req_type: int) -> bool:
+        """Whether this otherwise successful request answers BUSY (injection).
 
         Stands for ``virtio_mem_is_busy`` (migration) and failed discard or
-        preallocation in ``virtio_mem_set_block_state``.
+        preallocation in ``virtio_mem_set_block_state``; only for the requests
+        the rules let answer BUSY.
         """
+        if req_type not in self.rules.busy_requests:
+            return False
         if self.busy_next > 0:
             self.busy_next -= 1
             return True
@@ -362,9 +461,10 @@ class DeviceModel:
         """``qom-set <id> requested-size``: ``virtio_mem_set_requested_size``.
 
         Raises ValueError for a size QEMU refuses (negative, not a multiple of
-        ``block_size``, larger than the region). The usable region only grows
-        here. QEMU raises the config interrupt on every accepted set, even
-        when the value is unchanged.
+        ``block_size``, larger than the region), and for an unchanged size when
+        the rules refuse that. The usable region only grows here. QEMU raises
+        the config interrupt on every accepted set, even when the value is
+        unchanged.
         """
         if requested_size < 0 or requested_size % self._block_size:
             raise ValueError(
@@ -376,7 +476,9 @@ class DeviceModel:
                 f"requested-size {requested_size:#x} cannot exceed the memory backend "
                 f"size {self._region_size:#x}"
             )
-        if requested_size != self._requested:
+        if requested_size == self._requested and self.rules.resize_same_refused:
+            raise ValueError(f"requested-size {requested_size:#x} is already the requested size")
+        if requested_size != self._requested or self.rules.usable_policy == "slot":
             self._resize_usable_region(requested_size, can_shrink=False)
             self._requested = requested_size
             self._config = None
@@ -394,18 +496,27 @@ class DeviceModel:
     def device_reset(self) -> None:
         """The driver wrote status 0 (``virtio_reset``): clears ``broken`` only.
 
-        virtio-mem has no device reset handler, so no block state changes.
+        virtio-mem has no device reset handler, so no block state changes
+        (unless the rules say the device forgets its blocks, ``plugged_size`` kept).
         """
         self.broken = False
         self.broken_reason = None
+        if self.rules.reset_forgets_blocks:
+            self._bitmap[:] = bytes(self._nr_blocks)
 
     def _resize_usable_region(self, requested_size: int, *, can_shrink: bool) -> None:
-        """``virtio_mem_resize_usable_region``."""
-        newsize = usable_region_for(
-            requested_size, self._region_size, self._block_size, self._margin
+        """``virtio_mem_resize_usable_region`` (or the rules' usable policy)."""
+        policy = self.rules.usable_policy
+        if policy == "slot" and not can_shrink and self._usable >= requested_size:
+            return  # grown only while smaller than requested_size
+        newsize = _usable_under(
+            self.rules, requested_size, self._region_size, self._block_size, self._margin
         )
         if newsize < self._usable and not can_shrink:
             return
+        self._set_usable(newsize)
+
+    def _set_usable(self, newsize: int) -> None:
         self._usable = newsize
         self._usable_end = (self._addr + newsize) & _U64_MASK
         self._config = None
@@ -440,6 +551,26 @@ class _Answers:
         self.state_plugged = make(state, ack, BlockState.PLUGGED)
         self.state_unplugged = make(state, ack, BlockState.UNPLUGGED)
         self.state_mixed = make(state, ack, BlockState.MIXED)
+        self.unplug_nack = make(unplug, nack)
+        self._plug_by_type = {
+            ResponseType.ACK: self.plug_ack,
+            ResponseType.NACK: self.plug_nack,
+            ResponseType.BUSY: self.plug_busy,
+            ResponseType.ERROR: self.plug_error,
+        }
+        self._unplug_all_by_type = {
+            resp: make(RequestType.UNPLUG_ALL, resp) for resp in ResponseType
+        }
+        #: An unknown request type answered ERROR (stats key "UNKNOWN").
+        self.malformed_error = (spec.encode_response(error), ("UNKNOWN", error.name))
+
+    def plug_answer(self, resp: ResponseType) -> _Answer:
+        """The PLUG answer of type ``resp``."""
+        return self._plug_by_type[resp]
+
+    def unplug_all_as(self, answer: _Answer) -> _Answer:
+        """The UNPLUG_ALL answer of the same response type as ``answer``."""
+        return self._unplug_all_by_type[ResponseType[answer[1][1]]]
 
 
 def _check_geometry(

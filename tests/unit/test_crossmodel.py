@@ -1,0 +1,93 @@
+"""Attribution in the model-against-model run: a difference is pinned on the rule
+that explains it (vmem_guest/conformance/crossmodel.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vmem_guest.conformance.crossmodel import (
+    GEOMETRY,
+    PROBES,
+    attribute,
+    replay,
+    static_differences,
+)
+from vmem_guest.conformance.steps import PLUG, Step
+from vmem_guest.sim.profiles import CLOUD_HYPERVISOR, FIRECRACKER, QEMU_10_0, STRATOVIRT
+
+BASE, BLOCK = GEOMETRY["addr"], GEOMETRY["block_size"]
+
+
+def plug_beyond() -> list[Step]:
+    return [
+        Step("resize", size=4 * BLOCK),
+        Step("request", PLUG, BASE, 5, kind="plug_beyond_requested"),
+    ]
+
+
+def test_firecracker_error_beyond_requested_is_pinned_on_its_rule() -> None:
+    steps = plug_beyond()
+    # First the resize: Firecracker's usable region is the slot, QEMU's + 256 MiB.
+    first = replay(FIRECRACKER, FIRECRACKER.rules, QEMU_10_0.rules, steps, GEOMETRY)
+    assert first is not None and first.differences[0].what == "config.usable_region_size"
+    candidates = QEMU_10_0.rules.differences(FIRECRACKER.rules)
+    assert attribute(FIRECRACKER, QEMU_10_0.rules, candidates, steps[:1], GEOMETRY) == (
+        "usable_policy",
+    )
+    # With that adopted, the PLUG's answer is what differs: ERROR, not NACK.
+    slot = dataclasses.replace(QEMU_10_0.rules, usable_policy="slot")
+    second = replay(FIRECRACKER, FIRECRACKER.rules, slot, steps, GEOMETRY)
+    assert second is not None
+    assert [(d.device, d.model) for d in second.differences] == [("ERROR", "NACK")]
+    assert attribute(FIRECRACKER, slot, candidates, steps, GEOMETRY) == ("plug_beyond_requested",)
+
+
+def test_the_same_rules_replay_without_a_difference() -> None:
+    assert replay(STRATOVIRT, STRATOVIRT.rules, STRATOVIRT.rules, plug_beyond(), GEOMETRY) is None
+
+
+def test_a_difference_no_rule_explains_is_not_pinned() -> None:
+    # Cloud Hypervisor's answer to a misaligned PLUG beyond requested_size is NACK; with
+    # every rule but requested_check_first adopted, only that rule can explain it.
+    steps = [Step("request", PLUG, BASE + 4096, 1, kind="misaligned")]
+    assert attribute(CLOUD_HYPERVISOR, QEMU_10_0.rules, ["unknown_request"], steps, GEOMETRY) == ()
+    fields = ["unknown_request", "requested_check_first"]
+    assert attribute(CLOUD_HYPERVISOR, QEMU_10_0.rules, fields, steps, GEOMETRY) == (
+        "requested_check_first",
+    )
+
+
+def test_probes_show_the_16_bit_truncations() -> None:
+    probes = {name: (geometry, steps) for name, geometry, steps in PROBES}
+    geometry, steps = probes["unplug_all_run_u16"]
+    # StratoVirt's rules but the truncation: the probe passes; with it, it fails.
+    whole = STRATOVIRT.rules.__class__(**{**STRATOVIRT.rules.__dict__, "unplug_all_run_u16": False})
+    assert replay(STRATOVIRT, STRATOVIRT.rules, whole, steps, geometry) is not None
+    assert replay(STRATOVIRT, STRATOVIRT.rules, STRATOVIRT.rules, steps, geometry) is None
+
+
+def test_static_differences_name_their_source() -> None:
+    rows = {row["field"]: row for row in static_differences(QEMU_10_0, FIRECRACKER)}
+    assert {"default_features", "required_features", "acpi_pxm", "block_sizes"} <= set(rows)
+    assert "device.rs:670-678" in rows["required_features"]["source"]
+    assert rows["busy_requests"]["device_value"] == "{}"
+
+
+def test_every_rule_has_the_spec_word() -> None:
+    from vmem_guest.conformance.crossmodel import SPEC_WORD, STATIC_RULES
+
+    fields = {f.name for f in dataclasses.fields(QEMU_10_0.rules)} - STATIC_RULES
+    assert fields == set(SPEC_WORD)
+    assert {level for level, _ in SPEC_WORD.values()} == {"MUST", "none"}
+
+
+def test_rules_the_device_hides_are_not_expected() -> None:
+    from vmem_guest.conformance.crossmodel import fuzz_differences
+
+    # StratoVirt's model against Firecracker's device: no run-by-run UNPLUG_ALL (so
+    # no 16-bit run cast to see), and ERROR beyond requested_size (so where the size
+    # check goes cannot be seen).
+    expected = fuzz_differences(STRATOVIRT, FIRECRACKER)
+    assert "unplug_all_run_u16" not in expected
+    assert "requested_check_first" not in expected
+    assert "unplug_all_run_u16" in fuzz_differences(QEMU_10_0, STRATOVIRT)
