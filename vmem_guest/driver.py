@@ -869,7 +869,10 @@ class DeviceDriver:
         broken on any PLUG ERROR: ``virtio_mem_send_plug_request`` -> -EINVAL)."""
         config = self.refresh_config()
         size = step.nb_blocks * self.geometry.block_size
-        if config.plugged_size + size <= config.requested_size:
+        plugged_bytes = self.tracker.state.plugged_bytes
+        if config.plugged_size != plugged_bytes:
+            return False  # the device changed its state and still said ERROR: no race
+        if plugged_bytes + size <= config.requested_size:
             return False
         self.log.warning(
             "PLUG %#x x%d answered ERROR after requested_size dropped to %s: taken as NACK",
