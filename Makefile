@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos pressure test-matrix qemu rootfs clean test-debian-packages man
+        conformance chaos faults pressure test-matrix qemu rootfs clean test-debian-packages man
 
 all: test
 
@@ -111,6 +111,10 @@ conformance: $(STAMP) vm-deps
 N ?= 100
 chaos: $(STAMP) vm-deps
 	$(PY) scripts/chaos.py --kills $(N)
+
+# The kernel refuses the agent at random (fault injection) while the host resizes, N rounds.
+faults: $(STAMP) vm-deps
+	$(PY) scripts/kernel_faults.py --rounds $(N)
 
 # Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver.
 pressure: $(STAMP) vm-deps
