@@ -52,6 +52,14 @@ if exe="$(cached)"; then
     echo "$exe"
     exit 0
 fi
+# One install at a time: make test's workers may both find QEMU missing.
+mkdir -p "$CACHE/qemu"
+exec 9>"$CACHE/qemu/.lock"
+flock -n 9 || { log "another install holds $CACHE/qemu/.lock; waiting"; flock 9; }
+if exe="$(cached)"; then
+    echo "$exe"
+    exit 0
+fi
 
 VERSION="$(bash "$HERE/fetch-debs.sh" version qemu-system-x86 "1:$SERIES.*")" ||
     die "QEMU $SERIES is not packaged for this Debian release (looked in backports too)"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import click
 
-from vmem_guest import control, planner, render
+from vmem_guest import control, render
 from vmem_guest.blocks import Zone
 from vmem_guest.errors import UsageError, VmemError
 from vmem_guest.pci_address import normalize_bdf
@@ -77,10 +77,13 @@ STATE_DIR = click.option(
     show_default=True,
     help="Directory of the tracker files (one per device).",
 )
+#: planner.OnlinePolicy's values, spelled out so that a short command such as `status`
+#: need not import the planner (tests/unit/test_cli_imports.py checks they agree).
+ONLINE_POLICIES = ("movable", "kernel", "auto")
 ONLINE_POLICY = click.option(
     "--online-policy",
-    type=click.Choice([p.value for p in planner.OnlinePolicy]),
-    default=planner.OnlinePolicy.MOVABLE.value,
+    type=click.Choice(ONLINE_POLICIES),
+    default=ONLINE_POLICIES[0],
     show_default=True,
     help="Zone for onlined memory: movable (unplug stays reliable), kernel, or auto "
     "(movable up to a ratio of kernel memory).",
@@ -233,6 +236,7 @@ def sim(
     hostile: a device refused at attach, or one the driver stops touching at
     a step, ends the run with status 1 and one line that says why.
     """
+    from vmem_guest import planner
     from vmem_guest.sim.runner import SimOptions, Simulation
 
     options = SimOptions(
@@ -463,6 +467,7 @@ def doctor(noiommu: bool, online_policy: str, state_dir: Path, as_json: bool) ->
     missing: run with the same options would stop.
     """
     from vmem_guest import doctor as doctor_mod
+    from vmem_guest import planner
 
     report = doctor_mod.examine(
         doctor_mod.Host(state_dir=state_dir),
@@ -556,7 +561,7 @@ def run(
     finishes and the memory stays as it is. A control socket in --state-dir
     serves `vmem-guest plug/unplug/state/unplug-all` (root only).
     """
-    from vmem_guest import service
+    from vmem_guest import planner, service
 
     _setup_logging(log_level)
     options = service.RunOptions(

@@ -21,10 +21,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmem_guest import health
-from vmem_guest.agent import DeviceSlot
 from vmem_guest.tracker import TrackerSnapshot
+
+if TYPE_CHECKING:
+    # Types only: `status --prometheus` must not import the agent and its driver.
+    from vmem_guest.agent import DeviceSlot
 
 PREFIX = "vmem_guest_"
 FILE_MODE = 0o644

@@ -210,13 +210,18 @@ def choose_accel(qemu: str, kernel: Path, probe_timeout: float = 15.0) -> str:
         return "tcg"
     cache = paths.cache_dir() / "accel.json"
     key = f"{qemu}|{kernel}|{kernel.stat().st_mtime_ns}"
+    # One answer per (qemu, kernel): make test boots four pairs, often side by side.
     try:
-        data = json.loads(cache.read_text())
-        if data.get("key") == key:
-            return str(data["accel"])
-    except (OSError, ValueError, KeyError):
-        pass
+        answers = json.loads(cache.read_text()).get("answers", {})
+    except (OSError, ValueError, AttributeError):
+        answers = {}
+    if key in answers:
+        return str(answers[key]["accel"])
     accel = "kvm" if _probe_kvm(qemu, kernel, probe_timeout) else "tcg"
+    answers[key] = {"accel": accel, "probed": time.time()}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "accel": accel, "probed": time.time()}))
+    # Written whole and renamed: a parallel reader sees the old file or the new one.
+    staged = cache.with_name(f"{cache.name}.{os.getpid()}")
+    staged.write_text(json.dumps({"answers": answers}))
+    os.replace(staged, cache)
     return accel
