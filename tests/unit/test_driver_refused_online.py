@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_driver import MB0, MEMORY_BLOCK, MIB, PER_UNIT, Rig, online_blocks, opened, unit
+from test_driver import MB0, MEMORY_BLOCK, MIB, Rig, online_blocks, opened, unit
 
 from vmem_guest import planner
 from vmem_guest.blocks import Zone
@@ -133,4 +133,3 @@ def test_a_unit_whose_state_sysfs_will_not_tell_stays_plugged_and_is_onlined_lat
     rig.converge()
     assert online_blocks(rig) == {MB0}
     rig.check_consistent()
-
