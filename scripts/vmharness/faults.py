@@ -117,9 +117,11 @@ class FaultReport:
         return sum(self.injected.values())
 
 
-def _make_it_fail(pid: int, value: int) -> str:
-    """Shell that sets make-it-fail on every task of process ``pid``."""
-    return f"for t in /proc/{pid}/task/*; do echo {value} > $t/make-it-fail || exit 1; done"
+def _make_it_fail(pid: int, value: int, *, strict: bool = True) -> str:
+    """Shell that sets make-it-fail on every task of process ``pid``; ``strict``: fail
+    at the first task that cannot be set (else go on: the process may be gone)."""
+    check = " || exit 1" if strict else " 2>/dev/null"
+    return f"for t in /proc/{pid}/task/*; do echo {value} > $t/make-it-fail{check}; done"
 
 
 def available(vm: TestVM) -> str | None:
@@ -172,7 +174,7 @@ class Faults:
             "; ".join(
                 [
                     *disarm,
-                    f"{_make_it_fail(self.pid, 0)} 2>/dev/null",
+                    _make_it_fail(self.pid, 0, strict=False),
                     f"echo {self.console_level or 7} > /proc/sys/kernel/printk",
                     "true",
                 ]
