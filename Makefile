@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos faults pressure test-matrix qemu rootfs clean test-debian-packages man
+        conformance chaos faults pressure test-matrix qemu rootfs clean test-debian-packages man hibernate
 
 all: test
 
@@ -43,7 +43,11 @@ unit: $(STAMP)
 # the slowest tests listed at the end so the next cut is measured, not guessed.
 TEST_JOBS ?= 2
 test: $(STAMP) vm-deps test-debian-packages
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 -m "not long" tests
+
+# The long VM runs kept out of make test (marker `long`), one target each.
+hibernate: $(STAMP) vm-deps
+	$(PY) -m pytest -q tests/vm/test_hibernate_vm.py
 
 # The CLI on Debian 12's own python3, click and pyudev, nothing from PyPI (docs/install.md).
 test-debian-packages:

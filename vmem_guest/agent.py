@@ -47,12 +47,12 @@ import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from vmem_guest import control, manual, planner
+from vmem_guest import control, hibernate, manual, planner
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.attach import Attached
 from vmem_guest.control import ControlServer, Emit, Handler
 from vmem_guest.driver import Outcome, StepResult
-from vmem_guest.errors import UsageError, VmemError
+from vmem_guest.errors import HibernationRefused, UsageError, VmemError
 from vmem_guest.inhibit import SuspendGuard
 from vmem_guest.resizes import ResizeTimer
 from vmem_guest.spec import Feature
@@ -169,6 +169,7 @@ class Agent:
         self.arrivals = arrivals
         self.listener = listener
         self._inhibitor_fd: int | None = None  # the pipe of a lock being taken, if watched
+        self.hibernation = hibernate.Hold(clock)
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.control = control(self.handle_request) if control is not None else None
@@ -287,7 +288,10 @@ class Agent:
         if self.stopping:
             return 0.0
         timeouts = []
-        if not self.idle:
+        held = self.hibernation.seconds_left()
+        if held is not None:  # the devices stay empty until the resume or the hold's end
+            timeouts.append(held)
+        elif not self.idle:
             wakes = [
                 s.wake_at for s in self.slots.values() if s.wake_at is not None and not s.broken
             ]
@@ -338,7 +342,7 @@ class Agent:
         by one step at most, not by a whole turn. After STEPS_PER_TURN passes
         the loop looks at its file descriptors again.
         """
-        if self.manual_mode:
+        if self.manual_mode or self.hibernation.seconds_left() is not None:
             return
         for _ in range(STEPS_PER_TURN):
             self._check_resume()  # one non-blocking read: no request to a reset device
@@ -405,6 +409,7 @@ class Agent:
         if not event.suspended and not reset:
             log.info("clock set, no suspend: every device still at DRIVER_OK; nothing to do")
             return
+        self.hibernation.end("the guest resumed")
         log.warning(
             "resumed from suspend (slept %.1f s; transport reset on %s): re-initialising"
             " and checking %d device(s)",
@@ -473,7 +478,11 @@ class Agent:
             }
             if self.suspend_guard is not None:
                 answer["suspend"] = self.suspend_guard.description
+            if self.hibernation.until is not None:
+                answer["hibernation"] = "memory given back: devices held empty until the resume"
             return answer
+        if isinstance(operation, control.Hibernate):
+            return self._prepare_hibernation(operation.seconds)
         slot = self._slot_for(operation.device)
         if not self.manual_mode and not isinstance(operation, control.QueryState):
             raise UsageError(
@@ -482,6 +491,33 @@ class Agent:
                 op=operation.op,
             )
         return manual.perform(slot.attached.driver, operation, emit)
+
+    def _prepare_hibernation(self, seconds: float) -> dict[str, Any]:
+        """Give every device's memory back and hold the devices empty until the resume
+        (vmem_guest/hibernate.py); when that cannot be done they grow again at once
+        and the refusal goes back to the caller (which then stops the hibernation)."""
+        plugged = {bdf: s.attached.tracker.state.plugged_bytes for bdf, s in self.slots.items()}
+        if self.manual_mode and any(plugged.values()):
+            raise HibernationRefused(
+                "the agent runs in --manual mode with memory plugged: give it back first"
+                " (vmem-guest unplug-all)"
+            )
+        live = {bdf: s.attached.driver for bdf, s in self.slots.items() if not s.broken}
+        broken = {bdf: s.broken for bdf, s in self.slots.items() if s.broken and plugged[bdf]}
+        self.hibernation.start()
+        try:
+            answer = hibernate.give_back_all(live, broken=broken, seconds=seconds, clock=self.clock)
+            channels = {bdf: s.attached.channel for bdf, s in self.slots.items() if not s.broken}
+            answer["left_secret_memory"] = hibernate.leave_secret_memory(channels)
+        except HibernationRefused as exc:
+            log.error("hibernation refused: %s", exc.message)
+            self.hibernation.end("hibernation refused")
+            raise
+        finally:
+            for slot in self.slots.values():
+                slot.wake_at = None if slot.broken else 0.0  # re-plan once the hold ends
+        self._guard_suspend()
+        return answer
 
     def _slot_for(self, bdf: str | None) -> DeviceSlot:
         if bdf is None:

@@ -707,6 +707,39 @@ def unplug_all(bdf: str | None, noiommu: bool, state_dir: Path, as_json: bool) -
     _manual(control.UnplugAll(bdf), state_dir, noiommu, as_json)
 
 
+@cli.command("hibernate-prepare")
+@click.option(
+    "--timeout",
+    "seconds",
+    type=click.IntRange(1, 3600),
+    default=60,
+    show_default=True,
+    help="Seconds the agent may take; past them the hibernation is refused.",
+)
+@click.option(
+    "--sleep",
+    "verb",
+    type=click.Choice(["hibernate", "hybrid-sleep", "suspend-then-hibernate"]),
+    default="hibernate",
+    show_default=True,
+    help="The sleep systemd is about to start (suspend-then-hibernate is refused).",
+)
+@STATE_DIR
+@JSON
+def hibernate_prepare(seconds: int, verb: str, state_dir: Path, as_json: bool) -> None:
+    """Before a hibernation: the agent gives every device's memory back and holds
+    the devices empty until the resume. Fails (so vmem-guest-hibernate@.service stops
+    the hibernation) when that cannot be done in time."""
+    from vmem_guest import hibernate
+
+    result = hibernate.prepare(verb, state_dir, float(seconds))
+    if as_json:
+        _emit_json(result)
+        return
+    given = ", ".join(f"{bdf} {format_size(size)}" for bdf, size in result["given_back"].items())
+    click.echo(f"memory given back for hibernation: {given or 'no device'}")
+
+
 @cli.command()
 @DEVICE
 @click.option(

@@ -102,12 +102,21 @@ class UnplugAll:
     device: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Hibernate:
+    """Give every device's memory back within ``seconds`` and hold the devices empty
+    until the guest resumes (vmem_guest/hibernate.py)."""
+
+    op: ClassVar[str] = "hibernate"
+    seconds: float
+
+
 #: What is asked of one device (the rest is asked of the agent).
 DeviceOperation = QueryState | Plug | Unplug | UnplugAll
-Operation = Ping | DeviceOperation
+Operation = Ping | Hibernate | DeviceOperation
 #: The operations the agent serves, by wire name.
 OPS: dict[str, type[Operation]] = {
-    cls.op: cls for cls in (Ping, QueryState, Plug, Unplug, UnplugAll)
+    cls.op: cls for cls in (Ping, Hibernate, QueryState, Plug, Unplug, UnplugAll)
 }
 #: Zones a plug request may name.
 _ZONES = {"movable": Zone.MOVABLE, "kernel": Zone.KERNEL}
@@ -147,6 +156,8 @@ def operation_of(message: dict[str, Any]) -> Operation:
         )
     if op == Ping.op:
         return Ping()
+    if op == Hibernate.op:
+        return Hibernate(float(_count(message, "seconds")))
     device = _device(message)
     if op == QueryState.op:
         return QueryState(device, _count(message, "addr"), _count(message, "blocks"))
@@ -164,6 +175,9 @@ def message_of(operation: Operation) -> dict[str, Any]:
     """The wire form of ``operation`` (what :func:`operation_of` reads back)."""
     message: dict[str, Any] = {"op": operation.op}
     if isinstance(operation, Ping):
+        return message
+    if isinstance(operation, Hibernate):
+        message["seconds"] = int(operation.seconds)
         return message
     message["device"] = operation.device
     if isinstance(operation, QueryState):

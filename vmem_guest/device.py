@@ -96,6 +96,10 @@ class InterruptingChannel(RequestChannel, Protocol):
         """After such a reset: renegotiate the same features, rebuild the queue,
         route the same interrupt fds again. Block state is not touched."""
 
+    def leave_secret_memory(self) -> bool:
+        """Before a hibernation: move the ring out of memfd_secret memory (Linux offers
+        no hibernation while any exists); False when it is not in any."""
+
     def close(self) -> None:
         """Release the device (a device reset keeps block state, spec 5.15.5)."""
 

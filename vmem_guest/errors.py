@@ -19,6 +19,7 @@ the agent can decide what to do without parsing text::
      +-- TrackerError          the state file is unusable (corrupt, foreign, locked)
      |    +-- TrackerLocked    another process owns the tracker
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
+     |    +-- HibernationRefused  device memory cannot be given back before a hibernation
  +-- RequirementMissing    the guest lacks what the agent needs (docs/requirements.md)
      +-- Mismatch              fuzzing: the device and the model disagree (after, differences)
      +-- DeviceLost            fuzzing: the device under test stopped answering (reason, after)
@@ -147,6 +148,10 @@ class TrackerLocked(TrackerError):
 
 class SafetyError(VmemError):
     """An action would break a safety invariant (docs/design.md section 5)."""
+
+
+class HibernationRefused(SafetyError):
+    """Device memory cannot be given back before a hibernation (docs/lifecycle.md)."""
 
 
 class RequirementMissing(VmemError):

@@ -25,3 +25,7 @@ sed -i 's/^VMEM_GUEST_OPTS=.*/VMEM_GUEST_OPTS="--noiommu"/' /etc/default/vmem-gu
 grep -qx 'VMEM_GUEST_OPTS="--noiommu"' /etc/default/vmem-guest
 install -m 644 contrib/70-vmem-guest.rules /etc/udev/rules.d/
 systemctl enable vmem-guest
+# docs/lifecycle.md, "Hibernation": memory given back before systemd hibernates.
+install -m 644 contrib/vmem-guest-hibernate@.service /etc/systemd/system/
+systemctl enable vmem-guest-hibernate@hibernate vmem-guest-hibernate@hybrid-sleep \
+    vmem-guest-hibernate@suspend-then-hibernate

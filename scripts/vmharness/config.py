@@ -75,6 +75,13 @@ class VMConfig:
     #: init, systemd, instead of the host's / over 9p with guest-init.sh. QEMU's
     #: ``snapshot=on`` keeps the image as it is. The image starts the command runner.
     root_image: Path | None = None
+    #: With ``root_image``: boot a copy of it in the run directory, written in place
+    #: (no ``snapshot=on``), so the disk outlives QEMU: :meth:`TestVM.restart` starts
+    #: QEMU again on the same disks (a guest that hibernated resumes from them).
+    persistent_root: bool = False
+    #: Bytes of a second virtio-blk disk (``/dev/vdb``, raw, in the run directory) for
+    #: a swap area the guest makes itself; 0: none.
+    swap_disk: int = 0
 
     def with_devices(self, *devices: MemDevice) -> VMConfig:
         """A copy with other devices."""
@@ -90,6 +97,8 @@ class VMConfig:
                 raise ValueError(f"{d.id}: node {d.node} but only {self.numa_nodes} NUMA nodes")
             if d.size % d.block_size or d.requested_size % d.block_size:
                 raise ValueError(f"{d.id}: sizes must be multiples of the block size")
+        if self.persistent_root and self.root_image is None:
+            raise ValueError("persistent_root needs a root_image")
         if self.numa_nodes and self.memory % (self.numa_nodes * 128 * MiB):
             raise ValueError("boot memory must split into 128 MiB multiples per node")
 
@@ -130,8 +139,12 @@ class RunPaths:
     qemu_log: Path = field(init=False)
     qmp_sock: Path = field(init=False)
     cmd_sock: Path = field(init=False)
+    root_copy: Path = field(init=False)  #: the persistent root's copy of the image
+    swap_img: Path = field(init=False)  #: the swap disk
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "root_copy", self.run_dir / "root.ext4")
+        object.__setattr__(self, "swap_img", self.run_dir / "swap.img")
         object.__setattr__(self, "console_log", self.run_dir / "console.log")
         object.__setattr__(self, "qemu_log", self.run_dir / "qemu.log")
         object.__setattr__(self, "qmp_sock", self.sock_dir / "qmp.sock")
@@ -208,7 +221,8 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
         # No -no-reboot: with it QEMU treats QMP system_reset as a power-off.
         "-kernel", str(paths.kernel),
         "-append", kernel_cmdline(cfg, paths, mode),
-        "-chardev", f"file,id=con0,path={paths.console_log}",
+        # append=on: a QEMU started again (TestVM.restart) keeps the console before.
+        "-chardev", f"file,id=con0,path={paths.console_log},append=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{paths.qmp_sock},server=on,wait=off",
     ]  # fmt: skip
@@ -222,7 +236,10 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
             argv += ["-numa", node]
     if cfg.viommu:
         argv += ["-device", "intel-iommu,intremap=on"]
-    if cfg.root_image is not None:
+    if cfg.root_image is not None and cfg.persistent_root:
+        # A copy of the image written in place: it outlives this QEMU (TestVM.restart).
+        argv += ["-drive", f"file={paths.root_copy},if=virtio,format=raw,cache=unsafe"]
+    elif cfg.root_image is not None:
         # snapshot=on: writes go to a temporary overlay, the cached image stays pristine.
         drive = f"file={cfg.root_image},if=virtio,format=raw,snapshot=on,cache=unsafe"
         argv += ["-drive", drive]
@@ -231,6 +248,8 @@ def qemu_argv(cfg: VMConfig, paths: RunPaths, qemu: str, accel: str, mode: str =
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         ]
+    if cfg.swap_disk:
+        argv += ["-drive", f"file={paths.swap_img},if=virtio,format=raw,cache=unsafe"]
     argv += [
         "-virtfs",
         f"local,path={paths.share},mount_tag=results,security_model=none,multidevs=remap",

@@ -122,6 +122,7 @@ class TestVM:
         #: One QMP command at a time: a benchmark polls QEMU from a thread of its own.
         self._qmp_lock = threading.Lock()
         self._console_seen = 0
+        self._argv: list[str] = []
 
     # ----- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> TestVM:
@@ -166,18 +167,12 @@ class TestVM:
         )
         if self.config.ram_root:
             ramroot.write_ram_root_list(share, paths.VENV_PYTHON, paths.REPO_ROOT)
-        argv = qemu_argv(self.config, self.paths, qemu, self.accel)
-        (run_dir / "qemu-cmdline.txt").write_text(" ".join(argv) + "\n")
+        self._make_disks()
+        self._argv = qemu_argv(self.config, self.paths, qemu, self.accel)
+        (run_dir / "qemu-cmdline.txt").write_text(" ".join(self._argv) + "\n")
         LIVE_VMS.add(self)
         t0 = time.monotonic()
-        with open(self.paths.qemu_log, "wb") as qlog:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=qlog,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        self._launch()
         try:
             self._connect()
             self.boot_id = self.wait_ready(self.boot_timeout)
@@ -185,6 +180,51 @@ class TestVM:
             self.close()
             raise
         self.boot_seconds = time.monotonic() - t0
+
+    def _make_disks(self) -> None:
+        """The persistent root's copy of the image and the swap disk, when configured
+        (sparse files in the run directory; :meth:`close` removes them)."""
+        assert self.paths is not None
+        if self.config.persistent_root and self.config.root_image is not None:
+            cp = ["cp", "--sparse=always", "--reflink=auto"]
+            subprocess.run(
+                [*cp, str(self.config.root_image), str(self.paths.root_copy)], check=True
+            )
+        if self.config.swap_disk:
+            with open(self.paths.swap_img, "wb") as disk:
+                disk.truncate(self.config.swap_disk)
+
+    def _launch(self) -> None:
+        """Start QEMU with the run's command line (its output appended to qemu.log)."""
+        assert self.paths is not None
+        with open(self.paths.qemu_log, "ab") as qlog:
+            self._proc = subprocess.Popen(
+                self._argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+
+    def restart(self, exit_timeout: float = 300.0) -> None:
+        """Wait for the guest to power itself off (a hibernation, say), then start QEMU
+        again with the same command line and disks (``persistent_root``) and wait for the
+        runner, whichever boot it answers from (a resumed guest keeps its boot id)."""
+        assert self._proc is not None and self.paths is not None
+        if not self._wait_exit(exit_timeout):
+            raise VMTimeout(
+                f"the guest did not power off within {exit_timeout:.0f} s", self.log_tail()
+            )
+        self._check_panic()
+        for conn in (self._qmp, self._chan):
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._qmp = self._chan = None
+        for sock in (self.paths.qmp_sock, self.paths.cmd_sock):
+            sock.unlink(missing_ok=True)  # _connect waits for QEMU's new ones
+        self._launch()
+        self._connect()
+        self.boot_id = self.wait_ready(self.boot_timeout)
 
     def _connect(self) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -294,6 +334,8 @@ class TestVM:
             self._chan = None
         if self.paths is not None:
             shutil.rmtree(self.paths.sock_dir, ignore_errors=True)
+            for disk in (self.paths.root_copy, self.paths.swap_img):
+                disk.unlink(missing_ok=True)  # hundreds of MB each, of no use afterwards
         LIVE_VMS.discard(self)
 
     # ----- guest commands ------------------------------------------------------------

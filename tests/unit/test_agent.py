@@ -266,6 +266,7 @@ REQUESTS = [
         control.Unplug(None, control.Extent(addr=4096, blocks=3)),
     ),
     (b'{"op": "unplug-all", "device": "0000:00:04.0"}', control.UnplugAll("0000:00:04.0")),
+    (b'{"op": "hibernate", "seconds": 60}', control.Hibernate(60.0)),
 ]
 
 

@@ -92,3 +92,39 @@ def test_no_ctypes_callback_for_memory_deny_write_execute() -> None:
         if re.search(r"\b(CFUNCTYPE|PYFUNCTYPE|WINFUNCTYPE)\b", path.read_text())
     ]
     assert users == []
+
+
+HIBERNATE_UNIT = CONTRIB / "vmem-guest-hibernate@.service"
+
+
+def test_the_hibernate_unit_runs_before_and_is_required_by_the_sleep_service() -> None:
+    """Before= and RequiredBy= the same systemd-%i.service: its failure stops the
+    hibernation; the command's options exist and its timeout ends before systemd's."""
+    unit = settings(HIBERNATE_UNIT.read_text())
+    assert unit["Type"] == ["oneshot"]
+    assert unit["Before"] == unit["RequiredBy"] == ["systemd-%i.service"]
+    (exec_start,) = unit["ExecStart"]
+    program, command, *args = exec_start.split()
+    assert (program, command) == ("/opt/vmem-guest/bin/vmem-guest", "hibernate-prepare")
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    assert options["--sleep"] == "%i"
+    known = {opt for param in cli.hibernate_prepare.params for opt in param.opts}
+    assert set(options) <= known
+    assert int(options["--timeout"]) < int(unit["TimeoutStartSec"][0])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_finds_nothing_wrong_with_the_hibernate_unit(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` of the hibernate instance, as for the agent's unit (given
+    as a path beside the template: a bare name would be looked up and checked nowhere)."""
+    (tmp_path / HIBERNATE_UNIT.name).write_text(
+        HIBERNATE_UNIT.read_text().replace("/opt/vmem-guest/bin/vmem-guest", sys.executable)
+    )
+    instance = tmp_path / "vmem-guest-hibernate@hibernate.service"
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(instance)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")

@@ -59,3 +59,20 @@ def test_no_page_outside_is_a_safety_error(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(SafetyError, match=r"secretmem\.enable=1"):
         place(monkeypatch, [INSIDE] * 8, secret=False)
     assert all(b._anchor is None for b in Placed.made)  # nothing leaked
+
+
+def test_secret_false_takes_a_plain_page_and_says_which(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before a hibernation the ring leaves memfd_secret memory: no memfd_secret asked
+    for, and no warning that it is missing."""
+    Placed.script, Placed.made = iter([OUTSIDE]), []
+    monkeypatch.setattr(dma.secretmem, "memfd_secret", lambda: pytest.fail("memfd_secret asked"))
+    with caplog.at_level("WARNING"):
+        buffer = Placed.outside(dma.PAGE_SIZE, [REGION], attempts=4, secret=False)
+    assert buffer.bus_pages == [OUTSIDE] and buffer.secret is False
+    assert caplog.records == []
+    buffer.close()
+    secret = place(monkeypatch, [OUTSIDE], secret=True)
+    assert secret.secret is True
+    secret.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -409,3 +410,53 @@ def test_without_a_release_request_index_the_channel_has_no_fd_for_it() -> None:
     channel._setup_interrupts(VectorTransport(True))  # type: ignore[arg-type]
     assert channel.release_request_fd() is None
     assert channel.interrupt_mode is InterruptMode.INTX  # interrupts are set up all the same
+
+
+class SecretRing(RingMemory):
+    """A ring buffer that says whether it is memfd_secret memory, and whether it was freed."""
+
+    def __init__(self, secret: bool, bus: int = 0x10000) -> None:
+        super().__init__()
+        self.secret, self.bus, self.closed = secret, bus, False
+
+    def bus_addr(self, offset: int, length: int = 1) -> int:
+        return self.bus + offset
+
+    def where(self) -> str:
+        return f"{self.bus:#x}"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_leaving_secret_memory_rebuilds_the_ring_in_plain_memory_and_frees_the_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Linux offers no hibernation while memfd_secret memory exists: the ring moves to a
+    plain page outside the device regions, through a reset, and the secret one goes."""
+    channel, transport, _, _ = resumable_channel(False)
+    secret, plain = SecretRing(True), SecretRing(False, bus=0x20000)
+    channel.buffer = secret  # type: ignore[assignment]
+    asked: list[tuple[int, list[tuple[int, int]], bool]] = []
+
+    def outside(size: int, avoid: list[tuple[int, int]], **kw: Any) -> SecretRing:
+        asked.append((size, list(avoid), kw["secret"]))
+        return plain
+
+    monkeypatch.setattr(ch.PhysBuffer, "outside", outside)
+    channel.guard_ranges.append((1 << 32, 2 << 32))
+    assert channel.leave_secret_memory() is True
+    assert asked == [(channel.queue.layout.total, [(1 << 32, 2 << 32)], False)]  # type: ignore[union-attr]
+    assert transport.calls == [
+        "reset",
+        "ACKNOWLEDGE",
+        "DRIVER",
+        f"negotiate {PERSISTENT_OFFER:#x}",
+        "queue 0 size 16 desc 0x20000",  # the new page
+        "DRIVER_OK",
+    ]
+    assert channel.buffer is plain and secret.closed and not plain.closed
+    # Plain memory already: nothing to do, nothing touched.
+    transport.calls.clear()
+    assert channel.leave_secret_memory() is False
+    assert transport.calls == [] and asked[1:] == []

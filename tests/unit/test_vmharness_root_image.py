@@ -7,6 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -52,3 +54,24 @@ def test_without_an_image_the_host_root_is_shared_over_9p() -> None:
     args = qemu_argv(cfg, RUN, "qemu-system-x86_64", "tcg")
     assert option(args, "-drive") == []
     assert [v for v in option(args, "-virtfs") if "mount_tag=hostroot" in v]
+
+
+def test_a_persistent_root_writes_a_copy_in_place_and_a_swap_disk_follows() -> None:
+    """A guest that hibernates needs its disks to outlive QEMU (TestVM.restart): the
+    copy in the run directory without snapshot=on, then the swap disk, /dev/vdb."""
+    cfg = dataclasses.replace(
+        userspace("hib"), root_image=IMAGE, persistent_root=True, swap_disk=1 << 30
+    )
+    args = qemu_argv(cfg, RUN, "qemu-system-x86_64", "tcg")
+    assert option(args, "-drive") == [
+        "file=run/root.ext4,if=virtio,format=raw,cache=unsafe",
+        "file=run/swap.img,if=virtio,format=raw,cache=unsafe",
+    ]
+    # A restarted QEMU appends to the console log instead of truncating it.
+    assert option(args, "-chardev")[0] == "file,id=con0,path=run/console.log,append=on"
+
+
+def test_a_persistent_root_needs_an_image() -> None:
+    cfg = dataclasses.replace(userspace("hib"), persistent_root=True)
+    with pytest.raises(ValueError, match="persistent_root needs a root_image"):
+        qemu_argv(cfg, RUN, "qemu-system-x86_64", "tcg")

@@ -88,6 +88,10 @@ class SimChannel:
             self.reset_pending = False
             self.reinitializations += 1
 
+    def leave_secret_memory(self) -> bool:
+        """The simulator's ring is in no memfd_secret memory."""
+        return False
+
     def interrupt_fd(self) -> int:
         return self._efd
 

@@ -125,6 +125,7 @@ class PciChannel(Closing):
         self._config_irq: EventFd | None = None  # MSI-X config vector
         self._release_req: EventFd | None = None  # the kernel wants the device back
         self._pending = Cause.NONE
+        self._pagemap_path = pagemap.PAGEMAP  # where no-IOMMU buffers read their addresses
 
     @classmethod
     def open(
@@ -157,6 +158,7 @@ class PciChannel(Closing):
         return channel
 
     def _start(self, mode: Mode, queue_size: int, iova: int, pagemap_path: Path) -> None:
+        self._pagemap_path = pagemap_path
         vfio = self.vfio
         config = vfio.config_space()
         check_identity(config)
@@ -258,6 +260,46 @@ class PciChannel(Closing):
         touched here: the driver checks it afterwards (``DeviceDriver.after_resume``).
         """
         transport, queue, buffer = self._live()
+        self._restart(transport, buffer, queue.layout)
+        self.log.info(
+            "transport re-initialised: features %#x negotiated again, queue size %d rebuilt"
+            " at bus %#x, %s interrupts, DRIVER_OK",
+            self.features,
+            queue.layout.size,
+            self._ring_bus(),
+            self.interrupt_mode.text,
+        )
+
+    def leave_secret_memory(self) -> bool:
+        """Before a hibernation: move the ring out of memfd_secret memory, since Linux
+        offers no hibernation while any exists (``hibernation_available``:
+        ``!secretmem_active()``), into a locked anonymous page outside every device
+        region (:meth:`PhysBuffer.outside`'s fallback, as where memfd_secret is off).
+        The device is reset and the queue rebuilt in the new page, as after a resume
+        (a reset changes no block state); the memfd_secret page is then released.
+        False when the ring is not in memfd_secret memory (nothing to do)."""
+        transport, queue, buffer = self._live()
+        if not buffer.secret:
+            return False
+        plain = PhysBuffer.outside(
+            queue.layout.total, self.guard_ranges, pagemap_path=self._pagemap_path, secret=False
+        )
+        try:
+            self._restart(transport, plain, queue.layout)
+        except BaseException:
+            plain.close()
+            raise
+        self.buffer = plain
+        buffer.close()
+        self.log.info("ring moved out of memfd_secret memory to %s (hibernation)", plain.where())
+        return True
+
+    def _restart(
+        self, transport: vp.VirtioPciTransport, buffer: DmaBuffer, layout: RingLayout
+    ) -> None:
+        """Reset, the features accepted at open negotiated again (TransportError when
+        the device no longer offers one), the same eventfds routed, a fresh ring in
+        ``buffer``, DRIVER_OK."""
         offered = self._handshake(transport)
         missing = self.features & ~offered
         if missing:
@@ -269,15 +311,7 @@ class PciChannel(Closing):
             )
         transport.negotiate(self.features)
         self._restore_interrupts(transport)
-        self._start_queue(transport, buffer, queue.layout)
-        self.log.info(
-            "transport re-initialised: features %#x negotiated again, queue size %d rebuilt"
-            " at bus %#x, %s interrupts, DRIVER_OK",
-            self.features,
-            queue.layout.size,
-            self._ring_bus(),
-            self.interrupt_mode.text,
-        )
+        self._start_queue(transport, buffer, layout)
 
     def _restore_interrupts(self, transport: vp.VirtioPciTransport) -> None:
         """Route the existing eventfds again, and the MSI-X vectors the reset forgot

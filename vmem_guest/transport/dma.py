@@ -51,6 +51,8 @@ class DmaBuffer:
         if size <= 0:
             raise ValueError(f"DMA buffer size {size}")
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        #: memfd_secret memory (while any exists, Linux offers no hibernation).
+        self.secret = secret_fd is not None
         try:
             if secret_fd is None:
                 fd, flags = -1, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -166,6 +168,7 @@ class PhysBuffer(DmaBuffer):
         *,
         pagemap_path: Path = pagemap.PAGEMAP,
         attempts: int = DEFAULT_PLACEMENT_ATTEMPTS,
+        secret: bool = True,
     ) -> PhysBuffer:
         """A buffer whose pages lie outside every ``[start, end)`` of ``avoid``.
 
@@ -174,11 +177,12 @@ class PhysBuffer(DmaBuffer):
         back. memfd_secret memory is never in ZONE_MOVABLE and never migrates, so
         it is tried first; else anonymous pages are allocated until one lands
         outside (the misplaced ones are held meanwhile so the next try differs).
+        ``secret=False`` skips memfd_secret (before a hibernation: docs/lifecycle.md).
         """
         spans = list(avoid)
         rejects: list[PhysBuffer] = []
-        secret_fd = secretmem.memfd_secret()
-        if secret_fd is None:
+        secret_fd = secretmem.memfd_secret() if secret else None
+        if secret and secret_fd is None:
             log.warning(requirements.SECRETMEM.refusal("memfd_secret(2) is not available"))
         try:
             if secret_fd is not None:
