@@ -9,8 +9,8 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
-        conformance chaos migrate pressure test-matrix qemu rootfs clean test-debian-packages man \
-        hibernate
+        conformance chaos migrate faults pressure test-matrix qemu rootfs clean \
+        test-debian-packages man hibernate
 
 all: test
 
@@ -125,6 +125,10 @@ chaos: $(STAMP) vm-deps
 # Live-migrate the guest N times at random moments while the agent resizes; check, converge.
 migrate: $(STAMP) vm-deps
 	$(PY) scripts/migrate.py --migrations $(N)
+
+# The kernel refuses the agent at random (fault injection) while the host resizes, N rounds.
+faults: $(STAMP) vm-deps
+	$(PY) scripts/kernel_faults.py --rounds $(N)
 
 # Shrink under a guest workload (anon, mlocked, page cache): vmem_guest vs the in-kernel driver,
 # with pinned pages and with movable pages only (a target off the 128 MiB block grid).

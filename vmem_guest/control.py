@@ -265,6 +265,12 @@ class ControlServer:
             conn, _ = self.sock.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            # ENOMEM, ENFILE, EMFILE: the kernel could not make the new socket, before
+            # taking the client off the queue (net/socket.c, do_accept); the next
+            # wake-up tries again. A client is never the end of the agent.
+            log.warning("control connection not accepted yet: %s", exc)
+            return
         with conn:
             try:
                 self._serve(conn)

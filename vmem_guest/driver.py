@@ -621,6 +621,9 @@ class DeviceDriver:
         step: planner.Step | None = None
         try:
             step = planner.next_step(self.plan_input())
+            held = self._plug_held_until(step)
+            if held is not None:
+                return StepResult(Outcome.WAIT, step, wait_seconds=held - now, detail="held")
             return self._execute(step)
         except VmemError as exc:
             self.mark_broken(exc.message)
@@ -1021,10 +1024,61 @@ class DeviceDriver:
         try:
             self._online_block(step.memory_block, step.zone)
         except KernelError as exc:
-            return self._avoid(step, step.memory_block, exc, started)
+            result = self._avoid(step, step.memory_block, exc, started)
+            self._give_back_refused_unit(step.memory_block)
+            return result
         self.refused_blocks.succeeded((step.memory_block,))
         self.backoff.reset()
         return StepResult(Outcome.PROGRESS, step)
+
+    # --- a unit the kernel would not take (docs/design.md 5.4) -----------------------
+
+    def _give_back_refused_unit(self, mb: int) -> None:
+        """The kernel refused to probe or online ``mb``: when nothing of its unit is
+        online, UNPLUG the unit now rather than hold plugged memory the guest cannot use
+        for the refusal's window (Linux's ``virtio_mem_sbm_plug_and_add_mb`` unplugs
+        what ``add_memory`` refused); :meth:`_plug_held_until` keeps it from being
+        plugged again before the window ends. sysfs is asked first, block by block:
+        a block the kernel onlined after all, or one it will not even say the state
+        of, keeps the unit plugged (tried again after the window)."""
+        state = self.tracker.state
+        unit_index = state.grid.unit_of_memory_block(mb)
+        unit = state.unit(unit_index)
+        try:
+            onlined = [
+                index
+                for index in unit.memory_blocks
+                if self.kernel.state(index) is KernelBlockState.ONLINE
+            ]
+        except KernelError as exc:
+            self.log.info("memory%d stays plugged: %s", mb, exc.message)
+            return
+        if onlined or state.online_blocks(unit_index):
+            return
+        plugged = state.plugged_in(unit.subblocks)
+        for first, count in reversed(list(planner.runs(plugged, MAX_BLOCKS_PER_REQUEST))):
+            response = self._request(RequestType.UNPLUG, self.geometry.subblock_addr(first), count)
+            if response.type is ResponseType.ERROR:
+                raise DeviceBroken(f"UNPLUG answered ERROR: memory{mb}'s unit", block=mb)
+            if not response.acked:
+                return  # BUSY or NACK: the planner unplugs or onlines it later
+        self.log.info("memory%d: its unit given back, not plugged again for now", mb)
+
+    def _plug_held_until(self, step: planner.Step) -> float | None:
+        """Until when ``step`` must wait: a PLUG over a memory block whose probe or
+        online the kernel refused lately waits for the end of that refusal's window
+        (None: it need not). Holes of online blocks are not held."""
+        if not isinstance(step, planner.PlugStep) or not self.refused_blocks:
+            return None
+        size = self.geometry.memory_block_size
+        end = step.addr + step.nb_blocks * self.geometry.block_size
+        state = self.tracker.state
+        held = [
+            self.refused_blocks.until[mb]
+            for mb in range(step.addr // size, -(-end // size))
+            if mb in self.refused_blocks and state.block_state(mb) is not MemoryBlockState.ONLINE
+        ]
+        return min(held) if held else None
 
     def _offline(self, step: planner.OfflineStep) -> StepResult:
         started = self.clock()
