@@ -108,12 +108,13 @@ def test_the_fake_pages_refuse_soft_offline_and_unpoison_and_change_nothing(err:
 
 @pytest.mark.parametrize("op", [KernelOp.PROBE, KernelOp.ONLINE])
 @pytest.mark.parametrize("err", ERRNOS)
-def test_a_refused_probe_or_online_keeps_the_memory_until_the_kernel_agrees(
+def test_a_refused_probe_or_online_gives_the_memory_back_until_the_kernel_agrees(
     rig: Rig, op: KernelOp, err: int
 ) -> None:
     """The step loop: the PLUG was ACKed, the kernel will not take the blocks; each is
-    avoided for its window, nothing else is plugged meanwhile, and once the kernel
-    agrees every plugged block comes online (docs/design.md 5.4, 5.6)."""
+    avoided for its window and its unit UNPLUGged in the same step, so nothing stays
+    plugged unused while the kernel refuses, and once the kernel agrees the memory is
+    plugged again and comes online (docs/design.md 5.4, 5.6)."""
     driver = rig.driver
     assert driver is not None
     rig.kernel.refuse(op, err)
@@ -127,7 +128,8 @@ def test_a_refused_probe_or_online_keeps_the_memory_until_the_kernel_agrees(
     assert results[-1].outcome is Outcome.WAIT
     assert {MB0, MB0 + 1} <= driver.refused_blocks.keys()
     assert online_blocks(rig) == set()
-    assert rig.model.plugged_size == 256 * MIB  # waits plugged, never more
+    assert rig.model.plugged_size == 0  # given back, not left plugged and unused
+    assert RequestType.UNPLUG in [s.type for s in rig.channel.sent]
     assert rig.kernel.refused[op] == 2
     rig.check_consistent()
     rig.kernel.stop_refusing()
