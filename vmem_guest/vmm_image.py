@@ -10,8 +10,9 @@ again in a console log on the host.
 
 Options come from the kernel command line (the only input a VMM's one command line
 gives the guest): ``vmem_guest.examples=N``, ``vmem_guest.max_steps=N``,
-``vmem_guest.seed=N``. The kernel keeps words with a dot for modules and leaves them
-in ``/proc/cmdline`` (init/main.c ``unknown_bootoption``), where they are read.
+``vmem_guest.seed=N``. The kernel passes no word with a dot to init (an unused module
+parameter: Linux 6.1 init/main.c ``unknown_bootoption``), but ``/proc/cmdline`` keeps
+it, and is read.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ echo 1 > /proc/sys/kernel/sysrq
 
 power_off() {
     echo "vmem-guest image: powering off"
-    # sysrq o: the kernel powers off at once (drivers/tty/sysrq.c, sysrq_poweroff_op).
+    # sysrq o: the kernel powers off at once (kernel/power/poweroff.c, sysrq_poweroff_op).
     echo o > /proc/sysrq-trigger
     sleep 60
 }
@@ -38,8 +38,9 @@ for word in $(cat /proc/cmdline); do
     esac
 done
 
-# vfio-pci in no-IOMMU mode: the parameter is writable at run time (drivers/vfio/
-# vfio_main.c, module_param_named(enable_unsafe_noiommu_mode, ..., S_IRUGO | S_IWUSR)),
+# vfio-pci in no-IOMMU mode: the parameter is writable at run time (Linux 6.1
+# drivers/vfio/container.c: module_param_named(enable_unsafe_noiommu_mode, ...,
+# S_IRUGO | S_IWUSR)),
 # so a command line without vfio.enable_unsafe_noiommu_mode=1 works too.
 noiommu=/sys/module/vfio/parameters/enable_unsafe_noiommu_mode
 [ -w "$noiommu" ] && echo Y > "$noiommu"
