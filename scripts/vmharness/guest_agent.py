@@ -164,6 +164,16 @@ def status(vm: TestVM) -> dict[str, dict[str, Any]]:
     return {dev["device"]: dev for dev in status_devices(vm)}
 
 
+def settled(dev: dict[str, Any]) -> bool:
+    """The agent is between steps and has finished planning for the sizes shown: no
+    intent, and the remainder it published is what the request leaves over what is
+    plugged. The remainder is written by the planner's Done step, a moment after the
+    last request or online: a look in between sees the sizes reached with the old
+    remainder."""
+    remainder = int(dev["requested_size"]) - int(dev["plugged_size"])
+    return dev["intent"] is None and dev["remainder"] == remainder
+
+
 def device_bdfs(vm: TestVM) -> dict[str, str]:
     """QEMU device id -> guest PCI address, matched by region address."""
     regions = {int(info["memaddr"]): dev_id for dev_id, info in vm.query().items()}
