@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import stat
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +69,9 @@ def test_the_image_holds_what_init_runs() -> None:
     site = image.SITE
     for module in ("vmem_guest/vmm_image.py", "hypothesis/__init__.py", "click/__init__.py"):
         assert f"{site}/{module}" in entries, module
-    assert f"{site}/vmem_guest/__pycache__/vmm_image.cpython-311.pyc" in entries
-    stdlib = Path(sys.base_prefix) / "lib" / "python3.11"
+    tag = sys.implementation.cache_tag
+    assert f"{site}/vmem_guest/__pycache__/vmm_image.{tag}.pyc" in entries
+    stdlib = Path(sysconfig.get_path("stdlib"))
     assert f"{stdlib}/unittest/__init__.py" in entries  # hypothesis imports it
     assert not any(p.startswith(f"{stdlib}/test/") for p in entries)
     assert any(p.endswith("/dash") for p in entries)
