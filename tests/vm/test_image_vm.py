@@ -23,12 +23,11 @@ from vmharness.paths import results_dir
 
 from vmem_guest.vmm_image import report_from_console
 
-EXAMPLES = 8
-#: Fixed, so a run meets the same requests again (QEMU answers deterministically).
-SEED = 1
+EXAMPLES = 5
 MAX_STEPS = 20
 REQUESTED = 64 * MiB
-#: A boot measured 70 to 80 s of wall time under TCG on two busy cores (docs/image.md).
+#: A boot took 33 s (QEMU 7.2) and 41 s (10.0) of wall time under TCG on two shared
+#: cores; the margin is for a busier host (docs/image.md).
 TIMEOUT = 300.0
 #: What QEMU 7.2 and 10.0 break (docs/spec-oracle.md, "QEMU 7.2 and 10.0 against the spec").
 QEMU_MUST_VIOLATIONS = {"plug.plugged-error", "pci.config-generation"}
@@ -55,7 +54,6 @@ def test_image_fuzzes_the_device_and_powers_off(image: Image, qemu_series: str) 
         "vmem_guest.mode=fuzz",
         f"vmem_guest.examples={EXAMPLES}",
         f"vmem_guest.max_steps={MAX_STEPS}",
-        f"vmem_guest.seed={SEED}",
     )
     argv = qemu_image_argv(
         image,
