@@ -68,6 +68,8 @@ CMDLINE = (
     "vfio.enable_unsafe_noiommu_mode=1",
     "secretmem.enable=1",
 )
+#: Images kept per kernel series in the cache; older ones are removed after a build.
+KEEP_IMAGES = 3
 #: The builder's own sources: a change to one is a new image.
 BUILDER_SOURCES = (Path(__file__), Path(__file__).with_name("newc.py"), INIT_SCRIPT)
 
@@ -293,4 +295,14 @@ def build_image(kernel: Path, cache: Path | None = None) -> Image:
     (partial / "manifest.txt").write_text("".join(f"{e.path}\n" for e in entries))
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
+    _prune(directory)
     return image
+
+
+def _prune(built: Path, keep: int = KEEP_IMAGES) -> None:
+    """Remove all but the ``keep`` newest images of ``built``'s series (each ~40 MB)."""
+    series = built.name.split("-")[0]
+    images = sorted(built.parent.glob(f"{series}-*"), key=lambda p: p.stat().st_mtime)
+    for old in images[:-keep]:
+        if old.is_dir() and not old.name.endswith(".part"):
+            shutil.rmtree(old, ignore_errors=True)
