@@ -6,7 +6,7 @@
 # The kernel command line chooses the work:
 #   vmem_guest.mode=fuzz   (default) fuzz every virtio-mem-pci device, print the report
 #                          (vmem_guest/vmm_image.py), power off
-#   vmem_guest.mode=agent  serve every device with `vmem-guest agent`, a shell on the
+#   vmem_guest.mode=agent  serve every device with `vmem-guest run` (the agent), a shell on the
 #                          console; leaving the shell powers off
 # and vmem_guest.examples=N, vmem_guest.max_steps=N, vmem_guest.seed=N tune the fuzzer.
 
@@ -52,7 +52,7 @@ case "$mode" in
         echo "vmem-guest image: fuzz exited with status $?"
         ;;
     agent)
-        vmem-guest agent --noiommu &
+        vmem-guest run --noiommu &
         echo "vmem-guest image: agent started (pid $!); a shell follows, exit powers off"
         sh
         ;;
