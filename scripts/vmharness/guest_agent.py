@@ -56,6 +56,27 @@ def cli_result(
     return rc, vm.read("/run/cli.out"), vm.read("/run/cli.err")
 
 
+#: The guest side of :func:`cli_results`.
+CLI_BATCH = Path(__file__).with_name("cli_batch.py")
+#: The checkout's venv interpreter, seen at the same path in the guest.
+GUEST_PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+
+def cli_results(
+    vm: TestVM, command_lines: list[str], timeout: float = 600.0
+) -> list[tuple[int, str, str]]:
+    """``vmem-guest ARGS`` for each of ``command_lines``, one after the other in ONE guest
+    process that calls the CLI's entry point for each (cli_batch.py): (exit status,
+    stdout, stderr) of each, as :func:`cli_result` gives them. For a test of many
+    invocations, where a process each would cost 5-10 s of Python start-up apiece under
+    TCG; a test of the program as a process uses :func:`cli_result`."""
+    argument = shlex.quote(json.dumps(command_lines))
+    vm.sh(f"{GUEST_PYTHON} {CLI_BATCH} {argument} >/run/cli-batch.json", timeout=timeout)
+    results = json.loads(vm.read("/run/cli-batch.json"))
+    assert isinstance(results, list) and len(results) == len(command_lines), results
+    return [(int(rc), str(out), str(err)) for rc, out, err in results]
+
+
 def cli_json(vm: TestVM, args: str, timeout: float = 120.0) -> Any:
     return json.loads(cli(vm, f"{args} --json", timeout))
 
