@@ -151,7 +151,8 @@ class Exposure:
         if loaded:
             said += f"; {' and '.join(loaded)} loaded"
             if self.exposed:
-                said += " (its memory map may name memory unplugged since)"
+                whose = "its memory map" if len(loaded) == 1 else "their memory maps"
+                said += f" ({whose} may name memory unplugged since)"
         return said
 
 
