@@ -5,7 +5,9 @@ The agent grows a 4 GiB device to 1 GiB and shrinks it to 0 in a guest booted wi
 RAM" resources that probe created stay after the shrink, with every block offline
 and unplugged; kexec-tools 2.0.25 loads the guest's kernel as a kexec image and as a
 crash kernel and reads them as RAM; doctor reports it, and the agent warns at start
-when an image is loaded. About 90 s on the default pair.
+when an image is loaded. Marked ``long`` (``make kexec-test``): about 6 minutes on a
+loaded 2-core host under TCG, where each guest command forks off the 9p root and
+``vmem-guest doctor`` alone takes tens of seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from vmharness import TestVM, VMConfig
 from vmharness.kexec_tools import kexec_tools_root
 
+pytestmark = pytest.mark.long
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 BLOCKS = kexec_show.GROWN // kexec_show.MEMORY_BLOCK
 
