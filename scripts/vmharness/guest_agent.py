@@ -56,6 +56,27 @@ def cli_result(
     return rc, vm.read("/run/cli.out"), vm.read("/run/cli.err")
 
 
+#: The guest side of :func:`cli_results`.
+CLI_BATCH = Path(__file__).with_name("cli_batch.py")
+#: The checkout's venv interpreter, seen at the same path in the guest.
+GUEST_PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+
+def cli_results(
+    vm: TestVM, command_lines: list[str], timeout: float = 600.0
+) -> list[tuple[int, str, str]]:
+    """``vmem-guest ARGS`` for each of ``command_lines``, one after the other in ONE guest
+    process that calls the CLI's entry point for each (cli_batch.py): (exit status,
+    stdout, stderr) of each, as :func:`cli_result` gives them. For a test of many
+    invocations, where a process each would cost 5-10 s of Python start-up apiece under
+    TCG; a test of the program as a process uses :func:`cli_result`."""
+    argument = shlex.quote(json.dumps(command_lines))
+    vm.sh(f"{GUEST_PYTHON} {CLI_BATCH} {argument} >/run/cli-batch.json", timeout=timeout)
+    results = json.loads(vm.read("/run/cli-batch.json"))
+    assert isinstance(results, list) and len(results) == len(command_lines), results
+    return [(int(rc), str(out), str(err)) for rc, out, err in results]
+
+
 def cli_json(vm: TestVM, args: str, timeout: float = 120.0) -> Any:
     return json.loads(cli(vm, f"{args} --json", timeout))
 
@@ -77,15 +98,31 @@ def wait_for_control_socket(vm: TestVM, died: Callable[[], bool]) -> None:
     """Wait (2 minutes at most) until an agent just started binds CONTROL_SOCKET, or
     ``died()`` says it is gone: the caller tells which of the two it was."""
     vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or died(),
+        lambda: control_socket_bound(vm) or died(),
         timeout=120,
         what="the agent's control socket",
     )
 
 
+def _guest_text(vm: TestVM, path: str) -> str | None:
+    """A guest file's text read by the runner (no process started: these are polled,
+    and every process started slows the agent being waited for); None if unreadable."""
+    reply = vm.runner_request({"op": "read", "path": path}, timeout=30)
+    return str(reply["out"]) if reply["rc"] == 0 else None
+
+
+def control_socket_bound(vm: TestVM) -> bool:
+    """A process has bound CONTROL_SOCKET (it is listed in /proc/net/unix; a file left
+    by an agent that was killed is not)."""
+    sockets = _guest_text(vm, "/proc/net/unix") or ""
+    return any(line.endswith(" " + CONTROL_SOCKET) for line in sockets.splitlines())
+
+
 def agent_died(vm: TestVM) -> bool:
-    rc, _ = vm.guest(f"kill -0 $(cat {AGENT_PID})")
-    return rc != 0
+    """The agent of AGENT_PID has exited (gone, or a zombie not yet reaped)."""
+    pid = (_guest_text(vm, AGENT_PID) or "").strip()
+    stat = _guest_text(vm, f"/proc/{pid}/stat") if pid.isdigit() else None
+    return stat is None or stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def agent_log(vm: TestVM) -> str:
@@ -117,15 +154,40 @@ def stop_agent(vm: TestVM, sig: str = "TERM") -> None:
 STATUS_PRINTED = (0, 3, 4)
 
 
+#: Exit code of the runner's ``call`` when it cannot import vmem_guest (a guest whose
+#: root holds no checkout): the harness starts the command instead.
+CALL_IMPORT_FAILED = 125
+
+
 def status_document(vm: TestVM) -> dict[str, Any]:
     """``vmem-guest status --json``, the whole object (docs/status-json.md), whatever
-    the devices' verdict; an error (exit 1 or 2) raises."""
-    rc, out, err = cli_result(vm, "status --json")
-    if rc not in STATUS_PRINTED:
-        raise AssertionError(f"vmem-guest status --json: exit status {rc}: {err.strip()}")
-    document: dict[str, Any] = json.loads(out)
+    the devices' verdict; an error (exit 1 or 2) raises.
+
+    Read by the status command's own code (``status_reads.json_status``) in the guest
+    runner's process: a ``vmem-guest`` start-up costs the guest 5-10 s under TCG, and
+    the tests look at the agent hundreds of times. Tests of the command itself run it
+    with :func:`cli_result`."""
+    reply = vm.runner_request(
+        {
+            "op": "call",
+            "sys_path": [str(REPO)],
+            "module": "vmem_guest.status_reads",
+            "function": "json_status",
+            "args": [CONTROL_SOCKET.rsplit("/", 1)[0]],
+        }
+    )
+    if reply["rc"] == 0:
+        document, rc = json.loads(reply["out"])
+    elif reply["rc"] == CALL_IMPORT_FAILED:
+        rc, out, err = cli_result(vm, "status --json")
+        if rc not in STATUS_PRINTED:
+            raise AssertionError(f"vmem-guest status --json: exit status {rc}: {err.strip()}")
+        document = json.loads(out)
+    else:
+        raise AssertionError(f"vmem-guest status --json: {reply['out']}")
+    assert rc in STATUS_PRINTED, (rc, document)
     assert document["schema"] == 1, document
-    return document
+    return dict(document)
 
 
 def status_devices(vm: TestVM) -> list[dict[str, Any]]:
@@ -137,6 +199,16 @@ def status_devices(vm: TestVM) -> list[dict[str, Any]]:
 def status(vm: TestVM) -> dict[str, dict[str, Any]]:
     """``vmem-guest status --json`` by device (PCI address)."""
     return {dev["device"]: dev for dev in status_devices(vm)}
+
+
+def settled(dev: dict[str, Any]) -> bool:
+    """The agent is between steps and has finished planning for the sizes shown: no
+    intent, and the remainder it published is what the request leaves over what is
+    plugged. The remainder is written by the planner's Done step, a moment after the
+    last request or online: a look in between sees the sizes reached with the old
+    remainder."""
+    remainder = int(dev["requested_size"]) - int(dev["plugged_size"])
+    return dev["intent"] is None and dev["remainder"] == remainder
 
 
 def device_bdfs(vm: TestVM) -> dict[str, str]:
@@ -219,6 +291,18 @@ def online_runs(dev: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def state(vm: TestVM, bdf: str, addr: int, blocks: int) -> str:
-    """STATE through the CLI (served by the agent when it runs)."""
-    args = f"state --device {shlex.quote(bdf)} --addr {addr:#x} --blocks {blocks}"
-    return cli(vm, args).strip()
+    """STATE of a range: through the running agent's control socket, the request
+    ``vmem-guest state`` sends, from the guest runner's process (no Python start-up);
+    through the CLI when no agent listens (the command then takes the device)."""
+    request = {"op": "state", "device": bdf, "addr": addr, "blocks": blocks}
+    reply = vm.runner_request(
+        {"op": "unix", "path": CONTROL_SOCKET, "line": json.dumps(request), "timeout": 120},
+        timeout=120,
+    )
+    if reply["rc"] != 0:  # no agent (or none yet): the command takes the device itself
+        args = f"state --device {shlex.quote(bdf)} --addr {addr:#x} --blocks {blocks}"
+        return cli(vm, args).strip()
+    # The agent may send progress lines first; its answer is the last line.
+    answer = json.loads(reply["out"].splitlines()[-1])
+    assert answer.get("ok") is True, f"STATE {addr:#x}+{blocks}: {answer}"
+    return str(answer["result"]["state"])
