@@ -98,15 +98,31 @@ def wait_for_control_socket(vm: TestVM, died: Callable[[], bool]) -> None:
     """Wait (2 minutes at most) until an agent just started binds CONTROL_SOCKET, or
     ``died()`` says it is gone: the caller tells which of the two it was."""
     vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or died(),
+        lambda: control_socket_bound(vm) or died(),
         timeout=120,
         what="the agent's control socket",
     )
 
 
+def _guest_text(vm: TestVM, path: str) -> str | None:
+    """A guest file's text read by the runner (no process started: these are polled,
+    and every process started slows the agent being waited for); None if unreadable."""
+    reply = vm.runner_request({"op": "read", "path": path}, timeout=30)
+    return str(reply["out"]) if reply["rc"] == 0 else None
+
+
+def control_socket_bound(vm: TestVM) -> bool:
+    """A process has bound CONTROL_SOCKET (it is listed in /proc/net/unix; a file left
+    by an agent that was killed is not)."""
+    sockets = _guest_text(vm, "/proc/net/unix") or ""
+    return any(line.endswith(" " + CONTROL_SOCKET) for line in sockets.splitlines())
+
+
 def agent_died(vm: TestVM) -> bool:
-    rc, _ = vm.guest(f"kill -0 $(cat {AGENT_PID})")
-    return rc != 0
+    """The agent of AGENT_PID has exited (gone, or a zombie not yet reaped)."""
+    pid = (_guest_text(vm, AGENT_PID) or "").strip()
+    stat = _guest_text(vm, f"/proc/{pid}/stat") if pid.isdigit() else None
+    return stat is None or stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def agent_log(vm: TestVM) -> str:
