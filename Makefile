@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 .PHONY: all venv test test-fast lint types unit fuzz-quick fuzz demo bench-sim \
         kernel vm-deps test-vm bench-kernel-driver bench bench-scale bench-subblock demo-sim \
         conformance chaos migrate faults pressure test-matrix qemu rootfs clean \
-        test-debian-packages man hibernate faults-test kexec-test
+        test-debian-packages man hibernate faults-test
 
 all: test
 
@@ -51,8 +51,6 @@ hibernate: $(STAMP) vm-deps
 	$(PY) -m pytest -q tests/vm/test_hibernate_vm.py
 faults-test: $(STAMP) vm-deps
 	$(PY) -m pytest -q tests/vm/test_kernel_faults_vm.py
-kexec-test: $(STAMP) vm-deps
-	$(PY) -m pytest -q tests/vm/test_kexec_vm.py
 
 # The CLI on Debian 12's own python3, click and pyudev, nothing from PyPI (docs/install.md).
 test-debian-packages:

@@ -5,9 +5,8 @@ The agent grows a 4 GiB device to 1 GiB and shrinks it to 0 in a guest booted wi
 RAM" resources that probe created stay after the shrink, with every block offline
 and unplugged; kexec-tools 2.0.25 loads the guest's kernel as a kexec image and as a
 crash kernel and reads them as RAM; doctor reports it, and the agent warns at start
-when an image is loaded. Marked ``long`` (``make kexec-test``): about 6 minutes on a
-loaded 2-core host under TCG, where each guest command forks off the 9p root and
-``vmem-guest doctor`` alone takes tens of seconds.
+when an image is loaded. 38 s on the default pair (part of ``make test``): every
+read is one guest process, since each one forks off the 9p root under TCG.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import pytest
 from vmharness import TestVM, VMConfig
 from vmharness.kexec_tools import kexec_tools_root
 
-pytestmark = pytest.mark.long
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 BLOCKS = kexec_show.GROWN // kexec_show.MEMORY_BLOCK
 
