@@ -61,10 +61,12 @@ from vmharness import faults as kfaults  # noqa: E402
 #: A refusal in the agent's log: the operation, then the errno's name
 #: (``errors.KernelError``: "online memory42 failed: ENOMEM (...)", "soft offline of
 #: pfn 0x... failed: ...", "unpoison failed: ..."); followed by "later" when the
-#: agent retries (``DeviceDriver._avoid`` / ``_avoid_subblocks``).
+#: agent retries (``DeviceDriver._avoid`` / ``_avoid_subblocks``). A request the
+#: no-IOMMU check kept back ("PLUG ... not sent: read /proc/self/pagemap failed:
+#: ENOMEM", ``errors.PagemapRefused``) counts as "pagemap".
 _REFUSAL = re.compile(
-    r"(?P<op>probe|online|offline|soft offline|unpoison|read [\w/]+)"
-    r"(?: of pfn 0x[0-9a-f]+)?(?: memory\d+)? failed: (?P<errno>E[A-Z0-9]+)"
+    r"(?P<op>(?:open|read) /proc/self/pagemap|probe|online|offline|soft offline|unpoison"
+    r"|read [\w/]+)(?: of pfn 0x[0-9a-f]+)?(?: memory\d+)? failed: (?P<errno>E[A-Z0-9]+)"
 )
 PROBABILITIES = (2, 5, 10, 20, 50)
 TIMES = (None, 5, 20, 100)
@@ -77,7 +79,10 @@ def refusals(log: str) -> Counter[str]:
         match = _REFUSAL.search(line)
         if match:
             op = match.group("op")
-            op = "read sysfs" if op.startswith("read ") else op
+            if op.endswith("/pagemap"):
+                op = "pagemap"
+            elif op.startswith("read "):
+                op = "read sysfs"
             found[f"{op} {match.group('errno')}"] += 1
     return found
 

@@ -85,6 +85,12 @@ def test_the_agents_refusals_are_counted_by_operation_and_errno() -> None:
             "driver.0000:00:03.0: online memory42 failed: ENOMEM (Cannot allocate memory);"
             " retrying memory42 later (in 10.00 s)",
             "tracker: taking addr=0x148200000 nb_blocks=1",
+            "driver.0000:00:03.0: PLUG 0x148000000 x64 not sent: open /proc/self/pagemap"
+            " failed: ENOMEM (Cannot allocate memory); the DMA pages are checked again"
+            " before the next request",
+            "driver.0000:00:03.0: STATE 0x148000000 x1 not sent: read /proc/self/pagemap"
+            " failed: EAGAIN (Resource temporarily unavailable); the DMA pages are checked"
+            " again before the next request",
         ]
     )
     assert kernel_faults.refusals(log) == {
@@ -92,4 +98,6 @@ def test_the_agents_refusals_are_counted_by_operation_and_errno() -> None:
         "probe ENOMEM": 1,
         "soft offline ENOMEM": 1,
         "read sysfs ENOMEM": 1,
+        "pagemap ENOMEM": 1,
+        "pagemap EAGAIN": 1,
     }
