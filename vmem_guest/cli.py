@@ -343,8 +343,12 @@ def status(state_dir: Path, as_json: bool, prometheus: bool, follow: bool, inter
     A broken device (3) outranks one that has not converged (4).
     """
     from vmem_guest import health, metrics
-    from vmem_guest.status_reads import agent_online_paths, guest_memory
-    from vmem_guest.tracker import TrackerReader, list_trackers
+    from vmem_guest.status_reads import (
+        agent_online_paths,
+        guest_memory,
+        json_status,
+        tracker_snapshots,
+    )
 
     if as_json and prometheus:
         raise UsageError("--json and --prometheus exclude each other")
@@ -353,15 +357,16 @@ def status(state_dir: Path, as_json: bool, prometheus: bool, follow: bool, inter
     if follow:
         _follow_status(state_dir, as_json, interval, guest_memory)
         return
-    snapshots = []
-    for path in list_trackers(state_dir):
-        with TrackerReader.open(path) as reader:
-            snapshots.append(reader.snapshot())
+    if as_json:
+        document, exit_status = json_status(state_dir)
+        _emit_json(document)
+        if exit_status:
+            sys.exit(exit_status)
+        return
+    snapshots = tracker_snapshots(state_dir)
     paths = agent_online_paths(state_dir) if snapshots and not prometheus else {}
     if prometheus:
         click.echo(metrics.exposition(snapshots), nl=False)
-    elif as_json:
-        _emit_json(render.status_document(snapshots, guest_memory(), paths))
     elif not snapshots:
         click.echo(f"no virtio-mem device tracked in {state_dir}")
     else:

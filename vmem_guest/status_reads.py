@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmem_guest import control, render
+from vmem_guest import control, health, render
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest.errors import VmemError
 from vmem_guest.pages import ProcPages
+from vmem_guest.tracker import TrackerReader, TrackerSnapshot, list_trackers
 
 #: How long ``status`` waits for the agent's answer to a ping. The agent answers between
 #: steps only; ``status`` itself reads the trackers without the agent and must not hang
@@ -37,3 +38,24 @@ def agent_online_paths(state_dir: Path) -> dict[str, str]:
         return {}
     paths = (answer or {}).get("online_paths", {})
     return {str(bdf): str(path) for bdf, path in paths.items()} if isinstance(paths, dict) else {}
+
+
+def tracker_snapshots(state_dir: Path) -> list[TrackerSnapshot]:
+    """A consistent snapshot of every tracker file in ``state_dir``, read without locks
+    (the agent may be writing them); raises on a tracker that cannot be trusted."""
+    snapshots = []
+    for path in list_trackers(state_dir):
+        with TrackerReader.open(path) as reader:
+            snapshots.append(reader.snapshot())
+    return snapshots
+
+
+def json_status(state_dir: str | Path) -> tuple[dict[str, object], int]:
+    """What ``vmem-guest status --json`` prints for ``state_dir`` and its exit status
+    (``health.StatusExit``). The test harness calls it in a guest process that is
+    already running, to look at the agent without a Python start-up per look."""
+    state_dir = Path(state_dir)
+    snapshots = tracker_snapshots(state_dir)
+    paths = agent_online_paths(state_dir) if snapshots else {}
+    document = render.status_document(snapshots, guest_memory(), paths)
+    return document, int(health.exit_status(snapshots))

@@ -117,15 +117,40 @@ def stop_agent(vm: TestVM, sig: str = "TERM") -> None:
 STATUS_PRINTED = (0, 3, 4)
 
 
+#: Exit code of the runner's ``call`` when it cannot import vmem_guest (a guest whose
+#: root holds no checkout): the harness starts the command instead.
+CALL_IMPORT_FAILED = 125
+
+
 def status_document(vm: TestVM) -> dict[str, Any]:
     """``vmem-guest status --json``, the whole object (docs/status-json.md), whatever
-    the devices' verdict; an error (exit 1 or 2) raises."""
-    rc, out, err = cli_result(vm, "status --json")
-    if rc not in STATUS_PRINTED:
-        raise AssertionError(f"vmem-guest status --json: exit status {rc}: {err.strip()}")
-    document: dict[str, Any] = json.loads(out)
+    the devices' verdict; an error (exit 1 or 2) raises.
+
+    Read by the status command's own code (``status_reads.json_status``) in the guest
+    runner's process: a ``vmem-guest`` start-up costs the guest 5-10 s under TCG, and
+    the tests look at the agent hundreds of times. Tests of the command itself run it
+    with :func:`cli_result`."""
+    reply = vm.runner_request(
+        {
+            "op": "call",
+            "sys_path": [str(REPO)],
+            "module": "vmem_guest.status_reads",
+            "function": "json_status",
+            "args": [CONTROL_SOCKET.rsplit("/", 1)[0]],
+        }
+    )
+    if reply["rc"] == 0:
+        document, rc = json.loads(reply["out"])
+    elif reply["rc"] == CALL_IMPORT_FAILED:
+        rc, out, err = cli_result(vm, "status --json")
+        if rc not in STATUS_PRINTED:
+            raise AssertionError(f"vmem-guest status --json: exit status {rc}: {err.strip()}")
+        document = json.loads(out)
+    else:
+        raise AssertionError(f"vmem-guest status --json: {reply['out']}")
+    assert rc in STATUS_PRINTED, (rc, document)
     assert document["schema"] == 1, document
-    return document
+    return dict(document)
 
 
 def status_devices(vm: TestVM) -> list[dict[str, Any]]:
@@ -137,6 +162,16 @@ def status_devices(vm: TestVM) -> list[dict[str, Any]]:
 def status(vm: TestVM) -> dict[str, dict[str, Any]]:
     """``vmem-guest status --json`` by device (PCI address)."""
     return {dev["device"]: dev for dev in status_devices(vm)}
+
+
+def settled(dev: dict[str, Any]) -> bool:
+    """The agent is between steps and has finished planning for the sizes shown: no
+    intent, and the remainder it published is what the request leaves over what is
+    plugged. The remainder is written by the planner's Done step, a moment after the
+    last request or online: a look in between sees the sizes reached with the old
+    remainder."""
+    remainder = int(dev["requested_size"]) - int(dev["plugged_size"])
+    return dev["intent"] is None and dev["remainder"] == remainder
 
 
 def device_bdfs(vm: TestVM) -> dict[str, str]:
@@ -219,6 +254,18 @@ def online_runs(dev: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def state(vm: TestVM, bdf: str, addr: int, blocks: int) -> str:
-    """STATE through the CLI (served by the agent when it runs)."""
-    args = f"state --device {shlex.quote(bdf)} --addr {addr:#x} --blocks {blocks}"
-    return cli(vm, args).strip()
+    """STATE of a range: through the running agent's control socket, the request
+    ``vmem-guest state`` sends, from the guest runner's process (no Python start-up);
+    through the CLI when no agent listens (the command then takes the device)."""
+    request = {"op": "state", "device": bdf, "addr": addr, "blocks": blocks}
+    reply = vm.runner_request(
+        {"op": "unix", "path": CONTROL_SOCKET, "line": json.dumps(request), "timeout": 120},
+        timeout=120,
+    )
+    if reply["rc"] != 0:  # no agent (or none yet): the command takes the device itself
+        args = f"state --device {shlex.quote(bdf)} --addr {addr:#x} --blocks {blocks}"
+        return cli(vm, args).strip()
+    # The agent may send progress lines first; its answer is the last line.
+    answer = json.loads(reply["out"].splitlines()[-1])
+    assert answer.get("ok") is True, f"STATE {addr:#x}+{blocks}: {answer}"
+    return str(answer["result"]["state"])

@@ -16,6 +16,14 @@ a tracker: a shell and a ``base64`` process per read cost seconds under TCG on a
 host); ``ping`` answers
 with the boot id (the host uses it to notice a reboot); ``poweroff`` syncs and powers
 the guest off.
+
+Two ops save a Python start-up, which costs the guest 5-10 s under TCG on a busy host
+(docs/startup.md): ``unix`` sends one line to a Unix socket and returns every line the
+server answered (the agent's control protocol: a STATE through the running agent needs
+no ``vmem-guest state`` process); ``call`` imports a ``vmem_guest`` module into this
+process (once: from ``sys_path``) and returns a function's JSON result (the object
+``vmem-guest status --json`` prints, read by the same code). Neither replaces the CLI
+where a test is about the CLI: they are how the harness looks at the guest.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import glob
+import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,6 +91,46 @@ def run_shell(cmd: str, timeout: float) -> dict[str, Any]:
     return {"rc": rc, "out": text, "timed_out": timed_out, "elapsed": time.monotonic() - start}
 
 
+def unix_request(path: str, line: str, timeout: float) -> dict[str, Any]:
+    """Send ``line`` to the Unix stream socket at ``path``, close our side, return what
+    the server wrote until it closed its side."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(line.encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            with sock.makefile("rb") as stream:
+                reply = stream.read()
+        except OSError as e:
+            return {"rc": 1, "out": f"{type(e).__name__}: {e}"}
+    return {"rc": 0, "out": reply.decode("utf-8", "replace")}
+
+
+#: Exit code of ``call`` when the module cannot be imported here (the host falls back
+#: to starting the command instead).
+CALL_IMPORT_FAILED = 125
+
+
+def call_function(req: dict[str, Any]) -> dict[str, Any]:
+    """``call``: run ``module.function(*args)`` of vmem_guest in this process."""
+    module_name, function_name = str(req["module"]), str(req["function"])
+    if module_name.split(".")[0] != "vmem_guest":
+        return {"rc": 127, "out": f"call: not a vmem_guest module: {module_name!r}"}
+    for entry in reversed(req.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, str(entry))
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        return {"rc": CALL_IMPORT_FAILED, "out": f"{type(e).__name__}: {e}"}
+    try:
+        result = function(*req.get("args", []))
+    except Exception as e:  # the function's own error, for the host to report
+        return {"rc": 1, "out": f"{type(e).__name__}: {e}"}
+    return {"rc": 0, "out": json.dumps(result)}
+
+
 def handle(req: dict[str, Any]) -> dict[str, Any]:
     """Serve one request."""
     op = req.get("op", "sh")
@@ -108,6 +158,10 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         return {"rc": 0, "out": ""}
     if op == "sh":
         return run_shell(str(req["cmd"]), float(req.get("timeout", 60.0)))
+    if op == "unix":
+        return unix_request(str(req["path"]), str(req["line"]), float(req.get("timeout", 60.0)))
+    if op == "call":
+        return call_function(req)
     return {"rc": 127, "out": f"unknown op {op!r}"}
 
 

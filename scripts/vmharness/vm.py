@@ -155,6 +155,7 @@ class TestVM:
             if self.config.migratable:
                 thread = host.migration_tcg_thread(self.pair.linux, thread)
             self.config = dataclasses.replace(self.config, tcg_thread=thread)
+        paths.compile_checkout()
         root = paths.results_dir() / "vm"
         root.mkdir(parents=True, exist_ok=True)
         _prune_runs(root, KEEP_RUNS)
@@ -390,6 +391,18 @@ class TestVM:
         """Run cmd in the guest, raise GuestCommandError (with console tail) unless rc is 0;
         return its output."""
         return self.guest(cmd, timeout, check=True)[1]
+
+    def runner_request(self, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """One request of the guest runner's own ops (``unix``, ``call``: see
+        guest_runner.py), answered in the runner's process; its reply as it came."""
+        assert self._chan is not None, "VM not started"
+        self._check_alive()
+        try:
+            reply: dict[str, Any] = self._chan.request(request, timeout + 15)
+        except ChannelTimeout as e:
+            self._check_alive()
+            raise VMTimeout(f"{e} (request: {request.get('op')})", self.log_tail()) from e
+        return reply
 
     def read(self, path: str) -> str:
         """A guest file's text, read by the runner itself (no process is started)."""

@@ -1,10 +1,12 @@
 """The demo's live view without a VM: the runner's ``read`` from an offset, the host
-following ``status --follow --json`` through it, and both shapes of ``status --json``."""
+following ``status --follow --json`` through it, and both shapes of ``status --json``;
+the runner's ``unix`` and ``call`` ops the harness looks at the agent with."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -134,3 +136,44 @@ def test_a_silent_stream_is_checked_for_its_process(monkeypatch: pytest.MonkeyPa
     clock[0] += 5
     with pytest.raises(HarnessError, match="status --follow ended"):
         stream.poll()
+
+
+def test_runner_sends_a_line_to_a_unix_socket_and_returns_the_answer(tmp_path: Path) -> None:
+    """``unix``: the agent's control protocol without a ``vmem-guest`` process."""
+    path = str(tmp_path / "control.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as stream:
+            line = stream.readline()
+            conn.sendall(b'{"progress": {}}\n' + line.upper())
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    with server:
+        reply = guest_runner.handle({"op": "unix", "path": path, "line": '{"op": "state"}'})
+    thread.join(timeout=10)
+    assert reply == {"rc": 0, "out": '{"progress": {}}\n{"OP": "STATE"}\n'}
+    missing = guest_runner.handle({"op": "unix", "path": str(tmp_path / "none"), "line": "x"})
+    assert missing["rc"] == 1
+    assert "FileNotFoundError" in missing["out"]
+
+
+def test_runner_calls_a_vmem_guest_function_in_its_own_process() -> None:
+    """``call``: a function's JSON result; its error; a module it cannot import (the
+    harness then starts the command); nothing outside vmem_guest."""
+    repo = str(Path(__file__).resolve().parents[2])
+    request = {"op": "call", "sys_path": [repo], "module": "vmem_guest.units"}
+    done = guest_runner.handle({**request, "function": "format_size", "args": [3 << 20]})
+    assert (done["rc"], json.loads(done["out"])) == (0, "3MiB")
+    failed = guest_runner.handle({**request, "function": "parse_size", "args": ["12Q"]})
+    assert failed["rc"] == 1 and "12Q" in failed["out"], failed
+    absent = guest_runner.handle({**request, "function": "no_such_function"})
+    assert absent["rc"] == guest_runner.CALL_IMPORT_FAILED
+    gone = guest_runner.handle({**request, "module": "vmem_guest.no_such_module", "function": "f"})
+    assert gone["rc"] == guest_runner.CALL_IMPORT_FAILED
+    foreign = guest_runner.handle({**request, "module": "os", "function": "getpid"})
+    assert foreign["rc"] == 127

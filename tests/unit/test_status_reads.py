@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -34,3 +37,34 @@ def test_a_busy_agent_does_not_hold_up_status(
 
 def test_no_agent_no_online_paths(tmp_path: Path) -> None:
     assert status_reads.agent_online_paths(tmp_path) == {}
+
+
+def test_json_status_is_what_status_json_prints(tmp_path: Path) -> None:
+    """The harness reads ``json_status`` in the guest's runner process instead of
+    starting ``status --json``: the same document and the same exit status, for a
+    device the simulator left converged and for one whose tracker is missing."""
+    command = [sys.executable, "-m", "vmem_guest.cli"]
+    sim = subprocess.run(
+        [*command, "sim", "--resize", "256M", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    assert sim.returncode == 0
+    devices_seen = []
+    for state_dir in (tmp_path, tmp_path / "none"):
+        printed = subprocess.run(
+            [*command, "status", "--json", "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        document, exit_status = status_reads.json_status(str(state_dir))
+        assert exit_status == printed.returncode == 0, printed.stderr
+        printed_document = json.loads(printed.stdout)
+        for doc in (printed_document, document):  # MemTotal: read at two moments
+            doc["guest"].pop("mem_total")  # type: ignore[attr-defined]
+        assert json.loads(json.dumps(document)) == printed_document
+        devices_seen.append(len(printed_document["devices"]))
+    assert devices_seen == [1, 0]

@@ -23,6 +23,9 @@ from vmharness.guest_agent import (
     status,
     stop_agent,
 )
+from vmharness.guest_agent import (
+    settled as agent_settled,
+)
 
 GUEST_PYTHON = VMEM_GUEST.rsplit("/", 1)[0] + "/python"
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
@@ -69,7 +72,7 @@ def converge(vm: TestVM, size: int, timeout: float = 240) -> dict[str, object]:
 
     def settled() -> dict[str, object] | None:
         dev = the_device(vm)
-        return dev if dev["online_size"] == size and dev["intent"] is None else None
+        return dev if dev["online_size"] == size and agent_settled(dev) else None
 
     return vm.wait_until(settled, timeout=60, what="the tracker to settle")
 

@@ -21,6 +21,7 @@ from vmharness.guest_agent import (
     cli_json,
     device_bdfs,
     online_size_for,
+    settled,
     state_mismatches,
     status,
     target,
@@ -97,7 +98,7 @@ def check_converged(
         settled = all(
             snap[bdfs[dev_id]]["online_size"] == online[dev_id]
             and snap[bdfs[dev_id]]["plugged_size"] == size
-            and snap[bdfs[dev_id]]["intent"] is None
+            and settled(snap[bdfs[dev_id]])
             for dev_id, size in expected.items()
         )
         return snap if settled else None

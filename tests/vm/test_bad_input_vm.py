@@ -33,6 +33,9 @@ from vmharness.guest_agent import (
     status,
     stop_agent,
 )
+from vmharness.guest_agent import (
+    settled as agent_settled,
+)
 
 from vmem_guest import control
 from vmem_guest.tracker import MAGIC, TrackerHeader
@@ -112,7 +115,7 @@ def converge(vm: TestVM, size: int) -> None:
         what=f"QEMU size and MemTotal to follow {size}",
     )
     dev = vm.wait_until(
-        lambda: (d := the_device(vm))["intent"] is None and d,
+        lambda: agent_settled(d := the_device(vm)) and d,
         timeout=60,
         what="the tracker to settle",
     )

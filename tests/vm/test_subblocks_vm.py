@@ -25,6 +25,7 @@ import pytest
 from vmharness import GiB, MemDevice, MiB, TestVM, VMConfig, userspace_driver_config
 from vmharness.guest_agent import (
     VMEM_GUEST,
+    settled,
     start_agent,
     state,
     status_devices,
@@ -62,7 +63,7 @@ def converge(vm: TestVM, device: str, size: int, plugged: int, timeout: float = 
         lambda: vm.plugged(device) == plugged, timeout=timeout, what=f"{device} size {plugged}"
     )
     vm.wait_until(
-        lambda: all(d["intent"] is None for d in status_devices(vm)),
+        lambda: all(settled(d) for d in status_devices(vm)),
         timeout=60,
         what="the tracker to settle",
     )

@@ -26,6 +26,9 @@ from vmharness.guest_agent import (
     status,
     target,
 )
+from vmharness.guest_agent import (
+    settled as agent_settled,
+)
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
 DEVICE = "vm0"
@@ -64,7 +67,7 @@ def converge(vm: TestVM, bdf: str, requested: int, previous: int, base_memtotal:
     def settled() -> dict[str, object] | None:
         dev = status(vm)[bdf]
         done = dev["plugged_size"] == expected and dev["online_size"] == online
-        return dev if done and dev["intent"] is None else None
+        return dev if done and agent_settled(dev) else None
 
     dev = vm.wait_until(settled, timeout=60, what="the tracker to settle")
     assert (dev["binding"], dev["interrupts"]) == ("uio", "INTx")
