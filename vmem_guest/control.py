@@ -360,7 +360,8 @@ def call(
 
     Raises AgentError (or UsageError for usage errors the agent reported), and
     TimeoutError when ``timeout`` seconds pass on one send or receive (the agent
-    answers between steps, and a step may take long: an offline under pressure).
+    answers between steps, and a step may take long: an offline under pressure) or,
+    with a ``timeout``, when its listen queue is full.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -370,6 +371,11 @@ def call(
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 return None
+            if exc.errno == errno.EAGAIN:
+                # With a timeout the connect does not block: a full listen queue (the
+                # agent inside a long step, clients queued behind it) answers EAGAIN
+                # at once (net/unix/af_unix.c, unix_stream_connect). A busy agent.
+                raise TimeoutError(f"the agent at {path} accepts no connection: busy") from None
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise UsageError(
                     f"permission denied: the agent's control socket {path} is for root only",

@@ -56,6 +56,27 @@ def cli_result(
     return rc, vm.read("/run/cli.out"), vm.read("/run/cli.err")
 
 
+#: The guest side of :func:`cli_results`.
+CLI_BATCH = Path(__file__).with_name("cli_batch.py")
+#: The checkout's venv interpreter, seen at the same path in the guest.
+GUEST_PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+
+def cli_results(
+    vm: TestVM, command_lines: list[str], timeout: float = 600.0
+) -> list[tuple[int, str, str]]:
+    """``vmem-guest ARGS`` for each of ``command_lines``, one after the other in ONE guest
+    process that calls the CLI's entry point for each (cli_batch.py): (exit status,
+    stdout, stderr) of each, as :func:`cli_result` gives them. For a test of many
+    invocations, where a process each would cost 5-10 s of Python start-up apiece under
+    TCG; a test of the program as a process uses :func:`cli_result`."""
+    argument = shlex.quote(json.dumps(command_lines))
+    vm.sh(f"{GUEST_PYTHON} {CLI_BATCH} {argument} >/run/cli-batch.json", timeout=timeout)
+    results = json.loads(vm.read("/run/cli-batch.json"))
+    assert isinstance(results, list) and len(results) == len(command_lines), results
+    return [(int(rc), str(out), str(err)) for rc, out, err in results]
+
+
 def cli_json(vm: TestVM, args: str, timeout: float = 120.0) -> Any:
     return json.loads(cli(vm, f"{args} --json", timeout))
 
@@ -77,15 +98,31 @@ def wait_for_control_socket(vm: TestVM, died: Callable[[], bool]) -> None:
     """Wait (2 minutes at most) until an agent just started binds CONTROL_SOCKET, or
     ``died()`` says it is gone: the caller tells which of the two it was."""
     vm.wait_until(
-        lambda: vm.guest(f"test -S {CONTROL_SOCKET}")[0] == 0 or died(),
+        lambda: control_socket_bound(vm) or died(),
         timeout=120,
         what="the agent's control socket",
     )
 
 
+def _guest_text(vm: TestVM, path: str) -> str | None:
+    """A guest file's text read by the runner (no process started: these are polled,
+    and every process started slows the agent being waited for); None if unreadable."""
+    reply = vm.runner_request({"op": "read", "path": path}, timeout=30)
+    return str(reply["out"]) if reply["rc"] == 0 else None
+
+
+def control_socket_bound(vm: TestVM) -> bool:
+    """A process has bound CONTROL_SOCKET (it is listed in /proc/net/unix; a file left
+    by an agent that was killed is not)."""
+    sockets = _guest_text(vm, "/proc/net/unix") or ""
+    return any(line.endswith(" " + CONTROL_SOCKET) for line in sockets.splitlines())
+
+
 def agent_died(vm: TestVM) -> bool:
-    rc, _ = vm.guest(f"kill -0 $(cat {AGENT_PID})")
-    return rc != 0
+    """The agent of AGENT_PID has exited (gone, or a zombie not yet reaped)."""
+    pid = (_guest_text(vm, AGENT_PID) or "").strip()
+    stat = _guest_text(vm, f"/proc/{pid}/stat") if pid.isdigit() else None
+    return stat is None or stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def agent_log(vm: TestVM) -> str:

@@ -373,11 +373,13 @@ class TestVM:
         """
         assert self._chan is not None, "VM not started"
         self._check_alive()
+        started = time.monotonic()
         try:
             r = self._chan.request({"op": "sh", "cmd": cmd, "timeout": timeout}, timeout + 15)
         except ChannelTimeout as e:
             self._check_alive()
             raise VMTimeout(f"{e} (command: {cmd})", self.log_tail()) from e
+        self._log_command(started, f"sh {cmd}")
         rc = int(r["rc"])
         out = str(r["out"])
         if r.get("timed_out"):
@@ -397,12 +399,22 @@ class TestVM:
         guest_runner.py), answered in the runner's process; its reply as it came."""
         assert self._chan is not None, "VM not started"
         self._check_alive()
+        started = time.monotonic()
         try:
             reply: dict[str, Any] = self._chan.request(request, timeout + 15)
         except ChannelTimeout as e:
             self._check_alive()
             raise VMTimeout(f"{e} (request: {request.get('op')})", self.log_tail()) from e
+        what = request.get("function") or request.get("line") or ""
+        self._log_command(started, f"{request.get('op')} {what}")
         return reply
+
+    def _log_command(self, started: float, what: str) -> None:
+        """One line per guest command in the run's commands.log: seconds it took, what
+        it was. Where a VM test's time goes (docs/test-vm.md)."""
+        if self.paths is not None:
+            with (self.paths.run_dir / "commands.log").open("a") as log:
+                log.write(f"{time.monotonic() - started:8.2f} {what[:160]!r}\n")
 
     def read(self, path: str) -> str:
         """A guest file's text, read by the runner itself (no process is started)."""

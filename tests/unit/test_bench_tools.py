@@ -158,3 +158,12 @@ def test_the_scale_table_puts_each_agent_against_the_same_kernel_run() -> None:
     assert "README s" in lines[1] and "tuned s" in lines[1]
     readme = [line for line in lines if line.startswith("vmem_guest (README set-up): run")]
     assert readme and "0.80 s" in readme[0] and "one write per block" in readme[0]
+
+
+def test_a_tcg_guest_skips_the_io_apic_timer_check() -> None:
+    """Under TCG on a loaded host the boot's timer check can miss and panic."""
+    cfg = VMConfig(devices=(MemDevice("vm0"),))
+    (tcg_cmdline,) = option(argv(cfg, "tcg"), "-append")
+    (kvm_cmdline,) = option(argv(cfg, "kvm"), "-append")
+    assert "no_timer_check" in tcg_cmdline.split()
+    assert "no_timer_check" not in kvm_cmdline.split()

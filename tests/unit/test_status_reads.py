@@ -68,3 +68,31 @@ def test_json_status_is_what_status_json_prints(tmp_path: Path) -> None:
         assert json.loads(json.dumps(document)) == printed_document
         devices_seen.append(len(printed_document["devices"]))
     assert devices_seen == [1, 0]
+
+
+def test_a_full_listen_queue_is_a_busy_agent_not_an_error(tmp_path: Path) -> None:
+    """Status polled while the agent is inside a long step fills its listen queue; a
+    connect with a timeout then fails at once with EAGAIN. Seen in the test VM:
+    ``status`` failed with "Resource temporarily unavailable"."""
+    path = control.socket_path(tmp_path)
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued = []
+    with busy:
+        busy.bind(str(path))
+        busy.listen(0)
+        for _ in range(4):  # fill the queue (its length is the backlog plus one)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:
+                client.close()
+                break
+            queued.append(client)
+        else:
+            raise AssertionError("the listen queue never filled")
+        with pytest.raises(TimeoutError, match="busy"):
+            control.call(path, control.Ping(), timeout=0.05)
+        assert status_reads.agent_online_paths(tmp_path) == {}
+    for client in queued:
+        client.close()

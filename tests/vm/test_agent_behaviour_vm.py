@@ -6,6 +6,7 @@ module; each test leaves the device unplugged and the agent stopped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
@@ -18,7 +19,7 @@ from vmharness.guest_agent import (
     agent_died,
     agent_log,
     cli,
-    cli_json,
+    cli_results,
     start_agent,
     status,
     stop_agent,
@@ -100,15 +101,29 @@ def test_manual_mode_and_direct_commands(clean: TestVM) -> None:
     start_agent(vm, "--noiommu --manual")
     cli(vm, "plug 256M")
     assert vm.plugged(DEV) == 256 * MiB
-    assert cli(vm, f"state --addr {base:#x} --blocks 128").strip() == "PLUGGED"
-    assert cli(vm, f"state --addr {base + 256 * MiB:#x} --blocks 64").strip() == "UNPLUGGED"
-    assert cli(vm, f"state --addr {base + 128 * MiB:#x} --blocks 128").strip() == "MIXED"
+    # The agent's answers, each command through the CLI's entry point, in one process.
+    states = cli_results(
+        vm,
+        [
+            f"state --addr {base:#x} --blocks 128",
+            f"state --addr {base + 256 * MiB:#x} --blocks 64",
+            f"state --addr {base + 128 * MiB:#x} --blocks 128",
+        ],
+    )
+    assert states == [(0, f"{state}\n", "") for state in ("PLUGGED", "UNPLUGGED", "MIXED")]
     assert vm.plugged(DEV) == 256 * MiB  # manual mode: the agent ignored requested-size
-    cli(vm, "unplug 256M")
-    assert vm.plugged(DEV) == 0
-    result = cli_json(vm, f"plug --addr {base + 512 * MiB:#x} --blocks 64")
+    (unplugged, plugged, emptied) = cli_results(
+        vm,
+        [
+            "unplug 256M --json",
+            f"plug --addr {base + 512 * MiB:#x} --blocks 64 --json",
+            "unplug-all",
+        ],
+    )
+    assert (unplugged[0], plugged[0], emptied[0]) == (0, 0, 0), (unplugged, plugged, emptied)
+    assert json.loads(unplugged[1])["plugged_size"] == 0
+    result = json.loads(plugged[1])
     assert result["plugged_size"] == result["online_size"] == 128 * MiB
-    cli(vm, "unplug-all")
     assert vm.plugged(DEV) == 0
     stop_agent(vm)
     # No agent: the commands take the device lock and act directly.

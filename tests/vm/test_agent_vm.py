@@ -95,13 +95,13 @@ def check_converged(
 
     def tracker_settled() -> dict[str, dict[str, object]] | None:
         snap = status(vm)
-        settled = all(
+        every_device = all(
             snap[bdfs[dev_id]]["online_size"] == online[dev_id]
             and snap[bdfs[dev_id]]["plugged_size"] == size
             and settled(snap[bdfs[dev_id]])
             for dev_id, size in expected.items()
         )
-        return snap if settled else None
+        return snap if every_device else None
 
     snap = vm.wait_until(tracker_settled, timeout=120, what="the tracker to settle")
     for dev_id, size in expected.items():

@@ -29,6 +29,7 @@ from vmharness.guest_agent import (
     agent_log,
     cli,
     cli_result,
+    cli_results,
     start_agent,
     status,
     stop_agent,
@@ -182,8 +183,13 @@ class TestManualAgent:
         self, vm: TestVM, manual: dict[str, int]
     ) -> None:
         pid = agent_pid(vm)
-        for args, problem in manual_cases(region_addr(vm)):
-            assert_refused(cli_result(vm, args), problem)
+        (first, first_problem), *rest = manual_cases(region_addr(vm))
+        # One as the program it is; the others through its entry point in one process.
+        assert_refused(cli_result(vm, first), first_problem)
+        for result, (_, problem) in zip(
+            cli_results(vm, [args for args, _ in rest]), rest, strict=True
+        ):
+            assert_refused(result, problem)
         assert_nothing_lost(vm, manual, pid)
         # Every refusal the agent itself made is in its log.
         log = vm.read(AGENT_LOG)
@@ -219,14 +225,18 @@ class TestNoAgent:
         self, vm: TestVM, direct: dict[str, int]
     ) -> None:
         base = region_addr(vm)
-        for args, problem in [
-            ("plug 3M --noiommu", "size 3MiB is not a positive multiple of 128MiB"),
+        assert_refused(
+            cli_result(vm, "plug 3M --noiommu"), "size 3MiB is not a positive multiple of 128MiB"
+        )
+        cases = [
             ("plug 8G --noiommu", "can be plugged in the usable region"),
             (f"unplug --addr {base + 2 * MiB:#x} --blocks 64 --noiommu", "not whole units"),
             (f"plug 128M --device {UNKNOWN_BDF} --noiommu", f"no PCI device {UNKNOWN_BDF}"),
             ("unplug-all --device 00:1f --noiommu", "not a PCI address: '00:1f'"),
-        ]:
-            assert_refused(cli_result(vm, args), problem)
+        ]
+        results = cli_results(vm, [args for args, _ in cases])
+        for result, (_, problem) in zip(results, cases, strict=True):
+            assert_refused(result, problem)
         assert_nothing_lost(vm, direct)
         assert json.loads(cli(vm, "plug 128M --noiommu --json"))["online_size"] == 384 * MiB
         cli(vm, "unplug 128M --noiommu")
@@ -302,11 +312,10 @@ class TestAutomaticAgent:
         self, vm: TestVM, auto: dict[str, int]
     ) -> None:
         pid = agent_pid(vm)
-        for args in ("plug 128M", "unplug 128M", "unplug-all"):
+        commands = ["plug 128M", "unplug 128M", "unplug-all"]
+        for result, args in zip(cli_results(vm, commands), commands, strict=True):
             op = args.split()[0]
-            assert_refused(
-                cli_result(vm, args), f"the agent follows the host's requested size; '{op}'"
-            )
+            assert_refused(result, f"the agent follows the host's requested size; '{op}'")
         assert_nothing_lost(vm, auto, pid)
         assert "control request 'unplug-all' refused" in vm.read(AGENT_LOG)
         assert_follows_host(vm)

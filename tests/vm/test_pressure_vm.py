@@ -1,18 +1,17 @@
-"""Memory pressure (issue 5 item 6): a bounded ``make pressure``.
+"""Memory pressure (issue 5 item 6): a bounded ``make pressure``, the agent's side.
 
-Two VMs, one per driver (the in-kernel ``virtio_mem`` driver, then the vmem_guest agent
-with subblock unplug, its default), each with 1 GiB of boot memory and 2 GiB plugged
-into a 4 GiB device, run the same workload (mlocked memory with pinned pages, anonymous
-memory, page cache on a loop-mounted ext4), then the host asks for 0. After the same
-settle time: the agent unplugged what the kernel let it offline or soft-offline and no
-more (every subblock holding a pinned page stays plugged, every hole's pages are
-HWPOISON), counted its retries, never reported a size QEMU does not have, and neither
-driver's workload met the OOM killer. Holes stay in MemTotal and show in
-HardwareCorrupted. Once the workload ends, the agent converges to the request. The
-drivers' unplugged amounts are printed, not compared: the ratio is a figure (``make
-pressure``, which also runs the agent with ``--no-subblock-unplug``), not a pass mark.
-``scripts/pressure.py`` holds the scenario; this runs it with a shorter settle time and
-without the whole-block run (one VM fewer in ``make test``).
+One VM with the vmem_guest agent (subblock unplug, its default), 1 GiB of boot memory
+and 2 GiB plugged into a 4 GiB device, runs the workload of ``make pressure`` (mlocked
+memory with pinned pages, anonymous memory, page cache on a loop-mounted ext4), then
+the host asks for 0. After the settle time: the agent unplugged what the kernel let it
+offline or soft-offline and no more (every subblock holding a pinned page stays
+plugged, every hole's pages are HWPOISON), counted its retries, never reported a size
+QEMU does not have, and the workload never met the OOM killer. Holes stay in MemTotal
+and show in HardwareCorrupted. Once the workload ends, the agent converges to the
+request. ``scripts/pressure.py`` holds the scenario; this runs it with a shorter settle
+time and the agent only: the in-kernel driver's run of the same workload, and the
+ratio between the two, are figures of ``make pressure`` (docs/benchmarks.md), not
+pass marks, and cost ``make test`` a second VM.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ import pytest
 from vmharness import TestVM, VMConfig
 
 BootVM = Callable[[VMConfig], AbstractContextManager[TestVM]]
-# The in-kernel driver's convergence after the workload is not waited for (its retry
-# timer may take minutes): make pressure times it.
-PARAMS = pressure.Params(settle=30.0, drivers=("kernel", "vmem_guest"), kernel_converge_timeout=0.0)
+PARAMS = pressure.Params(settle=30.0, drivers=("vmem_guest",))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def agent(result: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-def test_comparison_is_printed_and_both_drivers_kept_their_workload(
+def test_the_run_is_printed_and_the_workload_survived(
     result: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with capsys.disabled():
@@ -54,9 +51,9 @@ def test_comparison_is_printed_and_both_drivers_kept_their_workload(
         after = run["after"]
         assert after["workload_alive"], f"{driver}: the workload died"
         assert after["dmesg"]["oom"] == 0, f"{driver}: the OOM killer ran"
-        # The setup is what it claims: neither driver could unplug everything.
+        # The setup is what it claims: the agent could not unplug everything.
         assert 0 < after["unplugged"] < PARAMS.grow, (driver, after["unplugged"])
-    assert "unplugged: vmem_guest" in result["table"]
+    assert result["table"].splitlines()[2].startswith(pressure.LABELS["vmem_guest"])
 
 
 def test_workload_holds_anonymous_mlocked_and_page_cache_memory(result: dict[str, Any]) -> None:
