@@ -671,7 +671,7 @@ def finish_agent(
     lines = text.splitlines()
     settle = out["after"].get("agent_log_lines_at_settle", len(lines))
     ended = out["ended"]
-    out["agent_waits"] = timing.agent_waits(text, ended["guest_stop"], ended["qemu_s"])
+    out["agent_waits"] = timing.agent_waits(text, ended["guest_stop"], timing.since_stop(ended))
     pinned = set(out["workload"]["pinned_device_subblocks"])
     out["refusals"] = refusals(lines[:settle], pinned, p.block_size)
     out["refusals_after_settle"] = refusals(lines[settle:], pinned, p.block_size)

@@ -77,7 +77,8 @@ class RequestChannel(Protocol):
     def submit(self, request: bytes) -> bytes:
         """Send one request and return the bytes the device wrote as response.
 
-        Raises DeviceTimeout when the device does not answer in time.
+        Raises DeviceTimeout when the device does not answer in time, and
+        PagemapRefused only before the request reached the device (it saw nothing).
         """
 
 

@@ -24,7 +24,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from vmem_guest import config_peek, control, kernel_setting, online_path, pci, planner, requirements
+from vmem_guest import (
+    config_peek,
+    control,
+    kernel_setting,
+    kexec_exposure,
+    online_path,
+    pci,
+    planner,
+    requirements,
+)
 from vmem_guest._linux.procfs import PROC_ROOT
 from vmem_guest._linux.sysfs import SYSFS_ROOT, read_value_or_none
 from vmem_guest.blocks import Geometry
@@ -561,6 +570,37 @@ def _sleep_inhibitor(survey: Survey) -> Finding:
     return ok(f"systemd runs, {program} is there")
 
 
+def _kexec(survey: Survey) -> Finding:
+    """Device-region ranges a kexec'd or crash kernel would take as RAM, and whether
+    such a kernel is loaded (:mod:`vmem_guest.kexec_exposure`)."""
+    regions = []
+    for dev in survey.devices:
+        region = _device_region(dev, survey.host.state_dir)
+        if isinstance(region, str):
+            return Finding(Status.UNKNOWN, region)
+        regions.append(region)
+    if not regions:
+        return not_needed("no virtio-mem device: the agent adds no memory")
+    exposure = kexec_exposure.examine(regions, survey.host.sys, survey.host.proc)
+    if exposure is None:
+        return Finding(Status.UNKNOWN, "neither /sys/firmware/memmap nor /proc/iomem can be read")
+    return missing(exposure.summary()) if exposure.exposed else ok(exposure.summary())
+
+
+def _device_region(dev: pci.VirtioMemPci, state_dir: Path) -> kexec_exposure.Span | str:
+    """``dev``'s region (from its tracker file, else its config through sysfs), or why
+    it cannot be told."""
+    geometry = _tracked_geometry(dev.bdf, state_dir)
+    if geometry is not None:
+        addr, size = geometry.addr, geometry.region_size
+    else:
+        config = config_peek.read_config_or_reason(dev.sysfs_path)
+        if isinstance(config, str):
+            return f"{dev.bdf}: region unknown: {config}"
+        addr, size = config.addr, config.region_size
+    return kexec_exposure.Span(addr, addr + size - 1)
+
+
 def _uevents(survey: Survey) -> Finding:
     if survey.host.udev_loads():
         return ok("pyudev and libudev load")
@@ -586,6 +626,7 @@ CHECKS: tuple[Check, ...] = (
     Check(requirements.AUTO_ONLINE, _auto_online),
     Check(requirements.SLEEP_INHIBITOR, _sleep_inhibitor),
     Check(requirements.UEVENTS, _uevents),
+    Check(requirements.KEXEC, _kexec),
 )
 
 

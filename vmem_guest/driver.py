@@ -14,6 +14,8 @@ Response handling (docs/design.md section 5.6, spec 5.15.6):
   block or subblock for a window of its own and tries others (``retry.py``); the
   window ends early once its cause is gone (``relief.py``).
 * ERROR: a driver bug or a broken device: mark it broken and stop.
+* No request at all (PagemapRefused: the kernel could not read pagemap for the
+  no-IOMMU check before it): waited out like BUSY; a page that moved stays fatal.
 
 Every request is bracketed by the tracker's pending intent, so a crash at any
 point is resolved on restart by :meth:`DeviceDriver.start` with STATE requests.
@@ -36,6 +38,7 @@ from vmem_guest.errors import (
     DeviceError,
     KernelError,
     OfflineRefused,
+    PagemapRefused,
     PageRefused,
     SafetyError,
     VmemError,
@@ -625,6 +628,9 @@ class DeviceDriver:
             if held is not None:
                 return StepResult(Outcome.WAIT, step, wait_seconds=held - now, detail="held")
             return self._execute(step)
+        except PagemapRefused as exc:
+            # Not the device, not a moved page: the kernel's allocation for pagemap.
+            return self._wait(step, exc.message)
         except VmemError as exc:
             self.mark_broken(exc.message)
             return StepResult(Outcome.BROKEN, step, detail=exc.message)
@@ -885,7 +891,7 @@ class DeviceDriver:
         )
         return True
 
-    def _wait(self, step: planner.Step, why: str) -> StepResult:
+    def _wait(self, step: planner.Step | None, why: str) -> StepResult:
         self.tracker.count_retry()
         delay = self.backoff.next_delay()
         self.not_before = self.clock() + delay
@@ -894,14 +900,13 @@ class DeviceDriver:
     def _request(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
         """One request, bracketed by the tracker's intent; ACKs recorded before it clears."""
         self.tracker.set_intent(req_type, addr, nb_blocks)
-        if req_type is RequestType.PLUG:
-            response = self.device.plug(addr, nb_blocks)
-        elif req_type is RequestType.UNPLUG:
-            response = self.device.unplug(addr, nb_blocks)
-        elif req_type is RequestType.STATE:
-            response = self.device.state(addr, nb_blocks)
-        else:
-            response = self.device.unplug_all()
+        try:
+            response = self._send(req_type, addr, nb_blocks)
+        except PagemapRefused as exc:
+            # Raised before the request was posted: the device saw nothing to resolve.
+            self.tracker.clear_intent()
+            self.log.warning("%s %#x x%d not sent: %s", req_type.name, addr, nb_blocks, exc)
+            raise
         self.tracker.count_requests(1)
         if response.acked:
             if req_type is RequestType.PLUG:
@@ -913,6 +918,15 @@ class DeviceDriver:
                 self.tracker.record_unplug_all()
         self.tracker.clear_intent()
         return response
+
+    def _send(self, req_type: RequestType, addr: int, nb_blocks: int) -> Response:
+        if req_type is RequestType.PLUG:
+            return self.device.plug(addr, nb_blocks)
+        if req_type is RequestType.UNPLUG:
+            return self.device.unplug(addr, nb_blocks)
+        if req_type is RequestType.STATE:
+            return self.device.state(addr, nb_blocks)
+        return self.device.unplug_all()
 
     def _require_plugged(self, mb: int) -> BlockRecord:
         """Invariant 5.1/5.5: never probe or online a block that is not fully plugged."""
@@ -1111,12 +1125,18 @@ class DeviceDriver:
     def manual_request(
         self, req_type: RequestType, addr: int, nb_blocks: int, sleep: Callable[[float], None]
     ) -> Response:
-        """One request; BUSY retried per :data:`MANUAL_BUSY`, NACK and ERROR raised
-        (ERROR marks the device broken: spec 5.15.6, the request was valid)."""
+        """One request; BUSY (and a request PagemapRefused kept from going out) retried
+        per :data:`MANUAL_BUSY`, NACK and ERROR raised (ERROR marks the device broken:
+        spec 5.15.6, the request was valid)."""
         for attempt in range(MANUAL_BUSY_RETRIES + 1):
-            response = self._request(req_type, addr, nb_blocks)
-            if response.type is not ResponseType.BUSY:
-                break
+            try:
+                response = self._request(req_type, addr, nb_blocks)
+            except PagemapRefused:
+                if attempt == MANUAL_BUSY_RETRIES:
+                    raise
+            else:
+                if response.type is not ResponseType.BUSY:
+                    break
             self.tracker.count_retry()
             sleep(MANUAL_BUSY.delay(attempt + 1))
         if response.type is ResponseType.ACK:

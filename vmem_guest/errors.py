@@ -13,6 +13,7 @@ the agent can decide what to do without parsing text::
      |    +-- DeviceTimeout    no answer within the timeout
      +-- TransportError        VFIO / virtio-pci / virtqueue plumbing failed
      |    +-- IoctlError       one ioctl failed (name, errno)
+     |    +-- PagemapRefused   pagemap could not be read now (ENOMEM...): retry later
      +-- KernelError           a sysfs memory-hotplug write or read failed (block, errno)
      |    +-- OfflineRefused   the kernel refused to offline a block (EBUSY and friends)
      |    +-- PageRefused      the kernel would not give up one page (soft offline)
@@ -21,7 +22,7 @@ the agent can decide what to do without parsing text::
      +-- SafetyError           an action would break a safety invariant (docs/design.md s.5)
      |    +-- HolesKeepBlockOnline  a block with taken subblocks is never offlined (block)
      |    +-- HibernationRefused  device memory cannot be given back before a hibernation
- +-- RequirementMissing    the guest lacks what the agent needs (docs/requirements.md)
+     +-- RequirementMissing    the guest lacks what the agent needs (docs/requirements.md)
      +-- Mismatch              fuzzing: the device and the model disagree (after, differences)
      +-- DeviceLost            fuzzing: the device under test stopped answering (reason, after)
 
@@ -98,6 +99,30 @@ class IoctlError(TransportError):
             text = f"{text}: {detail}"
         super().__init__(text, ioctl=ioctl, errno=err)
         self.ioctl = ioctl
+        self.errno = err
+
+
+class PagemapRefused(TransportError):
+    """The kernel could not open or read ``/proc/self/pagemap`` just now (ENOMEM,
+    EAGAIN, EINTR): an allocation of its own failed (``pagemap_read`` allocates a
+    buffer on every read), which says nothing about the pages. The no-IOMMU check
+    before a request could not run, so the request was not sent: try again later,
+    as after a BUSY (docs/safety.md, "Kernel faults"). A page that did move is a
+    plain TransportError and stays fatal.
+
+    Attributes (in ``fields``): ``op`` ("open" or "read"), ``errno``, ``path``.
+    """
+
+    def __init__(self, op: str, err: int, path: str) -> None:
+        name = errno_mod.errorcode.get(err, str(err))
+        super().__init__(
+            f"{op} {path} failed: {name} ({os.strerror(err)}); the DMA pages are checked"
+            " again before the next request",
+            op=op,
+            errno=err,
+            path=path,
+        )
+        self.op = op
         self.errno = err
 
 

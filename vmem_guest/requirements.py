@@ -196,6 +196,19 @@ UEVENTS = Requirement(
     cost="devices hot-plugged later are not served until the agent restarts",
     fix="install libudev (Debian: libudev1)",
 )
+KEXEC = Requirement(
+    "kexec and kdump",
+    Level.OPTIONAL,
+    need="memory added through 'probe' is plain System RAM with a /sys/firmware/memmap "
+    "entry, and only the kernel's remove_memory (no sysfs file) takes either away: "
+    "after a growth, a kexec'd kernel or a crash kernel must not be used",
+    cost="kexec (kexec-tools reads /sys/firmware/memmap) boots the next kernel with "
+    "device memory as RAM though it may be unplugged; a crash kernel's elfcorehdr lists "
+    "it, so the dump reads unplugged memory",
+    fix="reboot instead of kexec while device memory was ever added this boot; leave "
+    "kdump off or accept dumps that read unplugged memory (kernel.kexec_load_disabled=1 "
+    "forbids both until reboot); see docs/kexec.md",
+)
 
 
 def not_root(uid: int) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmem_guest import binding, control, manual, metrics, pci, planner, requirements
+from vmem_guest import binding, control, kexec_exposure, manual, metrics, pci, planner, requirements
 from vmem_guest._linux.procfs import memtotal_bytes
 from vmem_guest._linux.timerfd import ResumeWatch
 from vmem_guest.agent import Agent, Listeners, StateListener
@@ -276,6 +276,8 @@ def run_agent(options: RunOptions) -> None:
         why := metrics.check_metrics_path(options.metrics_file)
     ):
         raise UsageError(why)
+    for warning in kexec_exposure.startup_warnings():
+        log.warning(warning)
     try:
         with (
             Notifier.from_environment() as notifier,  # before any child starts

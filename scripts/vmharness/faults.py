@@ -13,9 +13,16 @@ knobs under ``/sys/kernel/debug/<kind>/`` (lib/fault-inject.c,
   injected, so the count injected is exact when it starts finite;
 * ``ignore-gfp-wait``: Y (the default) skips allocations that may sleep, which is
   nearly every allocation of a system call; N fails those too;
-* ``fail_page_alloc/min-order`` is 1 by default (order-0 pages never fail): 0 here;
-  ``ignore-gfp-highmem`` stays Y, so the process's own user pages (and page cache)
-  never fail and a page fault does not loop;
+* ``fail_page_alloc/min-order`` stays 1, the default: order-0 pages never fail.
+  At 0 a probe crashed the guest: hot-adding memory maps it into the kernel's direct
+  map with page tables from ``alloc_low_pages`` (arch/x86/mm/init.c), which after
+  boot is ``__get_free_pages(GFP_ATOMIC | __GFP_ZERO, 0)``, and ``phys_pud_init``
+  (arch/x86/mm/init_64.c) hands its NULL to ``phys_pmd_init`` unchecked: a NULL
+  dereference, a panic (Linux 6.1.192 and 6.12.118 alike). No knob spares that
+  allocation alone (the stack-trace filter is ``!X86_64``, lib/Kconfig.debug);
+  ``ignore-gfp-highmem`` stays Y, so the process's own user pages (and page cache,
+  and the pages offline and soft offline migrate to) never fail and a page fault
+  does not loop;
 * ``verbose`` 2 prints ``FAULT_INJECTION: forcing a failure.`` and a call trace per
   failure, rate limited by ``verbose_ratelimit_interval_ms`` / ``_burst``; set wide
   open here, with the console log level lowered so the traces go to the kernel's
@@ -45,6 +52,9 @@ QUIET_CONSOLE = 2
 #: ``times`` for "no limit": finite, so that what is left says how many were injected.
 UNLIMITED_TIMES = 1_000_000
 FAULT_MARK = "FAULT_INJECTION: forcing a failure."
+#: fail_page_alloc's ``min-order``: never 0, an order-0 failure in the hot-add's
+#: direct-map page tables panics Linux (see the module docstring).
+PAGE_MIN_ORDER = 1
 #: Kernel functions that name the operation a failed allocation served, first match
 #: wins (drivers/base/memory.c, mm/memory_hotplug.c, mm/memory-failure.c, fs/kernfs).
 _OPERATIONS = (
@@ -95,7 +105,7 @@ class FaultSpec:
             ("ignore-gfp-wait", "N"),
         ]
         if self.kind == "fail_page_alloc":
-            pairs += [("ignore-gfp-highmem", "Y"), ("min-order", "0")]
+            pairs += [("ignore-gfp-highmem", "Y"), ("min-order", str(PAGE_MIN_ORDER))]
         return [*pairs, ("probability", str(self.probability))]
 
     def __str__(self) -> str:

@@ -62,9 +62,12 @@ def end_workload(
     vm: TestVM, device: str, target: int, timeout: float, stop: Callable[[TestVM], None]
 ) -> dict[str, Any]:
     """Stop the workload (``stop``) and time QEMU's size to ``target`` (QMP every 0.1 s
-    from the moment the workload has exited); ``qemu_s`` None when not within
-    ``timeout`` (0: looked at once)."""
+    from the moment ``stop`` returned: the workload has exited and its page cache file
+    is gone); ``qemu_s`` None when not within ``timeout`` (0: looked at once).
+    ``stop_s`` is how long ``stop`` took (the drivers work meanwhile: the agent's log
+    window of :func:`agent_waits` covers both, see :func:`since_stop`)."""
     guest_stop = guest_time(vm)
+    t_stop = time.monotonic()
     stop(vm)
     t0 = time.monotonic()
     reached: float | None = None
@@ -76,7 +79,21 @@ def end_workload(
         if elapsed >= timeout:
             break
         time.sleep(0.1)
-    return {"guest_stop": guest_stop, "target": target, "qemu_s": reached, "timeout": timeout}
+    return {
+        "guest_stop": guest_stop,
+        "target": target,
+        "qemu_s": reached,
+        "stop_s": round(t0 - t_stop, 2),
+        "timeout": timeout,
+    }
+
+
+def since_stop(ended: dict[str, Any]) -> float | None:
+    """Seconds from the workload's stop to QEMU at the target: stopping it, then
+    ``qemu_s`` (None when QEMU did not get there)."""
+    if ended["qemu_s"] is None:
+        return None
+    return float(ended.get("stop_s", 0.0)) + float(ended["qemu_s"])
 
 
 def agent_waits(log_text: str, guest_stop: str, seconds: float | None) -> dict[str, Any]:
@@ -155,8 +172,9 @@ def timing_lines(result: dict[str, Any]) -> list[str]:
             if waits
             else ""
         )
+        stopping = f" (+ {ended['stop_s']:g} s stopping it)" if "stop_s" in ended else ""
         lines.append(
             f"  {name:<18} {seconds(ended['qemu_s'], ended['timeout']):>10}  ratio"
-            f" {ratio(ended['qemu_s'], base)}{waited}"
+            f" {ratio(ended['qemu_s'], base)}{stopping}{waited}"
         )
     return lines

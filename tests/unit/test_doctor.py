@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fake_pci_sysfs import BDF, FakeKernel
 from test_cli import run_main
+from test_kexec_exposure import write_iomem, write_memmap
 from test_virtio_pci_caps import config_space, qemu_caps
 
 from vmem_guest import (
@@ -80,6 +81,9 @@ class Guest:
         )
         self.systemd.mkdir(parents=True)
         self.state_dir.mkdir(parents=True)
+        # Boot memory only: nothing in the device region (1 << 32, 4 GiB) yet.
+        write_memmap(self.sys, [(0x100000, 0x7FFDFFFF, "System RAM")])
+        write_iomem(self.proc, [(0x100000, 0x7FFDFFFF, "System RAM")])
         self.set_device_config()
         # vfio-pci is a module not loaded yet: only virtio-pci is registered.
         (self.sys / "bus/pci/drivers/vfio-pci/unbind").unlink()
@@ -545,3 +549,43 @@ def test_run_refuses_a_device_the_in_kernel_driver_holds(
     seen = detail(guest.examine(), "in-kernel driver")
     assert info.value.message == requirements.KERNEL_DRIVER.refusal(seen)
     assert bound == []  # nothing was unbound from the in-kernel driver
+
+
+def test_kexec_is_fine_before_the_agent_adds_memory(guest: Guest) -> None:
+    report = guest.examine()
+    assert status(report, "kexec and kdump") is Status.OK
+    assert detail(report, "kexec and kdump").startswith("no memmap entry")
+
+
+def test_kexec_after_a_growth_is_reported_with_the_reason(guest: Guest) -> None:
+    """What probe leaves behind for good: a memmap entry and a plain System RAM
+    resource per block, in the device region at 1 << 32, whatever was unplugged."""
+    start = 1 << 32
+    write_memmap(guest.sys, [(start, start + 128 * MIB - 1, "System RAM")])
+    write_iomem(guest.proc, [(start, start + 128 * MIB - 1, "System RAM")])
+    (guest.sys / "kernel").mkdir(exist_ok=True)
+    (guest.sys / "kernel/kexec_crash_loaded").write_text("1\n")
+    report = guest.examine()
+    assert status(report, "kexec and kdump") is Status.MISSING
+    found = detail(report, "kexec and kdump")
+    assert "1 /sys/firmware/memmap RAM entries (128MiB)" in found
+    assert "a crash kernel loaded" in found
+    assert report.ready  # optional: run still starts
+    text = doctor.report_text(report)
+    assert "fix: reboot instead of kexec" in text
+    assert "optional items missing: kexec and kdump" in text
+
+
+def test_kexec_reads_the_region_from_the_tracker_file(guest: Guest) -> None:
+    """The agent holds the device (its config cannot be read through sysfs then): the
+    region comes from the tracker, here at 8 GiB where nothing was added."""
+    (guest.pci.devdir(BDF) / "resource4").unlink()
+    write_memmap(guest.sys, [(1 << 32, (1 << 32) + 128 * MIB - 1, "System RAM")])
+    assert status(guest.examine(), "kexec and kdump") is Status.UNKNOWN
+    tracked(guest, BDF, 4096 * MIB, addr=8 << 30)
+    assert status(guest.examine(), "kexec and kdump") is Status.OK
+
+
+def test_kexec_without_a_device_is_not_needed(guest: Guest) -> None:
+    (guest.sys / "bus/pci/devices" / BDF).unlink()
+    assert status(guest.examine(), "kexec and kdump") is Status.NOT_NEEDED

@@ -54,7 +54,8 @@ def test_each_kind_is_armed_last_with_sleeping_allocations_included() -> None:
     assert ("task-filter", "Y") in slab and ("ignore-gfp-wait", "N") in slab
     assert ("times", "1000000") in slab
     pages = dict(FaultSpec("fail_page_alloc", 5, times=7).settings())
-    assert pages["min-order"] == "0" and pages["ignore-gfp-highmem"] == "Y"
+    # Never order 0: Linux's hot-add dereferences a failed order-0 page-table page.
+    assert pages["min-order"] == "1" and pages["ignore-gfp-highmem"] == "Y"
     assert pages["times"] == "7"
 
 
@@ -85,6 +86,12 @@ def test_the_agents_refusals_are_counted_by_operation_and_errno() -> None:
             "driver.0000:00:03.0: online memory42 failed: ENOMEM (Cannot allocate memory);"
             " retrying memory42 later (in 10.00 s)",
             "tracker: taking addr=0x148200000 nb_blocks=1",
+            "driver.0000:00:03.0: PLUG 0x148000000 x64 not sent: open /proc/self/pagemap"
+            " failed: ENOMEM (Cannot allocate memory); the DMA pages are checked again"
+            " before the next request",
+            "driver.0000:00:03.0: STATE 0x148000000 x1 not sent: read /proc/self/pagemap"
+            " failed: EAGAIN (Resource temporarily unavailable); the DMA pages are checked"
+            " again before the next request",
         ]
     )
     assert kernel_faults.refusals(log) == {
@@ -92,4 +99,6 @@ def test_the_agents_refusals_are_counted_by_operation_and_errno() -> None:
         "probe ENOMEM": 1,
         "soft offline ENOMEM": 1,
         "read sysfs ENOMEM": 1,
+        "pagemap ENOMEM": 1,
+        "pagemap EAGAIN": 1,
     }

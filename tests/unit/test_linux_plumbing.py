@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmem_guest._linux import pagemap
 from vmem_guest._linux.eventfd import EventFd
-from vmem_guest.errors import TransportError
+from vmem_guest.errors import PagemapRefused, TransportError
 from vmem_guest.transport.vfio import choose_iova, find_group, group_node, parse_iova_ranges
 
 PAGE = 4096
@@ -55,6 +57,83 @@ def test_pagemap_short_file(tmp_path: Path) -> None:
     path = _fake_pagemap(tmp_path, {0: pagemap.PM_PRESENT | 1})
     with pytest.raises(TransportError, match="short read"):
         pagemap.physical_address(9 * PAGE, path=path, page_size=PAGE)
+
+
+class PagemapFaults:
+    """``os.open`` and ``os.pread`` of one pagemap file, failing with an errno the
+    next few times they are called (other files are left alone)."""
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.path = str(path)
+        self.failures = {"open": 0, "read": 0}
+        self.err = errno.ENOMEM
+        self.calls = {"open": 0, "read": 0}
+        self.fds: set[int] = set()
+        real_open, real_pread = os.open, os.pread
+
+        def fake_open(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+            if str(path) != self.path:
+                return real_open(path, flags, mode, **kw)
+            self._maybe_fail("open")
+            fd = real_open(path, flags, mode, **kw)
+            self.fds.add(fd)
+            return fd
+
+        def fake_pread(fd: int, length: int, offset: int) -> bytes:
+            if fd in self.fds:
+                self._maybe_fail("read")
+            return real_pread(fd, length, offset)
+
+        monkeypatch.setattr(pagemap.os, "open", fake_open)
+        monkeypatch.setattr(pagemap.os, "pread", fake_pread)
+
+    def fail(self, op: str, times: int, err: int = errno.ENOMEM) -> None:
+        self.failures[op], self.err = times, err
+
+    def _maybe_fail(self, op: str) -> None:
+        self.calls[op] += 1
+        if self.failures[op]:
+            self.failures[op] -= 1
+            raise OSError(self.err, os.strerror(self.err))
+
+
+def test_all_pages_are_read_through_one_open_and_one_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel allocates at every open and every read of pagemap: a buffer of
+    several pages costs one of each, not one per page."""
+    path = _fake_pagemap(tmp_path, {5: pagemap.PM_PRESENT | 0x10, 6: pagemap.PM_PRESENT | 0x22})
+    faults = PagemapFaults(path, monkeypatch)
+    assert pagemap.physical_pages(5 * PAGE, 2, path=path, page_size=PAGE) == [
+        0x10 * PAGE,
+        0x22 * PAGE,
+    ]
+    assert faults.calls == {"open": 1, "read": 1}
+
+
+@pytest.mark.parametrize("op", ["open", "read"])
+@pytest.mark.parametrize("err", [errno.ENOMEM, errno.EAGAIN, errno.EINTR])
+def test_a_pagemap_the_kernel_cannot_serve_now_is_a_refusal_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, err: int
+) -> None:
+    path = _fake_pagemap(tmp_path, {2: pagemap.PM_PRESENT | 7})
+    faults = PagemapFaults(path, monkeypatch)
+    faults.fail(op, 1, err)
+    with pytest.raises(PagemapRefused) as caught:
+        pagemap.physical_address(2 * PAGE, path=path, page_size=PAGE)
+    assert caught.value.fields == {"op": op, "errno": err, "path": str(path)}
+    assert pagemap.physical_address(2 * PAGE, path=path, page_size=PAGE) == 7 * PAGE
+
+
+@pytest.mark.parametrize("op", ["open", "read"])
+def test_a_pagemap_that_cannot_be_read_at_all_is_no_refusal_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    path = _fake_pagemap(tmp_path, {2: pagemap.PM_PRESENT | 7})
+    PagemapFaults(path, monkeypatch).fail(op, 1, errno.EACCES)
+    with pytest.raises(TransportError, match=f"cannot {op}") as caught:
+        pagemap.physical_address(2 * PAGE, path=path, page_size=PAGE)
+    assert not isinstance(caught.value, PagemapRefused)
 
 
 def test_eventfd_wait_and_drain() -> None:

@@ -71,6 +71,23 @@ def test_the_agents_waits_are_the_gaps_in_its_log_after_the_stop() -> None:
     assert waits["waited_s"] == 20.0
 
 
+def test_the_agents_log_window_covers_the_stop_and_the_wait_for_qemu() -> None:
+    # The stop took 10 s and QEMU got there 16 s after it: the 20 s wait that began
+    # 0.3 s after the stop and the line that ended it lie inside the window; with
+    # qemu_s alone (16 s) the window would end before that line and show no wait.
+    ended = {"guest_stop": "2026-12-07 20:10:05,000", "qemu_s": 16.0, "stop_s": 10.0}
+    assert timing.since_stop(ended) == 26.0
+    waits = timing.agent_waits(LOG, ended["guest_stop"], timing.since_stop(ended))
+    assert [w["seconds"] for w in waits["waits"]] == [20.0]
+    assert timing.agent_waits(LOG, ended["guest_stop"], ended["qemu_s"])["waits"] == []
+
+
+def test_since_stop_is_none_when_qemu_never_got_there() -> None:
+    assert timing.since_stop({"qemu_s": None, "stop_s": 3.0}) is None
+    # A result written before stop_s was recorded: qemu_s alone.
+    assert timing.since_stop({"qemu_s": 4.5}) == 4.5
+
+
 def run(samples: list[tuple[float, int]], unplugged: int, ended: float | None) -> dict[str, Any]:
     return {
         "before": {"qemu_size": 2048 * MiB},
@@ -83,6 +100,7 @@ def test_the_timing_lines_put_each_agent_against_the_kernel() -> None:
     kernel = run([(0.0, 2048 * MiB), (6.0, 514 * MiB)], 1534 * MiB, 40.0)
     agent = run([(0.0, 2048 * MiB), (9.0, 514 * MiB)], 1534 * MiB, 20.0)
     agent["agent_waits"] = {"waited_s": 1.5, "waits": [{}]}
+    agent["ended"]["stop_s"] = 2.5
     whole = run([(0.0, 2048 * MiB), (3.0, 640 * MiB)], 1408 * MiB, None)
     result = {
         "params": {"sample_every": 0.25},
@@ -94,6 +112,6 @@ def test_the_timing_lines_put_each_agent_against_the_kernel() -> None:
     assert "9.0 s" in lines[2] and lines[2].endswith("ratio 1.50")
     assert "never" in lines[3] and lines[3].endswith("ratio n/a")
     assert lines[5].split()[1:4] == ["40.0", "s", "ratio"]
-    assert "ratio 0.50; the agent waited 1.5 s of it (1 gaps" in lines[6]
+    assert "ratio 0.50 (+ 2.5 s stopping it); the agent waited 1.5 s of it (1 gaps" in lines[6]
     assert "not within 300 s" in lines[7]
     assert agent["after"]["reach_kernel_s"] == pytest.approx(9.0)

@@ -381,7 +381,10 @@ class PciChannel(Closing):
         return transport.last_config_generation or 0
 
     def submit(self, request: bytes) -> bytes:
-        """One request, one response; DeviceTimeout if the device stays silent."""
+        """One request, one response; DeviceTimeout if the device stays silent.
+
+        The DMA pages are checked before the request is posted, so PagemapRefused
+        (that check could not run now) means the device saw nothing."""
         transport, queue, buffer = self._live()
         if transport.needs_reset():
             raise DeviceBroken(f"{self.bdf} signals DEVICE_NEEDS_RESET", bdf=self.bdf)

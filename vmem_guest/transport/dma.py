@@ -155,10 +155,9 @@ class PhysBuffer(DmaBuffer):
             raise
 
     def _read_physical(self) -> list[int]:
-        return [
-            pagemap.physical_address(self.address + i * PAGE_SIZE, path=self.pagemap_path)
-            for i in range(self.size // PAGE_SIZE)
-        ]
+        """Every page's physical address, in one open and one read of pagemap;
+        PagemapRefused when the kernel cannot serve them now."""
+        return pagemap.physical_pages(self.address, self.size // PAGE_SIZE, path=self.pagemap_path)
 
     @classmethod
     def outside(
@@ -223,7 +222,9 @@ class PhysBuffer(DmaBuffer):
 
         A page that moved means the device would DMA into someone else's
         memory: TransportError, stop. A page inside a virtio-mem region could
-        be unplugged under us: SafetyError.
+        be unplugged under us: SafetyError. A pagemap the kernel cannot read now
+        (PagemapRefused: an allocation of its own failed) says nothing about the
+        pages; the caller sends nothing and checks again later.
         """
         now = self._read_physical()
         if now != self.bus_pages:
