@@ -94,6 +94,12 @@ qemu:
 rootfs:
 	bash scripts/build-rootfs.sh
 
+# The conformance image for any VMM (docs/image.md): the cached 6.1 kernel and an
+# initramfs that fuzzes every virtio-mem device, or serves them; built once per content.
+.PHONY: image
+image: $(STAMP)
+	$(PY) scripts/build-image.py
+
 vm-deps: kernel qemu
 	bash scripts/install-vm-deps.sh
 
