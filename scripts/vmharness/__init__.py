@@ -14,11 +14,12 @@ from .errors import (
     VMTimeout,
 )
 from .host import NEWER_PAIR, Pair
-from .sizes import GiB, MiB, fmt_size, parse_size
+from .sizes import REBOOT_MEMTOTAL_MARGIN, GiB, MiB, fmt_size, parse_size
 from .vm import TestVM
 
 __all__ = [
     "NEWER_PAIR",
+    "REBOOT_MEMTOTAL_MARGIN",
     "Dimm",
     "GiB",
     "GuestCommandError",

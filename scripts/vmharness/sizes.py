@@ -6,6 +6,13 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
+#: How far a new boot's MemTotal may lie from an earlier boot's of the same VM. The
+#: kernel's own reservations differ a little from boot to boot (CI saw boots 4 KiB
+#: apart: "Memory: 934272K/1048056K available" then 934276K after a system_reset);
+#: device memory comes online in whole memory blocks (128 MiB and more on x86-64), so
+#: a margin this far below one block cannot hide a single one.
+REBOOT_MEMTOTAL_MARGIN = 4 * MiB
+
 _UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
 
 

@@ -53,6 +53,10 @@ def test_memory_left_online_after_a_reset_is_found(delta: int) -> None:
 
 def test_the_margin_is_below_any_memory_block() -> None:
     assert chaos.RESET_MEMTOTAL_MARGIN < chaos.MEMORY_BLOCK // 2
+    # The harness's margin for the same comparison in the VM tests is the same one.
+    from vmharness import REBOOT_MEMTOTAL_MARGIN
+
+    assert chaos.RESET_MEMTOTAL_MARGIN == REBOOT_MEMTOTAL_MARGIN
 
 
 # --- reading the tracker files ------------------------------------------------------
