@@ -90,6 +90,11 @@ def _prune_stale_sockets() -> None:
 RAM_ROOT_COPY_SECONDS = 180.0
 
 
+#: Boots of a new VM tried when QEMU itself dies of a signal before the guest answers
+#: (a QEMU crash, not the guest's or the project's: ``TestVM._note_qemu_crash``).
+BOOT_ATTEMPTS = 2
+
+
 class TestVM:
     """A running test VM; use as a context manager (or call start() and close())."""
 
@@ -180,14 +185,46 @@ class TestVM:
         (run_dir / "qemu-cmdline.txt").write_text(" ".join(self._argv) + "\n")
         LIVE_VMS.add(self)
         t0 = time.monotonic()
-        self._launch()
-        try:
-            self._connect()
-            self.boot_id = self.wait_ready(self.boot_timeout)
-        except BaseException:
-            self.close()
-            raise
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            self._launch()
+            try:
+                self._connect()
+                self.boot_id = self.wait_ready(self.boot_timeout)
+                break
+            except BaseException:
+                signal_number = self._qemu_killed_by()
+                if attempt == BOOT_ATTEMPTS or signal_number is None:
+                    self.close()
+                    raise
+                self._note_qemu_crash(signal_number, attempt)
         self.boot_seconds = time.monotonic() - t0
+
+    def _qemu_killed_by(self) -> int | None:
+        """The signal QEMU died of, if it did (None: it runs, or exited by itself)."""
+        if self._proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5.0)  # a reset connection may come just before the exit
+        code = self._proc.returncode
+        return -code if code is not None and code < 0 else None
+
+    def _note_qemu_crash(self, signal_number: int, attempt: int) -> None:
+        """Before the guest ever answered, QEMU itself died of a signal: say so in
+        qemu.log and get ready to start it again. Seen in make test: Debian's QEMU 7.2
+        segfaulted twice at the same instruction while the guest kernel was still
+        enumerating PCI, 1 s into a boot, no project code running yet."""
+        assert self.paths is not None
+        with self.paths.qemu_log.open("a") as log:
+            log.write(
+                f"vmharness: QEMU died of signal {signal_number} before the guest runner"
+                f" answered (boot attempt {attempt}); starting it again\n"
+            )
+        for conn in (self._qmp, self._chan):
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._qmp = self._chan = None
+        for sock in (self.paths.qmp_sock, self.paths.cmd_sock):
+            sock.unlink(missing_ok=True)  # _connect waits for QEMU's new ones
 
     @staticmethod
     def new_sock_dir() -> Path:
