@@ -219,12 +219,7 @@ class TestVM:
                 f"vmharness: QEMU died of signal {signal_number} before the guest runner"
                 f" answered (boot attempt {attempt}); starting it again\n"
             )
-        for conn in (self._qmp, self._chan):
-            with contextlib.suppress(Exception):
-                conn.close()
-        self._qmp = self._chan = None
-        for sock in (self.paths.qmp_sock, self.paths.cmd_sock):
-            sock.unlink(missing_ok=True)  # _connect waits for QEMU's new ones
+        self._drop_connections()
 
     @staticmethod
     def new_sock_dir() -> Path:
@@ -274,15 +269,21 @@ class TestVM:
                 f"the guest did not power off within {exit_timeout:.0f} s", self.log_tail()
             )
         self._check_panic()
+        self._drop_connections()
+        self._launch()
+        self._connect()
+        self.boot_id = self.wait_ready(self.boot_timeout)
+
+    def _drop_connections(self) -> None:
+        """Close QMP and the channel of a QEMU that has gone; remove its sockets so
+        :meth:`_connect` waits for the next QEMU's."""
+        assert self.paths is not None
         for conn in (self._qmp, self._chan):
             with contextlib.suppress(Exception):
                 conn.close()
         self._qmp = self._chan = None
         for sock in (self.paths.qmp_sock, self.paths.cmd_sock):
-            sock.unlink(missing_ok=True)  # _connect waits for QEMU's new ones
-        self._launch()
-        self._connect()
-        self.boot_id = self.wait_ready(self.boot_timeout)
+            sock.unlink(missing_ok=True)
 
     def _connect(self) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
