@@ -93,6 +93,7 @@ from vmharness import pressure_timing as timing
 from vmharness.guest_agent import (
     AGENT_LOG,
     AGENT_PID,
+    StateMidWrite,
     agent_died,
     agent_log,
     start_agent,
@@ -498,25 +499,33 @@ def agent_snapshot(vm: TestVM, tries: int = 10) -> tuple[dict[str, Any], dict[st
     blocks of the region, read while the agent is frozen (SIGSTOP), so that they describe
     one moment: with subblocks the agent changes state every few tens of milliseconds, a
     status read takes seconds under TCG, and two equal reads in a row may never come. A
-    moment inside a step (a request's intent pending, or sysfs and the tracker apart on a
-    block just offlined) is skipped: thawed for a moment, frozen again."""
-    view, check, online = frozen_read(vm)
-    check["frozen_tries"] = 1
-    while check["frozen_tries"] < tries and not (
-        view["intent"] is None and len(online) * MEMORY_BLOCK == view["online_size"]
-    ):
+    moment inside a step (a request's intent pending, sysfs and the tracker apart on a
+    block just offlined, or the agent stopped inside a write of its state file, which
+    then cannot be read) is skipped: thawed for a moment, frozen again."""
+    last: tuple[dict[str, Any], dict[str, int], list[int]] | None = None
+    for tried in range(1, tries + 1):
+        read = frozen_read(vm)
+        if read is not None:
+            last = read
+            view, check, online = read
+            check["frozen_tries"] = tried
+            if view["intent"] is None and len(online) * MEMORY_BLOCK == view["online_size"]:
+                break
         time.sleep(0.2)
-        tried = check["frozen_tries"]
-        view, check, online = frozen_read(vm)
-        check["frozen_tries"] = tried + 1
-    return view, check, online
+    if last is None:
+        raise AssertionError(f"the agent stopped inside a state write {tries} times in a row")
+    return last
 
 
-def frozen_read(vm: TestVM) -> tuple[dict[str, Any], dict[str, int], list[int]]:
-    """One read of :func:`agent_snapshot`'s figures, the agent stopped meanwhile."""
+def frozen_read(vm: TestVM) -> tuple[dict[str, Any], dict[str, int], list[int]] | None:
+    """One read of :func:`agent_snapshot`'s figures, the agent stopped meanwhile; None
+    when it was stopped inside a write of its state file."""
     vm.sh(f"kill -STOP $(cat {AGENT_PID})")
     try:
-        view = agent_view(vm)
+        try:
+            view = agent_view(vm)
+        except StateMidWrite:
+            return None
         info = vm.meminfo()
         check = {
             "qemu_size": vm.plugged(DEV),

@@ -18,6 +18,17 @@ AGENT_LOG = "/run/vmem-agent.log"
 AGENT_PID = "/run/vmem-agent.pid"
 CONTROL_SOCKET = "/run/vmem-guest/control.sock"
 MEMORY_BLOCK = 128 << 20
+
+
+class StateMidWrite(AssertionError):
+    """The status could not be read because an agent's state file stayed inside a write
+    section (vmem_guest/tracker/reader.py: "no stable snapshot"): its owner was stopped
+    there (SIGSTOP) or died there. A caller that stopped the agent itself may thaw it
+    and read again."""
+
+
+#: What the tracker's reader says when the generation stays odd (tracker/reader.py).
+MID_WRITE = "no stable snapshot"
 #: Prints the BDF of each virtio-mem PCI function in the guest (vendor 0x1af4, device 0x1058).
 FIND_DEVICE = (
     "for d in /sys/bus/pci/devices/*; do "
@@ -183,6 +194,8 @@ def status_document(vm: TestVM) -> dict[str, Any]:
         if rc not in STATUS_PRINTED:
             raise AssertionError(f"vmem-guest status --json: exit status {rc}: {err.strip()}")
         document = json.loads(out)
+    elif MID_WRITE in reply["out"]:
+        raise StateMidWrite(f"vmem-guest status --json: {reply['out']}")
     else:
         raise AssertionError(f"vmem-guest status --json: {reply['out']}")
     assert rc in STATUS_PRINTED, (rc, document)

@@ -115,3 +115,88 @@ def test_the_timing_lines_put_each_agent_against_the_kernel() -> None:
     assert "ratio 0.50 (+ 2.5 s stopping it); the agent waited 1.5 s of it (1 gaps" in lines[6]
     assert "not within 300 s" in lines[7]
     assert agent["after"]["reach_kernel_s"] == pytest.approx(9.0)
+
+
+# --- reading the agent frozen -------------------------------------------------------
+
+
+class FrozenVM:
+    """The guest as agent_snapshot sees it: shell lines recorded, QEMU's size and
+    MemTotal fixed, status read through the guest runner's ``call`` op in this process
+    from ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.lines: list[str] = []
+
+    def sh(self, line: str) -> str:
+        self.lines.append(line)
+        return ""
+
+    def runner_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        from vmharness import guest_runner
+
+        return guest_runner.handle({**request, "args": [str(self.state_dir)]})
+
+    def meminfo(self) -> dict[str, int]:
+        return {"MemTotal": 3 << 30}
+
+    def plugged(self, device: str) -> int:
+        return 128 * MiB
+
+
+def mid_write_tracker(state_dir: Path) -> Path:
+    """A real owner's state file, left as a SIGSTOP inside a write section leaves it."""
+    from vmem_guest.blocks import Geometry
+    from vmem_guest.tracker import Tracker, TrackerIdentity
+    from vmem_guest.tracker.layout import GENERATION, GENERATION_OFFSET
+
+    geometry = Geometry(
+        addr=4 << 30, region_size=1 << 30, block_size=2 * MiB, memory_block_size=128 * MiB
+    )
+    with Tracker.open(state_dir, TrackerIdentity("0000:00:04.0", geometry)) as tracker:
+        path = tracker.path
+    data = bytearray(path.read_bytes())
+    generation = GENERATION.unpack_from(data, GENERATION_OFFSET)[0]
+    GENERATION.pack_into(data, GENERATION_OFFSET, generation | 1)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_state_file_inside_a_write_reads_as_mid_write(tmp_path: Path) -> None:
+    """The reader's own error, through the runner, is told apart from other failures."""
+    from vmharness.guest_agent import StateMidWrite, status_document
+
+    mid_write_tracker(tmp_path)
+    with pytest.raises(StateMidWrite, match="no stable snapshot"):
+        status_document(FrozenVM(tmp_path))  # type: ignore[arg-type]
+
+
+def test_a_freeze_inside_a_state_write_is_thawed_and_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI saw the agent stopped inside a write of its state file: every read of that
+    freeze fails. The snapshot thaws it and freezes it again; each STOP has its CONT."""
+    from vmharness.guest_agent import StateMidWrite
+
+    view = {"intent": None, "online_size": 128 * MiB}
+    answers: list[dict[str, Any] | None] = [None, None, view]
+
+    def agent_view(vm: object) -> dict[str, Any]:
+        answer = answers.pop(0)
+        if answer is None:
+            raise StateMidWrite("vmem-guest status --json: TrackerError: no stable snapshot")
+        return answer
+
+    monkeypatch.setattr(pressure, "agent_view", agent_view)
+    monkeypatch.setattr(pressure, "region_online", lambda vm: [33])
+    vm = FrozenVM(tmp_path)
+    got, check, online = pressure.agent_snapshot(vm)  # type: ignore[arg-type]
+    assert (got, online, check["frozen_tries"]) == (view, [33], 3)
+    assert check["qemu_size"] == 128 * MiB
+    stops = [line for line in vm.lines if "kill -STOP" in line]
+    conts = [line for line in vm.lines if "kill -CONT" in line]
+    assert len(stops) == len(conts) == 3
+    answers[:] = [None] * 3
+    with pytest.raises(AssertionError, match="inside a state write 3 times"):
+        pressure.agent_snapshot(vm, tries=3)  # type: ignore[arg-type]
