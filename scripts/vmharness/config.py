@@ -64,9 +64,13 @@ class VMConfig:
     #: The vCPU's physical address bits (``-cpu ...,phys-bits=N``). None: QEMU's default
     #: (40 under TCG: 1 TiB of guest-physical space, which a 1 TiB region does not fit).
     phys_bits: int | None = None
-    #: TCG's threading (``-accel tcg,thread=...``): ``multi`` runs a host thread per
-    #: vCPU; ``single`` runs them all in one (see :data:`host.TCG_THREAD_SINGLE_FROM`).
-    tcg_thread: str = "multi"
+    #: TCG's threading (``-accel tcg,thread=...``): ``single`` runs all vCPUs in one
+    #: host thread, ``multi`` a thread per vCPU. Single by default: both QEMUs the
+    #: project runs crashed under multi-threaded TCG while the guest remapped PCI
+    #: BARs (10.0.2 in two assertions of its I/O dispatch, Debian's 7.2 in a NULL
+    #: region in ``memory_region_dispatch_write``; docs/test-vm.md section 10), and
+    #: on this 2-core host with two VMs at a time single was not slower.
+    tcg_thread: str = "single"
     #: Run the guest from a copy in RAM (scripts/vmharness/ramroot.py), not the 9p root,
     #: which does not survive an S3 wake-up. Slower to boot (the copy), so only where
     #: a test suspends the guest.

@@ -54,23 +54,6 @@ class Pair:
         return f"qemu-{self.qemu}+linux-{self.linux}"
 
 
-#: QEMU versions from which TCG runs the vCPUs in one thread: QEMU 10.0.2's multi-threaded
-#: TCG aborted 2 of 5 boots of the test VM here, each in a different assertion of an I/O
-#: access dispatched to the wrong memory region while PCI enumeration remapped BARs
-#: (``iotlb_to_section: section_index < d->map.sections_nb``, ``msix_table_mmio_write:
-#: addr + size <= ...``); single-threaded it booted 8 of 8. QEMU 7.2 has not shown it.
-TCG_THREAD_SINGLE_FROM = (10, 0)
-
-
-def tcg_thread_for(version: str) -> str:
-    """``single`` for a QEMU version at or past :data:`TCG_THREAD_SINGLE_FROM`, else ``multi``."""
-    try:
-        major_minor = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return "multi"
-    return "single" if major_minor >= TCG_THREAD_SINGLE_FROM else "multi"
-
-
 #: Guest Linux series that must run single-threaded under TCG to survive a live
 #: migration: a Linux 6.1 guest under multi-threaded TCG died after migration (general
 #: protection faults, bad page state) whatever the driver, even the in-kernel one with

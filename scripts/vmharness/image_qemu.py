@@ -40,7 +40,8 @@ def qemu_image_argv(
 ) -> list[str]:
     """Boot ``image`` with one virtio-mem-pci device of ``region`` bytes at
     ``requested``; the console goes to ``console_log``. One vCPU: the fuzzer is one
-    thread, and QEMU 10.0's multi-threaded TCG has lost a hotplug (host.py)."""
+    thread, and multi-threaded TCG has crashed both QEMUs
+    the project runs (docs/test-vm.md section 10)."""
     cmdline = f"console=ttyS0 quiet {image.cmdline} {' '.join(options)}"
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
     return [

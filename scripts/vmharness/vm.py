@@ -155,10 +155,8 @@ class TestVM:
         self.qemu_version = host.qemu_version(qemu)
         self.qemu_path = qemu
         self.accel = self._accel or host.choose_accel(qemu, kernel)
-        if self.accel == "tcg" and self.config.tcg_thread == "multi":
-            thread = host.tcg_thread_for(self.qemu_version)
-            if self.config.migratable:
-                thread = host.migration_tcg_thread(self.pair.linux, thread)
+        if self.accel == "tcg" and self.config.migratable:
+            thread = host.migration_tcg_thread(self.pair.linux, self.config.tcg_thread)
             self.config = dataclasses.replace(self.config, tcg_thread=thread)
         paths.compile_checkout()
         root = paths.results_dir() / "vm"

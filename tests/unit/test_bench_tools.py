@@ -167,3 +167,11 @@ def test_a_tcg_guest_skips_the_io_apic_timer_check() -> None:
     (kvm_cmdline,) = option(argv(cfg, "kvm"), "-append")
     assert "no_timer_check" in tcg_cmdline.split()
     assert "no_timer_check" not in kvm_cmdline.split()
+
+
+def test_tcg_runs_the_vcpus_in_one_thread_unless_asked() -> None:
+    """Multi-threaded TCG crashed both QEMUs during PCI enumeration (docs/test-vm.md
+    section 10): every VM is single-threaded under TCG by default."""
+    assert option(argv(VMConfig()), "-accel") == ["tcg,thread=single"]
+    assert option(argv(VMConfig(tcg_thread="multi")), "-accel") == ["tcg,thread=multi"]
+    assert option(argv(VMConfig(), accel="kvm"), "-accel") == ["kvm"]
