@@ -414,6 +414,7 @@ class TestVM:
             r = self._chan.request({"op": "sh", "cmd": cmd, "timeout": timeout}, timeout + 15)
         except ChannelTimeout as e:
             self._check_alive()
+            self.ask_kernel_for_stuck_tasks()
             raise VMTimeout(f"{e} (command: {cmd})", self.log_tail()) from e
         self._log_command(started, f"sh {cmd}")
         rc = int(r["rc"])
@@ -594,6 +595,19 @@ class TestVM:
             raise VMError(f"the guest answered as boot {boot}, not {self.boot_id}", self.log_tail())
 
     # ----- logs ----------------------------------------------------------------------
+    def ask_kernel_for_stuck_tasks(self, settle: float = 5.0) -> None:
+        """When the guest runner stops answering, have the guest kernel print where
+        its tasks are to the console (console.log): Magic SysRq typed on QEMU's
+        keyboard, so nothing in the guest has to run. ``7`` raises the console
+        level first (a test may have lowered it), ``t`` lists every task with its
+        state and stack (the runner waiting in a read shows there, not in the
+        blocked tasks of ``w``; about 900 lines, 2 s under TCG), ``l`` backtraces
+        the CPUs. Best effort: a guest that lost its keyboard prints nothing."""
+        with contextlib.suppress(Exception):
+            for key in ("7", "t", "l"):
+                self.qmp("human-monitor-command", **{"command-line": f"sendkey alt-sysrq-{key}"})
+            time.sleep(settle)
+
     def log_tail(self, lines: int = 60) -> str:
         """The last lines of the guest's serial console."""
         if self.paths is None or not self.paths.console_log.exists():
