@@ -15,7 +15,6 @@ every online block (``scripts/chaos_guest.py dead``). ``make faults N=...`` is t
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
@@ -35,9 +34,10 @@ ROUNDS = (
     ([FaultSpec("failslab", 20), FaultSpec("fail_page_alloc", 50, times=100)], True),
 )
 
-#: Not in make test: one run takes about 3 minutes under TCG (179 s measured on the
-#: 2-core development host, busy: boot, adding every block, two rounds, the raw
-#: check), twice the 90 s a test of make test may take. ``make faults-test`` runs it.
+#: Not in make test: 48-68 s a run under single-threaded TCG, but in 2 of 16 runs the
+#: guest runner went silent for 75 s when round 2 turned the faults off, cause not
+#: found yet (docs/test-vm.md section 15); a silent runner would fail CI. The harness
+#: now dumps the guest's tasks when that happens. ``make faults-test`` runs it.
 pytestmark = pytest.mark.long
 
 
@@ -60,10 +60,14 @@ def test_kernel_refusals_under_fault_injection_keep_invariants_and_converge(vm: 
     assert summary["ok"], text
     assert summary["recovered"] == len(ROUNDS) and summary["violations"] == 0, text
     assert not summary["final_check"], text
-    # The faults did hit the agent: injected every round, and the kernel refused it both
-    # growing (an online, or the sysfs read of a block's state around it; no probe runs
-    # under faults: KernelFaultRun.add_every_block) and shrinking (offline or soft offline).
+    # The faults did hit the agent: injected every round, and the kernel refused it
+    # every round (the agent's log). Which operation each refusal hit is not asserted:
+    # failslab's percentages land where the agent's allocations happen to be, so one
+    # run's growth saw only pagemap refused (the no-IOMMU check before a PLUG), another
+    # pagemap and the sysfs reads of block state; one shrink saw soft offlines refused,
+    # another only sysfs reads. That each operation's refusal is survived is the unit
+    # tests' job, where the fake kernel refuses exactly one (docs/safety.md, "Kernel
+    # faults"); the per-operation counts are printed above, and ``make faults`` runs
+    # 20 rounds of them.
     assert all(sum(r.injected.values()) for r in run.rounds), text
-    growing, shrinking = (Counter(op.rsplit(" ", 1)[0] for op in r.refused) for r in run.rounds)
-    assert growing["online"] + growing["read sysfs"], text
-    assert shrinking["offline"] + shrinking["soft offline"], text
+    assert all(sum(r.refused.values()) for r in run.rounds), text
