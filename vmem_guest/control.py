@@ -57,7 +57,7 @@ class Ping:
 
 @dataclasses.dataclass(frozen=True)
 class QueryState:
-    """STATE of ``blocks`` device blocks from ``addr`` (spec 5.15.6.4)."""
+    """STATE of ``blocks`` device blocks from ``addr`` (spec 5.15.6.6)."""
 
     op: ClassVar[str] = "state"
     device: str | None
@@ -96,7 +96,7 @@ class Unplug:
 
 @dataclasses.dataclass(frozen=True)
 class UnplugAll:
-    """UNPLUG_ALL, after offlining everything online (spec 5.15.6.3)."""
+    """UNPLUG_ALL, after offlining everything online (spec 5.15.6.5)."""
 
     op: ClassVar[str] = "unplug-all"
     device: str | None

@@ -211,7 +211,7 @@ class ManualOps:
         config = self.driver.refresh_config()
         end = addr + nb_blocks * self.geometry.block_size
         if addr < config.addr or end > config.usable_end:
-            # The device answers ERROR outside the usable region (spec 5.15.6.4).
+            # The device answers ERROR outside the usable region (spec 5.15.6.6.2).
             raise UsageError(
                 f"{addr:#x}+{nb_blocks} blocks is outside the usable region"
                 f" {config.addr:#x}-{config.usable_end:#x}",

@@ -54,7 +54,7 @@ class ResponseType(enum.IntEnum):
 
 
 class BlockState(enum.IntEnum):
-    """``virtio_mem_resp_state.state`` for an ACKed STATE request (spec 5.15.6.4)."""
+    """``virtio_mem_resp_state.state`` for an ACKed STATE request (spec 5.15.6.6)."""
 
     PLUGGED = 0
     UNPLUGGED = 1

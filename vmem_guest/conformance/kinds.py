@@ -176,7 +176,7 @@ def _run_of(req_type: int, plugged: bool) -> Resolver:
 
 
 def _state_around(action: Action, model: DeviceModel) -> Step:
-    """A plugged block and its neighbours: often MIXED (spec 5.15.6.4)."""
+    """A plugged block and its neighbours: often MIXED (spec 5.15.6.6)."""
     plugged = _indices(model.bitmap(), 1, _usable_blocks(model))
     first = plugged[_frac(action.a, len(plugged))] if plugged else 0
     first = max(0, first - 1 - action.b % 2)
