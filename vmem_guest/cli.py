@@ -861,7 +861,9 @@ def fuzz(
     if as_json:
         _emit_json(report)
     else:
-        click.echo(_fuzz_text(report))
+        from vmem_guest.conformance.report_text import fuzz_report_text
+
+        click.echo(fuzz_report_text(report))
     if result.mismatches:
         sys.exit(EXIT_FAILURE)
 
@@ -884,51 +886,6 @@ def _fuzz_models(
         click.echo("\n\n".join(crossmodel.report_text(r) for r in reports))
     if not all(r.ok for r in reports):
         sys.exit(EXIT_FAILURE)
-
-
-def _fuzz_text(report: dict[str, Any]) -> str:
-    from vmem_guest.conformance.classify import report_lines  # needs the fuzz extra
-
-    geometry = report["geometry"]
-    rows = [
-        ("device", report["device"]),
-        ("profile", report["profile"]),
-        ("block size", format_size(geometry["block_size"])),
-        ("requested", format_size(geometry["requested_size"])),
-        ("seed", report["seed"]),
-        ("examples", report["examples"]),
-        ("requests compared", report["requests_compared"]),
-        ("model-only requests", report["model_only_requests"]),
-        ("host resizes", report["resizes"]),
-        ("mismatches", report["mismatches"]),
-    ]
-    lines = [render.table(("", "value"), rows), "", "device answers:"]
-    lines += [f"  {name:<24} {count}" for name, count in report["answers"].items()]
-    if report["feature_differences"]:
-        lines += ["", "OFFERED FEATURES DIFFER FROM THE PROFILE:"]
-        lines += [f"  {text}" for text in report["feature_differences"]]
-    failure = report["mismatch"]
-    if failure:
-        if "device_lost" in failure:
-            lines += ["", f"DEVICE LOST: {failure['device_lost']}"]
-        else:
-            lines += ["", f"MISMATCH (shrunk; {failure['class']}):"]
-            lines += [
-                f"  {d['what']}: device {d['device']}, model {d['model']}"
-                for d in failure["differences"]
-            ]
-            lines += [f"  rule broken: {rule}" for rule in failure["rules"]]
-            if failure["profile_source"]:
-                lines.append(f"  profile source: {failure['profile_source']}")
-        lines.append("  sequence (device answer | model answer):")
-        lines += [
-            f"  {i:3}. {e['text']}  ->  {e['device']} | {e['model']}"
-            for i, e in enumerate(failure["sequence"], 1)
-        ]
-        if report["saved"]:
-            lines.append(f"  saved to {report['saved']}")
-    lines += report_lines(report)
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -186,7 +186,7 @@ def main() -> int:
     from vmem_guest import pci
 
     # The text ``vmem-guest fuzz`` prints, so the image's report reads the same.
-    from vmem_guest.cli import _fuzz_text
+    from vmem_guest.conformance.report_text import fuzz_report_text
 
     try:
         options = parse_cmdline(Path("/proc/cmdline").read_text())
@@ -196,7 +196,7 @@ def main() -> int:
     bdfs = [dev.bdf for dev in pci.list_devices()]
     print(f"vmem-guest image: fuzzing {len(bdfs)} device(s), {options}", flush=True)
     report = fuzz_every_device(options, bdfs, _fuzz_pci(options))
-    print("\n".join(console_lines(report, _fuzz_text)), flush=True)
+    print("\n".join(console_lines(report, fuzz_report_text)), flush=True)
     return 0 if report["ok"] else 1
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from vmem_guest import conformance, spec
-from vmem_guest.cli import _fuzz_text
 from vmem_guest.conformance.classify import FindingClass, classify
 from vmem_guest.conformance.oracle import ObservedChannel, Oracle
+from vmem_guest.conformance.report_text import fuzz_report_text
 from vmem_guest.conformance.rules import RULES, RULES_BY_ID, SECTIONS, Level, Side
 from vmem_guest.sim import DeviceModel
 from vmem_guest.spec import BlockState, RequestType, ResponseType
@@ -325,7 +325,7 @@ def test_the_qemu_model_breaks_one_must_and_matches_itself() -> None:
 
 def test_a_must_violation_classifies_the_mismatch() -> None:
     result = conformance.fuzz(model(NackFirst, requested=0), examples=30, seed=3, max_steps=10)
-    text = _fuzz_text(result.as_dict())
+    text = fuzz_report_text(result.as_dict())
     assert "MISMATCH (shrunk; violates a MUST):" in text
     assert "  rule broken: 5.15.6.3.2 plug.range-error" in text
     assert "findings by class:" in text
@@ -363,7 +363,7 @@ def test_a_difference_the_spec_allows_is_profile_only() -> None:
     assert not result.mismatch.violations
     assert classify(result.mismatch) is FindingClass.PROFILE
     failure = result.as_dict()["mismatch"]
-    text = _fuzz_text(result.as_dict())
+    text = fuzz_report_text(result.as_dict())
     assert "MISMATCH (shrunk; differs from the profile only):" in text
     assert f"  profile source: {failure['profile_source']}" in text
     assert failure["class"] == "differs from the profile only"
