@@ -91,3 +91,26 @@ def test_rules_the_device_hides_are_not_expected() -> None:
     assert "unplug_all_run_u16" not in expected
     assert "requested_check_first" not in expected
     assert "unplug_all_run_u16" in fuzz_differences(QEMU_10_0, STRATOVIRT)
+
+
+def test_the_unplug_all_count_probe_shows_through_every_other_rule() -> None:
+    """Cloud Hypervisor 51's 16-bit block count in UNPLUG_ALL against each device, with
+    every other rule of that device already adopted (as the run has done by the time
+    the probes come): the probe must still tell them apart. It did not against
+    Firecracker (a slot-sized usable region left block 100 outside, and UNPLUG_ALL
+    sets it to 0). Against a device whose UNPLUG_ALL goes run by run (StratoVirt) no
+    block count is cast, so the rule is not expected there."""
+    from vmem_guest.conformance.crossmodel import fuzz_differences
+    from vmem_guest.sim.profiles import CLOUD_HYPERVISOR_51, PROFILES
+
+    geometry, steps = {name: (g, s) for name, g, s in PROBES}["unplug_all_count_u16"]
+    for device in PROFILES.values():
+        if device.rules.unplug_all_by_runs:
+            assert "unplug_all_count_u16" not in fuzz_differences(CLOUD_HYPERVISOR_51, device)
+            continue
+        for truncates in (True, False):
+            if device.rules.unplug_all_count_u16 == truncates:
+                continue
+            model = dataclasses.replace(device.rules, unplug_all_count_u16=truncates)
+            assert replay(device, device.rules, model, steps, geometry) is not None, device.name
+        assert replay(device, device.rules, device.rules, steps, geometry) is None, device.name
