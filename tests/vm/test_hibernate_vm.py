@@ -81,7 +81,8 @@ def image() -> Path:
 
 
 #: The whole module is a long run (a systemd boot, a hibernation and a second boot per
-#: pair: about 7 min each under TCG): `make hibernate`, not `make test`.
+#: pair: 2 min each under single-threaded TCG, 6-7 min multi-threaded): `make
+#: hibernate`, not `make test`.
 pytestmark = pytest.mark.long
 PAIRS = [Pair(), NEWER_PAIR]
 
