@@ -413,9 +413,7 @@ class TestVM:
         try:
             r = self._chan.request({"op": "sh", "cmd": cmd, "timeout": timeout}, timeout + 15)
         except ChannelTimeout as e:
-            self._check_alive()
-            self.ask_kernel_for_stuck_tasks()
-            raise VMTimeout(f"{e} (command: {cmd})", self.log_tail()) from e
+            raise self._runner_silent(e, f"command: {cmd}") from e
         self._log_command(started, f"sh {cmd}")
         rc = int(r["rc"])
         out = str(r["out"])
@@ -440,8 +438,7 @@ class TestVM:
         try:
             reply: dict[str, Any] = self._chan.request(request, timeout + 15)
         except ChannelTimeout as e:
-            self._check_alive()
-            raise VMTimeout(f"{e} (request: {request.get('op')})", self.log_tail()) from e
+            raise self._runner_silent(e, f"request: {request.get('op')}") from e
         what = request.get("function") or request.get("line") or ""
         self._log_command(started, f"{request.get('op')} {what}")
         return reply
@@ -595,6 +592,14 @@ class TestVM:
             raise VMError(f"the guest answered as boot {boot}, not {self.boot_id}", self.log_tail())
 
     # ----- logs ----------------------------------------------------------------------
+    def _runner_silent(self, timeout: ChannelTimeout, what: str) -> VMTimeout:
+        """The error for a guest runner that did not answer ``what`` in time: QEMU
+        still runs (else :meth:`_check_alive` raises), the guest kernel's task dump is
+        in the console, and its tail in the error."""
+        self._check_alive()
+        self.ask_kernel_for_stuck_tasks()
+        return VMTimeout(f"{timeout} ({what})", self.log_tail())
+
     def ask_kernel_for_stuck_tasks(self, settle: float = 5.0) -> None:
         """When the guest runner stops answering, have the guest kernel print where
         its tasks are to the console (console.log): Magic SysRq typed on QEMU's

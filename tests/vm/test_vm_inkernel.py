@@ -158,4 +158,4 @@ def test_system_reset_unplugs_everything(vm: TestVM, base_total: int) -> None:
     vm.wait_until(lambda: vm.plugged("vm0") == 0 and vm.plugged("vm1") == 0, TIMEOUT)
     vm.reset()
     assert vm.boot_id not in ("", old_boot)
-    assert vm.mem_total() == base_total
+    assert abs(vm.mem_total() - base_total) <= REBOOT_MEMTOTAL_MARGIN  # another new boot
